@@ -1,0 +1,134 @@
+"""RolloutGenerator: samples responses for a prompt batch with the current policy weights.
+
+Runs as a threaded Ray actor (max_concurrency=2) so that a weight update can be received
+while a batch is being generated: `set_weights` only stages the new weights, and the next
+`generate` call installs them under the generation lock. Every rollout is tagged with the
+policy version that actually produced it.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+
+import pyarrow as pa
+
+from rlaif_ray import lm, schemas
+
+
+class HFBackend:
+    """transformers generate on CPU or GPU."""
+
+    def __init__(self, model_name: str, dtype: str, device: str):
+        import torch
+
+        from rlaif_ray.models import load_model, load_tokenizer
+
+        self.tok = load_tokenizer(model_name)
+        self.model = load_model(model_name, dtype).to(device).eval()
+        self.device = device
+        self.torch = torch
+
+    def generate(self, prompts: list[list[int]], *, temperature, top_p, top_k, max_new_tokens, seed):
+        return lm.sample(self.model, prompts, self.tok.pad_token_id, self.tok.eos_token_id,
+                         temperature=temperature, top_p=top_p, top_k=top_k,
+                         max_new_tokens=max_new_tokens, seed=seed)
+
+    def load_weights(self, weights: dict) -> None:
+        params = dict(self.model.named_parameters())
+        missing = [k for k in params if k not in weights and not _tied(k, self.model)]
+        if missing:
+            raise ValueError(f"weight update lacks {len(missing)} parameters, e.g. {missing[:3]}")
+        with self.torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # arrays from the object store are read-only
+            for name, arr in weights.items():
+                params[name].copy_(self.torch.from_numpy(arr))
+
+    def digest(self) -> float:
+        """A cheap fingerprint of the weights (tests check that a sync changed them)."""
+        with self.torch.no_grad():
+            return float(sum(p.double().sum() for p in self.model.parameters()))
+
+
+def _tied(name: str, model) -> bool:
+    return name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
+
+
+BACKENDS = {"hf": HFBackend}
+
+
+def _backend(name: str):
+    if name == "vllm":
+        from actors.vllm_engine import VLLMBackend  # imported only when asked for
+
+        return VLLMBackend
+    return BACKENDS[name]
+
+
+class RolloutGenerator:
+    def __init__(self, name: str, model_name: str, dtype: str, generation: dict, torch_threads: int,
+                 device: str = "cpu"):
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        self.name, self.gen = name, generation
+        self.backend = _backend(generation["backend"])(model_name, dtype, device)
+        self.version = 0
+        self._staged = None  # (weights, version) received but not yet installed
+        self._lock = threading.Lock()
+        self.busy_s = 0.0
+
+    def info(self) -> dict:
+        return {"name": self.name, "pid": os.getpid(), "version": self.version, "busy_s": self.busy_s}
+
+    def set_weights(self, weights: dict, version: int) -> int:
+        """Stage a new policy version; returns at once (the actor may be mid-generation)."""
+        if self._staged is not None and self._staged[1] > version:
+            return self._staged[1]
+        self._staged = (weights, version)
+        return version
+
+    def _install_staged(self) -> None:
+        if self._staged is not None:
+            weights, version = self._staged
+            self._staged = None
+            if version > self.version:
+                self.backend.load_weights(weights)
+                self.version = version
+
+    def digest(self) -> tuple[int, float]:
+        with self._lock:
+            self._install_staged()
+            return self.version, self.backend.digest()
+
+    def generate(self, prompts: pa.RecordBatch, batch_index: int, samples_per_prompt: int, seed: int,
+                 temperature: float | None = None) -> pa.RecordBatch:
+        schemas.check(prompts, schemas.PROMPT, f"{self.name}.generate input")
+        with self._lock:
+            self._install_staged()
+            t0 = time.perf_counter()
+            rows = prompts.to_pylist()
+            expanded = [(r, k) for r in rows for k in range(samples_per_prompt)]
+            tokens, logps, truncated = self.backend.generate(
+                [r["prompt_token_ids"] for r, _ in expanded],
+                temperature=temperature or self.gen["temperature"], top_p=self.gen["top_p"],
+                top_k=self.gen["top_k"], max_new_tokens=self.gen["max_new_tokens"], seed=seed)
+            texts = [self.backend.tok.decode(t, skip_special_tokens=True) for t in tokens]
+            if self.gen.get("strip_trailing"):
+                texts = [t.strip().rstrip(". ").strip() or t.strip() for t in texts]
+            cols = {name: [r[name] for r, _ in expanded] for name in schemas.PROMPT.names}
+            cols.update({
+                "rollout_id": [f"b{batch_index}:{r['prompt_id']}:{k}" for r, k in expanded],
+                "batch_index": [batch_index] * len(expanded),
+                "sample_index": [k for _, k in expanded],
+                "response_text": texts,
+                "response_token_ids": tokens,
+                "behaviour_logprobs": logps,
+                "policy_version": [self.version] * len(expanded),
+                "truncated": truncated,
+                "generator": [self.name] * len(expanded),
+            })
+            out = schemas.make_batch(schemas.ROLLOUT, cols)
+            self.busy_s += time.perf_counter() - t0
+            return out

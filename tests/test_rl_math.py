@@ -1,0 +1,70 @@
+import math
+
+import torch
+
+from rlaif_ray import rl
+
+
+def test_kl_estimators():
+    logp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0]])
+    assert torch.allclose(rl.kl_per_token(logp, ref, "k1"), torch.tensor([[0.5, -1.0]]))
+    # k3 = exp(ref - logp) - 1 - (ref - logp)
+    expect = torch.tensor([[math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0]])
+    assert torch.allclose(rl.kl_per_token(logp, ref, "k3"), expect)
+    assert (rl.kl_per_token(logp, ref, "k3") >= 0).all()
+
+
+def test_returns_to_go_hand_computed():
+    reward = torch.tensor([1.0, -1.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.5, 9.0]])
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    z = rl.returns_to_go(reward, kl, mask, beta=0.05)
+    # row 0: 0.95*1 - 0.05*[0.6, 0.5, 0.3]; row 1: -0.95 - 0.05*[1.0, 0.5], padding ignored
+    assert torch.allclose(z[0], torch.tensor([0.95 - 0.03, 0.95 - 0.025, 0.95 - 0.015]))
+    assert torch.allclose(z[1], torch.tensor([-0.95 - 0.05, -0.95 - 0.025, 0.0]))
+
+
+def test_group_mean_baseline_leave_one_out():
+    v = torch.tensor([1.0, 3.0, 10.0, 5.0])
+    b = rl.group_mean_baseline(v, ["a", "a", "b", "lone"])
+    assert torch.allclose(b, torch.tensor([3.0, 1.0, 0.0, 0.0]))
+    b3 = rl.group_mean_baseline(torch.tensor([1.0, 2.0, 6.0]), ["g", "g", "g"])
+    assert torch.allclose(b3, torch.tensor([4.0, 3.5, 1.5]))
+
+
+def test_advantages_value_and_group():
+    z = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    v = torch.tensor([[0.5, 0.25], [0.1, 0.7]], requires_grad=True)
+    a = rl.advantages(z, mask, "value", v, None)
+    assert torch.allclose(a, torch.tensor([[0.5, 0.75], [-0.1, 0.0]])) and not a.requires_grad
+    g = rl.advantages(z, mask, "group_mean", None, ["p", "p"])
+    assert torch.allclose(g, torch.tensor([[1.0, 1.0], [-1.0, 0.0]]))
+
+
+def test_truncated_ratio():
+    logp = torch.tensor([[0.0, -1.0, -3.0]], requires_grad=True)
+    beh = torch.tensor([[0.0, -2.0, -1.0]])
+    r = rl.truncated_ratio(logp, beh, clip=2.0)
+    assert torch.allclose(r, torch.tensor([[1.0, 2.0, math.exp(-2.0)]]))  # e^1 clipped to 2
+    assert not r.requires_grad
+
+
+def test_policy_loss_gradient_direction_and_value_loss():
+    logp = torch.tensor([[-1.0, -1.0]], requires_grad=True)
+    adv = torch.tensor([[1.0, -1.0]])
+    mask = torch.ones(1, 2)
+    loss = rl.aggregate(rl.policy_loss(logp, adv, torch.ones(1, 2), mask), mask, "token_mean", 2, 1)
+    loss.backward()
+    # gradient descent raises log-prob of positive-advantage tokens, lowers negative ones
+    assert logp.grad[0, 0] < 0 < logp.grad[0, 1]
+    vals = torch.tensor([[0.0, 1.0]])
+    assert torch.allclose(rl.value_loss(vals, torch.tensor([[1.0, 1.0]]), mask), torch.tensor([[1.0, 0.0]]))
+
+
+def test_aggregate_global_normalisation():
+    per = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    assert rl.aggregate(per, mask, "token_mean", num_tokens=6, num_seqs=4) == 1.0
+    assert rl.aggregate(per, mask, "sequence_sum", num_tokens=6, num_seqs=4) == 1.5

@@ -1,0 +1,84 @@
+import json
+import math
+
+import pytest
+import torch
+
+from rlaif_ray import scoring
+from rlaif_ray.signal import signal_from_scores, wilson_interval
+
+
+def test_score_distribution_and_expectation():
+    # P("1")=0.2, P("5")=0.5, P("9")=0.3 over the digits; P("0"|"1") = 0.5
+    p = torch.full((1, 9), 1e-12)
+    p[0, 0], p[0, 4], p[0, 8] = 0.2, 0.5, 0.3
+    dist = scoring.score_distribution(p.log(), torch.tensor([math.log(0.5)]))
+    assert dist.shape == (1, 10) and torch.allclose(dist.sum(1), torch.ones(1))
+    assert dist[0, 0] == pytest.approx(0.1, abs=1e-6) and dist[0, 9] == pytest.approx(0.1, abs=1e-6)
+    s = scoring.expected_score(dist)
+    assert s.item() == pytest.approx(0.1 * 1 + 0.5 * 5 + 0.3 * 9 + 0.1 * 10, abs=1e-5)
+
+
+def test_rescale_endpoints():
+    assert scoring.rescale_score(torch.tensor([1.0, 5.5, 10.0])).tolist() == [-1.0, 0.0, 1.0]
+
+
+def test_two_way_softmax_and_debias():
+    p = scoring.two_way_softmax(torch.tensor([math.log(0.3)]), torch.tensor([math.log(0.1)]))
+    assert p.item() == pytest.approx(0.75)
+    # a labeler that always prefers slot 1 carries no preference: exactly 0.5
+    always_first = torch.tensor([0.97, 0.6])
+    assert scoring.debias(always_first, always_first).tolist() == [0.5, 0.5]
+    # prefers a in both orders: P_ab(1)=0.8, P_ba(1)=0.3 -> (0.8 + 0.7) / 2
+    assert scoring.debias(torch.tensor([0.8]), torch.tensor([0.3])).item() == pytest.approx(0.75)
+    ra, rb = scoring.pairwise_rewards(torch.tensor(0.75))
+    assert ra.item() == pytest.approx(0.5) and rb.item() == pytest.approx(-0.5)
+
+
+def test_label_tokens_on_real_tokenizer(tokenizer):
+    yes = scoring.label_token_ids(tokenizer, scoring.YES)
+    assert len(yes) >= 2  # "Yes" and " Yes" are distinct single tokens
+    assert {tokenizer.decode([i]) for i in yes} >= {"Yes", " Yes"}
+    digits = [scoring.label_token_ids(tokenizer, [d])[0] for d in scoring.DIGITS]
+    assert len(set(digits)) == 9
+    assert tokenizer("10", add_special_tokens=False)["input_ids"] == [digits[0], scoring.label_token_ids(tokenizer, ["0"])[0]]
+    with pytest.raises(ValueError, match="single token"):
+        scoring.label_token_ids(tokenizer, ["definitely not one token"])
+
+
+def test_scorer_prompts(tokenizer):
+    ctx, summary = "SUBREDDIT: r/x\nTITLE: t\nPOST: p", "a summary"
+    raw = scoring.scorer_prompt(scoring.SCORERS["score10_raw"], ctx, summary, tokenizer)
+    assert raw.startswith("You are an expert summary rater.") and raw.endswith("\n\nSCORE: ")
+    assert f"TEXT: {ctx}\n\nSUMMARY: {summary}" in raw
+    chat = scoring.scorer_prompt(scoring.SCORERS["yesno_about_chat"], ctx, summary, tokenizer)
+    assert chat.endswith("<|im_start|>assistant\n")
+    assert "Is this summary about this post? Answer Yes or No.<|im_end|>" in chat
+    shot = scoring.scorer_prompt(scoring.SCORERS["yesno_about_chat_2shot"], ctx, summary, tokenizer)
+    assert shot.count("<|im_start|>assistant\nYes<|im_end|>") == 1 and shot.count("assistant\nNo<|im_end|>") == 1
+
+
+def test_judge_on_tiny_model(tiny_model, tokenizer):
+    from rlaif_ray.labeling import Judge
+
+    ctx = ["SUBREDDIT: r/a\nTITLE: t\nPOST: hello there"] * 3
+    for name in ("score10_raw", "yesno_about_chat"):
+        j = Judge(tiny_model, tokenizer, name, batch_size=2)
+        r, raw, meta = j.score(ctx, ["one", "two words", "three words here"])
+        assert len(r) == 3 and all(-1 <= x <= 1 for x in r)
+        assert json.loads(meta[0])["scorer"] == name
+        # batching must not change scores (left padding + position ids)
+        r1, _, _ = Judge(tiny_model, tokenizer, name, batch_size=1).score(ctx, ["one", "two words", "three words here"])
+        assert r == pytest.approx(r1, abs=1e-4)
+    p_a, p_ab, p_ba = Judge(tiny_model, tokenizer, "yesno_about_chat").prefer(ctx[:2], ["x", "y"], ["y", "x"])
+    # swapping a and b swaps the raw orders, so the debiased preferences are complementary
+    assert p_a[0] == pytest.approx(1 - p_a[1], abs=1e-4)
+    with pytest.raises(ValueError, match="reward.scorer"):
+        Judge(tiny_model, tokenizer, "nope")
+
+
+def test_signal_math():
+    lo, hi = wilson_interval(20, 40)
+    assert lo == pytest.approx(0.3518, abs=1e-3) and hi == pytest.approx(0.6482, abs=1e-3)
+    s = signal_from_scores([1.0, 0.5, 0.2], [0.0, 0.5, 0.9])
+    assert s["reference_wins"] == pytest.approx(0.5) and s["n"] == 3
