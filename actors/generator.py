@@ -45,6 +45,11 @@ class HFBackend:
             for name, arr in weights.items():
                 params[name].copy_(self.torch.from_numpy(arr))
 
+    def continuation_logprobs(self, prompt: list[int], continuation: list[int]) -> list[float]:
+        with self.torch.no_grad():
+            logp, _, _ = lm.response_logprobs(self.model, [prompt], [continuation], self.tok.pad_token_id, 1.0)
+        return logp[0].tolist()
+
     def digest(self) -> float:
         """A cheap fingerprint of the weights (tests check that a sync changed them)."""
         with self.torch.no_grad():
@@ -96,6 +101,12 @@ class RolloutGenerator:
             if version > self.version:
                 self.backend.load_weights(weights)
                 self.version = version
+
+    def continuation_logprobs(self, prompt: list[int], continuation: list[int]) -> list[float]:
+        """log p(continuation | prompt) at temperature 1 under the installed weights."""
+        with self._lock:
+            self._install_staged()
+            return self.backend.continuation_logprobs(prompt, continuation)
 
     def digest(self) -> tuple[int, float]:
         with self._lock:

@@ -15,14 +15,20 @@ from rlaif_ray.signal import measure_signal
 
 class Labeler:
     def __init__(self, name: str, model_name: str, dtype: str, scorer: str, batch_size: int,
-                 torch_threads: int, device: str = "cpu"):
+                 torch_threads: int, device: str = "cpu", backend: str = "hf"):
         import torch
 
         from rlaif_ray.models import load_model, load_tokenizer
 
         torch.set_num_threads(torch_threads)
         self.name = name
-        self.judge = Judge(load_model(model_name, dtype).to(device), load_tokenizer(model_name), scorer, batch_size)
+        if backend == "vllm":
+            from actors.vllm_engine import VLLMEngine
+
+            engine = VLLMEngine(model_name, "bfloat16" if dtype == "float32" else dtype, device)
+        else:
+            engine = load_model(model_name, dtype).to(device)
+        self.judge = Judge(engine, load_tokenizer(model_name), scorer, batch_size)
         self.busy_s = 0.0
 
     def info(self) -> dict:

@@ -55,6 +55,7 @@ class RewardConfig(_Strict):
     #   reward 2*P - 1 to a and 1 - 2*P to b.
     source: Literal["direct", "pairwise"] = "direct"
     scorer: str = "yesno_about_chat"  # a name from rlaif_ray.scoring.SCORERS
+    backend: Literal["hf", "vllm"] = "hf"
     model: Optional[str] = None  # None: the same checkpoint as the initial policy
     batch_size: int = Field(8, gt=0)
 

@@ -62,7 +62,7 @@ def start_actors(cfg: Config, tag: str = ""):
         device(p.generators)) for i in range(p.generators.num_actors)]
     labelers = [ray.remote(Labeler).options(**opts(p.labelers, f"labeler-{i}")).remote(
         f"labeler-{i}", cfg.reward.model or m.name, m.dtype, cfg.reward.scorer, cfg.reward.batch_size,
-        p.labelers.torch_threads, device(p.labelers)) for i in range(p.labelers.num_actors)]
+        p.labelers.torch_threads, device(p.labelers), cfg.reward.backend) for i in range(p.labelers.num_actors)]
     learner_opts = opts(p.learner, "")
     learner_opts.pop("name")
     learner = LearnerGroup(ray.remote(LearnerWorker), p.learner.num_actors, learner_opts, tag,

@@ -10,16 +10,29 @@ from . import lm, scoring
 from .scoring import SCORERS
 
 
+class HFLabelEngine:
+    """Label-token log-probs from a transformers model (the `vllm` engine has the same method)."""
+
+    def __init__(self, model, pad_id: int):
+        self.model, self.pad = model.eval(), pad_id
+
+    def label_logprobs(self, seqs: list[list[int]], ids: list[int], lookback: int = 1) -> torch.Tensor:
+        """[B, lookback, len(ids)]: log-probs of `ids` as next token after each of the last
+        `lookback` positions of each sequence (one forward pass)."""
+        return lm.next_token_logprobs(self.model, seqs, self.pad, lookback)[:, :, ids]
+
+
 class Judge:
-    """Holds a frozen causal LM and its tokenizer; turns prompts into label probabilities."""
+    """Holds a frozen causal LM (or a vLLM engine) and its tokenizer; turns prompts into
+    label probabilities."""
 
     def __init__(self, model, tokenizer, scorer: str, batch_size: int = 8, max_tokens: int = 4096):
         if scorer not in SCORERS:
             raise ValueError(f"reward.scorer: unknown scorer {scorer!r}; known: {sorted(SCORERS)}")
-        self.model, self.tok = model.eval(), tokenizer
+        self.engine = model if hasattr(model, "label_logprobs") else HFLabelEngine(model, tokenizer.pad_token_id)
+        self.tok = tokenizer
         self.scorer = SCORERS[scorer]
         self.batch_size, self.max_tokens = batch_size, max_tokens
-        self.pad = tokenizer.pad_token_id
         self.yes = scoring.label_token_ids(tokenizer, scoring.YES)
         self.no = scoring.label_token_ids(tokenizer, scoring.NO)
         self.digits = [scoring.label_token_ids(tokenizer, [d])[0] for d in scoring.DIGITS]
@@ -44,14 +57,15 @@ class Judge:
             if self.scorer.kind == "score10":
                 # one pass over prompt + "1": position -2 reads the first digit, -1 reads
                 # P("0" | "1") so that "10" (two tokens) gets its own probability
-                logp = lm.next_token_logprobs(self.model, [s + [self.digits[0]] for s in seqs], self.pad, lookback=2)
-                dist = scoring.score_distribution(logp[:, 0, self.digits], logp[:, 1, self.zero])
+                logp = self.engine.label_logprobs([s + [self.digits[0]] for s in seqs], self.digits + [self.zero], 2)
+                dist = scoring.score_distribution(logp[:, 0, :9], logp[:, 1, 9])
                 raw = scoring.expected_score(dist)
                 reward = scoring.rescale_score(raw)
                 extra = [{"p": [round(x, 4) for x in d.tolist()]} for d in dist]
             else:
-                logp = lm.next_token_logprobs(self.model, seqs, self.pad)[:, -1]
-                l_yes, l_no = scoring.logsumexp_ids(logp, self.yes), scoring.logsumexp_ids(logp, self.no)
+                logp = self.engine.label_logprobs(seqs, self.yes + self.no)[:, -1]
+                l_yes = torch.logsumexp(logp[:, :len(self.yes)], dim=-1)
+                l_no = torch.logsumexp(logp[:, len(self.yes):], dim=-1)
                 raw = scoring.two_way_softmax(l_yes, l_no)
                 reward = 2 * raw - 1
                 # how much of the next-token mass the label tokens hold: low = unusable answer
@@ -69,8 +83,8 @@ class Judge:
             sl = slice(start, start + self.batch_size)
             texts = [pairwise_prompt(c, x, y) for c, x, y in zip(contexts[sl], a[sl], b[sl])]
             texts += [pairwise_prompt(c, y, x) for c, x, y in zip(contexts[sl], a[sl], b[sl])]
-            logp = lm.next_token_logprobs(self.model, [self._encode(t) for t in texts], self.pad)[:, -1]
-            p1 = scoring.two_way_softmax(logp[:, self.one_pair[0]], logp[:, self.one_pair[1]])
+            logp = self.engine.label_logprobs([self._encode(t) for t in texts], self.one_pair)[:, -1]
+            p1 = scoring.two_way_softmax(logp[:, 0], logp[:, 1])
             n = len(texts) // 2
             p_ab += p1[:n].tolist()
             p_ba += p1[n:].tolist()

@@ -27,7 +27,10 @@ class RunFolder:
             f.write(json.dumps(row) + "\n")
 
     def log_rollouts(self, batch: pa.RecordBatch, step: int) -> None:
-        table = pa.Table.from_batches([batch]).append_column("step_trained", pa.array([step] * batch.num_rows, pa.int64()))
+        table = pa.Table.from_batches([batch])
+        logp_sum = pa.array([float(sum(x)) for x in batch.column("behaviour_logprobs").to_pylist()], pa.float32())
+        table = table.append_column("behaviour_logprob_sum", logp_sum)
+        table = table.append_column("step_trained", pa.array([step] * batch.num_rows, pa.int64()))
         pq.write_table(table, self.path / "rollouts" / f"step_{step:06d}.parquet")
 
     def checkpoint_dir(self, step: int) -> Path:

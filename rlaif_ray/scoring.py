@@ -137,8 +137,3 @@ YES = ["Yes", " Yes", "yes", " yes"]
 NO = ["No", " No", "no", " no"]
 DIGITS = [str(i) for i in range(1, 10)]
 
-
-def logsumexp_ids(logp: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    """log of the total probability of several spellings of one label."""
-    return torch.logsumexp(logp[..., ids], dim=-1)
-

@@ -50,7 +50,7 @@ def test_overlapped_run_accounts_for_every_rollout(ray_local, tiny_model_path, t
                                                            table.column("prompt_id").to_pylist(),
                                                            table.column("sample_index").to_pylist())}
     assert sorted(set(table.column("step_trained").to_pylist())) == [1, 2, 3, 4]
-    for name in ("prompt_text", "response_text", "reward", "policy_version", "behaviour_logprobs"):
+    for name in ("prompt_text", "response_text", "reward", "policy_version", "behaviour_logprob_sum"):
         assert name in table.column_names
     for step in (2, 4):
         ck = run / "checkpoints" / f"step_{step:06d}"

