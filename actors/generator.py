@@ -83,9 +83,11 @@ class RolloutGenerator:
         self._staged = None  # (weights, version) received but not yet installed
         self._lock = threading.Lock()
         self.busy_s = 0.0
+        self.last_install_s = 0.0  # time of the last weight install
 
     def info(self) -> dict:
-        return {"name": self.name, "pid": os.getpid(), "version": self.version, "busy_s": self.busy_s}
+        return {"name": self.name, "pid": os.getpid(), "version": self.version, "busy_s": self.busy_s,
+                "last_install_s": self.last_install_s}
 
     def set_weights(self, weights: dict, version: int) -> int:
         """Stage a new policy version; returns at once (the actor may be mid-generation)."""
@@ -99,7 +101,9 @@ class RolloutGenerator:
             weights, version = self._staged
             self._staged = None
             if version > self.version:
+                t0 = time.perf_counter()
                 self.backend.load_weights(weights)
+                self.last_install_s = time.perf_counter() - t0
                 self.version = version
 
     def continuation_logprobs(self, prompt: list[int], continuation: list[int]) -> list[float]:

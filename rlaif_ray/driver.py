@@ -111,7 +111,17 @@ def evaluate(gens, labelers, items, cfg: Config) -> dict:
     rewards = batch.column("reward").to_pylist()
     lengths = [len(t) for t in batch.column("response_token_ids").to_pylist()]
     return {"reward_mean": sum(rewards) / len(rewards), "length_tokens": sum(lengths) / len(lengths),
-            "n": len(rewards), "examples": batch.select(["prompt_id", "response_text", "reward"]).to_pylist()[:3]}
+            "n": len(rewards), "rewards": dict(zip(batch.column("prompt_id").to_pylist(), rewards)),
+            "examples": batch.select(["prompt_id", "response_text", "reward"]).to_pylist()[:3]}
+
+
+def paired_change(before: dict, after: dict) -> tuple[float, float]:
+    """Mean per-prompt reward change and its 95% half-width (normal approximation)."""
+    diffs = [after[k] - before[k] for k in before if k in after]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5 if n > 1 else float("nan")
+    return mean, 1.96 * sd / n ** 0.5
 
 
 def train(cfg: Config, out: str | Path | None = None, log=print) -> Path:
@@ -194,8 +204,10 @@ def train(cfg: Config, out: str | Path | None = None, log=print) -> Path:
         if eval_items:
             summary["heldout_after"] = evaluate(gens, labelers, eval_items, cfg)
             b, a = summary["heldout_before"], summary["heldout_after"]
+            delta, half = paired_change(b["rewards"], a["rewards"])
+            summary["heldout_change"] = {"mean": delta, "ci95_halfwidth": half}
             log(f"held-out reward (same frozen judge, {a['n']} prompts): initial {b['reward_mean']:+.4f} -> "
-                f"final {a['reward_mean']:+.4f} ({a['reward_mean'] - b['reward_mean']:+.4f}); "
+                f"final {a['reward_mean']:+.4f} ({delta:+.4f} +- {half:.4f}, paired 95% CI); "
                 f"length {b['length_tokens']:.1f} -> {a['length_tokens']:.1f} tokens")
         summary["stage_busy_s"] = {i["name"]: i["busy_s"] for i in ray.get([a.info.remote() for a in gens + labelers])}
         run.write_json("summary.json", summary)

@@ -73,6 +73,14 @@ def _convert_gguf(target: Path) -> None:
     tmp.rename(target)
 
 
+def _quiet() -> None:
+    """No per-tensor progress bars from every actor's model load."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
@@ -86,6 +94,7 @@ def load_model(name: str, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM
 
+    _quiet()
     model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=getattr(torch, dtype))
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
     return model

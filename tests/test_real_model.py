@@ -16,7 +16,7 @@ def test_two_steps_on_the_bundled_model(ray_local, tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "quickstart.yaml", [
-        "rl.steps=2", "rl.prompts_per_step=2", "generation.max_new_tokens=16",
+        "rl.steps=2", "rl.prompts_per_step=2", "rl.samples_per_prompt=2", "generation.max_new_tokens=16",
         "eval.num_prompts=2", "eval.signal_posts=4", f"run.out_dir={tmp_path}",
         "pipeline.learner.num_cpus=0.5"])
     lines = []

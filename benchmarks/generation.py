@@ -1,0 +1,98 @@
+"""Generation throughput, alternated in one run (A B C A B C ...):
+  - `hf` RolloutGenerator actor, `vllm` RolloutGenerator actor, and `model.generate`
+    called directly in this process (no Ray, no Arrow), same model, prompts and lengths;
+  - the time one weight update takes to install in each actor.
+
+    python -m benchmarks.generation --rounds 3 --batch 8 --new-tokens 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--backends", default="hf,vllm,direct")
+    ap.add_argument("--out", default=str(RESULTS / "generation.json"))
+    args = ap.parse_args()
+
+    import ray
+    import torch
+
+    from actors.generator import RolloutGenerator
+    from rlaif_ray import lm
+    from rlaif_ray.config import GenerationConfig, TaskConfig
+    from rlaif_ray.data import build_prompts, load_tldr, prompt_batch
+    from rlaif_ray.models import load_model, load_tokenizer
+
+    torch.set_num_threads(1)  # the same single thread an actor gets
+    tok = load_tokenizer(args.model)
+    items = build_prompts(load_tldr()[:300], tok, TaskConfig(max_prompt_tokens=320, heldout_size=1)).train[:args.batch]
+    batch = prompt_batch(items)
+    backends = args.backends.split(",")
+    ray.init(num_cpus=2, include_dashboard=False)
+    actors, direct = {}, None
+    for b in backends:
+        if b == "direct":
+            direct = load_model(args.model)
+            continue
+        gen = GenerationConfig(backend=b, max_new_tokens=args.new_tokens).model_dump()
+        actors[b] = ray.remote(RolloutGenerator).options(num_cpus=1, max_concurrency=2).remote(
+            f"generator-{b}", args.model, "float32", gen, 1)
+    for b, a in actors.items():  # warm-up (vLLM's first call is slow)
+        ray.get(a.generate.remote(batch, 0, 1, 0))
+    samples: dict = {b: [] for b in backends}
+    load_before = os.getloadavg()
+    for r in range(args.rounds):
+        for b in backends:
+            t0 = time.perf_counter()
+            if b == "direct":
+                toks, _, _ = lm.sample(direct, [it["prompt_token_ids"] for it in items], tok.pad_token_id,
+                                       tok.eos_token_id, temperature=0.9, top_p=1.0, top_k=0,
+                                       max_new_tokens=args.new_tokens, seed=r)
+                n = sum(len(t) for t in toks)
+            else:
+                out = ray.get(actors[b].generate.remote(batch, r, 1, r))
+                n = sum(len(t) for t in out.column("response_token_ids").to_pylist())
+            dt = time.perf_counter() - t0
+            samples[b].append({"tokens": n, "s": dt, "tokens_per_s": n / dt})
+            print(json.dumps({"round": r, "backend": b, **samples[b][-1]}), flush=True)
+    # one weight update per actor: the learner's weights (here: the model's own) staged, then installed
+    weights = {k: v.detach().numpy() for k, v in load_model(args.model).named_parameters()}
+    ref = ray.put(weights)
+    install = {}
+    for b, a in actors.items():
+        t0 = time.perf_counter()
+        ray.get(a.set_weights.remote(ref, 1))
+        ray.get(a.digest.remote())
+        install[b] = {"install_s": ray.get(a.info.remote())["last_install_s"],
+                      "set_weights_and_install_wall_s": time.perf_counter() - t0}
+    ray.shutdown()
+    med = {b: statistics.median(x["tokens_per_s"] for x in samples[b]) for b in backends}
+    result = {"what": "generation tokens/s (median of alternated rounds) and weight-install time",
+              "model": args.model, "batch": args.batch, "new_tokens": args.new_tokens, "rounds": args.rounds,
+              "tokens_per_s": med, "weight_update": install, "load_before": load_before,
+              "load_after": os.getloadavg(), "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M"),
+              "samples": samples}
+    if "vllm" in med and "hf" in med:
+        result["ratio_vllm_over_hf"] = med["vllm"] / med["hf"]
+    if "direct" in med and "hf" in med:
+        result["ratio_hf_actor_over_direct"] = med["hf"] / med["direct"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
