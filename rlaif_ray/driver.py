@@ -209,7 +209,8 @@ def train(cfg: Config, out: str | Path | None = None, log=print) -> Path:
             log(f"held-out reward (same frozen judge, {a['n']} prompts): initial {b['reward_mean']:+.4f} -> "
                 f"final {a['reward_mean']:+.4f} ({delta:+.4f} +- {half:.4f}, paired 95% CI); "
                 f"length {b['length_tokens']:.1f} -> {a['length_tokens']:.1f} tokens")
-        summary["stage_busy_s"] = {i["name"]: i["busy_s"] for i in ray.get([a.info.remote() for a in gens + labelers])}
+        summary["stage_busy_s"] = {i["name"]: i["busy_s"] for i in ray.get(
+            [a.info.remote() for a in gens + labelers + learner.workers])}
         run.write_json("summary.json", summary)
         log(f"run folder: {run.path}")
         return run.path

@@ -89,7 +89,7 @@ def test_train_with_vllm_generators(ray_local, tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "quickstart-vllm.yaml", [
-        "rl.steps=2", "rl.prompts_per_step=2", "generation.max_new_tokens=12", "eval.num_prompts=0",
+        "rl.steps=2", "rl.prompts_per_step=2", "rl.samples_per_prompt=2", "generation.max_new_tokens=12", "eval.num_prompts=0",
         "eval.signal_posts=0", "pipeline.learner.num_cpus=0.5", "rl.max_staleness=0", f"run.out_dir={tmp_path}"])
     run = train(cfg, tmp_path / "run", log=lambda *_: None)
     assert [m["policy_version"] for m in read_metrics(run)] == [1, 2]
