@@ -15,13 +15,14 @@ from rlaif_ray.signal import measure_signal
 
 class Labeler:
     def __init__(self, name: str, model_name: str, dtype: str, scorer: str, batch_size: int,
-                 torch_threads: int, device: str = "cpu", backend: str = "hf"):
+                 torch_threads: int, device: str = "cpu", backend: str = "hf", min_label_mass: float = 0.0):
         import torch
 
         from rlaif_ray.models import load_model, load_tokenizer
 
         torch.set_num_threads(torch_threads)
-        self.name = name
+        self.name, self.min_label_mass = name, min_label_mass
+        self.unusable = 0  # labels whose tokens held too little probability (counted)
         if backend == "vllm":
             from actors.vllm_engine import VLLMEngine
 
@@ -33,7 +34,7 @@ class Labeler:
 
     def info(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "busy_s": self.busy_s,
-                "truncated_prompts": self.judge.truncated}
+                "truncated_prompts": self.judge.truncated, "unusable_labels": self.unusable}
 
     def score(self, rollouts: pa.RecordBatch, mode: str = "direct") -> pa.RecordBatch:
         """Rollouts -> scored rollouts (the SCORED schema)."""
@@ -48,7 +49,10 @@ class Labeler:
             rewards, raws, metas = self._pairwise(rollouts, contexts, responses)
         else:
             raise ValueError(f"reward.source: unknown mode {mode!r}")
-        out = schemas.extend(rollouts, schemas.SCORED, {"reward": rewards, "raw_score": raws, "reward_meta": metas})
+        ok = [json.loads(m).get("label_mass", 1.0) >= self.min_label_mass for m in metas]
+        self.unusable += ok.count(False)
+        out = schemas.extend(rollouts, schemas.SCORED, {"reward": rewards, "raw_score": raws, "reward_meta": metas,
+                                                        "reward_ok": ok})
         self.busy_s += time.perf_counter() - t0
         return out
 
@@ -68,9 +72,10 @@ class Labeler:
         import torch
 
         rewards, raws, metas = [0.0] * len(responses), [0.0] * len(responses), [""] * len(responses)
-        for (i, j), pa_, ab, ba in zip(pairs, p_a, p_ab, p_ba):
+        for (i, j), pa_, ab, ba, mass in zip(pairs, p_a, p_ab, p_ba, self.judge.last_pair_mass):
             r_a, r_b = scoring.pairwise_rewards(torch.tensor(pa_))
-            meta = {"mode": "pairwise", "labeler": self.name, "p_ab": round(ab, 4), "p_ba": round(ba, 4)}
+            meta = {"mode": "pairwise", "labeler": self.name, "p_ab": round(ab, 4), "p_ba": round(ba, 4),
+                    "label_mass": round(mass, 4)}
             rewards[i], raws[i], metas[i] = float(r_a), pa_, json.dumps({**meta, "vs": j})
             rewards[j], raws[j], metas[j] = float(r_b), 1 - pa_, json.dumps({**meta, "vs": i})
         return rewards, raws, metas

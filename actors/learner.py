@@ -80,6 +80,8 @@ class LearnerWorker:
         responses = [r["response_token_ids"] for r in rows]
         logp, mask, values = lm.response_logprobs(self.policy, prompts, responses, self.pad,
                                                   self.temperature, self.value_head)
+        # rollouts whose label could not be read stay in the record but out of the loss
+        mask = mask * torch.tensor([float(r["reward_ok"]) for r in rows])[:, None]
         with torch.no_grad():
             ref_logp, _, _ = lm.response_logprobs(self.ref, prompts, responses, self.pad, self.temperature)
         behaviour = torch.zeros_like(logp)

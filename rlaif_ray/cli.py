@@ -6,6 +6,7 @@ import json
 import sys
 
 from .config import ConfigError, load_config
+from .data import DataError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="RL from AI feedback on local Ray or a cluster")
     _common(p)
     p.add_argument("--out", help="run folder (default: run.out_dir/run.name-TIMESTAMP)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p = sub.add_parser("signal", help="measure how well scorers rank a post's own summary above another post's")
     _common(p)
     p.add_argument("--scorers", default=None, help="comma-separated scorer names, or 'all' (default: the config's)")
@@ -37,14 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from .driver import train
 
-            train(cfg, args.out)
+            train(cfg, args.out, resume=args.resume)
         elif args.command == "signal":
             from .signal import measure_scorers
 
             names = None if args.scorers == "all" else (args.scorers.split(",") if args.scorers else [cfg.reward.scorer])
             for result in measure_scorers(cfg, names, args.n):
                 print(json.dumps(result))
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -42,6 +42,9 @@ class TaskConfig(_Strict):
 
 class GenerationConfig(_Strict):
     backend: Literal["hf", "vllm"] = "hf"
+    # a label is unusable when the label tokens ("Yes"/"No", digits, "1"/"2") together hold
+    # less next-token probability than this; such rollouts are counted and not trained on
+    min_label_mass: float = Field(0.01, ge=0, le=1)
     temperature: float = Field(0.9, gt=0)  # METHOD.md section 3: T = 0.9
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # 0 = off
@@ -56,6 +59,9 @@ class RewardConfig(_Strict):
     source: Literal["direct", "pairwise"] = "direct"
     scorer: str = "yesno_about_chat"  # a name from rlaif_ray.scoring.SCORERS
     backend: Literal["hf", "vllm"] = "hf"
+    # a label is unusable when the label tokens ("Yes"/"No", digits, "1"/"2") together hold
+    # less next-token probability than this; such rollouts are counted and not trained on
+    min_label_mass: float = Field(0.01, ge=0, le=1)
     model: Optional[str] = None  # None: the same checkpoint as the initial policy
     batch_size: int = Field(8, gt=0)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import ray
 
 from . import schemas
-from .config import Config
+from .config import Config, ConfigError
 from .data import PromptSampler, build_prompts, load_tldr, prompt_batch
 from .models import load_tokenizer
 from .runlog import RunFolder
@@ -47,7 +47,6 @@ def start_actors(cfg: Config, tag: str = ""):
     actor names unique per run, so they read as generator-0@RUN in the dashboard."""
     from actors.generator import RolloutGenerator
     from actors.labeler import Labeler
-    from actors.learner import LearnerGroup, LearnerWorker
 
     p, m = cfg.pipeline, cfg.model
 
@@ -62,14 +61,22 @@ def start_actors(cfg: Config, tag: str = ""):
         device(p.generators)) for i in range(p.generators.num_actors)]
     labelers = [ray.remote(Labeler).options(**opts(p.labelers, f"labeler-{i}")).remote(
         f"labeler-{i}", cfg.reward.model or m.name, m.dtype, cfg.reward.scorer, cfg.reward.batch_size,
-        p.labelers.torch_threads, device(p.labelers), cfg.reward.backend) for i in range(p.labelers.num_actors)]
-    learner_opts = opts(p.learner, "")
-    learner_opts.pop("name")
-    learner = LearnerGroup(ray.remote(LearnerWorker), p.learner.num_actors, learner_opts, tag,
-                           model_name=m.name, dtype=m.dtype, rl_cfg=cfg.rl.model_dump(),
-                           temperature=cfg.generation.temperature, torch_threads=p.learner.torch_threads,
-                           device=device(p.learner))
-    return gens, labelers, learner
+        p.labelers.torch_threads, device(p.labelers), cfg.reward.backend, cfg.reward.min_label_mass)
+        for i in range(p.labelers.num_actors)]
+    return gens, labelers, start_learner(cfg, tag)
+
+
+def start_learner(cfg: Config, tag: str = ""):
+    """The learner group; its workers are not restarted one by one (a torch.distributed
+    group cannot take a new member): the driver rebuilds the whole group instead."""
+    from actors.learner import LearnerGroup, LearnerWorker
+
+    role = cfg.pipeline.learner
+    options = dict(num_cpus=role.num_cpus, num_gpus=role.num_gpus, max_restarts=0)
+    return LearnerGroup(ray.remote(LearnerWorker), role.num_actors, options, tag,
+                        model_name=cfg.model.name, dtype=cfg.model.dtype, rl_cfg=cfg.rl.model_dump(),
+                        temperature=cfg.generation.temperature, torch_threads=role.torch_threads,
+                        device="cuda" if role.num_gpus > 0 else "cpu")
 
 
 def split(items: list, n: int) -> list[list]:
@@ -80,16 +87,6 @@ def split(items: list, n: int) -> list[list]:
         out.append(items[start:end])
         start = end
     return [o for o in out if o]
-
-
-def dispatch(gens, labelers, items, batch_index, samples, seed, mode, temperature=None):
-    """Generate with every generator on a shard of the prompts and chain each shard's
-    scoring on a labeler: futures only, nothing waits here."""
-    refs = []
-    for i, shard in enumerate(split(items, len(gens))):
-        rollouts = gens[i].generate.remote(prompt_batch(shard), batch_index, samples, seed + i, temperature)
-        refs.append(labelers[i % len(labelers)].score.remote(rollouts, mode))
-    return refs
 
 
 def sync_weights(gens, weights_ref, version: int, timeout: float, names: list[str] | None = None) -> None:
@@ -104,10 +101,136 @@ def sync_weights(gens, weights_ref, version: int, timeout: float, names: list[st
     ray.get(acks)  # re-raise an actor's own error
 
 
-def evaluate(gens, labelers, items, cfg: Config) -> dict:
+def _actor_died(err: Exception) -> bool:
+    """A dead or restarting actor (directly, or as the failed input of a chained task)."""
+    dead = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+    return isinstance(err, dead) or isinstance(getattr(err, "cause", None), dead)
+
+
+class StaleShard(RuntimeError):
+    pass
+
+
+class Rollouts:
+    """One batch in flight: a shard per generator, each chained into a labeler. A shard
+    whose generator or labeler dies is re-dispatched (same ids, same seed) once Ray has
+    restarted the actor, after the generator got the current weights back."""
+
+    def __init__(self, pipe: "Pipeline", items, batch_index, samples, seed, mode, temperature=None):
+        self.pipe, self.index = pipe, batch_index
+        self.shards = [(i, shard, (batch_index, samples, seed + i, temperature), mode)
+                       for i, shard in enumerate(split(items, len(pipe.gens)))]
+        self.refs = [self._launch(*sh) for sh in self.shards]
+
+    def _launch(self, i, shard, gen_args, mode):
+        rollouts = self.pipe.gens[i].generate.remote(prompt_batch(shard), *gen_args)
+        return self.pipe.labelers[i % len(self.pipe.labelers)].score.remote(rollouts, mode)
+
+    def get(self, timeout: float) -> "schemas.pa.RecordBatch":
+        out = []
+        for k, sh in enumerate(self.shards):
+            for attempt in range(self.pipe.max_retries + 1):
+                try:
+                    shard = ray.get(self.refs[k], timeout=timeout)
+                    oldest = self.pipe.version - self.pipe.cfg.rl.max_staleness
+                    if self.index >= 0 and min(shard.column("policy_version").to_pylist()) < oldest:
+                        # a restarted generator ran this before it got the current weights back
+                        raise StaleShard(f"policy version below {oldest}")
+                    out.append(shard)
+                    break
+                except Exception as err:  # noqa: BLE001 -- re-raised unless an actor died
+                    if not (_actor_died(err) or isinstance(err, StaleShard)) or attempt == self.pipe.max_retries:
+                        raise
+                    t0 = time.perf_counter()
+                    self.pipe.log(f"batch {self.index} shard {k}: {type(err).__name__} ({err}); "
+                                  "re-dispatching after the generator has the current weights")
+                    self.pipe.restore_generator(sh[0])
+                    self.refs[k] = self._launch(*sh)
+                    self.pipe.recoveries.append({"batch_index": self.index, "shard": k, "error": type(err).__name__,
+                                                 "restore_s": time.perf_counter() - t0})
+        return schemas.concat(out, schemas.SCORED)
+
+
+class Pipeline:
+    """The actors of a run, with the latest published weights so that a restarted
+    generator (or a rebuilt learner group) can be brought back to the current version."""
+
+    def __init__(self, cfg: Config, tag: str, log=print):
+        self.cfg, self.tag, self.log = cfg, tag, log
+        self.gens, self.labelers, self.learner = start_actors(cfg, tag)
+        self.version, self.weights = 0, None
+        self.max_retries = max(cfg.pipeline.generators.max_restarts, cfg.pipeline.labelers.max_restarts)
+        self.recoveries: list[dict] = []
+        self.checkpoint: str | None = None  # last checkpoint written
+        self.replay: list = []  # batches trained since that checkpoint
+
+    def actors(self) -> list:
+        return self.gens + self.labelers + self.learner.workers
+
+    def restore_generator(self, i: int) -> None:
+        if self.weights is not None:  # calls queue until Ray has restarted the actor
+            ray.get(self.gens[i].set_weights.remote(self.weights, self.version), timeout=self.cfg.pipeline.batch_timeout_s)
+
+    def publish(self, version: int) -> None:
+        """Rank 0's weights to every generator, tagged with the version."""
+        self.version, self.weights = version, self.learner.weights()
+        try:
+            ray.get(self.weights)  # zero-copy from the object store; fails if the learner died
+        except Exception as err:  # noqa: BLE001
+            if not _actor_died(err):
+                raise
+            self.rebuild_learner(err)
+            self.weights = self.learner.weights()
+        for attempt in range(self.max_retries + 1):
+            try:
+                return sync_weights(self.gens, self.weights, version, self.cfg.pipeline.sync_timeout_s)
+            except Exception as err:  # noqa: BLE001
+                if not _actor_died(err) or attempt == self.max_retries:
+                    raise
+                self.log(f"weight sync v{version}: a generator died ({type(err).__name__}); retrying")
+
+    def train(self, batch) -> dict:
+        """One learner step; a dead learner worker is replaced (rebuild_learner) and the
+        step retried. The batch then joins `replay` until the next checkpoint."""
+        for attempt in range(self.cfg.pipeline.learner.max_restarts + 1):
+            try:
+                stats = self.learner.train(batch, self.cfg.rl.loss_agg)
+                self.replay.append(batch)
+                return stats
+            except Exception as err:  # noqa: BLE001
+                if not _actor_died(err) or attempt == self.cfg.pipeline.learner.max_restarts:
+                    raise
+                self.rebuild_learner(err)
+        raise AssertionError("unreachable")
+
+    def rebuild_learner(self, err: Exception) -> None:
+        """A torch.distributed group cannot take a new member: rebuild the whole group from
+        the last checkpoint (or the initial weights) and replay, in order, the batches
+        trained since, so every batch ends up in the weights exactly once."""
+        t0 = time.perf_counter()
+        self.log(f"learner worker died ({type(err).__name__}); rebuilding the group from "
+                 f"{self.checkpoint or 'the initial weights'} and replaying {len(self.replay)} batch(es)")
+        for w in self.learner.workers:
+            ray.kill(w)
+        self.learner = start_learner(self.cfg, f"{self.tag}-r{len(self.recoveries) + 1}")
+        if self.checkpoint:
+            self.learner.load(self.checkpoint)
+        for old in self.replay:
+            self.learner.train(old, self.cfg.rl.loss_agg)
+        self.recoveries.append({"learner": True, "error": type(err).__name__, "replayed": len(self.replay),
+                                "restore_s": time.perf_counter() - t0})
+
+    def checkpointed(self, path: str) -> None:
+        self.checkpoint, self.replay = path, []
+
+    def kill(self) -> None:
+        for a in self.actors():
+            ray.kill(a)
+
+
+def evaluate(pipe: Pipeline, items, cfg: Config) -> dict:
     """Mean reward and response length on held-out prompts, same seed every time."""
-    refs = dispatch(gens, labelers, items, -1, 1, cfg.rl.seed + 999, "direct", cfg.eval.temperature)
-    batch = schemas.concat(ray.get(refs, timeout=cfg.pipeline.batch_timeout_s), schemas.SCORED)
+    batch = Rollouts(pipe, items, -1, 1, cfg.rl.seed + 999, "direct", cfg.eval.temperature).get(cfg.pipeline.batch_timeout_s)
     rewards = batch.column("reward").to_pylist()
     lengths = [len(t) for t in batch.column("response_token_ids").to_pylist()]
     return {"reward_mean": sum(rewards) / len(rewards), "length_tokens": sum(lengths) / len(lengths),
@@ -124,69 +247,82 @@ def paired_change(before: dict, after: dict) -> tuple[float, float]:
     return mean, 1.96 * sd / n ** 0.5
 
 
-def train(cfg: Config, out: str | Path | None = None, log=print) -> Path:
-    run = RunFolder(cfg, out)
+def train(cfg: Config, out: str | Path | None = None, log=print, resume: str | Path | None = None) -> Path:
     tok = load_tokenizer(cfg.model.name)
     rows = load_tldr(cfg.task.data_path)
     prompts = build_prompts(rows, tok, cfg.task)
     if cfg.rl.prompts_per_step > len(prompts.train):
-        raise ValueError(f"rl.prompts_per_step={cfg.rl.prompts_per_step} exceeds the {len(prompts.train)} train prompts")
+        raise ConfigError(f"rl.prompts_per_step={cfg.rl.prompts_per_step} exceeds the {len(prompts.train)} train prompts")
     log(f"prompts: {len(prompts.train)} train, {len(prompts.heldout)} held out; "
         f"{prompts.skipped_long} skipped and {prompts.truncated} truncated (> {cfg.task.max_prompt_tokens} tokens)")
+    run = RunFolder(cfg, resume or out, resume=resume is not None)  # only once the inputs are known good
     started = start_ray(cfg)
-    gens, labelers, learner = start_actors(cfg, run.path.name)
+    pipe = Pipeline(cfg, run.path.name, log)
     try:
-        summary: dict = {"run_dir": str(run.path), "skipped_long_prompts": prompts.skipped_long,
-                         "processes": {i["name"]: i["pid"] for i in ray.get(
-                             [a.info.remote() for a in gens + labelers + learner.workers])}}
-        if cfg.eval.signal_posts:  # how far can this judge be trusted? measured, not assumed
-            heldout_rows = rows[-max(cfg.eval.signal_posts + 1, cfg.task.heldout_size):]
-            sig = ray.get(labelers[0].signal.remote(heldout_rows, cfg.eval.signal_posts))
-            summary["signal"] = sig
-            log(f"judge signal ({sig['scorer']}): reference summary beats another post's summary "
-                f"{sig['reference_wins']:.0%} of {sig['n']} (95% CI {sig['ci95'][0]:.0%}-{sig['ci95'][1]:.0%}; 50% = no signal)")
+        summary = run.read_json("summary_start.json") if resume else {}
+        summary.update({"run_dir": str(run.path), "skipped_long_prompts": prompts.skipped_long,
+                        "processes": {i["name"]: i["pid"] for i in ray.get([a.info.remote() for a in pipe.actors()])}})
+        run.write_json("processes.json", summary["processes"])
         eval_items = prompts.heldout[:cfg.eval.num_prompts]
-        if eval_items:
-            summary["heldout_before"] = evaluate(gens, labelers, eval_items, cfg)
-            log(f"held-out reward before training: {summary['heldout_before']['reward_mean']:+.4f} "
-                f"(mean length {summary['heldout_before']['length_tokens']:.1f} tokens)")
+        if not resume:
+            if cfg.eval.signal_posts:  # how far can this judge be trusted? measured, not assumed
+                heldout_rows = rows[-max(cfg.eval.signal_posts + 1, cfg.task.heldout_size):]
+                sig = ray.get(pipe.labelers[0].signal.remote(heldout_rows, cfg.eval.signal_posts))
+                summary["signal"] = sig
+                log(f"judge signal ({sig['scorer']}): reference summary beats another post's summary "
+                    f"{sig['reference_wins']:.0%} of {sig['n']} (95% CI {sig['ci95'][0]:.0%}-{sig['ci95'][1]:.0%}; "
+                    "50% = no signal)")
+            if eval_items:
+                summary["heldout_before"] = evaluate(pipe, eval_items, cfg)
+                log(f"held-out reward before training: {summary['heldout_before']['reward_mean']:+.4f} "
+                    f"(mean length {summary['heldout_before']['length_tokens']:.1f} tokens)")
+            run.write_json("summary_start.json", summary)
 
         sampler = PromptSampler(prompts.train, cfg.rl.seed)
-        version, launched, trained = 0, 0, 0
-        inflight: deque = deque()  # (batch_index, sampler state before it, futures)
-        t_loop = time.perf_counter()
-        for step in range(1, cfg.rl.steps + 1):
+        first_step, version, launched = 1, 0, 0
+        if resume:  # continue exactly after the last checkpoint: weights, optimizer, data position
+            checkpoint, state = run.latest_checkpoint()
+            pipe.learner.load(checkpoint)
+            pipe.checkpointed(checkpoint)
+            first_step, version, launched = state["step"] + 1, state["policy_version"], state["next_batch_index"]
+            sampler.load_state(state["sampler"])
+            run.truncate_after(state["step"])
+            pipe.publish(version)
+            log(f"resumed {run.path} at step {state['step']} (policy version {version})")
+        inflight: deque = deque()  # (sampler state before the batch, Rollouts)
+        trained, t_loop = 0, time.perf_counter()
+        for step in range(first_step, cfg.rl.steps + 1):
             # keep up to max_staleness + 1 batches in flight: overlap without exceeding the lag bound
             while launched < cfg.rl.steps and len(inflight) <= cfg.rl.max_staleness:
                 state = sampler.state()
                 items = sampler.next(cfg.rl.prompts_per_step)
-                refs = dispatch(gens, labelers, items, launched, cfg.rl.samples_per_prompt,
-                                cfg.rl.seed * 1_000_003 + launched * 101, cfg.reward.source)
-                inflight.append((launched, state, refs))
+                inflight.append((state, Rollouts(pipe, items, launched, cfg.rl.samples_per_prompt,
+                                                 cfg.rl.seed * 1_000_003 + launched * 101, cfg.reward.source)))
                 launched += 1
-            batch_index, _, refs = inflight.popleft()
+            _, rollouts = inflight.popleft()
             t_wait = time.perf_counter()
-            batch = schemas.concat(ray.get(refs, timeout=cfg.pipeline.batch_timeout_s), schemas.SCORED)
+            batch = rollouts.get(cfg.pipeline.batch_timeout_s)
             waited = time.perf_counter() - t_wait
             lag = version - min(batch.column("policy_version").to_pylist())
             if lag > cfg.rl.max_staleness:
-                raise StalenessError(f"batch {batch_index} has policy lag {lag} > rl.max_staleness={cfg.rl.max_staleness}")
+                raise StalenessError(f"batch {rollouts.index} has policy lag {lag} > rl.max_staleness={cfg.rl.max_staleness}")
 
-            stats = learner.train(batch, cfg.rl.loss_agg)
+            stats = pipe.train(batch)
             version += 1
-            sync_weights(gens, learner.weights(), version, cfg.pipeline.sync_timeout_s)
+            pipe.publish(version)
 
             trained += batch.num_rows
             rewards = batch.column("reward").to_pylist()
             lengths = [len(t) for t in batch.column("response_token_ids").to_pylist()]
-            row = {"step": step, "policy_version": version, "batch_index": batch_index, "staleness": lag,
+            row = {"step": step, "policy_version": version, "batch_index": rollouts.index, "staleness": lag,
                    "reward_mean": sum(rewards) / len(rewards), "kl": stats["kl"], "loss": stats["loss"],
                    "pg_loss": stats["pg_loss"], "value_loss": stats["value_loss"],
                    "ratio_mean": stats["ratio_mean"], "ratio_clipped_frac": stats["ratio_clipped_frac"],
                    "grad_norm": stats["grad_norm"], "response_len": sum(lengths) / len(lengths),
-                   "truncated": sum(batch.column("truncated").to_pylist()), "completions": batch.num_rows,
-                   "completions_per_s": trained / (time.perf_counter() - t_loop), "waited_for_batch_s": waited,
-                   "elapsed_s": time.perf_counter() - t_loop}
+                   "truncated": sum(batch.column("truncated").to_pylist()),
+                   "unusable_labels": batch.num_rows - sum(batch.column("reward_ok").to_pylist()),
+                   "completions": batch.num_rows, "completions_per_s": trained / (time.perf_counter() - t_loop),
+                   "waited_for_batch_s": waited, "elapsed_s": time.perf_counter() - t_loop}
             run.log_metrics(row)
             if cfg.run.log_rollouts:
                 run.log_rollouts(batch, step)
@@ -194,28 +330,31 @@ def train(cfg: Config, out: str | Path | None = None, log=print) -> Path:
                 f"| loss {row['loss']:+.4f} | {row['completions_per_s']:.2f} compl/s | staleness {lag} "
                 f"| len {row['response_len']:.1f}")
             if step == cfg.rl.steps or (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0):
-                nxt = inflight[0][:2] if inflight else (launched, sampler.state())
-                learner.save(str(run.checkpoint_dir(step)), {"step": step, "policy_version": version,
-                                                             "next_batch_index": nxt[0], "sampler": nxt[1]})
+                nxt = (inflight[0][0], inflight[0][1].index) if inflight else (sampler.state(), launched)
+                checkpoint = str(run.checkpoint_dir(step))
+                pipe.learner.save(checkpoint, {"step": step, "policy_version": version,
+                                               "next_batch_index": nxt[1], "sampler": nxt[0]})
                 run.mark_checkpoint(step)
+                pipe.checkpointed(checkpoint)
 
         summary["loop_s"] = time.perf_counter() - t_loop
         summary["completions_per_s"] = trained / summary["loop_s"]
-        if eval_items:
-            summary["heldout_after"] = evaluate(gens, labelers, eval_items, cfg)
+        summary["recoveries"] = pipe.recoveries
+        if eval_items and "heldout_before" in summary:
+            summary["heldout_after"] = evaluate(pipe, eval_items, cfg)
             b, a = summary["heldout_before"], summary["heldout_after"]
             delta, half = paired_change(b["rewards"], a["rewards"])
             summary["heldout_change"] = {"mean": delta, "ci95_halfwidth": half}
             log(f"held-out reward (same frozen judge, {a['n']} prompts): initial {b['reward_mean']:+.4f} -> "
                 f"final {a['reward_mean']:+.4f} ({delta:+.4f} +- {half:.4f}, paired 95% CI); "
                 f"length {b['length_tokens']:.1f} -> {a['length_tokens']:.1f} tokens")
-        summary["stage_busy_s"] = {i["name"]: i["busy_s"] for i in ray.get(
-            [a.info.remote() for a in gens + labelers + learner.workers])}
+        final = ray.get([a.info.remote() for a in pipe.actors()])
+        summary["stage_busy_s"] = {i["name"]: i["busy_s"] for i in final}
+        summary["processes"] = {i["name"]: i["pid"] for i in final}  # after any restart
         run.write_json("summary.json", summary)
         log(f"run folder: {run.path}")
         return run.path
     finally:
-        for a in gens + labelers + learner.workers:
-            ray.kill(a)
+        pipe.kill()
         if started:
             ray.shutdown()

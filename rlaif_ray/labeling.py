@@ -61,7 +61,9 @@ class Judge:
                 dist = scoring.score_distribution(logp[:, 0, :9], logp[:, 1, 9])
                 raw = scoring.expected_score(dist)
                 reward = scoring.rescale_score(raw)
-                extra = [{"p": [round(x, 4) for x in d.tolist()]} for d in dist]
+                mass = logp[:, 0, :9].exp().sum(dim=1)
+                extra = [{"p": [round(x, 4) for x in d.tolist()], "label_mass": round(float(m), 4)}
+                         for d, m in zip(dist, mass)]
             else:
                 logp = self.engine.label_logprobs(seqs, self.yes + self.no)[:, -1]
                 l_yes = torch.logsumexp(logp[:, :len(self.yes)], dim=-1)
@@ -78,7 +80,7 @@ class Judge:
     def prefer(self, contexts: list[str], a: list[str], b: list[str]) -> tuple[list[float], list[float], list[float]]:
         """Debiased P(a preferred over b): both orders in one batch (METHOD.md 1.3-1.4).
         Returns (p_a, P_ab(slot 1), P_ba(slot 1))."""
-        p_ab, p_ba = [], []
+        p_ab, p_ba, self.last_pair_mass = [], [], []
         for start in range(0, len(contexts), self.batch_size):
             sl = slice(start, start + self.batch_size)
             texts = [pairwise_prompt(c, x, y) for c, x, y in zip(contexts[sl], a[sl], b[sl])]
@@ -86,6 +88,8 @@ class Judge:
             logp = self.engine.label_logprobs([self._encode(t) for t in texts], self.one_pair)[:, -1]
             p1 = scoring.two_way_softmax(logp[:, 0], logp[:, 1])
             n = len(texts) // 2
+            mass = logp.exp().sum(dim=1)  # P("1") + P("2"), per order
+            self.last_pair_mass += torch.minimum(mass[:n], mass[n:]).tolist()
             p_ab += p1[:n].tolist()
             p_ba += p1[n:].tolist()
         p_a = scoring.debias(torch.tensor(p_ab), torch.tensor(p_ba)).tolist()

@@ -95,7 +95,8 @@ def load_model(name: str, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
     _quiet()
-    model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=getattr(torch, dtype))
+    # safetensors only: a pickled checkpoint (pytorch_model.bin) can run code when loaded
+    model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=getattr(torch, dtype), use_safetensors=True)
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
     return model
 

@@ -13,14 +13,49 @@ from .config import Config, dump_config
 
 
 class RunFolder:
-    def __init__(self, cfg: Config, path: str | Path | None = None):
+    def __init__(self, cfg: Config, path: str | Path | None = None, resume: bool = False):
         if path is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             path = Path(cfg.run.out_dir) / f"{cfg.run.name}-{stamp}"
         self.path = Path(path)
+        if resume:
+            if not (self.path / "checkpoints" / "latest").is_file():
+                raise FileNotFoundError(f"--resume {self.path}: no checkpoints/latest in that run folder")
+            saved = (self.path / "config.yaml").read_text()
+            if saved != dump_config(cfg):
+                raise ValueError(f"--resume {self.path}: the config differs from the run's config.yaml; "
+                                 "resume with the run's own config (rlaif-ray train RUN/config.yaml --resume RUN)")
+            return
         (self.path / "rollouts").mkdir(parents=True, exist_ok=True)
         (self.path / "checkpoints").mkdir(exist_ok=True)
         (self.path / "config.yaml").write_text(dump_config(cfg))
+
+    def latest_checkpoint(self) -> tuple[str, dict]:
+        name = (self.path / "checkpoints" / "latest").read_text().strip()
+        ck = self.path / "checkpoints" / name
+        state = json.loads((ck / "trainer_state.json").read_text())
+        state.pop("optimizer_meta", None)
+        return str(ck), state
+
+    def truncate_after(self, step: int) -> None:
+        """Forget what a dead driver recorded after the checkpointed step, so the resumed
+        record continues without a gap or a repeat."""
+        path = self.path / "metrics.jsonl"
+        if path.is_file():
+            keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in keep))
+        for f in (self.path / "rollouts").glob("step_*.parquet"):
+            if int(f.stem.split("_")[1]) > step:
+                f.unlink()
+        for d in (self.path / "checkpoints").glob("step_*"):
+            if int(d.name.split("_")[1]) > step:
+                import shutil
+
+                shutil.rmtree(d)
+
+    def read_json(self, name: str) -> dict:
+        p = self.path / name
+        return json.loads(p.read_text()) if p.is_file() else {}
 
     def log_metrics(self, row: dict) -> None:
         with open(self.path / "metrics.jsonl", "a") as f:

@@ -34,6 +34,9 @@ SCORED = pa.schema(list(ROLLOUT) + [
     pa.field("reward", pa.float32(), nullable=False),  # in [-1, 1]
     pa.field("raw_score", pa.float32(), nullable=False),  # scorer's own scale
     pa.field("reward_meta", pa.string(), nullable=False),  # JSON: scorer, labeler, probs
+    # False when the judge put too little probability on the label tokens to read a label
+    # (reward.min_label_mass): kept in the record, counted, left out of the loss
+    pa.field("reward_ok", pa.bool_(), nullable=False),
 ])
 
 

@@ -1,0 +1,157 @@
+"""Reliability on a real local Ray: actors killed by pid mid-run, a killed driver resumed,
+and a corpus of bad inputs with the message each must produce."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rlaif_ray.config import dump_config
+from rlaif_ray.runlog import read_metrics, read_rollouts
+from test_pipeline import tiny_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _wait_for(cond, timeout=240, what="condition"):
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout:
+            raise TimeoutError(what)
+        time.sleep(0.2)
+
+
+def _metrics_lines(run: Path) -> int:
+    p = run / "metrics.jsonl"
+    return len(p.read_text().splitlines()) if p.is_file() else 0
+
+
+@pytest.mark.parametrize("role", ["generator-0", "labeler-0", "learner-0"])
+def test_killed_actor_loses_and_repeats_nothing(ray_local, tiny_model_path, tmp_path, role):
+    from rlaif_ray.driver import train
+
+    steps = 24
+    cfg = tiny_cfg(tiny_model_path, tmp_path, rl={"steps": steps, "max_staleness": 1},
+                   generation={"max_new_tokens": 16}, eval={"num_prompts": 0, "signal_posts": 0},
+                   run={"checkpoint_every": 5, "out_dir": str(tmp_path)})
+    run = tmp_path / "run"
+    result, lines = {}, []
+    worker = threading.Thread(target=lambda: result.setdefault("run", train(cfg, run, log=lines.append)))
+    worker.start()
+    _wait_for(lambda: _metrics_lines(run) >= 7, what="7 steps")
+    pid = json.loads((run / "processes.json").read_text())[role]
+    t_kill = time.time()
+    os.kill(pid, signal.SIGKILL)
+    worker.join(timeout=600)
+    assert "run" in result, f"run did not finish after killing {role}: {lines[-5:]}"
+    ids = read_rollouts(run).column("rollout_id").to_pylist()
+    assert len(ids) == len(set(ids)) == steps * 2 * 2  # no loss, no duplicate
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, steps + 1))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["recoveries"], f"no recovery recorded after killing {role} at {t_kill}"
+    assert summary["processes"][role] != pid  # the role runs in a new process now
+
+
+def test_resumed_run_continues_like_an_uninterrupted_one(ray_local, tiny_model_path, tmp_path):
+    """Kill a `train` subprocess after its step-2 checkpoint, resume it, and compare with an
+    uninterrupted run of the same seed (max_staleness 0, so every batch is on-policy)."""
+    from safetensors.numpy import load_file
+
+    from rlaif_ray.driver import train
+
+    cfg = tiny_cfg(tiny_model_path, tmp_path, rl={"steps": 5, "max_staleness": 0},
+                   generation={"max_new_tokens": 16}, eval={"num_prompts": 0, "signal_posts": 0},
+                   run={"checkpoint_every": 2, "out_dir": str(tmp_path)}, ray={"num_cpus": 2})
+    full = train(cfg, tmp_path / "full", log=lambda *_: None)
+
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(dump_config(cfg))
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "rlaif_ray.cli", "train", str(cfg_file), "--out", str(cut)],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: (cut / "checkpoints" / "latest").is_file(), what="first checkpoint")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+        proc.wait()
+    resumed = train(cfg, log=lambda *_: None, resume=cut)
+
+    a, b = read_metrics(full), read_metrics(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5] and [m["policy_version"] for m in b] == [1, 2, 3, 4, 5]
+    for ma, mb in zip(a, b):  # CPU float nondeterminism only: same seeds, weights, optimizer state
+        for key in ("reward_mean", "loss", "kl", "response_len"):
+            assert mb[key] == pytest.approx(ma[key], abs=1e-4), (ma["step"], key)
+    ids_a = read_rollouts(full).column("rollout_id").to_pylist()
+    ids_b = read_rollouts(resumed).column("rollout_id").to_pylist()
+    assert sorted(ids_a) == sorted(ids_b) and len(set(ids_b)) == len(ids_b)
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        wa = load_file(str(full / "checkpoints" / "step_000005" / name))
+        wb = load_file(str(resumed / "checkpoints" / "step_000005" / name))
+        for k in wa:
+            np.testing.assert_allclose(wa[k], wb[k], atol=1e-5, err_msg=f"{name}:{k}")
+
+
+CORPUS = sorted((ROOT / "tests" / "bad_inputs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
+def test_bad_input_corpus(path, capsys, monkeypatch):
+    """Each bad config or data file stops before any actor starts, with one clear message."""
+    from rlaif_ray.cli import main
+
+    monkeypatch.chdir(ROOT)
+    expect = path.read_text().splitlines()[0].removeprefix("# expect: ")
+    code = main(["train", str(path.relative_to(ROOT)), "--out", "/nonexistent/should-not-be-created"])
+    err = capsys.readouterr().err
+    assert code == 2 and expect in err, err
+    assert not Path("/nonexistent/should-not-be-created").exists()
+
+
+def test_non_finite_reward_stops_with_ids(tiny_model_path, tmp_path):
+    import pyarrow as pa
+
+    from actors.learner import LearnerWorker, NonFiniteError
+    from rlaif_ray import schemas
+    from rlaif_ray.config import RLConfig
+
+    worker = LearnerWorker(0, 1, tiny_model_path, "float32", RLConfig().model_dump(), 0.9, 1)
+    row = {"prompt_id": "p", "prompt_text": "x", "prompt_token_ids": [1, 2, 3], "reference": None, "context": "c",
+           "rollout_id": "b7:p:0", "batch_index": 7, "sample_index": 0, "response_text": "y",
+           "response_token_ids": [4, 5], "behaviour_logprobs": [-1.0, -1.0], "policy_version": 0, "truncated": False,
+           "generator": "g", "reward": float("nan"), "raw_score": 0.0, "reward_meta": "{}", "reward_ok": True}
+    other = dict(row, rollout_id="b7:p:1", sample_index=1, reward=0.5)
+    batch = pa.RecordBatch.from_pylist([row, other], schema=schemas.SCORED)
+    before = {k: v.copy() for k, v in worker.get_weights().items()}
+    with pytest.raises(NonFiniteError, match=r"b7:p:0.*batch 7"):
+        worker.train_step(batch, 4, 2)
+    after = worker.get_weights()
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing was applied
+
+
+def test_checkpoints_are_safetensors_only(tiny_model_path, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from rlaif_ray.models import load_model
+
+    pickled = tmp_path / "pickled"  # the same weights as a pickle checkpoint
+    pickled.mkdir()
+    shutil.copy(Path(tiny_model_path) / "config.json", pickled)
+    torch.save(load_file(str(Path(tiny_model_path) / "model.safetensors")), pickled / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        load_model(str(pickled))
+    assert load_model(tiny_model_path) is not None
+
+
+def test_servers_bind_loopback_by_default():
+    from rlaif_ray.config import Config
+
+    assert Config().ray.dashboard_host == "127.0.0.1"
