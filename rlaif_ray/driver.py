@@ -167,8 +167,25 @@ class Pipeline:
     def actors(self) -> list:
         return self.gens + self.labelers + self.learner.workers
 
+    def wait_alive(self, actor) -> None:
+        """Block until Ray has restarted `actor` (calls fail fast while it restarts);
+        an actor out of restarts raises."""
+        deadline = time.time() + self.cfg.pipeline.batch_timeout_s
+        while True:
+            try:
+                ray.get(actor.info.remote(), timeout=max(1.0, deadline - time.time()))
+                return
+            except ray.exceptions.ActorUnavailableError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+
     def restore_generator(self, i: int) -> None:
-        if self.weights is not None:  # calls queue until Ray has restarted the actor
+        """After a failure on shard i: wait for its generator and labeler, then give the
+        generator the current weights (a restarted one starts from the initial ones)."""
+        self.wait_alive(self.gens[i])
+        self.wait_alive(self.labelers[i % len(self.labelers)])
+        if self.weights is not None:
             ray.get(self.gens[i].set_weights.remote(self.weights, self.version), timeout=self.cfg.pipeline.batch_timeout_s)
 
     def publish(self, version: int) -> None:
@@ -188,6 +205,8 @@ class Pipeline:
                 if not _actor_died(err) or attempt == self.max_retries:
                     raise
                 self.log(f"weight sync v{version}: a generator died ({type(err).__name__}); retrying")
+                for g in self.gens:
+                    self.wait_alive(g)
 
     def train(self, batch) -> dict:
         """One learner step; a dead learner worker is replaced (rebuild_learner) and the

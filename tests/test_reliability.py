@@ -56,6 +56,7 @@ def test_killed_actor_loses_and_repeats_nothing(ray_local, tiny_model_path, tmp_
     summary = json.loads((run / "summary.json").read_text())
     assert summary["recoveries"], f"no recovery recorded after killing {role} at {t_kill}"
     assert summary["processes"][role] != pid  # the role runs in a new process now
+    print(f"\nkilled {role} (pid {pid}); recoveries: {json.dumps(summary['recoveries'])}")
 
 
 def test_resumed_run_continues_like_an_uninterrupted_one(ray_local, tiny_model_path, tmp_path):
