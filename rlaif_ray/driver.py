@@ -14,10 +14,12 @@ from pathlib import Path
 
 import ray
 
+from actors.learner import NonFiniteError
+
 from . import schemas
 from .config import Config, ConfigError
 from .data import PromptSampler, build_prompts, load_tldr, prompt_batch
-from .models import load_tokenizer
+from .models import load_tokenizer, model_context
 from .runlog import RunFolder
 
 
@@ -268,6 +270,10 @@ def paired_change(before: dict, after: dict) -> tuple[float, float]:
 
 def train(cfg: Config, out: str | Path | None = None, log=print, resume: str | Path | None = None) -> Path:
     tok = load_tokenizer(cfg.model.name)
+    context = model_context(cfg.model.name)
+    if cfg.task.max_prompt_tokens + cfg.generation.max_new_tokens > context:
+        raise ConfigError(f"task.max_prompt_tokens={cfg.task.max_prompt_tokens} + generation.max_new_tokens="
+                          f"{cfg.generation.max_new_tokens} exceeds the model's context of {context} tokens")
     rows = load_tldr(cfg.task.data_path)
     prompts = build_prompts(rows, tok, cfg.task)
     if cfg.rl.prompts_per_step > len(prompts.train):
@@ -326,7 +332,10 @@ def train(cfg: Config, out: str | Path | None = None, log=print, resume: str | P
             if lag > cfg.rl.max_staleness:
                 raise StalenessError(f"batch {rollouts.index} has policy lag {lag} > rl.max_staleness={cfg.rl.max_staleness}")
 
-            stats = pipe.train(batch)
+            try:
+                stats = pipe.train(batch)
+            except NonFiniteError as err:  # nothing was applied; the last checkpoint is the last good one
+                raise NonFiniteError(f"step {step}: {err}; last good checkpoint: {pipe.checkpoint}") from None
             version += 1
             pipe.publish(version)
 

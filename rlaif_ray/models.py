@@ -101,6 +101,13 @@ def load_model(name: str, dtype: str = "float32"):
     return model
 
 
+def model_context(name: str) -> int:
+    """The model's maximum sequence length (position embeddings)."""
+    from transformers import AutoConfig
+
+    return int(getattr(AutoConfig.from_pretrained(resolve(name)), "max_position_embeddings", 2048))
+
+
 def make_tiny_model(path: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> str:
     """A randomly initialised Llama with the default model's tokenizer: fast tests on the
     real vocabulary and chat template."""

@@ -156,3 +156,26 @@ def test_servers_bind_loopback_by_default():
     from rlaif_ray.config import Config
 
     assert Config().ray.dashboard_host == "127.0.0.1"
+
+
+def test_unusable_labels_are_counted_and_not_trained(ray_local, tiny_model_path, tmp_path):
+    """A random model puts almost no probability on "Yes"/"No": with min_label_mass 0.5 every
+    label is unusable, so every rollout is recorded and counted, and nothing is learned."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    from rlaif_ray.driver import train
+
+    cfg = tiny_cfg(tiny_model_path, tmp_path, reward={"min_label_mass": 0.5}, rl={"steps": 2},
+                   eval={"num_prompts": 0, "signal_posts": 0}, run={"checkpoint_every": 0})
+    run = train(cfg, tmp_path / "run", log=lambda *_: None)
+    metrics = read_metrics(run)
+    assert [m["unusable_labels"] for m in metrics] == [m["completions"] for m in metrics] == [4, 4]
+    table = read_rollouts(run)
+    assert table.num_rows == 8 and not any(table.column("reward_ok").to_pylist())
+    assert all(json.loads(m)["label_mass"] < 0.5 for m in table.column("reward_meta").to_pylist())
+    final = load_file(str(run / "checkpoints" / "step_000002" / "model.safetensors"))
+    initial = load_file(str(Path(tiny_model_path) / "model.safetensors"))
+    for k, v in final.items():
+        np.testing.assert_array_equal(v, initial[k], err_msg=k)
