@@ -87,7 +87,8 @@ class RolloutGenerator:
 
     def info(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "version": self.version, "busy_s": self.busy_s,
-                "last_install_s": self.last_install_s}
+                "last_install_s": self.last_install_s, "backend": self.gen["backend"],
+                "prefix_caching": getattr(self.backend, "prefix_caching", False)}
 
     def set_weights(self, weights: dict, version: int) -> int:
         """Stage a new policy version; returns at once (the actor may be mid-generation)."""

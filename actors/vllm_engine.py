@@ -44,6 +44,7 @@ class VLLMEngine:
             # on CPU, gpu_memory_utilization would reserve a fraction of host RAM
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         self.llm = vllm.LLM(**kwargs)
+        self.prefix_caching = bool(self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
         self.dtype = getattr(torch, dtype)
         self._vllm = vllm
 

@@ -74,6 +74,7 @@ def test_vllm_generator_actor_logprobs_and_weight_updates(ray_local, tokenizer):
         assert np.abs(after - before).mean() > 5 * np.abs(after - expected).mean()  # it moved, to the target
         version, _ = ray.get(gen.digest.remote())
         assert version == 1
+        assert ray.get(gen.info.remote())["prefix_caching"] is True
         rollouts = ray.get(gen.generate.remote(prompt_batch(prompts.train[:1]), 1, 1, 0))
         assert rollouts.column("policy_version").to_pylist() == [1]
     finally:
@@ -96,3 +97,29 @@ def test_train_with_vllm_generators(ray_local, tmp_path):
     table = read_rollouts(run)
     assert table.num_rows == 8 and set(table.column("generator").to_pylist()) == {"generator-0"}
     assert max(table.column("policy_version").to_pylist()) == 1  # the second batch came from synced weights
+
+
+def test_vllm_labeler_matches_hf_labeler(ray_local):
+    """The labeler's vllm backend (same engine wrapper) reads the same label probabilities
+    as the hf backend: direct yes/no scores and debiased pairwise preferences."""
+    import ray
+
+    from actors.labeler import Labeler
+    from rlaif_ray.data import load_tldr, post_block
+
+    rows = load_tldr()[-6:]
+    contexts = [post_block(r) for r in rows]
+    own, other = [r["summary"] for r in rows], [rows[(i + 1) % 6]["summary"] for i in range(6)]
+    make = ray.remote(Labeler).options(num_cpus=0.5)
+    hf = make.remote("labeler-hf", "smollm2-135m-instruct", "float32", "yesno_about_chat", 4, 1, "cpu", "hf")
+    vl = make.remote("labeler-vllm", "smollm2-135m-instruct", "float32", "yesno_about_chat", 4, 1, "cpu", "vllm")
+    try:
+        a, b = ray.get([hf.score_texts.remote(contexts, own), vl.score_texts.remote(contexts, own)])
+        np.testing.assert_allclose(b, a, atol=0.1)  # bf16 engine vs fp32 model
+        pa_hf, ab_hf, _ = ray.get(hf.prefer.remote(contexts, own, other))
+        pa_vl, ab_vl, _ = ray.get(vl.prefer.remote(contexts, own, other))
+        np.testing.assert_allclose(pa_vl, pa_hf, atol=0.1)
+        np.testing.assert_allclose(ab_vl, ab_hf, atol=0.1)
+    finally:
+        ray.kill(hf)
+        ray.kill(vl)
