@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from . import lm, scoring
+from . import lm, prompts, scoring
 from .scoring import SCORERS
 
 
@@ -96,11 +96,6 @@ class Judge:
         return p_a, p_ab, p_ba
 
 
-PAIRWISE_PREAMBLE = ("You are an expert summary rater. Given a piece of text and two of its possible "
-                     "summaries, output 1 or 2 to indicate which summary is better.")
-
-
 def pairwise_prompt(context: str, first: str, second: str) -> str:
-    """Base 0-shot summarization prompt (METHOD.md 1.1-1.2); the labeling issue extends this."""
-    return (f"{PAIRWISE_PREAMBLE}\n\nText - {context}\nSummary 1 - {first}\nSummary 2 - {second}\n\n"
-            "Preferred Summary=")
+    """Base 0-shot summarization prompt (METHOD.md 1.1-1.2), as rlaif_ray.prompts builds it."""
+    return prompts.build("summarization", context, first, second)
