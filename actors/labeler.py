@@ -83,9 +83,15 @@ class Labeler:
     def score_texts(self, contexts: list[str], responses: list[str]) -> list[float]:
         return self.judge.score(contexts, responses)[0]
 
-    def prefer(self, contexts: list[str], a: list[str], b: list[str]):
-        """Debiased pairwise preferences (the labeling pipeline builds on this)."""
-        return self.judge.prefer(contexts, a, b)
+    def prefer(self, contexts: list[str], a: list[str], b: list[str], options: dict | None = None):
+        """Debiased pairwise preferences; `options` are PairwiseOptions fields (task,
+        preamble, cot, ...). Returns (p_a, P_ab, P_ba)."""
+        from rlaif_ray.labeling import PairwiseOptions
+
+        return self.judge.prefer(contexts, a, b, PairwiseOptions(**(options or {})))
+
+    def last_rationales(self) -> list[list[str]]:
+        return self.judge.last_rationales
 
     def signal(self, rows: list[dict], n: int) -> dict:
         return measure_signal(self.judge, rows, n)

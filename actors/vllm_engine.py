@@ -80,6 +80,13 @@ class VLLMEngine:
                 out[b, j] = torch.tensor([step[i].logprob for i in ids])
         return out
 
+    def complete(self, seqs: list[list[int]], max_new_tokens: int, temperature: float, top_k: int,
+                 seed: int) -> list[list[int]]:
+        """Decode a continuation per sequence (greedy at temperature 0): CoT rationales."""
+        params = self._vllm.SamplingParams(temperature=temperature, top_k=top_k if temperature > 0 else 0,
+                                           max_tokens=max_new_tokens, seed=seed)
+        return [list(o.outputs[0].token_ids) for o in self.llm.generate(self._prompts(seqs), params, use_tqdm=False)]
+
     def continuation_logprobs(self, prompt: list[int], continuation: list[int]) -> list[float]:
         """log p(continuation_t | prompt, continuation_<t) at temperature 1 (parity checks)."""
         params = self._vllm.SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +21,23 @@ class HFLabelEngine:
         """[B, lookback, len(ids)]: log-probs of `ids` as next token after each of the last
         `lookback` positions of each sequence (one forward pass)."""
         return lm.next_token_logprobs(self.model, seqs, self.pad, lookback)[:, :, ids]
+
+    @torch.no_grad()
+    def complete(self, seqs: list[list[int]], max_new_tokens: int, temperature: float, top_k: int,
+                 seed: int) -> list[list[int]]:
+        """Decode a continuation per sequence: greedy at temperature 0, else sampled."""
+        ids, mask, _ = lm.left_pad(seqs, self.pad)
+        torch.manual_seed(seed)
+        sampling = dict(do_sample=True, temperature=temperature, top_k=top_k) if temperature > 0 else dict(do_sample=False)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                  pad_token_id=self.pad, **sampling)[:, ids.shape[1]:]
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        rows = []
+        for row in out.tolist():
+            cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+            rows.append(row[:cut])
+        return rows
 
 
 class Judge:
@@ -77,23 +95,64 @@ class Judge:
             metas += [json.dumps({"scorer": self.scorer.name, **e}) for e in extra]
         return rewards, raws, metas
 
-    def prefer(self, contexts: list[str], a: list[str], b: list[str]) -> tuple[list[float], list[float], list[float]]:
+    def prefer(self, contexts: list[str], a: list[str], b: list[str],
+               opts: "PairwiseOptions | None" = None) -> tuple[list[float], list[float], list[float]]:
         """Debiased P(a preferred over b): both orders in one batch (METHOD.md 1.3-1.4).
-        Returns (p_a, P_ab(slot 1), P_ba(slot 1))."""
-        p_ab, p_ba, self.last_pair_mass = [], [], []
+        Returns (p_a, P_ab(slot 1 better), P_ba(slot 1 better))."""
+        opts = opts or PairwiseOptions()
+        p_ab, p_ba, self.last_pair_mass, self.last_rationales = [], [], [], []
         for start in range(0, len(contexts), self.batch_size):
             sl = slice(start, start + self.batch_size)
-            texts = [pairwise_prompt(c, x, y) for c, x, y in zip(contexts[sl], a[sl], b[sl])]
-            texts += [pairwise_prompt(c, y, x) for c, x, y in zip(contexts[sl], a[sl], b[sl])]
-            logp = self.engine.label_logprobs([self._encode(t) for t in texts], self.one_pair)[:, -1]
-            p1 = scoring.two_way_softmax(logp[:, 0], logp[:, 1])
-            n = len(texts) // 2
-            mass = logp.exp().sum(dim=1)  # P("1") + P("2"), per order
+            pairs = list(zip(contexts[sl], a[sl], b[sl]))
+            p1, mass = self._slot1_better([(c, x, y) for c, x, y in pairs] + [(c, y, x) for c, x, y in pairs], opts)
+            n = len(pairs)
             self.last_pair_mass += torch.minimum(mass[:n], mass[n:]).tolist()
             p_ab += p1[:n].tolist()
             p_ba += p1[n:].tolist()
         p_a = scoring.debias(torch.tensor(p_ab), torch.tensor(p_ba)).tolist()
         return p_a, p_ab, p_ba
+
+    def _slot1_better(self, orders: list[tuple[str, str, str]], opts: "PairwiseOptions"):
+        """P(the response in slot 1 is the better one) and the label tokens' probability mass,
+        for each (context, first, second). CoT: decode a rationale (greedy, or n samples at
+        temperature T for self-consistency), then score "1"/"2" after it; average the n."""
+        def score(texts):
+            logp = self.engine.label_logprobs([self._encode(t) for t in texts], self.one_pair)[:, -1]
+            return scoring.two_way_softmax(logp[:, 0], logp[:, 1]), logp.exp().sum(dim=1)
+
+        build = dict(kind=opts.preamble, exemplars=opts.shots)
+        if not opts.cot:
+            p, mass = score([prompts.build(opts.task, c, f, s, **build) for c, f, s in orders])
+        else:
+            step1 = [self._encode(prompts.build(opts.task, c, f, s, cot=True, **build)) for c, f, s in orders]
+            temperature = 0.0 if opts.self_consistency == 1 else opts.sc_temperature
+            ps, masses = [], []
+            for k in range(opts.self_consistency):
+                toks = self.engine.complete(step1, opts.cot_max_tokens, temperature, opts.sc_top_k, seed=k)
+                rationales = [self.tok.decode(t, skip_special_tokens=True) for t in toks]
+                self.last_rationales.append(rationales)
+                p_k, m_k = score([prompts.build(opts.task, c, f, s, cot=True, rationale=r, **build)
+                                  for (c, f, s), r in zip(orders, rationales)])
+                ps.append(p_k)
+                masses.append(m_k)
+            p, mass = torch.stack(ps).mean(0), torch.stack(masses).min(0).values
+        if prompts.harmful_question(opts.task):  # the prompt asked for the worse response
+            p = 1 - p
+        return p, mass
+
+
+@dataclass(frozen=True)
+class PairwiseOptions:
+    """How the pairwise labeler asks (METHOD.md 1.2-1.6). Defaults: summarization, base
+    preamble, 0-shot, no CoT, no self-consistency."""
+    task: str = "summarization"
+    preamble: str = "base"
+    shots: tuple = ()  # prompts.Exemplar items
+    cot: bool = False
+    cot_max_tokens: int = 512
+    self_consistency: int = 1  # > 1: sample that many rationales (paper: off; tried 4 and 16)
+    sc_temperature: float = 0.7
+    sc_top_k: int = 40
 
 
 def pairwise_prompt(context: str, first: str, second: str) -> str:

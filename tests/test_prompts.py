@@ -53,3 +53,29 @@ def test_labeler_pairwise_prompt_is_the_base_prompt():
     from rlaif_ray.labeling import pairwise_prompt
 
     assert pairwise_prompt("POST", "A", "B") == prompts.build("summarization", "POST", "A", "B")
+
+
+def test_harmless_is_inverted_and_cot_runs_two_steps(tiny_model, tokenizer):
+    import torch
+
+    from rlaif_ray.labeling import HFLabelEngine, Judge, PairwiseOptions
+
+    judge = Judge(tiny_model, tokenizer, "yesno_about_chat", batch_size=4)
+    ctx, a, b = ["Human: how do I pick a lock?"], ["I can't help with that."], ["Use a tension wrench."]
+    p_a, p_ab, p_ba = judge.prefer(ctx, a, b, PairwiseOptions(task="harmless"))
+    # the raw question "which is most harmful?" read directly from the same engine
+    engine = HFLabelEngine(tiny_model, tokenizer.pad_token_id)
+    text = prompts.build("harmless", ctx[0], a[0], b[0])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    logp = engine.label_logprobs([ids], judge.one_pair)[:, -1]
+    raw_first_harmful = torch.sigmoid(logp[:, 0] - logp[:, 1]).item()
+    assert p_ab[0] == pytest.approx(1 - raw_first_harmful, abs=1e-5)
+    assert p_a[0] == pytest.approx((p_ab[0] + 1 - p_ba[0]) / 2, abs=1e-6)
+
+    opts = PairwiseOptions(task="summarization", preamble="detailed", cot=True, cot_max_tokens=4)
+    p_a, p_ab, p_ba = judge.prefer(["POST"], ["A"], ["B"], opts)
+    assert len(judge.last_rationales) == 1 and len(judge.last_rationales[0]) == 2  # greedy, both orders
+    assert 0 <= p_a[0] <= 1
+    sc = PairwiseOptions(cot=True, cot_max_tokens=4, self_consistency=3)
+    judge.prefer(["POST"], ["A"], ["B"], sc)
+    assert len(judge.last_rationales) == 3  # three sampled rationales per order, averaged

@@ -120,6 +120,11 @@ def test_vllm_labeler_matches_hf_labeler(ray_local):
         pa_vl, ab_vl, _ = ray.get(vl.prefer.remote(contexts, own, other))
         np.testing.assert_allclose(pa_vl, pa_hf, atol=0.1)
         np.testing.assert_allclose(ab_vl, ab_hf, atol=0.1)
+        # chain-of-thought through the vLLM engine: a greedy rationale per order, then the label
+        cot = {"cot": True, "cot_max_tokens": 8}
+        p_cot, _, _ = ray.get(vl.prefer.remote(contexts[:2], own[:2], other[:2], cot))
+        rationales = ray.get(vl.last_rationales.remote())
+        assert len(rationales) == 1 and len(rationales[0]) == 4 and all(0 <= p <= 1 for p in p_cot)
     finally:
         ray.kill(hf)
         ray.kill(vl)
