@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .config import ConfigError, load_config
 from .data import DataError
@@ -26,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     _common(p)
     p.add_argument("--scorers", default=None, help="comma-separated scorer names, or 'all' (default: the config's)")
     p.add_argument("--n", type=int, default=40, help="number of posts")
+    p = sub.add_parser("eval-labeler", help="AI-labeler alignment with human labels and position bias")
+    _common(p)
+    p.add_argument("--data", default="hh_harmless", help="comma-separated: hh_harmless, hh_helpful, pandalm")
+    p.add_argument("--prompts", default="base", help="comma-separated PREAMBLE[+cot][:K], e.g. base,base:2,base+cot")
+    p.add_argument("--n", type=int, default=100, help="pairs per data set")
+    p.add_argument("--out", default=None, help="JSON file for the table (default: print only)")
     sub.add_parser("prepare-model", help="convert the embedded default model to safetensors (cached)")
     args = parser.parse_args(argv)
 
@@ -40,6 +47,16 @@ def main(argv: list[str] | None = None) -> int:
             from .driver import train
 
             train(cfg, args.out, resume=args.resume)
+        elif args.command == "eval-labeler":
+            rows = eval_labeler(cfg, args.data.split(","), args.prompts.split(","), args.n)
+            print(f"{'data':12} {'prompt':16} {'n':>4} {'alignment':>9} {'95% CI':>13} {'1 order':>7} "
+                  f"{'same slot':>9} {'1st slot':>8}")
+            for r in rows:
+                print(f"{r['data']:12} {r['variant']:16} {r['n']:4d} {r['alignment']:9.1%} "
+                      f"{r['ci95'][0]:6.1%}-{r['ci95'][1]:5.1%} {r['single_order_alignment']:7.1%} "
+                      f"{r['same_position_share']:9.1%} {r['of_which_first_slot']:8.1%}")
+            if args.out:
+                Path(args.out).write_text(json.dumps(rows, indent=1))
         elif args.command == "signal":
             from .signal import measure_scorers
 
@@ -50,6 +67,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def eval_labeler(cfg, datasets: list[str], variants: list[str], n: int) -> list[dict]:
+    import torch
+
+    from .labeling import Judge
+    from .models import load_model, load_tokenizer
+    from .pairs import evaluate_labeler
+
+    name = cfg.reward.model or cfg.model.name
+    judge = Judge(load_model(name, cfg.model.dtype), load_tokenizer(name), cfg.reward.scorer, cfg.reward.batch_size)
+    with torch.no_grad():
+        return [evaluate_labeler(judge, d, v, n, cfg.rl.seed) for d in datasets for v in variants]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+import pytest
+
+from rlaif_ray import pairs
+from rlaif_ray.data import DataError
+
+
+def test_split_transcript_and_loading():
+    ctx, good, bad = pairs.split_transcript("\n\nHuman: hi\n\nAssistant: hello", "\n\nHuman: hi\n\nAssistant: go away", "x")
+    assert (ctx, good, bad) == ("Human: hi\n\nAssistant:", "hello", "go away")
+    with pytest.raises(DataError, match="row 3"):
+        pairs.split_transcript("\n\nHuman: a\n\nAssistant: b", "\n\nHuman: other\n\nAssistant: c", "f.jsonl row 3")
+    for name in pairs.BUNDLED:
+        rows, task = pairs.load_pairs(name, n=40, seed=1)
+        assert len(rows) == 40 and task in ("harmless", "helpful")
+        humans = [r["human"] for r in rows]
+        assert 5 < humans.count("a") < 35  # the human's choice is not always in one slot
+        assert all(r["context"].endswith("Assistant:") and r["response_a"] != r["response_b"] for r in rows[:5])
+    shots = pairs.exemplar_pairs("hh_harmless", 2)
+    assert [s.label for s in shots] == [2, 1]  # harmless exemplars point at the harmful (rejected) reply
+
+
+def test_alignment_and_position_bias_math():
+    a = pairs.alignment([0.9, 0.2, 0.5, 0.7], ["a", "a", "b", "b"])
+    assert a["alignment"] == pytest.approx((1 + 0 + 0.5 + 0) / 4) and a["n"] == 4
+    b = pairs.position_bias([0.9, 0.8, 0.2, 0.6], [0.7, 0.3, 0.1, 0.4])
+    assert b["same_position_share"] == pytest.approx(0.5) and b["of_which_first_slot"] == pytest.approx(0.5)
+
+
+def test_eval_labeler_command_on_tiny_model(tiny_model_path, tmp_path, capsys):
+    import json
+
+    from rlaif_ray.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model:\n  name: {tiny_model_path}\nreward:\n  batch_size: 4\n")
+    out = tmp_path / "table.json"
+    assert main(["eval-labeler", str(cfg), "--data", "hh_harmless,pandalm", "--prompts", "base,base:1,base+cot",
+                 "--n", "6", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["data"], r["variant"]) for r in rows] == [(d, v) for d in ("hh_harmless", "pandalm")
+                                                         for v in ("base", "base:1", "base+cot")]
+    assert all(r["n"] == 6 and 0 <= r["alignment"] <= 1 and 0 <= r["same_position_share"] <= 1 for r in rows)
+    assert "alignment" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="PREAMBLE"):
+        pairs.parse_variant("fancy")
