@@ -14,27 +14,52 @@ from rlaif_ray.signal import measure_signal
 
 
 class Labeler:
-    def __init__(self, name: str, model_name: str, dtype: str, scorer: str, batch_size: int,
-                 torch_threads: int, device: str = "cpu", backend: str = "hf", min_label_mass: float = 0.0):
+    """`reward` is the config's reward section as a dict (scorer, backend, pairwise prompt
+    options, openai endpoint). Ray Data can also run it as a pool (`rlaif-ray label`):
+    calling it on a batch of PAIRS rows returns LABELS rows."""
+
+    def __init__(self, name: str, reward: dict, model_name: str, dtype: str = "float32",
+                 torch_threads: int = 1, device: str = "cpu"):
         import torch
 
+        from rlaif_ray.config import RewardConfig
+        from rlaif_ray.labeling import PairwiseOptions
         from rlaif_ray.models import load_model, load_tokenizer
 
         torch.set_num_threads(torch_threads)
-        self.name, self.min_label_mass = name, min_label_mass
+        cfg = RewardConfig.model_validate(reward)
+        self.name = f"{name}:{os.getpid()}"
+        self.min_label_mass = cfg.min_label_mass
+        self.options = PairwiseOptions.from_config(cfg.pairwise)
         self.unusable = 0  # labels whose tokens held too little probability (counted)
-        if backend == "vllm":
+        tokenizer = None
+        if cfg.backend == "openai":
+            from rlaif_ray.openai_api import OpenAIEngine
+
+            engine = OpenAIEngine(**cfg.openai.model_dump())
+            model_name = cfg.openai.model
+        elif cfg.backend == "vllm":
             from actors.vllm_engine import VLLMEngine
 
             engine = VLLMEngine(model_name, "bfloat16" if dtype == "float32" else dtype, device)
         else:
             engine = load_model(model_name, dtype).to(device)
-        self.judge = Judge(engine, load_tokenizer(model_name), scorer, batch_size)
+        if cfg.backend != "openai":
+            tokenizer = load_tokenizer(model_name)
+        self.judge = Judge(engine, tokenizer, cfg.scorer, cfg.batch_size)
+        pw = cfg.pairwise
+        self.prompt_config = json.dumps({"backend": cfg.backend, "model": model_name, "task": pw.task,
+                                         "preamble": pw.preamble, "shots": pw.shots, "exemplars": pw.exemplars_path,
+                                         "cot": pw.cot, "cot_max_tokens": pw.cot_max_tokens,
+                                         "self_consistency": pw.self_consistency, "debias": pw.debias})
         self.busy_s = 0.0
 
     def info(self) -> dict:
+        engine = self.judge.engine
         return {"name": self.name, "pid": os.getpid(), "busy_s": self.busy_s,
-                "truncated_prompts": self.judge.truncated, "unusable_labels": self.unusable}
+                "truncated_prompts": self.judge.truncated, "unusable_labels": self.unusable,
+                "endpoint_retries": getattr(engine, "retries", 0),
+                "labels_outside_top_k": getattr(engine, "labels_outside_top_k", 0)}
 
     def score(self, rollouts: pa.RecordBatch, mode: str = "direct") -> pa.RecordBatch:
         """Rollouts -> scored rollouts (the SCORED schema)."""
@@ -68,7 +93,7 @@ class Labeler:
                     raise ValueError(f"pairwise reward: rollout {p}:{s} has no partner sample {s + 1}")
                 pairs.append((i, index[(p, s + 1)]))
         p_a, p_ab, p_ba = self.judge.prefer([contexts[i] for i, _ in pairs], [responses[i] for i, _ in pairs],
-                                            [responses[j] for _, j in pairs])
+                                            [responses[j] for _, j in pairs], self.options)
         import torch
 
         rewards, raws, metas = [0.0] * len(responses), [0.0] * len(responses), [""] * len(responses)
@@ -84,11 +109,112 @@ class Labeler:
         return self.judge.score(contexts, responses)[0]
 
     def prefer(self, contexts: list[str], a: list[str], b: list[str], options: dict | None = None):
-        """Debiased pairwise preferences; `options` are PairwiseOptions fields (task,
-        preamble, cot, ...). Returns (p_a, P_ab, P_ba)."""
-        from rlaif_ray.labeling import PairwiseOptions
+        """Debiased pairwise preferences; `options` override PairwiseOptions fields of the
+        config's (task, preamble, cot, ...). Returns (p_a, P_ab, P_ba)."""
+        import dataclasses
 
-        return self.judge.prefer(contexts, a, b, PairwiseOptions(**(options or {})))
+        return self.judge.prefer(contexts, a, b, dataclasses.replace(self.options, **(options or {})))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Ray Data: PAIRS rows -> LABELS rows. Rows flagged bad on input, and rows the
+        labeler fails on or cannot read a label for, come out with `error` set, never dropped."""
+        t0 = time.perf_counter()
+        rows = batch.to_pylist()
+        out = [{**{k: r.get(k) for k in schemas.PAIRS.names}, "p_a": None, "p_ab": None, "p_ba": None,
+                "label_mass": None, "rationale": None, "labeler": self.name, "prompt_config": self.prompt_config}
+               for r in rows]
+        todo = [i for i, r in enumerate(out) if not r["error"]]
+        try:
+            self._label(out, todo)
+        except Exception:  # noqa: BLE001 - find the row(s) at fault, label the rest
+            for i in todo:
+                try:
+                    self._label(out, [i])
+                except Exception as e:  # noqa: BLE001
+                    out[i]["error"] = f"labeler {self.name}: {type(e).__name__}: {e}"[:2000]
+        self.busy_s += time.perf_counter() - t0
+        return pa.Table.from_pylist(out, schema=schemas.LABELS)
+
+    def _label(self, out: list[dict], idx: list[int]) -> None:
+        if not idx:
+            return
+        p_a, p_ab, p_ba = self.judge.prefer([out[i]["context"] for i in idx], [out[i]["response_a"] for i in idx],
+                                            [out[i]["response_b"] for i in idx], self.options)
+        mass = self.judge.last_pair_mass
+        rats = self.judge.last_pair_rationales
+        for j, i in enumerate(idx):
+            row = out[i]
+            row.update(p_ab=p_ab[j], p_ba=None if p_ba[j] != p_ba[j] else p_ba[j], label_mass=mass[j])
+            if rats:
+                row["rationale"] = json.dumps(rats[j])
+            if mass[j] < self.min_label_mass or p_a[j] != p_a[j]:
+                self.unusable += 1
+                row["error"] = (f"unusable label: '1'/'2' held {mass[j]:.3g} of the next-token probability "
+                                f"(reward.min_label_mass={self.min_label_mass})")
+            else:
+                row["p_a"] = p_a[j]
+
+    def score_texts(self, contexts: list[str], responses: list[str]) -> list[float]:
+        return self.judge.score(contexts, responses)[0]
+
+    def prefer(self, contexts: list[str], a: list[str], b: list[str], options: dict | None = None):
+        """Debiased pairwise preferences; `options` override PairwiseOptions fields of the
+        config's (task, preamble, cot, ...). Returns (p_a, P_ab, P_ba)."""
+        import dataclasses
+
+        return self.judge.prefer(contexts, a, b, dataclasses.replace(self.options, **(options or {})))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Ray Data: PAIRS rows -> LABELS rows. Rows flagged bad on input, and rows the
+        labeler fails on or cannot read a label for, come out with `error` set, never dropped."""
+        t0 = time.perf_counter()
+        rows = batch.to_pylist()
+        out = [{**{k: r.get(k) for k in schemas.PAIRS.names}, "p_a": None, "p_ab": None, "p_ba": None,
+                "label_mass": None, "rationale": None, "labeler": self.name, "prompt_config": self.prompt_config}
+               for r in rows]
+        todo = [i for i, r in enumerate(out) if not r["error"]]
+        try:
+            self._label(out, todo)
+        except Exception:  # noqa: BLE001 - find the row(s) at fault, label the rest
+            for i in todo:
+                try:
+                    self._label(out, [i])
+                except Exception as e:  # noqa: BLE001
+                    out[i]["error"] = f"labeler {self.name}: {type(e).__name__}: {e}"[:2000]
+        self.busy_s += time.perf_counter() - t0
+        return pa.Table.from_pylist(out, schema=schemas.LABELS)
+
+    def _label(self, out: list[dict], idx: list[int]) -> None:
+        if not idx:
+            return
+        p_a, p_ab, p_ba = self.judge.prefer([out[i]["context"] for i in idx], [out[i]["response_a"] for i in idx],
+                                            [out[i]["response_b"] for i in idx], self.options)
+        mass = self.judge.last_pair_mass
+        rats = self.judge.last_pair_rationales
+        for j, i in enumerate(idx):
+            row = out[i]
+            row.update(p_ab=p_ab[j], p_ba=None if p_ba[j] != p_ba[j] else p_ba[j], label_mass=mass[j])
+            if rats:
+                row["rationale"] = json.dumps(rats[j])
+            if mass[j] < self.min_label_mass or p_a[j] != p_a[j]:
+                self.unusable += 1
+                row["error"] = (f"unusable label: '1'/'2' held {mass[j]:.3g} of the next-token probability "
+                                f"(reward.min_label_mass={self.min_label_mass})")
+            else:
+                row["p_a"] = p_a[j]
+
+    def _rationales(self, rats, j, n):
+        """Per sample: the rationale with a first, and (debias) with b first."""
+        bs = self.judge.batch_size
+        start = (j // bs) * bs  # prefer() works in chunks of batch_size pairs, both orders each
+        size = min(bs, n - start)
+        k = j - start
+        chunks = len(rats) // self.options.self_consistency
+        per_sample = []
+        for s in range(self.options.self_consistency):
+            r = rats[(j // bs) * self.options.self_consistency + s] if chunks else []
+            per_sample.append([r[k]] + ([r[size + k]] if self.options.debias else []))
+        return per_sample
 
     def last_rationales(self) -> list[list[str]]:
         return self.judge.last_rationales

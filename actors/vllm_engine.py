@@ -30,7 +30,8 @@ def _import_vllm():
 
 class VLLMEngine:
     def __init__(self, model_name: str, dtype: str = "bfloat16", device: str = "cpu",
-                 max_model_len: int = 2048, kv_cache_gib: float = 1.0, seed: int = 0):
+                 max_model_len: int = 2048, kv_cache_gib: float = 1.0, seed: int = 0,
+                 logprobs_mode: str = "processed_logprobs"):
         vllm = _import_vllm()
         from rlaif_ray.models import load_tokenizer, resolve
 
@@ -39,7 +40,8 @@ class VLLMEngine:
                       enforce_eager=True, enable_prefix_caching=True, seed=seed,
                       # behaviour log-probs of the distribution actually sampled from
                       # (after temperature/top-k/top-p), as the learner evaluates them
-                      logprobs_mode="processed_logprobs", disable_log_stats=True)
+                      # (the completions endpoint asks for raw_logprobs: the model's own)
+                      logprobs_mode=logprobs_mode, disable_log_stats=True)
         if device == "cpu":
             # on CPU, gpu_memory_utilization would reserve a fraction of host RAM
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
@@ -86,6 +88,24 @@ class VLLMEngine:
         params = self._vllm.SamplingParams(temperature=temperature, top_k=top_k if temperature > 0 else 0,
                                            max_tokens=max_new_tokens, seed=seed)
         return [list(o.outputs[0].token_ids) for o in self.llm.generate(self._prompts(seqs), params, use_tqdm=False)]
+
+    def sample_with_logprobs(self, seqs: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+                             top_k: int, logprobs: int, seed: int) -> list[dict]:
+        """The completions endpoint's contract (see HFLabelEngine.sample_with_logprobs)."""
+        params = self._vllm.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k or 0,
+                                           max_tokens=max_new_tokens, logprobs=max(logprobs, 0), seed=seed)
+        results = []
+        for o in self.llm.generate(self._prompts(seqs), params, use_tqdm=False):
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            if ids and ids[-1] == self.tok.eos_token_id:
+                ids = ids[:-1]
+            steps = c.logprobs[:len(ids)]
+            top = [sorted(((t, float(v.logprob)) for t, v in step.items()), key=lambda x: -x[1])[:logprobs]
+                   for step in steps] if logprobs else None
+            results.append({"ids": ids, "token_logprobs": [float(step[t].logprob) for step, t in zip(steps, ids)],
+                            "top": top, "finish_reason": "length" if c.finish_reason == "length" else "stop"})
+        return results
 
     def continuation_logprobs(self, prompt: list[int], continuation: list[int]) -> list[float]:
         """log p(continuation_t | prompt, continuation_<t) at temperature 1 (parity checks)."""

@@ -52,18 +52,81 @@ class GenerationConfig(_Strict):
     strip_trailing: bool = True  # METHOD.md: strip trailing periods/spaces (summaries)
 
 
+class PairwiseConfig(_Strict):
+    """How the pairwise AI labeler asks (METHOD.md 1.1-1.6). Defaults as in the paper's RL
+    labels: base preamble, 0-shot, no CoT, no self-consistency, position debiasing on."""
+    task: Literal["summarization", "helpful", "harmless"] = "summarization"
+    # detailed: the paper's Table 16 structure for summarization; for helpful/harmless the
+    # paper shows no detailed text (METHOD.md 1.2, unconfirmed): ours is in rlaif_ray/templates
+    preamble: Literal["base", "detailed"] = "base"
+    shots: int = Field(0, ge=0, le=8)  # few-shot exemplars taken from exemplars_path
+    # JSONL/Parquet with context, response_1, response_2, label (1/2, in the prompt's own
+    # terms: the harmful one for `harmless`), optional rationale. None: no exemplars.
+    exemplars_path: Optional[str] = None
+    cot: bool = False
+    cot_max_tokens: int = Field(128, gt=0)  # paper: 61 rationale tokens on average (TL;DR)
+    self_consistency: int = Field(1, ge=1)  # > 1: that many sampled rationales, averaged
+    sc_temperature: float = Field(0.7, gt=0)
+    sc_top_k: int = Field(40, ge=0)
+    debias: bool = True  # score both orders and average (METHOD.md 1.4)
+
+    @model_validator(mode="after")
+    def _check_shots(self) -> "PairwiseConfig":
+        if self.shots and not self.exemplars_path:
+            raise ValueError(f"shots={self.shots} needs exemplars_path (a JSONL/Parquet file of exemplars)")
+        return self
+
+
+class OpenAIEndpointConfig(_Strict):
+    """An OpenAI-compatible /v1/completions endpoint that returns top log-probabilities."""
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "smollm2-135m-instruct"
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from YAML
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0)  # on timeouts, connection errors, HTTP 429 and 5xx
+    backoff_s: float = Field(0.5, ge=0)  # doubled after each failed try
+    top_logprobs: int = Field(5, ge=1, le=20)  # "1"/"2" must be among them to read a label
+
+
 class RewardConfig(_Strict):
     # direct: d-RLAIF, the frozen labeler scores each response (METHOD.md section 4).
     # pairwise: two samples per prompt; the debiased preference P(a > b) gives
     #   reward 2*P - 1 to a and 1 - 2*P to b.
     source: Literal["direct", "pairwise"] = "direct"
     scorer: str = "yesno_about_chat"  # a name from rlaif_ray.scoring.SCORERS
-    backend: Literal["hf", "vllm"] = "hf"
+    # hf: the model inside the Labeler actor; vllm: a vLLM engine there; openai: an
+    # OpenAI-compatible endpoint (pairwise only), e.g. `rlaif-ray serve-labeler`
+    backend: Literal["hf", "vllm", "openai"] = "hf"
     # a label is unusable when the label tokens ("Yes"/"No", digits, "1"/"2") together hold
     # less next-token probability than this; such rollouts are counted and not trained on
     min_label_mass: float = Field(0.01, ge=0, le=1)
     model: Optional[str] = None  # None: the same checkpoint as the initial policy
     batch_size: int = Field(8, gt=0)
+    pairwise: PairwiseConfig = PairwiseConfig()
+    openai: OpenAIEndpointConfig = OpenAIEndpointConfig()
+
+
+class LabelConfig(_Strict):
+    """`rlaif-ray label`: AI preference labels for a file of response pairs."""
+    input: Optional[str] = None  # JSONL(.gz) or Parquet: context, response_a, response_b[, human]
+    output: str = "labels.parquet"  # a folder of Parquet files (Ray Data writes one per block)
+    pool_size: int = Field(2, gt=0)  # Labeler actors in the Ray Data pool
+    num_cpus: float = Field(1.0, ge=0)  # per Labeler actor
+    torch_threads: int = Field(1, gt=0)
+    batch_size: int = Field(16, gt=0)  # pairs per Ray Data batch
+    actor_start_timeout_s: int = Field(600, gt=0)  # the pool must be up within this
+
+
+class ServeConfig(_Strict):
+    """`rlaif-ray serve-labeler`: the labeler model behind /v1/completions (Ray Serve)."""
+    host: str = "127.0.0.1"  # loopback only unless the user says otherwise
+    port: int = Field(8000, gt=0, lt=65536)
+    num_replicas: int = Field(1, gt=0)
+    num_cpus: float = Field(1.0, ge=0)  # per replica
+    torch_threads: int = Field(1, gt=0)
+    max_tokens_limit: int = Field(1024, gt=0)  # requests asking for more are refused (400)
+    # if this variable is set when the server starts, requests must send it as a Bearer key
+    api_key_env: str = "RLAIF_RAY_SERVE_API_KEY"
 
 
 class RLConfig(_Strict):
@@ -133,6 +196,8 @@ class Config(_Strict):
     eval: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
     run: RunConfig = RunConfig()
+    label: LabelConfig = LabelConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _check_layout(self) -> "Config":

@@ -62,8 +62,8 @@ def start_actors(cfg: Config, tag: str = ""):
         f"generator-{i}", m.name, m.dtype, cfg.generation.model_dump(), p.generators.torch_threads,
         device(p.generators)) for i in range(p.generators.num_actors)]
     labelers = [ray.remote(Labeler).options(**opts(p.labelers, f"labeler-{i}")).remote(
-        f"labeler-{i}", cfg.reward.model or m.name, m.dtype, cfg.reward.scorer, cfg.reward.batch_size,
-        p.labelers.torch_threads, device(p.labelers), cfg.reward.backend, cfg.reward.min_label_mass)
+        f"labeler-{i}", cfg.reward.model_dump(), cfg.reward.model or m.name, m.dtype, p.labelers.torch_threads,
+        device(p.labelers))
         for i in range(p.labelers.num_actors)]
     return gens, labelers, start_learner(cfg, tag)
 
@@ -274,6 +274,13 @@ def train(cfg: Config, out: str | Path | None = None, log=print, resume: str | P
     if cfg.task.max_prompt_tokens + cfg.generation.max_new_tokens > context:
         raise ConfigError(f"task.max_prompt_tokens={cfg.task.max_prompt_tokens} + generation.max_new_tokens="
                           f"{cfg.generation.max_new_tokens} exceeds the model's context of {context} tokens")
+    if cfg.reward.backend == "openai" and cfg.reward.source != "pairwise":
+        raise ConfigError("reward.backend=openai reads '1'/'2' from an endpoint's top log-probs: "
+                          "it needs reward.source=pairwise")
+    if cfg.reward.source == "pairwise":  # a bad exemplar file stops the run before any actor starts
+        from .labeling import PairwiseOptions
+
+        PairwiseOptions.from_config(cfg.reward.pairwise)
     rows = load_tldr(cfg.task.data_path)
     prompts = build_prompts(rows, tok, cfg.task)
     if cfg.rl.prompts_per_step > len(prompts.train):

@@ -40,6 +40,36 @@ class HFLabelEngine:
         return rows
 
 
+    @torch.no_grad()
+    def sample_with_logprobs(self, seqs: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+                             top_k: int, logprobs: int, seed: int) -> list[dict]:
+        """For the completions endpoint: per sequence the new token ids, their log-probs under
+        the model (temperature 1, before any sampling transform, as OpenAI reports them), the
+        `logprobs` most likely tokens at each step, and "stop" or "length"."""
+        ids, mask, _ = lm.left_pad(seqs, self.pad)
+        torch.manual_seed(seed)
+        sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
+                    if temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                  pad_token_id=self.pad, output_logits=True, return_dict_in_generate=True,
+                                  **sampling)
+        new = out.sequences[:, ids.shape[1]:]
+        logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # [B, steps, V]
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        results = []
+        for b, row in enumerate(new.tolist()):
+            cut = next((i for i, t in enumerate(row) if t in eos), None)
+            toks = row if cut is None else row[:cut]
+            lp = logp[b, :len(toks)]
+            top = lp.topk(logprobs, dim=-1) if logprobs else None
+            results.append({"ids": toks, "token_logprobs": [float(lp[i, t]) for i, t in enumerate(toks)],
+                            "top": [list(zip(top.indices[i].tolist(), top.values[i].tolist())) for i in range(len(toks))]
+                            if top is not None else None,
+                            "finish_reason": "length" if cut is None else "stop"})
+        return results
+
+
 class Judge:
     """Holds a frozen causal LM (or a vLLM engine) and its tokenizer; turns prompts into
     label probabilities."""
@@ -47,16 +77,26 @@ class Judge:
     def __init__(self, model, tokenizer, scorer: str, batch_size: int = 8, max_tokens: int = 4096):
         if scorer not in SCORERS:
             raise ValueError(f"reward.scorer: unknown scorer {scorer!r}; known: {sorted(SCORERS)}")
-        self.engine = model if hasattr(model, "label_logprobs") else HFLabelEngine(model, tokenizer.pad_token_id)
+        engine = hasattr(model, "label_logprobs") or hasattr(model, "label_text_logprobs")
+        self.engine = model if engine else HFLabelEngine(model, tokenizer.pad_token_id)
         self.tok = tokenizer
         self.scorer = SCORERS[scorer]
         self.batch_size, self.max_tokens = batch_size, max_tokens
+        self.truncated = 0  # prompts cut to max_tokens (counted, reported by the actor)
+        self.remote = hasattr(self.engine, "label_text_logprobs")  # openai: text in, text out
+        if self.remote:
+            return
         self.yes = scoring.label_token_ids(tokenizer, scoring.YES)
         self.no = scoring.label_token_ids(tokenizer, scoring.NO)
         self.digits = [scoring.label_token_ids(tokenizer, [d])[0] for d in scoring.DIGITS]
         self.zero = scoring.label_token_ids(tokenizer, ["0"])[0]
-        self.one_pair = scoring.label_token_ids(tokenizer, ["1"]) + scoring.label_token_ids(tokenizer, ["2"])
-        self.truncated = 0  # prompts cut to max_tokens (counted, reported by the actor)
+        # "1"/"2" with and without a leading space, where the tokenizer has them as one token;
+        # each label's probability is the sum over its spellings (METHOD.md 1.3 leaves it open)
+        self.ones = scoring.label_token_ids(tokenizer, scoring.ONE)
+        self.twos = scoring.label_token_ids(tokenizer, scoring.TWO)
+        # SmolLM2's tokenizer never merges a space into a digit: " 1" is " " then "1". Such
+        # spellings are read in the same pass as P(" ") * P("1" | " ") (see _label_logprobs)
+        self.label_prefix, self.prefixed = scoring.split_spellings(tokenizer, scoring.ONE[1], scoring.TWO[1])
 
     def _encode(self, text: str) -> list[int]:
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
@@ -67,6 +107,8 @@ class Judge:
 
     def score(self, contexts: list[str], responses: list[str]) -> tuple[list[float], list[float], list[str]]:
         """Reward in [-1, 1], the scorer's raw value and JSON metadata for each response."""
+        if self.remote:
+            raise ValueError("reward.backend=openai labels pairs only (reward.source=pairwise)")
         rewards, raws, metas = [], [], []
         for start in range(0, len(contexts), self.batch_size):
             ctx = contexts[start:start + self.batch_size]
@@ -98,38 +140,73 @@ class Judge:
     def prefer(self, contexts: list[str], a: list[str], b: list[str],
                opts: "PairwiseOptions | None" = None) -> tuple[list[float], list[float], list[float]]:
         """Debiased P(a preferred over b): both orders in one batch (METHOD.md 1.3-1.4).
-        Returns (p_a, P_ab(slot 1 better), P_ba(slot 1 better))."""
+        Returns (p_a, P_ab(slot 1 better), P_ba(slot 1 better)); without debiasing p_a is
+        P_ab and P_ba is NaN. `last_pair_mass` holds the label tokens' probability mass
+        (the smaller of the two orders) per pair."""
         opts = opts or PairwiseOptions()
         p_ab, p_ba, self.last_pair_mass, self.last_rationales = [], [], [], []
+        self.last_pair_rationales = []  # CoT: per pair, per sample, [slot order ab, ba]
         for start in range(0, len(contexts), self.batch_size):
             sl = slice(start, start + self.batch_size)
             pairs = list(zip(contexts[sl], a[sl], b[sl]))
-            p1, mass = self._slot1_better([(c, x, y) for c, x, y in pairs] + [(c, y, x) for c, x, y in pairs], opts)
+            orders = [(c, x, y) for c, x, y in pairs] + ([(c, y, x) for c, x, y in pairs] if opts.debias else [])
+            p1, mass = self._slot1_better(orders, opts)
             n = len(pairs)
-            self.last_pair_mass += torch.minimum(mass[:n], mass[n:]).tolist()
+            if opts.debias:
+                self.last_pair_mass += torch.minimum(mass[:n], mass[n:]).tolist()
+                p_ba += p1[n:].tolist()
+            else:
+                self.last_pair_mass += mass.tolist()
+                p_ba += [float("nan")] * n
             p_ab += p1[:n].tolist()
-            p_ba += p1[n:].tolist()
-        p_a = scoring.debias(torch.tensor(p_ab), torch.tensor(p_ba)).tolist()
+            if opts.cot:
+                chunk = self.last_rationales[-opts.self_consistency:]
+                self.last_pair_rationales += [[[r[i]] + ([r[n + i]] if opts.debias else []) for r in chunk]
+                                              for i in range(n)]
+        p_a = scoring.debias(torch.tensor(p_ab), torch.tensor(p_ba)).tolist() if opts.debias else list(p_ab)
         return p_a, p_ab, p_ba
+
+    def _label_logprobs(self, texts: list[str]) -> torch.Tensor:
+        """[B, 2]: log P("1"), log P("2") as the next token, each summed over its spellings."""
+        if self.remote:
+            return self.engine.label_text_logprobs(texts, [scoring.ONE, scoring.TWO])
+        k, seqs = len(self.ones), [self._encode(t) for t in texts]
+        if self.label_prefix is None:
+            logp = self.engine.label_logprobs(seqs, self.ones + self.twos)[:, -1]
+            return torch.stack([torch.logsumexp(logp[:, :k], -1), torch.logsumexp(logp[:, k:], -1)], dim=-1)
+        # one pass over prompt + " ": position -2 reads "1", "2" and " " after the ending,
+        # position -1 reads the digit after the space
+        ids = self.ones + self.twos + [self.label_prefix] + self.prefixed
+        logp = self.engine.label_logprobs([s + [self.label_prefix] for s in seqs], ids, 2)
+        first, second = logp[:, 0], logp[:, 1]
+        space = first[:, len(self.ones) + len(self.twos)]
+        l1 = torch.cat([first[:, :k], (space + second[:, -2])[:, None]], dim=1)
+        l2 = torch.cat([first[:, k:len(self.ones) + len(self.twos)], (space + second[:, -1])[:, None]], dim=1)
+        return torch.stack([torch.logsumexp(l1, -1), torch.logsumexp(l2, -1)], dim=-1)
+
+    def _complete(self, texts: list[str], max_tokens: int, temperature: float, top_k: int, seed: int) -> list[str]:
+        if self.remote:
+            return self.engine.complete_text(texts, max_tokens, temperature, top_k, seed)
+        toks = self.engine.complete([self._encode(t) for t in texts], max_tokens, temperature, top_k, seed=seed)
+        return [self.tok.decode(t, skip_special_tokens=True) for t in toks]
 
     def _slot1_better(self, orders: list[tuple[str, str, str]], opts: "PairwiseOptions"):
         """P(the response in slot 1 is the better one) and the label tokens' probability mass,
         for each (context, first, second). CoT: decode a rationale (greedy, or n samples at
         temperature T for self-consistency), then score "1"/"2" after it; average the n."""
         def score(texts):
-            logp = self.engine.label_logprobs([self._encode(t) for t in texts], self.one_pair)[:, -1]
+            logp = self._label_logprobs(texts)
             return scoring.two_way_softmax(logp[:, 0], logp[:, 1]), logp.exp().sum(dim=1)
 
         build = dict(kind=opts.preamble, exemplars=opts.shots)
         if not opts.cot:
             p, mass = score([prompts.build(opts.task, c, f, s, **build) for c, f, s in orders])
         else:
-            step1 = [self._encode(prompts.build(opts.task, c, f, s, cot=True, **build)) for c, f, s in orders]
+            step1 = [prompts.build(opts.task, c, f, s, cot=True, **build) for c, f, s in orders]
             temperature = 0.0 if opts.self_consistency == 1 else opts.sc_temperature
             ps, masses = [], []
             for k in range(opts.self_consistency):
-                toks = self.engine.complete(step1, opts.cot_max_tokens, temperature, opts.sc_top_k, seed=k)
-                rationales = [self.tok.decode(t, skip_special_tokens=True) for t in toks]
+                rationales = self._complete(step1, opts.cot_max_tokens, temperature, opts.sc_top_k, seed=k)
                 self.last_rationales.append(rationales)
                 p_k, m_k = score([prompts.build(opts.task, c, f, s, cot=True, rationale=r, **build)
                                   for (c, f, s), r in zip(orders, rationales)])
@@ -153,6 +230,17 @@ class PairwiseOptions:
     self_consistency: int = 1  # > 1: sample that many rationales (paper: off; tried 4 and 16)
     sc_temperature: float = 0.7
     sc_top_k: int = 40
+    debias: bool = True  # both orders, averaged after mapping back (METHOD.md 1.4)
+
+    @classmethod
+    def from_config(cls, pw, task: str | None = None) -> "PairwiseOptions":
+        """From a config's reward.pairwise section (exemplars read from its file)."""
+        from .pairs import load_exemplars
+
+        shots = load_exemplars(pw.exemplars_path, pw.shots) if pw.shots else ()
+        return cls(task=task or pw.task, preamble=pw.preamble, shots=shots, cot=pw.cot,
+                   cot_max_tokens=pw.cot_max_tokens, self_consistency=pw.self_consistency,
+                   sc_temperature=pw.sc_temperature, sc_top_k=pw.sc_top_k, debias=pw.debias)
 
 
 def pairwise_prompt(context: str, first: str, second: str) -> str:

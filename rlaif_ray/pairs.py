@@ -11,6 +11,8 @@ BUNDLED = {  # name -> (file, labeler task)
     "hh_harmless": ("hh_harmless_dev.jsonl.gz", "harmless"),
     "hh_helpful": ("hh_helpful_dev.jsonl.gz", "helpful"),
     "pandalm": ("pandalm_helpful_pairs_dev.jsonl.gz", "helpful"),
+    # TL;DR reference vs a PPO sample; the label is GPT-4's choice (AI feedback, not human)
+    "tldr_ai_judged": ("tldr_ai_judged_pairs_dev.jsonl.gz", "summarization"),
 }
 ASSISTANT = "\n\nAssistant:"
 
@@ -35,6 +37,15 @@ def load_pairs(name: str, n: int | None = None, seed: int = 0, skip_last: int = 
     rows = rows[:len(rows) - skip_last] if skip_last else rows
     rng = np.random.default_rng(seed)
     out = []
+    if name == "tldr_ai_judged":
+        from .data import post_block
+
+        for i, row in enumerate(rows[:n] if n else rows, start=1):
+            if str(row.get("choice")) not in ("0", "1"):
+                raise DataError(f"{file}: row {i} has no 'choice' of 0 or 1")
+            out.append({"id": f"{name}-{i}", "context": post_block(row), "response_a": row["summary_0"],
+                        "response_b": row["summary_1"], "human": "a" if str(row["choice"]) == "0" else "b"})
+        return out, task
     for i, row in enumerate(rows[:n] if n else rows, start=1):
         for key in ("chosen", "rejected"):
             if not isinstance(row.get(key), str):
@@ -55,12 +66,65 @@ def exemplar_pairs(name: str, k: int):
     file, task = BUNDLED[name]
     rows = read_records(bundled_path(file))[-k:] if k else []
     shots = []
+    if name == "tldr_ai_judged":
+        from .data import post_block
+
+        for row in rows:
+            shots.append(Exemplar(post_block(row), row["summary_0"], row["summary_1"], int(row["choice"]) + 1))
+        return tuple(shots)
     for j, row in enumerate(rows):
         context, good, bad = split_transcript(row["chosen"], row["rejected"], f"{file} exemplar {j}")
         first, second, good_slot = (good, bad, 1) if j % 2 == 0 else (bad, good, 2)
         label = (3 - good_slot) if task == "harmless" else good_slot
         shots.append(Exemplar(context, first, second, label))
     return tuple(shots)
+
+
+def load_exemplars(path: str | None, k: int):
+    """The first k exemplars of a JSONL/Parquet file with context, response_1, response_2,
+    label (1 or 2, in the prompt's own terms) and an optional rationale."""
+    from .prompts import Exemplar
+
+    if not k:
+        return ()
+    if not path:
+        raise DataError(f"reward.pairwise.shots={k} needs reward.pairwise.exemplars_path")
+    rows = read_records(path)
+    if len(rows) < k:
+        raise DataError(f"{path}: {k} exemplars asked for (reward.pairwise.shots), the file has {len(rows)}")
+    shots = []
+    for i, row in enumerate(rows[:k], start=1):
+        for key in ("context", "response_1", "response_2"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise DataError(f"{path}: exemplar row {i} has no text field {key!r}")
+        if row.get("label") not in (1, 2, "1", "2"):
+            raise DataError(f"{path}: exemplar row {i}: 'label' must be 1 or 2, got {row.get('label')!r}")
+        shots.append(Exemplar(row["context"], row["response_1"], row["response_2"], int(row["label"]),
+                              str(row.get("rationale") or "")))
+    return tuple(shots)
+
+
+def read_label_input(source: str) -> list[dict]:
+    """Rows for `rlaif-ray label`: a bundled pair set's name (with its reference label) or a
+    JSONL/Parquet file with context, response_a, response_b and an optional human label
+    ("a"/"b") and id. A bad row is kept, with an `error` naming the row and field, so the
+    output accounts for every input row."""
+    if source in BUNDLED:
+        rows, _ = load_pairs(source)
+        return [{**r, "error": None} for r in rows]
+    out = []
+    for i, row in enumerate(read_records(source), start=1):
+        error = None
+        for key in ("context", "response_a", "response_b"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                error = error or f"{source} row {i}: field {key!r} is missing or not a non-empty string"
+        human = row.get("human")
+        if human is not None and str(human).lower() not in ("a", "b"):
+            error = error or f"{source} row {i}: field 'human' must be 'a', 'b' or absent, got {human!r}"
+        text = {k: row[k] if isinstance(row.get(k), str) else "" for k in ("context", "response_a", "response_b")}
+        out.append({"id": str(row.get("id", f"row-{i}")), **text,
+                    "human": None if human is None or error else str(human).lower(), "error": error})
+    return out
 
 
 def alignment(p_a: list[float], human: list[str]) -> dict:
@@ -97,8 +161,6 @@ def evaluate_labeler(judge, name: str, variant: str, n: int, seed: int = 0, cot_
 
     preamble, cot, k = parse_variant(variant)
     rows, task = load_pairs(name, n, seed, skip_last=k)
-    if preamble == "detailed" and task != "summarization":
-        preamble = "base"  # the paper shows no detailed dialogue preamble (METHOD.md 1.2)
     opts = PairwiseOptions(task=task, preamble=preamble, shots=exemplar_pairs(name, k), cot=cot,
                            cot_max_tokens=cot_max_tokens)
     p_a, p_ab, p_ba = judge.prefer([r["context"] for r in rows], [r["response_a"] for r in rows],

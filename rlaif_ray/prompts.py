@@ -4,8 +4,11 @@ in the paper's separators, the sample, and the ending after which "1" or "2" is 
 Preambles are plain text files in rlaif_ray/templates/ (TASK_PREAMBLE.txt) that a user can
 read, copy and replace. `summarization_detailed.txt` is this project's wording of the
 structure the paper gives in its Table 16 (good-summary definition, four axes, the reworded
-final instruction), not a verbatim copy. The dialogue tasks have only a `base` preamble: the
-paper shows no other.
+final instruction), not a verbatim copy. For the dialogue tasks the paper shows only the base
+preambles; `helpful_detailed.txt` and `harmless_detailed.txt` are this project's own
+wording in the same structure (axes with guiding questions, the base instruction reworded
+at the end), so the base/detailed comparison can be run on every task (METHOD.md 1.2 marks
+the dialogue texts unconfirmed).
 
 The harmless preamble asks for the *most harmful* response; `harmful_question` marks it so
 the caller inverts the label (the output is always a preference for the better response).

@@ -39,6 +39,25 @@ SCORED = pa.schema(list(ROLLOUT) + [
     pa.field("reward_ok", pa.bool_(), nullable=False),
 ])
 
+# `rlaif-ray label`: response pairs in, soft AI preference labels out
+PAIRS = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("context", pa.string(), nullable=False),
+    pa.field("response_a", pa.string(), nullable=False),
+    pa.field("response_b", pa.string(), nullable=False),
+    pa.field("human", pa.string()),  # "a" / "b" / null: a reference label, if the data has one
+    pa.field("error", pa.string()),  # set when the input row itself is unusable
+])
+LABELS = pa.schema(list(PAIRS) + [
+    pa.field("p_a", pa.float32()),  # debiased P(response_a is better); null when error is set
+    pa.field("p_ab", pa.float32()),  # P(slot 1 better) with a in slot 1
+    pa.field("p_ba", pa.float32()),  # P(slot 1 better) with b in slot 1 (null: debias off)
+    pa.field("label_mass", pa.float32()),  # probability the label tokens held (min of orders)
+    pa.field("rationale", pa.string()),  # CoT: JSON list of the rationales (per order, per sample)
+    pa.field("labeler", pa.string(), nullable=False),  # actor name and pid
+    pa.field("prompt_config", pa.string(), nullable=False),  # JSON: backend, model, task, preamble...
+])
+
 
 class SchemaError(ValueError):
     pass

@@ -133,7 +133,20 @@ def label_token_ids(tokenizer, spellings: list[str]) -> list[int]:
     return ids
 
 
+def split_spellings(tokenizer, one: str, two: str) -> tuple[int | None, list[int]]:
+    """For label spellings like " 1"/" 2" that the tokenizer splits into a shared first token
+    and a digit: (that first token, [digit id of `one`, digit id of `two`]); (None, []) when
+    they are single tokens (read directly) or split some other way."""
+    a = tokenizer(one, add_special_tokens=False)["input_ids"]
+    b = tokenizer(two, add_special_tokens=False)["input_ids"]
+    if len(a) == 2 and len(b) == 2 and a[0] == b[0] and a[1] != b[1]:
+        return a[0], [a[1], b[1]]
+    return None, []
+
+
 YES = ["Yes", " Yes", "yes", " yes"]
 NO = ["No", " No", "no", " no"]
 DIGITS = [str(i) for i in range(1, 10)]
+ONE = ["1", " 1"]  # the pairwise labels, with and without a leading space
+TWO = ["2", " 2"]
 

@@ -11,12 +11,17 @@ def test_split_transcript_and_loading():
         pairs.split_transcript("\n\nHuman: a\n\nAssistant: b", "\n\nHuman: other\n\nAssistant: c", "f.jsonl row 3")
     for name in pairs.BUNDLED:
         rows, task = pairs.load_pairs(name, n=40, seed=1)
-        assert len(rows) == 40 and task in ("harmless", "helpful")
         humans = [r["human"] for r in rows]
-        assert 5 < humans.count("a") < 35  # the human's choice is not always in one slot
+        assert len(rows) == 40 and 5 < humans.count("a") < 35  # the reference is not always in one slot
+        if name == "tldr_ai_judged":  # GPT-4's choice between the reference TL;DR and a PPO sample
+            assert task == "summarization" and rows[0]["context"].startswith("SUBREDDIT: r/")
+            continue
+        assert task in ("harmless", "helpful")
         assert all(r["context"].endswith("Assistant:") and r["response_a"] != r["response_b"] for r in rows[:5])
     shots = pairs.exemplar_pairs("hh_harmless", 2)
     assert [s.label for s in shots] == [2, 1]  # harmless exemplars point at the harmful (rejected) reply
+    shots = pairs.exemplar_pairs("tldr_ai_judged", 2)
+    assert len(shots) == 2 and shots[0].context.startswith("SUBREDDIT: r/") and {s.label for s in shots} <= {1, 2}
 
 
 def test_alignment_and_position_bias_math():
@@ -36,7 +41,7 @@ def test_eval_labeler_command_on_tiny_model(tiny_model_path, tmp_path, capsys):
     out = tmp_path / "table.json"
     assert main(["eval-labeler", str(cfg), "--data", "hh_harmless,pandalm", "--prompts", "base,base:1,base+cot",
                  "--n", "6", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())
+    rows = json.loads(out.read_text())["rows"]
     assert [(r["data"], r["variant"]) for r in rows] == [(d, v) for d in ("hh_harmless", "pandalm")
                                                          for v in ("base", "base:1", "base+cot")]
     assert all(r["n"] == 6 and 0 <= r["alignment"] <= 1 and 0 <= r["same_position_share"] <= 1 for r in rows)

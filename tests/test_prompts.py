@@ -45,8 +45,19 @@ def test_chain_of_thought_two_steps():
 def test_unknown_task_or_preamble():
     with pytest.raises(ValueError, match="unknown task"):
         prompts.build("poetry", "c", "a", "b")
-    with pytest.raises(ValueError, match="no 'detailed' preamble for task 'helpful'"):
-        prompts.build("helpful", "c", "a", "b", kind="detailed")
+    with pytest.raises(ValueError, match="no 'verbose' preamble for task 'helpful'"):
+        prompts.build("helpful", "c", "a", "b", kind="verbose")
+
+
+def test_detailed_dialogue_preambles_keep_the_layout():
+    """The project's own detailed dialogue preambles: axes first, the base instruction
+    reworded last, then the same sample block and ending as the base prompt."""
+    for task, last in (("helpful", "best adheres to helpfulness, honesty, and overall quality as defined above"),
+                       ("harmless", "choose the most harmful response as defined above")):
+        text = prompts.build(task, "C", "A", "B", kind="detailed")
+        head, sample = text.split("\n\nContext - ")
+        assert head.endswith(last + ".")
+        assert sample == "C\nResponse 1 - A\nResponse 2 - B\nPreferred Response="
 
 
 def test_labeler_pairwise_prompt_is_the_base_prompt():
@@ -58,16 +69,14 @@ def test_labeler_pairwise_prompt_is_the_base_prompt():
 def test_harmless_is_inverted_and_cot_runs_two_steps(tiny_model, tokenizer):
     import torch
 
-    from rlaif_ray.labeling import HFLabelEngine, Judge, PairwiseOptions
+    from rlaif_ray.labeling import Judge, PairwiseOptions
 
     judge = Judge(tiny_model, tokenizer, "yesno_about_chat", batch_size=4)
     ctx, a, b = ["Human: how do I pick a lock?"], ["I can't help with that."], ["Use a tension wrench."]
     p_a, p_ab, p_ba = judge.prefer(ctx, a, b, PairwiseOptions(task="harmless"))
     # the raw question "which is most harmful?" read directly from the same engine
-    engine = HFLabelEngine(tiny_model, tokenizer.pad_token_id)
     text = prompts.build("harmless", ctx[0], a[0], b[0])
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    logp = engine.label_logprobs([ids], judge.one_pair)[:, -1]
+    logp = judge._label_logprobs([text])  # "1" and "2", each over its spellings
     raw_first_harmful = torch.sigmoid(logp[:, 0] - logp[:, 1]).item()
     assert p_ab[0] == pytest.approx(1 - raw_first_harmful, abs=1e-5)
     assert p_a[0] == pytest.approx((p_ab[0] + 1 - p_ba[0]) / 2, abs=1e-6)

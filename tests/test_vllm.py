@@ -111,8 +111,9 @@ def test_vllm_labeler_matches_hf_labeler(ray_local):
     contexts = [post_block(r) for r in rows]
     own, other = [r["summary"] for r in rows], [rows[(i + 1) % 6]["summary"] for i in range(6)]
     make = ray.remote(Labeler).options(num_cpus=0.5)
-    hf = make.remote("labeler-hf", "smollm2-135m-instruct", "float32", "yesno_about_chat", 4, 1, "cpu", "hf")
-    vl = make.remote("labeler-vllm", "smollm2-135m-instruct", "float32", "yesno_about_chat", 4, 1, "cpu", "vllm")
+    reward = {"scorer": "yesno_about_chat", "batch_size": 4, "min_label_mass": 0.0}
+    hf = make.remote("labeler-hf", {**reward, "backend": "hf"}, "smollm2-135m-instruct")
+    vl = make.remote("labeler-vllm", {**reward, "backend": "vllm"}, "smollm2-135m-instruct")
     try:
         a, b = ray.get([hf.score_texts.remote(contexts, own), vl.score_texts.remote(contexts, own)])
         np.testing.assert_allclose(b, a, atol=0.1)  # bf16 engine vs fp32 model
