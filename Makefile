@@ -10,7 +10,7 @@ VSTAMP := $(VENV)/.setup-vllm-done
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-vllm demo demo-vllm test test-fast bench clean
+.PHONY: setup setup-vllm demo demo-vllm test test-fast bench bench-labeler clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
+
+bench-labeler: setup-vllm
+	$(BIN)/python -m benchmarks.labeler_grid --n 300 --cot-n 80 --backend vllm
+	$(BIN)/python -m benchmarks.report
 
 clean:
 	rm -rf $(VENV) runs

@@ -46,7 +46,7 @@ class Labeler:
             engine = load_model(model_name, dtype).to(device)
         if cfg.backend != "openai":
             tokenizer = load_tokenizer(model_name)
-        self.judge = Judge(engine, tokenizer, cfg.scorer, cfg.batch_size)
+        self.judge = Judge(engine, tokenizer, cfg.scorer, cfg.batch_size, prefix_sharing=cfg.prefix_sharing)
         pw = cfg.pairwise
         self.prompt_config = json.dumps({"backend": cfg.backend, "model": model_name, "task": pw.task,
                                          "preamble": pw.preamble, "shots": pw.shots, "exemplars": pw.exemplars_path,

@@ -62,6 +62,38 @@ def render() -> str:
         out += [f"| {k} | {v['install_s']:.2f} | {v['set_weights_and_install_wall_s']:.2f} |"
                 for k, v in gen["weight_update"].items()]
         out.append("")
+    for lab in (x for x in (_load("labeling"), _load("labeling_2shot")) if x):
+        out += ["## Pairwise labeling throughput", "",
+                f"{lab['what']}; {lab['model']}, {lab['pairs']} {lab['data']} pairs ({lab['shots']}-shot, median context "
+                f"{lab['context_tokens_median']:.0f} tokens), batches of {lab['batch_pairs']} pairs, "
+                f"{lab['torch_threads']} torch thread(s), {lab['rounds']} rounds, {lab['cpus']} cores, {lab['time']}, "
+                f"{_load_str(lab)}.", "", "| variant | debiased labels/s (median) |", "|---|---|"]
+        out += [f"| {k} | {v:.3f} |" for k, v in lab["pairs_per_s"].items()]
+        out += ["", f"batched / single: **{lab['ratio_batched_over_single']:.2f}**; prefix_shared / single: "
+                f"**{lab['ratio_prefix_shared_over_single']:.2f}**; prefix_shared / batched: "
+                f"**{lab['ratio_prefix_shared_over_batched']:.2f}**. Largest difference in p_a between the variants: "
+                f"{lab['max_abs_diff_p_a']:.1e}.", ""]
+        if lab["shots"] == 0:
+            out += ["On these 2 CPU cores a padded batch is slower per sequence than single rows (the forward is "
+                    "compute-bound; padding is wasted work), so batching alone does not pay here; running shared "
+                    "prefixes once does. On a GPU, where a batch's rows run in parallel, the padded batch should win; "
+                    "that is why `reward.prefix_sharing: auto` turns sharing off there (not measured: no GPU here).", ""]
+    grids = [g for g in (_load("labeler_grid"), _load("labeler_grid_cot")) if g]
+    if grids:
+        out += ["## AI-labeler alignment with human labels (`eval-labeler`)", "",
+                "Alignment: argmax of the debiased AI preference against the human label (0.5 counts half), with "
+                "the 95% Wilson interval. *1 order*: the same from the first order alone. *same slot*: pairs where "
+                "the same slot wins in both orders; *1st*: of those, the share where it is slot 1 (in the final, "
+                "inverted-for-harmless preference).", ""]
+        for g in grids:
+            out += [f"{g['note']}", "",
+                    "| data | prompt | n | alignment | 95% CI | 1 order | same slot | 1st | s |",
+                    "|---|---|---|---|---|---|---|---|---|"]
+            out += [f"| {r['data']} | `{r['variant']}` | {r['n']} | {r['alignment']:.1%} | "
+                    f"{r['ci95'][0]:.1%}-{r['ci95'][1]:.1%} | {r['single_order_alignment']:.1%} | "
+                    f"{r['same_position_share']:.1%} | {r['of_which_first_slot']:.1%} | {r['wall_s']:.0f} |"
+                    for r in g["rows"]]
+            out.append("")
     demo = _load("demo")
     if demo:
         out += ["## Quickstart (`make demo`)", "", f"{demo['note']}", "",

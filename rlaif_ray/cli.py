@@ -111,7 +111,7 @@ def eval_labeler(cfg, datasets: list[str], variants: list[str], n: int):
 
     for v in variants:
         parse_variant(v)  # refuse a typo before loading anything
-    judge = Judge(*make_engine(cfg), cfg.reward.scorer, cfg.reward.batch_size)
+    judge = Judge(*make_engine(cfg), cfg.reward.scorer, cfg.reward.batch_size, prefix_sharing=cfg.reward.prefix_sharing)
     with torch.no_grad():
         for d in datasets:
             for v in variants:

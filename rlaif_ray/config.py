@@ -102,6 +102,9 @@ class RewardConfig(_Strict):
     min_label_mass: float = Field(0.01, ge=0, le=1)
     model: Optional[str] = None  # None: the same checkpoint as the initial policy
     batch_size: int = Field(8, gt=0)
+    # hf backend: run prompt prefixes shared by a batch (preamble, exemplars, the context both
+    # orders share) once through a KV cache. auto = on for CPU, off (padded batch) for GPU
+    prefix_sharing: Literal["auto", "on", "off"] = "auto"
     pairwise: PairwiseConfig = PairwiseConfig()
     openai: OpenAIEndpointConfig = OpenAIEndpointConfig()
 

@@ -14,13 +14,71 @@ from .scoring import SCORERS
 class HFLabelEngine:
     """Label-token log-probs from a transformers model (the `vllm` engine has the same method)."""
 
-    def __init__(self, model, pad_id: int):
+    def __init__(self, model, pad_id: int, prefix_sharing: str = "auto"):
         self.model, self.pad = model.eval(), pad_id
+        # auto: on CPU (single rows beat padded batches there); on a GPU the padded batch wins
+        self.share_prefixes = prefix_sharing == "on" or (prefix_sharing == "auto" and model.device.type == "cpu")
 
     def label_logprobs(self, seqs: list[list[int]], ids: list[int], lookback: int = 1) -> torch.Tensor:
         """[B, lookback, len(ids)]: log-probs of `ids` as next token after each of the last
-        `lookback` positions of each sequence (one forward pass)."""
+        `lookback` positions of each sequence. `share_prefixes` (default): shared token
+        prefixes run once (see _shared); otherwise one left-padded batched pass."""
+        if self.share_prefixes and len(seqs) > 1:
+            return self._shared(seqs, lookback)[:, :, ids]
         return lm.next_token_logprobs(self.model, seqs, self.pad, lookback)[:, :, ids]
+
+    MIN_SHARED = 16  # tokens two sequences must share beyond the common root to form a group
+
+    @torch.no_grad()
+    def _shared(self, seqs: list[list[int]], lookback: int) -> torch.Tensor:
+        """Prefix-shared passes with a KV cache, one sequence at a time (on CPU a padded
+        batch is slower per sequence than single rows; benchmarks/labeling.py). The root
+        shared by all sequences (preamble, exemplars) runs once; sequences that share more
+        (the two orders of one pair: preamble + context) extend it once as a group; each
+        sequence then runs only its own tail. The cache is cropped back after each use.
+        Exact up to float rounding: the same tokens at the same positions."""
+        from transformers import DynamicCache
+
+        def lcp(x, y):
+            n = min(len(x), len(y))
+            i = 0
+            while i < n and x[i] == y[i]:
+                i += 1
+            return i
+
+        shortest = min(len(s) for s in seqs)
+        root = min(min(lcp(seqs[0], s) for s in seqs[1:]), shortest - lookback)
+        groups: list[list[int]] = []
+        for i, s in enumerate(seqs):
+            for g in groups:
+                if lcp(seqs[g[0]], s) >= root + self.MIN_SHARED:
+                    g.append(i)
+                    break
+            else:
+                groups.append([i])
+        out = torch.empty(len(seqs), lookback, self.model.config.vocab_size)
+        cache = DynamicCache()
+
+        def run(tokens):  # extend the cache; returns log-probs at the last `lookback` positions
+            h = self.model.model(input_ids=torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+            return self.model.lm_head(h.last_hidden_state[0, -lookback:]).float().log_softmax(-1)
+
+        def keep(n):  # drop cached positions beyond n (negative crop: the same in transformers 4.x and 5.x)
+            extra = cache.get_seq_length() - n
+            if extra > 0:
+                cache.crop(-extra)
+
+        if root > 0:
+            run(seqs[0][:root])
+        for g in groups:
+            shared = min(min(lcp(seqs[g[0]], seqs[j]) for j in g), min(len(seqs[j]) for j in g) - lookback)
+            if shared > root:
+                run(seqs[g[0]][root:shared])
+            for j in g:
+                out[j] = run(seqs[j][shared:])
+                keep(shared)
+            keep(root)
+        return out
 
     @torch.no_grad()
     def complete(self, seqs: list[list[int]], max_new_tokens: int, temperature: float, top_k: int,
@@ -74,11 +132,12 @@ class Judge:
     """Holds a frozen causal LM (or a vLLM engine) and its tokenizer; turns prompts into
     label probabilities."""
 
-    def __init__(self, model, tokenizer, scorer: str, batch_size: int = 8, max_tokens: int = 4096):
+    def __init__(self, model, tokenizer, scorer: str, batch_size: int = 8, max_tokens: int = 4096,
+                 prefix_sharing: str = "auto"):
         if scorer not in SCORERS:
             raise ValueError(f"reward.scorer: unknown scorer {scorer!r}; known: {sorted(SCORERS)}")
         engine = hasattr(model, "label_logprobs") or hasattr(model, "label_text_logprobs")
-        self.engine = model if engine else HFLabelEngine(model, tokenizer.pad_token_id)
+        self.engine = model if engine else HFLabelEngine(model, tokenizer.pad_token_id, prefix_sharing)
         self.tok = tokenizer
         self.scorer = SCORERS[scorer]
         self.batch_size, self.max_tokens = batch_size, max_tokens
@@ -142,27 +201,31 @@ class Judge:
         """Debiased P(a preferred over b): both orders in one batch (METHOD.md 1.3-1.4).
         Returns (p_a, P_ab(slot 1 better), P_ba(slot 1 better)); without debiasing p_a is
         P_ab and P_ba is NaN. `last_pair_mass` holds the label tokens' probability mass
-        (the smaller of the two orders) per pair."""
+        (the smaller of the two orders) per pair, `last_pair_rationales` the CoT rationales.
+
+        Pairs are batched by length (shortest first), so a batch pads little; on CPU a padded
+        row costs as much as a real one (benchmarks/labeling.py)."""
         opts = opts or PairwiseOptions()
-        p_ab, p_ba, self.last_pair_mass, self.last_rationales = [], [], [], []
-        self.last_pair_rationales = []  # CoT: per pair, per sample, [slot order ab, ba]
-        for start in range(0, len(contexts), self.batch_size):
-            sl = slice(start, start + self.batch_size)
-            pairs = list(zip(contexts[sl], a[sl], b[sl]))
+        n_all = len(contexts)
+        p_ab, p_ba, mass = [0.0] * n_all, [float("nan")] * n_all, [0.0] * n_all
+        rationales: list = [None] * n_all  # CoT: per pair, per sample, [order ab, order ba]
+        self.last_rationales = []
+        by_length = sorted(range(n_all), key=lambda i: len(contexts[i]) + len(a[i]) + len(b[i]))
+        for start in range(0, n_all, self.batch_size):
+            idx = by_length[start:start + self.batch_size]
+            pairs = [(contexts[i], a[i], b[i]) for i in idx]
             orders = [(c, x, y) for c, x, y in pairs] + ([(c, y, x) for c, x, y in pairs] if opts.debias else [])
-            p1, mass = self._slot1_better(orders, opts)
+            p1, m = self._slot1_better(orders, opts)
             n = len(pairs)
-            if opts.debias:
-                self.last_pair_mass += torch.minimum(mass[:n], mass[n:]).tolist()
-                p_ba += p1[n:].tolist()
-            else:
-                self.last_pair_mass += mass.tolist()
-                p_ba += [float("nan")] * n
-            p_ab += p1[:n].tolist()
-            if opts.cot:
-                chunk = self.last_rationales[-opts.self_consistency:]
-                self.last_pair_rationales += [[[r[i]] + ([r[n + i]] if opts.debias else []) for r in chunk]
-                                              for i in range(n)]
+            chunk = self.last_rationales[-opts.self_consistency:] if opts.cot else []
+            for j, i in enumerate(idx):
+                p_ab[i] = float(p1[j])
+                mass[i] = float(torch.minimum(m[j], m[n + j])) if opts.debias else float(m[j])
+                if opts.debias:
+                    p_ba[i] = float(p1[n + j])
+                if opts.cot:
+                    rationales[i] = [[r[j]] + ([r[n + j]] if opts.debias else []) for r in chunk]
+        self.last_pair_mass, self.last_pair_rationales = mass, rationales if opts.cot else []
         p_a = scoring.debias(torch.tensor(p_ab), torch.tensor(p_ba)).tolist() if opts.debias else list(p_ab)
         return p_a, p_ab, p_ba
 

@@ -88,3 +88,24 @@ def test_harmless_is_inverted_and_cot_runs_two_steps(tiny_model, tokenizer):
     sc = PairwiseOptions(cot=True, cot_max_tokens=4, self_consistency=3)
     judge.prefer(["POST"], ["A"], ["B"], sc)
     assert len(judge.last_rationales) == 3  # three sampled rationales per order, averaged
+
+
+def test_prefix_sharing_matches_the_padded_batch(tiny_model, tokenizer):
+    import torch
+
+    """The KV-cache path (root once, each pair's shared context once, tails one by one)
+    reads the same log-probs as one left-padded batch, lookback 2 included."""
+    from rlaif_ray.labeling import HFLabelEngine
+    from rlaif_ray.pairs import exemplar_pairs, load_pairs
+
+    rows, task = load_pairs("hh_helpful", 3)
+    shots = exemplar_pairs("hh_helpful", 1)
+    texts = [prompts.build(task, r["context"], x, y, exemplars=shots)
+             for r in rows for x, y in ((r["response_a"], r["response_b"]), (r["response_b"], r["response_a"]))]
+    texts.append("An unrelated short prompt =")
+    seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("1", "2", "Ġ")]
+    shared = HFLabelEngine(tiny_model, tokenizer.pad_token_id, "on").label_logprobs(seqs, ids, 2)
+    padded = HFLabelEngine(tiny_model, tokenizer.pad_token_id, "off").label_logprobs(seqs, ids, 2)
+    assert shared.shape == padded.shape == (7, 2, 3)
+    torch.testing.assert_close(shared, padded, atol=1e-4, rtol=0)

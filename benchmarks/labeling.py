@@ -1,0 +1,96 @@
+"""Pairwise labeling throughput, alternated in one run (A B C A B C ...), same model, pairs
+and label code (Judge.prefer); pairs/s counts one debiased label (both orders) per pair:
+  - `batched`: both orders of `--batch` pairs in one left-padded forward pass;
+  - `single`: one pair, one order per forward pass (two passes per debiased label);
+  - `prefix_shared` (the hf default on CPU): the same batch, shared prefixes (preamble,
+    exemplars, the context both orders share) run once through a KV cache, tails one by one.
+All three must give the same preferences (max difference reported).
+
+    python -m benchmarks.labeling --pairs 16 --rounds 2
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--data", default="hh_helpful")
+    ap.add_argument("--pairs", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8, help="pairs per forward pass in the batched path")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--shots", type=int, default=0, help="few-shot exemplars in the prompt")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (an actor's default is 1)")
+    ap.add_argument("--out", default=str(RESULTS / "labeling.json"))
+    args = ap.parse_args()
+
+    import torch
+
+    from rlaif_ray import scoring
+    from rlaif_ray.labeling import Judge, PairwiseOptions
+    from rlaif_ray.models import load_model, load_tokenizer
+    from rlaif_ray.pairs import exemplar_pairs, load_pairs
+
+    torch.set_num_threads(args.threads)
+    rows, task = load_pairs(args.data, args.pairs)
+    ctx, a, b = ([r[k] for r in rows] for k in ("context", "response_a", "response_b"))
+    model, tok = load_model(args.model), load_tokenizer(args.model)
+    judge = Judge(model, tok, "yesno_about_chat", args.batch, prefix_sharing="off")
+    shared = Judge(model, tok, "yesno_about_chat", args.batch, prefix_sharing="on")
+    opts = PairwiseOptions(task=task, shots=exemplar_pairs(args.data, args.shots))
+    one_order = dataclasses.replace(opts, debias=False)
+
+    def batched():
+        return judge.prefer(ctx, a, b, opts)[0]
+
+    def prefix_shared():
+        return shared.prefer(ctx, a, b, opts)[0]
+
+    def single():
+        out = []
+        for c, x, y in zip(ctx, a, b):
+            ab = judge.prefer([c], [x], [y], one_order)[0][0]
+            ba = judge.prefer([c], [y], [x], one_order)[0][0]
+            out.append(float(scoring.debias(torch.tensor(ab), torch.tensor(ba))))
+        return out
+
+    load_before = os.getloadavg()
+    with torch.no_grad():
+        batched()  # warm-up
+        times = {"batched": [], "single": [], "prefix_shared": []}
+        results = {}
+        for _ in range(args.rounds):
+            for name, fn in (("batched", batched), ("single", single), ("prefix_shared", prefix_shared)):
+                t0 = time.perf_counter()
+                results[name] = fn()
+                times[name].append(time.perf_counter() - t0)
+    diff = max(abs(p - q) for k in ("single", "prefix_shared") for p, q in zip(results["batched"], results[k]))
+    rate = {k: args.pairs / statistics.median(v) for k, v in times.items()}
+    lens = [len(judge.tok(t, add_special_tokens=False)["input_ids"]) for t in ctx]
+    out = {"what": "debiased pairwise labels per second: both orders of a batch in one padded forward pass, one "
+                   "pair and one order per pass, and the batch with shared prefixes run once (KV cache); "
+                   "alternated in one run",
+           "shots": args.shots,
+           "model": args.model, "data": args.data, "pairs": args.pairs, "batch_pairs": args.batch,
+           "torch_threads": args.threads, "rounds": args.rounds, "cpus": os.cpu_count(),
+           "context_tokens_median": statistics.median(lens),
+           "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_before": load_before,
+           "load_after": os.getloadavg(), "seconds": times, "pairs_per_s": rate,
+           "ratio_batched_over_single": rate["batched"] / rate["single"],
+           "ratio_prefix_shared_over_single": rate["prefix_shared"] / rate["single"],
+           "ratio_prefix_shared_over_batched": rate["prefix_shared"] / rate["batched"], "max_abs_diff_p_a": diff}
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
