@@ -30,12 +30,14 @@ def _import_vllm():
 
 class VLLMEngine:
     def __init__(self, model_name: str, dtype: str = "bfloat16", device: str = "cpu",
-                 max_model_len: int = 2048, kv_cache_gib: float = 1.0, seed: int = 0,
+                 max_model_len: int | None = None, kv_cache_gib: float = 1.0, seed: int = 0,
                  logprobs_mode: str = "processed_logprobs"):
         vllm = _import_vllm()
-        from rlaif_ray.models import load_tokenizer, resolve
+        from rlaif_ray.models import load_tokenizer, model_context, resolve
 
         self.tok = load_tokenizer(model_name)
+        # the model's own context (capped: the KV cache must hold at least one full sequence)
+        self.context = max_model_len = max_model_len or min(model_context(model_name), 8192)
         kwargs = dict(model=resolve(model_name), dtype=dtype, max_model_len=max_model_len,
                       enforce_eager=True, enable_prefix_caching=True, seed=seed,
                       # behaviour log-probs of the distribution actually sampled from

@@ -115,9 +115,9 @@ def eval_labeler(cfg, datasets: list[str], variants: list[str], n: int):
     with torch.no_grad():
         for d in datasets:
             for v in variants:
-                t0 = time.perf_counter()
+                t0, cut = time.perf_counter(), judge.truncated
                 row = evaluate_labeler(judge, d, v, n, cfg.rl.seed, cfg.reward.pairwise.cot_max_tokens)
-                yield {**row, "wall_s": round(time.perf_counter() - t0, 1)}
+                yield {**row, "truncated_prompts": judge.truncated - cut, "wall_s": round(time.perf_counter() - t0, 1)}
 
 
 def make_engine(cfg):

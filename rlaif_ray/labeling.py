@@ -16,6 +16,7 @@ class HFLabelEngine:
 
     def __init__(self, model, pad_id: int, prefix_sharing: str = "auto"):
         self.model, self.pad = model.eval(), pad_id
+        self.context = int(getattr(model.config, "max_position_embeddings", 2048))
         # auto: on CPU (single rows beat padded batches there); on a GPU the padded batch wins
         self.share_prefixes = prefix_sharing == "on" or (prefix_sharing == "auto" and model.device.type == "cpu")
 
@@ -140,7 +141,9 @@ class Judge:
         self.engine = model if engine else HFLabelEngine(model, tokenizer.pad_token_id, prefix_sharing)
         self.tok = tokenizer
         self.scorer = SCORERS[scorer]
-        self.batch_size, self.max_tokens = batch_size, max_tokens
+        # prompts are cut (from the left, counted) to fit the engine's context, with room for
+        # the label tokens read after them
+        self.batch_size, self.max_tokens = batch_size, min(max_tokens, getattr(self.engine, "context", max_tokens) - 2)
         self.truncated = 0  # prompts cut to max_tokens (counted, reported by the actor)
         self.remote = hasattr(self.engine, "label_text_logprobs")  # openai: text in, text out
         if self.remote:
@@ -157,11 +160,12 @@ class Judge:
         # spellings are read in the same pass as P(" ") * P("1" | " ") (see _label_logprobs)
         self.label_prefix, self.prefixed = scoring.split_spellings(tokenizer, scoring.ONE[1], scoring.TWO[1])
 
-    def _encode(self, text: str) -> list[int]:
+    def _encode(self, text: str, room: int = 0) -> list[int]:
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > self.max_tokens:
+        limit = self.max_tokens - room
+        if len(ids) > limit:
             self.truncated += 1
-            ids = ids[-self.max_tokens:]  # keep the question and the answer cue
+            ids = ids[-limit:]  # keep the question and the answer cue
         return ids
 
     def score(self, contexts: list[str], responses: list[str]) -> tuple[list[float], list[float], list[str]]:
@@ -250,7 +254,8 @@ class Judge:
     def _complete(self, texts: list[str], max_tokens: int, temperature: float, top_k: int, seed: int) -> list[str]:
         if self.remote:
             return self.engine.complete_text(texts, max_tokens, temperature, top_k, seed)
-        toks = self.engine.complete([self._encode(t) for t in texts], max_tokens, temperature, top_k, seed=seed)
+        toks = self.engine.complete([self._encode(t, room=max_tokens) for t in texts], max_tokens, temperature, top_k,
+                                    seed=seed)
         return [self.tok.decode(t, skip_special_tokens=True) for t in toks]
 
     def _slot1_better(self, orders: list[tuple[str, str, str]], opts: "PairwiseOptions"):
