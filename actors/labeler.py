@@ -28,7 +28,8 @@ class Labeler:
 
         torch.set_num_threads(torch_threads)
         cfg = RewardConfig.model_validate(reward)
-        self.name = f"{name}:{os.getpid()}"
+        self.name = name
+        self.tag = f"{name}:{os.getpid()}"  # the `labeler` column of `rlaif-ray label` output
         self.min_label_mass = cfg.min_label_mass
         self.options = PairwiseOptions.from_config(cfg.pairwise)
         self.unusable = 0  # labels whose tokens held too little probability (counted)
@@ -121,7 +122,7 @@ class Labeler:
         t0 = time.perf_counter()
         rows = batch.to_pylist()
         out = [{**{k: r.get(k) for k in schemas.PAIRS.names}, "p_a": None, "p_ab": None, "p_ba": None,
-                "label_mass": None, "rationale": None, "labeler": self.name, "prompt_config": self.prompt_config}
+                "label_mass": None, "rationale": None, "labeler": self.tag, "prompt_config": self.prompt_config}
                for r in rows]
         todo = [i for i, r in enumerate(out) if not r["error"]]
         try:
@@ -131,7 +132,7 @@ class Labeler:
                 try:
                     self._label(out, [i])
                 except Exception as e:  # noqa: BLE001
-                    out[i]["error"] = f"labeler {self.name}: {type(e).__name__}: {e}"[:2000]
+                    out[i]["error"] = f"labeler {self.tag}: {type(e).__name__}: {e}"[:2000]
         self.busy_s += time.perf_counter() - t0
         return pa.Table.from_pylist(out, schema=schemas.LABELS)
 
@@ -153,68 +154,6 @@ class Labeler:
                                 f"(reward.min_label_mass={self.min_label_mass})")
             else:
                 row["p_a"] = p_a[j]
-
-    def score_texts(self, contexts: list[str], responses: list[str]) -> list[float]:
-        return self.judge.score(contexts, responses)[0]
-
-    def prefer(self, contexts: list[str], a: list[str], b: list[str], options: dict | None = None):
-        """Debiased pairwise preferences; `options` override PairwiseOptions fields of the
-        config's (task, preamble, cot, ...). Returns (p_a, P_ab, P_ba)."""
-        import dataclasses
-
-        return self.judge.prefer(contexts, a, b, dataclasses.replace(self.options, **(options or {})))
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        """Ray Data: PAIRS rows -> LABELS rows. Rows flagged bad on input, and rows the
-        labeler fails on or cannot read a label for, come out with `error` set, never dropped."""
-        t0 = time.perf_counter()
-        rows = batch.to_pylist()
-        out = [{**{k: r.get(k) for k in schemas.PAIRS.names}, "p_a": None, "p_ab": None, "p_ba": None,
-                "label_mass": None, "rationale": None, "labeler": self.name, "prompt_config": self.prompt_config}
-               for r in rows]
-        todo = [i for i, r in enumerate(out) if not r["error"]]
-        try:
-            self._label(out, todo)
-        except Exception:  # noqa: BLE001 - find the row(s) at fault, label the rest
-            for i in todo:
-                try:
-                    self._label(out, [i])
-                except Exception as e:  # noqa: BLE001
-                    out[i]["error"] = f"labeler {self.name}: {type(e).__name__}: {e}"[:2000]
-        self.busy_s += time.perf_counter() - t0
-        return pa.Table.from_pylist(out, schema=schemas.LABELS)
-
-    def _label(self, out: list[dict], idx: list[int]) -> None:
-        if not idx:
-            return
-        p_a, p_ab, p_ba = self.judge.prefer([out[i]["context"] for i in idx], [out[i]["response_a"] for i in idx],
-                                            [out[i]["response_b"] for i in idx], self.options)
-        mass = self.judge.last_pair_mass
-        rats = self.judge.last_pair_rationales
-        for j, i in enumerate(idx):
-            row = out[i]
-            row.update(p_ab=p_ab[j], p_ba=None if p_ba[j] != p_ba[j] else p_ba[j], label_mass=mass[j])
-            if rats:
-                row["rationale"] = json.dumps(rats[j])
-            if mass[j] < self.min_label_mass or p_a[j] != p_a[j]:
-                self.unusable += 1
-                row["error"] = (f"unusable label: '1'/'2' held {mass[j]:.3g} of the next-token probability "
-                                f"(reward.min_label_mass={self.min_label_mass})")
-            else:
-                row["p_a"] = p_a[j]
-
-    def _rationales(self, rats, j, n):
-        """Per sample: the rationale with a first, and (debias) with b first."""
-        bs = self.judge.batch_size
-        start = (j // bs) * bs  # prefer() works in chunks of batch_size pairs, both orders each
-        size = min(bs, n - start)
-        k = j - start
-        chunks = len(rats) // self.options.self_consistency
-        per_sample = []
-        for s in range(self.options.self_consistency):
-            r = rats[(j // bs) * self.options.self_consistency + s] if chunks else []
-            per_sample.append([r[k]] + ([r[size + k]] if self.options.debias else []))
-        return per_sample
 
     def last_rationales(self) -> list[list[str]]:
         return self.judge.last_rationales
