@@ -78,7 +78,7 @@ def render() -> str:
                     "compute-bound; padding is wasted work), so batching alone does not pay here; running shared "
                     "prefixes once does. On a GPU, where a batch's rows run in parallel, the padded batch should win; "
                     "that is why `reward.prefix_sharing: auto` turns sharing off there (not measured: no GPU here).", ""]
-    grids = [g for g in (_load("labeler_grid"), _load("labeler_grid_cot")) if g]
+    grids = [g for g in (_load("labeler_grid"), _load("labeler_grid_cot"), _load("labeler_grid_cot300")) if g]
     if grids:
         out += ["## AI-labeler alignment with human labels (`eval-labeler`)", "",
                 "Alignment: argmax of the debiased AI preference against the human label (0.5 counts half), with "
