@@ -33,20 +33,17 @@ class Labeler:
         self.min_label_mass = cfg.min_label_mass
         self.options = PairwiseOptions.from_config(cfg.pairwise)
         self.unusable = 0  # labels whose tokens held too little probability (counted)
-        tokenizer = None
-        if cfg.backend == "openai":
+        if cfg.backend == "openai":  # text in, text out: no local tokenizer
             from rlaif_ray.openai_api import OpenAIEngine
 
-            engine = OpenAIEngine(**cfg.openai.model_dump())
-            model_name = cfg.openai.model
+            engine, tokenizer, model_name = OpenAIEngine(**cfg.openai.model_dump()), None, cfg.openai.model
         elif cfg.backend == "vllm":
             from actors.vllm_engine import VLLMEngine
 
             engine = VLLMEngine(model_name, "bfloat16" if dtype == "float32" else dtype, device)
-        else:
-            engine = load_model(model_name, dtype).to(device)
-        if cfg.backend != "openai":
             tokenizer = load_tokenizer(model_name)
+        else:
+            engine, tokenizer = load_model(model_name, dtype).to(device), load_tokenizer(model_name)
         self.judge = Judge(engine, tokenizer, cfg.scorer, cfg.batch_size, prefix_sharing=cfg.prefix_sharing)
         pw = cfg.pairwise
         self.prompt_config = json.dumps({"backend": cfg.backend, "model": model_name, "task": pw.task,

@@ -17,7 +17,8 @@ class HFLabelEngine:
     def __init__(self, model, pad_id: int, prefix_sharing: str = "auto"):
         self.model, self.pad = model.eval(), pad_id
         self.context = int(getattr(model.config, "max_position_embeddings", 2048))
-        # auto: on CPU (single rows beat padded batches there); on a GPU the padded batch wins
+        # auto: on for CPU (single rows beat padded batches there, measured); off on a GPU,
+        # where the rows of a padded batch run in parallel
         self.share_prefixes = prefix_sharing == "on" or (prefix_sharing == "auto" and model.device.type == "cpu")
 
     def label_logprobs(self, seqs: list[list[int]], ids: list[int], lookback: int = 1) -> torch.Tensor:
@@ -48,7 +49,7 @@ class HFLabelEngine:
             return i
 
         shortest = min(len(s) for s in seqs)
-        root = min(min(lcp(seqs[0], s) for s in seqs[1:]), shortest - lookback)
+        root = max(0, min(min(lcp(seqs[0], s) for s in seqs[1:]), shortest - lookback))
         groups: list[list[int]] = []
         for i, s in enumerate(seqs):
             for g in groups:
