@@ -23,8 +23,7 @@ class Labeler:
         import torch
 
         from rlaif_ray.config import RewardConfig
-        from rlaif_ray.labeling import PairwiseOptions
-        from rlaif_ray.models import load_model, load_tokenizer
+        from rlaif_ray.labeling import PairwiseOptions, load_engine
 
         torch.set_num_threads(torch_threads)
         cfg = RewardConfig.model_validate(reward)
@@ -33,17 +32,7 @@ class Labeler:
         self.min_label_mass = cfg.min_label_mass
         self.options = PairwiseOptions.from_config(cfg.pairwise)
         self.unusable = 0  # labels whose tokens held too little probability (counted)
-        if cfg.backend == "openai":  # text in, text out: no local tokenizer
-            from rlaif_ray.openai_api import OpenAIEngine
-
-            engine, tokenizer, model_name = OpenAIEngine(**cfg.openai.model_dump()), None, cfg.openai.model
-        elif cfg.backend == "vllm":
-            from actors.vllm_engine import VLLMEngine
-
-            engine = VLLMEngine(model_name, "bfloat16" if dtype == "float32" else dtype, device)
-            tokenizer = load_tokenizer(model_name)
-        else:
-            engine, tokenizer = load_model(model_name, dtype).to(device), load_tokenizer(model_name)
+        engine, tokenizer, model_name = load_engine(cfg, model_name, dtype, device)
         self.judge = Judge(engine, tokenizer, cfg.scorer, cfg.batch_size, prefix_sharing=cfg.prefix_sharing)
         pw = cfg.pairwise
         self.prompt_config = json.dumps({"backend": cfg.backend, "model": model_name, "task": pw.task,

@@ -106,34 +106,19 @@ def eval_labeler(cfg, datasets: list[str], variants: list[str], n: int):
 
     import torch
 
-    from .labeling import Judge
+    from .labeling import Judge, load_engine
     from .pairs import evaluate_labeler, parse_variant
 
     for v in variants:
         parse_variant(v)  # refuse a typo before loading anything
-    judge = Judge(*make_engine(cfg), cfg.reward.scorer, cfg.reward.batch_size, prefix_sharing=cfg.reward.prefix_sharing)
+    engine, tokenizer, _ = load_engine(cfg.reward, cfg.reward.model or cfg.model.name, cfg.model.dtype)
+    judge = Judge(engine, tokenizer, cfg.reward.scorer, cfg.reward.batch_size, prefix_sharing=cfg.reward.prefix_sharing)
     with torch.no_grad():
         for d in datasets:
             for v in variants:
                 t0, cut = time.perf_counter(), judge.truncated
                 row = evaluate_labeler(judge, d, v, n, cfg.rl.seed, cfg.reward.pairwise.cot_max_tokens)
                 yield {**row, "truncated_prompts": judge.truncated - cut, "wall_s": round(time.perf_counter() - t0, 1)}
-
-
-def make_engine(cfg):
-    """(engine, tokenizer) for the labeler outside an actor: hf, vllm or openai."""
-    from .models import load_model, load_tokenizer
-
-    name = cfg.reward.model or cfg.model.name
-    if cfg.reward.backend == "openai":
-        from .openai_api import OpenAIEngine
-
-        return OpenAIEngine(**cfg.reward.openai.model_dump()), None
-    if cfg.reward.backend == "vllm":
-        from actors.vllm_engine import VLLMEngine
-
-        return VLLMEngine(name, "bfloat16" if cfg.model.dtype == "float32" else cfg.model.dtype), load_tokenizer(name)
-    return load_model(name, cfg.model.dtype), load_tokenizer(name)
 
 
 if __name__ == "__main__":

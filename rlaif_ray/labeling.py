@@ -287,6 +287,24 @@ class Judge:
         return p, mass
 
 
+def load_engine(reward, model_name: str, dtype: str = "float32", device: str = "cpu"):
+    """(engine, tokenizer, model name) for a config's reward section: a transformers model
+    (hf), a vLLM engine, or an OpenAI-compatible endpoint (text in, text out: no tokenizer)."""
+    from .models import load_model, load_tokenizer
+
+    if reward.backend == "openai":
+        from .openai_api import OpenAIEngine
+
+        return OpenAIEngine(**reward.openai.model_dump()), None, reward.openai.model
+    if reward.backend == "vllm":
+        from actors.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(model_name, "bfloat16" if dtype == "float32" else dtype, device)
+    else:
+        engine = load_model(model_name, dtype).to(device)
+    return engine, load_tokenizer(model_name), model_name
+
+
 @dataclass(frozen=True)
 class PairwiseOptions:
     """How the pairwise labeler asks (METHOD.md 1.2-1.6). Defaults: summarization, base
