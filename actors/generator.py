@@ -15,6 +15,7 @@ import warnings
 import pyarrow as pa
 
 from rlaif_ray import lm, schemas
+from rlaif_ray.metrics import RoleMetrics
 
 
 class HFBackend:
@@ -84,6 +85,7 @@ class RolloutGenerator:
         self._lock = threading.Lock()
         self.busy_s = 0.0
         self.last_install_s = 0.0  # time of the last weight install
+        self.metrics = RoleMetrics("generator", name)
 
     def info(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "version": self.version, "busy_s": self.busy_s,
@@ -146,5 +148,10 @@ class RolloutGenerator:
                 "generator": [self.name] * len(expanded),
             })
             out = schemas.make_batch(schemas.ROLLOUT, cols)
-            self.busy_s += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.busy_s += dt
+            n_tokens = sum(len(t) for t in tokens)
+            self.metrics.inc("tokens_generated", n_tokens)
+            self.metrics.set("tokens_per_s", n_tokens / max(dt, 1e-9))
+            self.metrics.observe("batch_s", dt)
             return out

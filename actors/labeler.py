@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from rlaif_ray import schemas, scoring
 from rlaif_ray.labeling import Judge
+from rlaif_ray.metrics import RoleMetrics
 from rlaif_ray.signal import measure_signal
 
 
@@ -40,6 +41,15 @@ class Labeler:
                                          "cot": pw.cot, "cot_max_tokens": pw.cot_max_tokens,
                                          "self_consistency": pw.self_consistency, "debias": pw.debias})
         self.busy_s = 0.0
+        self.metrics = RoleMetrics("labeler", name)
+
+    def _account(self, n_labels: int, unusable: int, t0: float) -> None:
+        dt = time.perf_counter() - t0
+        self.busy_s += dt
+        self.metrics.inc("labels", n_labels)
+        self.metrics.inc("unusable_labels", unusable)
+        self.metrics.set("labels_per_s", n_labels / max(dt, 1e-9))
+        self.metrics.observe("batch_s", dt)
 
     def info(self) -> dict:
         engine = self.judge.engine
@@ -65,7 +75,7 @@ class Labeler:
         self.unusable += ok.count(False)
         out = schemas.extend(rollouts, schemas.SCORED, {"reward": rewards, "raw_score": raws, "reward_meta": metas,
                                                         "reward_ok": ok})
-        self.busy_s += time.perf_counter() - t0
+        self._account(len(rewards), ok.count(False), t0)
         return out
 
     def _pairwise(self, rollouts, contexts, responses):
@@ -95,6 +105,25 @@ class Labeler:
     def score_texts(self, contexts: list[str], responses: list[str]) -> list[float]:
         return self.judge.score(contexts, responses)[0]
 
+    def compare(self, contexts: list[str], a: list[str], b: list[str]) -> dict:
+        """Evaluation: debiased P(a preferred over b) per pair (the config's pairwise prompt),
+        both orders, and the label tokens' probability mass (low mass: unusable, counted)."""
+        t0 = time.perf_counter()
+        p_a, p_ab, p_ba = self.judge.prefer(contexts, a, b, self.options)
+        mass = list(self.judge.last_pair_mass)
+        self._account(len(p_a), sum(1 for m in mass if m < self.min_label_mass), t0)
+        return {"p_a": p_a, "p_ab": p_ab, "p_ba": p_ba, "label_mass": mass}
+
+    def judge_alone(self, contexts: list[str], responses: list[str], scorer: str) -> dict:
+        """Evaluation: each response judged on its own by a scorer (the harmless rate, or
+        eval.judge=scorer): its raw value, the reward mapped to [0, 1], the label mass."""
+        t0 = time.perf_counter()
+        rewards, raws, metas = self.judge.score(contexts, responses, scorer)
+        mass = [json.loads(m)["label_mass"] for m in metas]
+        self._account(len(raws), sum(1 for m in mass if m < self.min_label_mass), t0)
+        # score01: the reward mapped to [0, 1] (P(Yes) for yes/no scorers, (score - 1) / 9 for 1-10)
+        return {"p_yes": raws, "score01": [(r + 1) / 2 for r in rewards], "label_mass": mass}
+
     def prefer(self, contexts: list[str], a: list[str], b: list[str], options: dict | None = None):
         """Debiased pairwise preferences; `options` override PairwiseOptions fields of the
         config's (task, preamble, cot, ...). Returns (p_a, P_ab, P_ba)."""
@@ -119,7 +148,7 @@ class Labeler:
                     self._label(out, [i])
                 except Exception as e:  # noqa: BLE001
                     out[i]["error"] = f"labeler {self.tag}: {type(e).__name__}: {e}"[:2000]
-        self.busy_s += time.perf_counter() - t0
+        self._account(len(out), sum(1 for r in out if r["error"]), t0)
         return pa.Table.from_pylist(out, schema=schemas.LABELS)
 
     def _label(self, out: list[dict], idx: list[int]) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from rlaif_ray import lm, rl, schemas
+from rlaif_ray.metrics import RoleMetrics
 
 
 class NonFiniteError(RuntimeError):
@@ -35,6 +36,7 @@ class LearnerWorker:
         torch.manual_seed(rl_cfg["seed"])
         self.torch, self.rank, self.world_size = torch, rank, world_size
         self.rl, self.temperature, self.device = rl_cfg, temperature, device
+        self.model_name = model_name
         self.policy = load_model(model_name, dtype).to(device).train()
         self.ref = load_model(model_name, dtype).to(device).eval().requires_grad_(False)
         self.pad = self.policy.config.pad_token_id or self.policy.config.eos_token_id
@@ -50,6 +52,7 @@ class LearnerWorker:
         self.params = params
         self.opt = torch.optim.AdamW(params, lr=rl_cfg["lr"], weight_decay=rl_cfg["weight_decay"])
         self.busy_s = 0.0
+        self.metrics = RoleMetrics("learner", f"learner-{rank}")
 
     def info(self) -> dict:
         return {"name": f"learner-{self.rank}", "pid": os.getpid(), "busy_s": self.busy_s}
@@ -120,6 +123,7 @@ class LearnerWorker:
         self.opt.step()
         n_seq = max(len(rows), 1)
         self.busy_s += time.perf_counter() - t0
+        self.metrics.observe("learner_step_s", time.perf_counter() - t0)
         return {
             "loss_sum": float(loss.detach()), "pg_loss_sum": float(pg.detach()), "value_loss_sum": float(vl.detach()),
             "kl_sum": float(kl.sum()), "ratio_sum": float(ratio.sum()), "tokens": float(mask.sum()),
@@ -141,6 +145,10 @@ class LearnerWorker:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.policy.save_pretrained(path, safe_serialization=True)
+        # with the tokenizer beside the weights, `eval` and `train` load a checkpoint by folder
+        from rlaif_ray.models import load_tokenizer
+
+        load_tokenizer(self.model_name).save_pretrained(path)
         tensors, meta = _flatten_optimizer(self.opt.state_dict())
         if self.value_head is not None:
             tensors.update({f"value_head.{k}": v.contiguous() for k, v in self.value_head.state_dict().items()})

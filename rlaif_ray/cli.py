@@ -1,4 +1,5 @@
-"""Command line: rlaif-ray train | label | eval-labeler | serve-labeler | signal | prepare-model."""
+"""Command line: rlaif-ray train | eval | sft | sample-pairs | label | train-rm | run | eval-labeler |
+serve-labeler | signal | prepare-model."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +25,23 @@ def main(argv: list[str] | None = None) -> int:
     _common(p)
     p.add_argument("--out", help="run folder (default: run.out_dir/run.name-TIMESTAMP)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p = sub.add_parser("eval", help="policy A against policy B on held-out prompts, judged by the AI labeler")
+    _common(p)
+    p.add_argument("--a", help="policy A: a checkpoint folder (default: eval.policy_a, else model.name)")
+    p.add_argument("--b", help="policy B: a checkpoint folder (default: eval.policy_b, else model.name)")
+    p.add_argument("--out", help="output folder (default: run.out_dir/run.name-eval-TIMESTAMP)")
+    p = sub.add_parser("sft", help="supervised fine-tuning on reference responses (Ray Train)")
+    _common(p)
+    p.add_argument("--out", help="checkpoint folder (default: sft.output)")
+    p = sub.add_parser("sample-pairs", help="two responses per prompt from a policy -> pairs file for `label`")
+    _common(p)
+    p.add_argument("--out", help="pairs JSONL (default: sample_pairs.output)")
+    p = sub.add_parser("train-rm", help="reward model from AI soft labels (or human labels), Ray Train")
+    _common(p)
+    p.add_argument("--out", help="checkpoint folder (default: rm.output)")
+    p = sub.add_parser("run", help="the canonical chain: sft -> sample-pairs -> label -> train-rm -> train -> eval")
+    _common(p)
+    p.add_argument("--out", help="chain folder (default: run.out_dir/run.name-chain-TIMESTAMP)")
     p = sub.add_parser("signal", help="measure how well scorers rank a post's own summary above another post's")
     _common(p)
     p.add_argument("--scorers", default=None, help="comma-separated scorer names, or 'all' (default: the config's)")
@@ -36,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                    "or 'grid' for base/detailed x 0/1/2-shot x CoT off/on")
     p.add_argument("--n", type=int, default=100, help="pairs per data set")
     p.add_argument("--out", default=None, help="JSON file for the table (default: print only)")
+    p.add_argument("--report", default=None, help="folder for the HTML report (default: run.out_dir/run.name-labeler-TIMESTAMP)")
     p = sub.add_parser("label", help="AI preference labels for a file of response pairs -> Parquet (Ray Data)")
     _common(p)
     p.add_argument("--input", default=None, help="JSONL/Parquet pairs or a bundled set (default: label.input)")
@@ -56,9 +75,34 @@ def main(argv: list[str] | None = None) -> int:
             from .driver import train
 
             train(cfg, args.out, resume=args.resume)
+        elif args.command == "sft":
+            from .supervised import run_sft
+
+            run_sft(cfg, args.out)
+        elif args.command == "train-rm":
+            from .supervised import run_train_rm
+
+            run_train_rm(cfg, args.out)
+        elif args.command == "sample-pairs":
+            from .chain import sample_pairs
+
+            sample_pairs(cfg, args.out)
+        elif args.command == "run":
+            from .chain import run_chain
+
+            run_chain(cfg, args.out)
+        elif args.command == "eval":
+            from .evaluate import run_eval
+
+            if args.a:
+                cfg.eval.policy_a = args.a
+            if args.b:
+                cfg.eval.policy_b = args.b
+            run_eval(cfg, args.out)
         elif args.command == "eval-labeler":
             variants = GRID if args.prompts == "grid" else args.prompts.split(",")
             rows = []
+            table = {"model": cfg.reward.model or cfg.model.name, "backend": cfg.reward.backend, "rows": rows}
             print(f"{'data':14} {'prompt':16} {'n':>4} {'alignment':>9} {'95% CI':>13} {'1 order':>7} "
                   f"{'same slot':>9} {'1st slot':>8} {'s':>6}", flush=True)
             for r in eval_labeler(cfg, args.data.split(","), variants, args.n):
@@ -67,8 +111,17 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['ci95'][0]:6.1%}-{r['ci95'][1]:5.1%} {r['single_order_alignment']:7.1%} "
                       f"{r['same_position_share']:9.1%} {r['of_which_first_slot']:8.1%} {r['wall_s']:6.0f}", flush=True)
                 if args.out:  # saved as it goes: a long grid can be stopped and read
-                    Path(args.out).write_text(json.dumps({"model": cfg.reward.model or cfg.model.name,
-                                                          "backend": cfg.reward.backend, "rows": rows}, indent=1))
+                    Path(args.out).write_text(json.dumps(table, indent=1))
+            if cfg.run.report:
+                import time
+
+                from .config import dump_config
+                from .report import labeler_report
+
+                folder = Path(args.report or Path(cfg.run.out_dir) / f"{cfg.run.name}-labeler-{time.strftime('%Y%m%d-%H%M%S')}")
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "table.json").write_text(json.dumps(table, indent=1))
+                print(f"report: {labeler_report(table, folder, dump_config(cfg))}")
         elif args.command == "label":
             from .label_file import label_file
 
@@ -113,12 +166,17 @@ def eval_labeler(cfg, datasets: list[str], variants: list[str], n: int):
         parse_variant(v)  # refuse a typo before loading anything
     engine, tokenizer, _ = load_engine(cfg.reward, cfg.reward.model or cfg.model.name, cfg.model.dtype)
     judge = Judge(engine, tokenizer, cfg.reward.scorer, cfg.reward.batch_size, prefix_sharing=cfg.reward.prefix_sharing)
-    with torch.no_grad():
-        for d in datasets:
-            for v in variants:
-                t0, cut = time.perf_counter(), judge.truncated
-                row = evaluate_labeler(judge, d, v, n, cfg.rl.seed, cfg.reward.pairwise.cot_max_tokens)
-                yield {**row, "truncated_prompts": judge.truncated - cut, "wall_s": round(time.perf_counter() - t0, 1)}
+    from tqdm import tqdm
+
+    cells = [(d, v) for d in datasets for v in variants]
+    with torch.no_grad(), tqdm(total=len(cells), desc="labeler cells", unit="cell", leave=False,
+                               disable=not cfg.run.progress) as bar:
+        for d, v in cells:
+            bar.set_postfix_str(f"{d} {v}")
+            t0, cut = time.perf_counter(), judge.truncated
+            row = evaluate_labeler(judge, d, v, n, cfg.rl.seed, cfg.reward.pairwise.cot_max_tokens)
+            bar.update(1)
+            yield {**row, "truncated_prompts": judge.truncated - cut, "wall_s": round(time.perf_counter() - t0, 1)}
 
 
 if __name__ == "__main__":

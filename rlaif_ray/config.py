@@ -28,7 +28,9 @@ class ModelConfig(_Strict):
 
 
 class TaskConfig(_Strict):
-    name: Literal["tldr"] = "tldr"
+    # tldr: Reddit posts (summarization); hh_helpful / hh_harmless: the dialogue contexts of
+    # the bundled Anthropic HH pairs (their own held-out split; task.data_path is TL;DR only)
+    name: Literal["tldr", "hh_helpful", "hh_harmless"] = "tldr"
     # None: the TL;DR posts bundled in rlaif_ray/data. Otherwise JSONL(.gz) or Parquet with
     # the fields subreddit, title, post (summary optional, needed for the signal check).
     data_path: Optional[str] = None
@@ -92,7 +94,9 @@ class RewardConfig(_Strict):
     # direct: d-RLAIF, the frozen labeler scores each response (METHOD.md section 4).
     # pairwise: two samples per prompt; the debiased preference P(a > b) gives
     #   reward 2*P - 1 to a and 1 - 2*P to b.
-    source: Literal["direct", "pairwise"] = "direct"
+    # rm: a trained reward model (reward.rm_path, from `train-rm`) scores each response
+    source: Literal["direct", "pairwise", "rm"] = "direct"
+    rm_path: Optional[str] = None
     scorer: str = "yesno_about_chat"  # a name from rlaif_ray.scoring.SCORERS
     # hf: the model inside the Labeler actor; vllm: a vLLM engine there; openai: an
     # OpenAI-compatible endpoint (pairwise only), e.g. `rlaif-ray serve-labeler`
@@ -107,6 +111,72 @@ class RewardConfig(_Strict):
     prefix_sharing: Literal["auto", "on", "off"] = "auto"
     pairwise: PairwiseConfig = PairwiseConfig()
     openai: OpenAIEndpointConfig = OpenAIEndpointConfig()
+
+
+class TrainerConfig(_Strict):
+    """Ray Train workers of `sft` / `train-rm` (TorchTrainer, DDP: gloo on CPU, NCCL on GPU)."""
+    num_workers: int = Field(2, gt=0)
+    num_cpus_per_worker: float = Field(1.0, ge=0)
+    use_gpu: bool = False  # one GPU per worker
+    torch_threads: int = Field(1, gt=0)
+    storage_path: Optional[str] = None  # Ray Train's run storage; None: beside the output folder
+
+
+class SFTConfig(_Strict):
+    """`rlaif-ray sft`: supervised fine-tuning on the reference summaries (METHOD.md 3, App. G:
+    1 epoch, batch 128, lr 1e-5). Posts come from task.data_path (or sft.data_path), minus
+    the task's held-out posts; prompts are built like the policy's."""
+    # false: the initial model is the SFT policy (the paper's helpful/harmless setting:
+    # instruction-tuned PaLM 2 XS with no task fine-tuning); `run` then skips this step
+    enabled: bool = True
+    data_path: Optional[str] = None
+    output: str = "runs/sft"  # the checkpoint folder written (safetensors + tokenizer)
+    epochs: int = Field(1, gt=0)
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, gt=0)  # global batch (split across trainer.num_workers)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_examples: Optional[int] = Field(None, gt=0)
+    max_response_tokens: int = Field(64, gt=0)
+    heldout: int = Field(16, gt=0)  # examples held out for the loss reported every epoch
+    seed: int = 0
+    trainer: TrainerConfig = TrainerConfig()
+
+
+class RMConfig(_Strict):
+    """`rlaif-ray train-rm`: a reward model distilled from AI soft labels (METHOD.md 2): the
+    causal LM backbone with a scalar head, cross-entropy between the AI distribution and the
+    softmax of the two scores (Bradley-Terry with hard labels). App. G: lr 1e-5, batch 128
+    (summarization) or 32 (dialogue), 2-3 epochs."""
+    # the output folder of `rlaif-ray label` (Parquet with p_a), a pairs file, or a bundled
+    # pair set (its human labels, for label_kind=human: the RLHF baseline)
+    labels: Optional[str] = None
+    label_kind: Literal["soft", "hard", "human"] = "soft"
+    init: Optional[str] = None  # checkpoint to start from (the SFT folder); None: model.name
+    output: str = "runs/rm"
+    epochs: int = Field(2, gt=0)
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_tokens: int = Field(512, gt=0)  # context + response, cut from the left (counted)
+    max_pairs: Optional[int] = Field(None, gt=0)
+    # held-out pairs with human labels, accuracy reported every epoch: a bundled set (its
+    # last eval_n rows, never trained on) or a pairs file
+    eval_data: str = "hh_harmless"
+    eval_n: int = Field(100, gt=0)
+    seed: int = 0
+    trainer: TrainerConfig = TrainerConfig()
+
+
+class SamplePairsConfig(_Strict):
+    """`rlaif-ray sample-pairs`: two responses per prompt from a policy, written as the
+    pairs file `label` reads (App. K samples new pairs at T = 1.0)."""
+    policy: Optional[str] = None  # checkpoint folder; None: model.name
+    num_prompts: int = Field(64, gt=0)  # from the task's train prompts
+    temperature: float = Field(1.0, gt=0)
+    output: str = "runs/pairs.jsonl"
+    seed: int = 0
 
 
 class LabelConfig(_Strict):
@@ -170,9 +240,35 @@ class PipelineConfig(_Strict):
 
 
 class EvalConfig(_Strict):
+    """Held-out evaluation: `rlaif-ray eval` (policy A against policy B) and the win rate
+    of the trained policy against the initial one at the end of `train` (METHOD.md 7).
+    Pairs are judged with the reward.pairwise prompt, both orders (debiased)."""
     num_prompts: int = Field(16, ge=0)  # held-out prompts scored before and after training
-    temperature: float = Field(0.9, gt=0)
+    temperature: float = Field(0.9, gt=0)  # sampling for both policies
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: Optional[int] = Field(None, gt=0)  # None: generation.max_new_tokens
+    seed: int = 1234  # the same seed for both policies and every evaluation
     signal_posts: int = Field(24, ge=0)  # scorer-signal check before training (0 = off)
+    # `eval`: checkpoint folders (what `train` writes) or model names; None = model.name
+    policy_a: Optional[str] = None
+    policy_b: Optional[str] = None
+    # heldout: the task's held-out posts; hh_*: dialogue contexts of the bundled HH pairs
+    prompts: Literal["heldout", "hh_harmless", "hh_helpful"] = "heldout"
+    win_rate: bool = True  # train: win rate of the final policy against the initial one
+    # pairwise: the reward.pairwise prompt, both orders (the paper's win rate, METHOD.md 7).
+    # scorer: each response scored alone by reward.scorer, P(A) = sigmoid(logit P_A - logit P_B)
+    # (Bradley-Terry on the two scores): for a judge whose pairwise choices carry no signal
+    judge: Literal["pairwise", "scorer"] = "pairwise"
+    every: int = Field(0, ge=0)  # train: also every N steps (0 = at the end only)
+    tie_margin: float = Field(0.0, ge=0, lt=0.5)  # |P(A) - 0.5| <= margin counts as a tie (half)
+    length_feature: Literal["ratio", "log_ratio"] = "ratio"  # App. J: character ratio A/B
+    bootstrap: int = Field(1000, ge=0)  # resamples for the length-controlled interval
+    # harmless rate: each response judged alone by a yes/no scorer, harmless if
+    # P(Yes) >= threshold. auto = on when reward.pairwise.task is harmless
+    harmless_rate: Literal["auto", "on", "off"] = "auto"
+    harmless_scorer: str = "yesno_harmless_chat"
+    harmless_threshold: float = Field(0.5, gt=0, lt=1)
+    batch_size: int = Field(8, gt=0)  # prompts per generation/labeling call (progress step)
 
 
 class RayConfig(_Strict):
@@ -187,6 +283,9 @@ class RunConfig(_Strict):
     name: str = "run"
     checkpoint_every: int = Field(0, ge=0)  # 0 = only at the end
     log_rollouts: bool = True
+    tensorboard: bool = True  # event files in RUN/tensorboard when the package is installed
+    report: bool = True  # RUN/report.html with PNG plots at the end of train/eval/eval-labeler
+    progress: bool = True  # progress bars (stderr) for loading, generation, labeling, eval
 
 
 class Config(_Strict):
@@ -201,6 +300,9 @@ class Config(_Strict):
     run: RunConfig = RunConfig()
     label: LabelConfig = LabelConfig()
     serve: ServeConfig = ServeConfig()
+    sft: SFTConfig = SFTConfig()
+    rm: RMConfig = RMConfig()
+    sample_pairs: SamplePairsConfig = SamplePairsConfig()
 
     @model_validator(mode="after")
     def _check_layout(self) -> "Config":
@@ -212,6 +314,8 @@ class Config(_Strict):
             raise ValueError(
                 "rl.baseline=group_mean needs rl.samples_per_prompt >= 2 "
                 f"(got {self.rl.samples_per_prompt}); use rl.baseline=value for one sample")
+        if self.reward.source == "rm" and not self.reward.rm_path:
+            raise ValueError("reward.source=rm needs reward.rm_path (a folder written by `rlaif-ray train-rm`)")
         n = self.rl.prompts_per_step
         for role in ("generators", "labelers"):
             k = getattr(self.pipeline, role).num_actors

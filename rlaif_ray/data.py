@@ -84,6 +84,21 @@ def policy_prompt(row: dict, tokenizer, prompt_format: str, instruction: str) ->
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def dialogue_messages(transcript: str) -> list[dict]:
+    """An HH transcript ("Human: ...\n\nAssistant: ...", ending at the open "Assistant:")
+    as chat messages, so a chat policy answers it in its own template."""
+    import re
+
+    parts = re.split(r"(?:^|\n\n)(Human|Assistant):", transcript.strip())
+    messages = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+                for who, text in zip(parts[1::2], parts[2::2])]
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    if not messages or messages[-1]["role"] != "user":
+        raise DataError(f"dialogue does not end with a Human turn: {transcript[-80:]!r}")
+    return messages
+
+
 @dataclass
 class PromptSet:
     train: list[dict]  # each: prompt_id, prompt_text, prompt_token_ids, reference, context
@@ -119,6 +134,47 @@ def build_prompts(rows: list[dict], tokenizer, task) -> PromptSet:
                         f"task.heldout_size={task.heldout_size}")
     cut = len(items) - task.heldout_size
     return PromptSet(train=items[:cut], heldout=items[cut:], skipped_long=skipped, truncated=truncated)
+
+
+def dialogue_prompts(name: str, tokenizer, task) -> PromptSet:
+    """RL prompts from the dialogue contexts of a bundled HH pair set (METHOD.md 3: helpful
+    and harmless RL starts from the preference data's contexts), in the chat template.
+    Rows without a shared context are skipped and counted, like over-long prompts."""
+    from .pairs import BUNDLED, split_transcript
+
+    rows = read_records(bundled_path(BUNDLED[name][0]))
+    items, skipped, truncated, bad = [], 0, 0, 0
+    for i, row in enumerate(rows, start=1):
+        try:
+            context, chosen, _ = split_transcript(str(row.get("chosen")), str(row.get("rejected")), f"{name} row {i}")
+            messages = dialogue_messages(context)
+        except DataError:
+            bad += 1
+            continue
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        if len(ids) > task.max_prompt_tokens:
+            if task.on_long_prompt == "error":
+                raise DataError(f"{name} row {i}: prompt has {len(ids)} tokens > task.max_prompt_tokens="
+                                f"{task.max_prompt_tokens}")
+            if task.on_long_prompt == "skip":
+                skipped += 1
+                continue
+            ids, truncated = ids[-task.max_prompt_tokens:], truncated + 1
+        items.append({"prompt_id": f"{name}-{i}", "prompt_text": tokenizer.decode(ids), "prompt_token_ids": ids,
+                      "reference": chosen, "context": context})
+    if len(items) <= task.heldout_size:
+        raise DataError(f"{name}: only {len(items)} usable prompts; need more than task.heldout_size={task.heldout_size}")
+    cut = len(items) - task.heldout_size
+    return PromptSet(train=items[:cut], heldout=items[cut:], skipped_long=skipped, truncated=truncated,
+                     notes=[f"{bad} rows without a shared dialogue context skipped"] if bad else [])
+
+
+def task_prompts(task, tokenizer) -> PromptSet:
+    """The RL prompt set of a task: TL;DR posts, or HH dialogue contexts."""
+    if task.name == "tldr":
+        return build_prompts(load_tldr(task.data_path), tokenizer, task)
+    return dialogue_prompts(task.name, tokenizer, task)
 
 
 class PromptSampler:

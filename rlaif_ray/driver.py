@@ -18,8 +18,11 @@ from actors.learner import NonFiniteError
 
 from . import schemas
 from .config import Config, ConfigError
-from .data import PromptSampler, build_prompts, load_tldr, prompt_batch
+from .data import PromptSampler, load_tldr, prompt_batch, task_prompts
+from .evaluate import harmless_on, judge
+from .metrics import RoleMetrics
 from .models import load_tokenizer, model_context
+from .progress import gather
 from .runlog import RunFolder
 
 
@@ -49,6 +52,7 @@ def start_actors(cfg: Config, tag: str = ""):
     actor names unique per run, so they read as generator-0@RUN in the dashboard."""
     from actors.generator import RolloutGenerator
     from actors.labeler import Labeler
+    from actors.reward_model import RewardModel
 
     p, m = cfg.pipeline, cfg.model
 
@@ -61,11 +65,29 @@ def start_actors(cfg: Config, tag: str = ""):
     gens = [ray.remote(RolloutGenerator).options(max_concurrency=2, **opts(p.generators, f"generator-{i}")).remote(
         f"generator-{i}", m.name, m.dtype, cfg.generation.model_dump(), p.generators.torch_threads,
         device(p.generators)) for i in range(p.generators.num_actors)]
-    labelers = [ray.remote(Labeler).options(**opts(p.labelers, f"labeler-{i}")).remote(
-        f"labeler-{i}", cfg.reward.model_dump(), cfg.reward.model or m.name, m.dtype, p.labelers.torch_threads,
-        device(p.labelers))
-        for i in range(p.labelers.num_actors)]
+    if cfg.reward.source == "rm":  # the reward-model pool takes the labelers' place and resources
+        labelers = [ray.remote(RewardModel).options(**opts(p.labelers, f"reward-model-{i}")).remote(
+            f"reward-model-{i}", cfg.reward.rm_path, m.dtype, p.labelers.torch_threads, device(p.labelers),
+            cfg.reward.batch_size, cfg.rm.max_tokens) for i in range(p.labelers.num_actors)]
+    else:
+        labelers = [ray.remote(Labeler).options(**opts(p.labelers, f"labeler-{i}")).remote(
+            f"labeler-{i}", cfg.reward.model_dump(), cfg.reward.model or m.name, m.dtype, p.labelers.torch_threads,
+            device(p.labelers)) for i in range(p.labelers.num_actors)]
     return gens, labelers, start_learner(cfg, tag)
+
+
+def start_judge(cfg: Config, labelers: list, tag: str = ""):
+    """The AI judge of the signal check and the win rate: the first labeler, or (when a
+    reward model gives the rewards) a Labeler of its own, so the RM never grades itself."""
+    from actors.labeler import Labeler
+
+    if cfg.reward.source != "rm" or not (cfg.eval.win_rate or cfg.eval.signal_posts):
+        return labelers[0]
+    role = cfg.pipeline.labelers
+    return ray.remote(Labeler).options(name=f"judge-0@{tag}" if tag else "judge-0", num_cpus=role.num_cpus,
+                                       num_gpus=role.num_gpus, max_restarts=role.max_restarts).remote(
+        "judge-0", cfg.reward.model_dump(), cfg.reward.model or cfg.model.name, cfg.model.dtype, role.torch_threads,
+        "cuda" if role.num_gpus > 0 else "cpu")
 
 
 def start_learner(cfg: Config, tag: str = ""):
@@ -160,14 +182,18 @@ class Pipeline:
     def __init__(self, cfg: Config, tag: str, log=print):
         self.cfg, self.tag, self.log = cfg, tag, log
         self.gens, self.labelers, self.learner = start_actors(cfg, tag)
+        self.judge = start_judge(cfg, self.labelers, tag)
+        gather([a.info.remote() for a in self.actors()], "loading models", cfg.run.progress, unit="actor")
         self.version, self.weights = 0, None
         self.max_retries = max(cfg.pipeline.generators.max_restarts, cfg.pipeline.labelers.max_restarts)
         self.recoveries: list[dict] = []
         self.checkpoint: str | None = None  # last checkpoint written
+        self.metrics = RoleMetrics("driver", tag)  # queue depth, lag, reward, KL on the dashboard
         self.replay: list = []  # batches trained since that checkpoint
 
     def actors(self) -> list:
-        return self.gens + self.labelers + self.learner.workers
+        own_judge = [] if any(self.judge is x for x in self.labelers) else [self.judge]
+        return self.gens + self.labelers + own_judge + self.learner.workers
 
     def wait_alive(self, actor) -> None:
         """Block until Ray has restarted `actor` (calls fail fast while it restarts);
@@ -254,9 +280,33 @@ def evaluate(pipe: Pipeline, items, cfg: Config) -> dict:
     batch = Rollouts(pipe, items, -1, 1, cfg.rl.seed + 999, "direct", cfg.eval.temperature).get(cfg.pipeline.batch_timeout_s)
     rewards = batch.column("reward").to_pylist()
     lengths = [len(t) for t in batch.column("response_token_ids").to_pylist()]
+    ids = batch.column("prompt_id").to_pylist()
     return {"reward_mean": sum(rewards) / len(rewards), "length_tokens": sum(lengths) / len(lengths),
-            "n": len(rewards), "rewards": dict(zip(batch.column("prompt_id").to_pylist(), rewards)),
+            "n": len(rewards), "rewards": dict(zip(ids, rewards)),
+            "responses": dict(zip(ids, batch.column("response_text").to_pylist())),
             "examples": batch.select(["prompt_id", "response_text", "reward"]).to_pylist()[:3]}
+
+
+def win_rate_vs_initial(pipe: Pipeline, items, before: dict, now: dict, step: int, run: RunFolder) -> dict:
+    """The current policy's held-out responses against the initial policy's (same prompts,
+    same seed), judged in both orders by the first labeler (METHOD.md 7)."""
+    ids = [it["prompt_id"] for it in items]
+    rows, s = judge(pipe.judge, items, [now["responses"][i] for i in ids], [before["responses"][i] for i in ids],
+                    pipe.cfg, harmless_on(pipe.cfg), desc=f"step {step} win rate:")
+    run.log_judgements(rows, step)
+    if "win_rate" not in s:
+        return {"step": step, "n": 0, "unusable_labels": s["unusable_labels"]}
+    w, lc = s["win_rate"], s["length_controlled"]
+    row = {"step": step, "win_rate": w["win_rate"], "ci95": w["ci95"], "n": w["n"], "ties": w["ties"],
+           "length_controlled": lc["value"], "length_controlled_ci95": lc.get("ci95"),
+           "soft_win_rate": s["soft_win_rate"]["mean"], "unusable_labels": s["unusable_labels"],
+           "mean_chars": s["mean_chars"], **({"harmless": s["harmless"]} if "harmless" in s else {})}
+    run.log_winrate(row)
+    pipe.metrics.set("eval_win_rate", w["win_rate"])
+    pipe.log(f"step {step}: held-out win rate against the initial policy {w['win_rate']:.1%} "
+             f"(95% CI {w['ci95'][0]:.1%}-{w['ci95'][1]:.1%}, n={w['n']}); length-controlled {lc['value']:.1%}; "
+             f"mean chars {s['mean_chars']['a']:.0f} vs {s['mean_chars']['b']:.0f}")
+    return row
 
 
 def paired_change(before: dict, after: dict) -> tuple[float, float]:
@@ -281,12 +331,14 @@ def train(cfg: Config, out: str | Path | None = None, log=print, resume: str | P
         from .labeling import PairwiseOptions
 
         PairwiseOptions.from_config(cfg.reward.pairwise)
-    rows = load_tldr(cfg.task.data_path)
-    prompts = build_prompts(rows, tok, cfg.task)
+    if cfg.reward.source == "rm" and not (Path(cfg.reward.rm_path) / "model.safetensors").is_file():
+        raise ConfigError(f"reward.rm_path={cfg.reward.rm_path}: no model.safetensors (train one with `rlaif-ray train-rm`)")
+    prompts = task_prompts(cfg.task, tok)
     if cfg.rl.prompts_per_step > len(prompts.train):
         raise ConfigError(f"rl.prompts_per_step={cfg.rl.prompts_per_step} exceeds the {len(prompts.train)} train prompts")
     log(f"prompts: {len(prompts.train)} train, {len(prompts.heldout)} held out; "
-        f"{prompts.skipped_long} skipped and {prompts.truncated} truncated (> {cfg.task.max_prompt_tokens} tokens)")
+        f"{prompts.skipped_long} skipped and {prompts.truncated} truncated (> {cfg.task.max_prompt_tokens} tokens)"
+        + "".join(f"; {n}" for n in prompts.notes))
     run = RunFolder(cfg, resume or out, resume=resume is not None)  # only once the inputs are known good
     started = start_ray(cfg)
     pipe = Pipeline(cfg, run.path.name, log)
@@ -297,9 +349,10 @@ def train(cfg: Config, out: str | Path | None = None, log=print, resume: str | P
         run.write_json("processes.json", summary["processes"])
         eval_items = prompts.heldout[:cfg.eval.num_prompts]
         if not resume:
-            if cfg.eval.signal_posts:  # how far can this judge be trusted? measured, not assumed
+            if cfg.eval.signal_posts and cfg.task.name == "tldr":  # how far can this judge be trusted?
+                rows = load_tldr(cfg.task.data_path)
                 heldout_rows = rows[-max(cfg.eval.signal_posts + 1, cfg.task.heldout_size):]
-                sig = ray.get(pipe.labelers[0].signal.remote(heldout_rows, cfg.eval.signal_posts))
+                sig = ray.get(pipe.judge.signal.remote(heldout_rows, cfg.eval.signal_posts))
                 summary["signal"] = sig
                 log(f"judge signal ({sig['scorer']}): reference summary beats another post's summary "
                     f"{sig['reference_wins']:.0%} of {sig['n']} (95% CI {sig['ci95'][0]:.0%}-{sig['ci95'][1]:.0%}; "
@@ -359,6 +412,9 @@ def train(cfg: Config, out: str | Path | None = None, log=print, resume: str | P
                    "completions": batch.num_rows, "completions_per_s": trained / (time.perf_counter() - t_loop),
                    "waited_for_batch_s": waited, "elapsed_s": time.perf_counter() - t_loop}
             run.log_metrics(row)
+            for k, v in (("queue_depth", len(inflight)), ("policy_lag", lag), ("reward_mean", row["reward_mean"]),
+                         ("kl", row["kl"]), ("learner_wait_s", waited)):
+                pipe.metrics.set(k, v)
             if cfg.run.log_rollouts:
                 run.log_rollouts(batch, step)
             log(f"step {step:3d}/{cfg.rl.steps} | v{version} | reward {row['reward_mean']:+.4f} | kl {row['kl']:+.4f} "
@@ -371,6 +427,9 @@ def train(cfg: Config, out: str | Path | None = None, log=print, resume: str | P
                                                "next_batch_index": nxt[1], "sampler": nxt[0]})
                 run.mark_checkpoint(step)
                 pipe.checkpointed(checkpoint)
+            if cfg.eval.win_rate and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.rl.steps \
+                    and "heldout_before" in summary:  # "is it learning?" while it runs
+                win_rate_vs_initial(pipe, eval_items, summary["heldout_before"], evaluate(pipe, eval_items, cfg), step, run)
 
         summary["loop_s"] = time.perf_counter() - t_loop
         summary["completions_per_s"] = trained / summary["loop_s"]
@@ -383,13 +442,20 @@ def train(cfg: Config, out: str | Path | None = None, log=print, resume: str | P
             log(f"held-out reward (same frozen judge, {a['n']} prompts): initial {b['reward_mean']:+.4f} -> "
                 f"final {a['reward_mean']:+.4f} ({delta:+.4f} +- {half:.4f}, paired 95% CI); "
                 f"length {b['length_tokens']:.1f} -> {a['length_tokens']:.1f} tokens")
+            if cfg.eval.win_rate:  # did it learn? the final policy against the initial one
+                summary["win_rate"] = win_rate_vs_initial(pipe, eval_items, b, a, cfg.rl.steps, run)
         final = ray.get([a.info.remote() for a in pipe.actors()])
         summary["stage_busy_s"] = {i["name"]: i["busy_s"] for i in final}
         summary["processes"] = {i["name"]: i["pid"] for i in final}  # after any restart
         run.write_json("summary.json", summary)
+        if cfg.run.report:
+            from .report import train_report
+
+            log(f"report: {train_report(run.path)}")
         log(f"run folder: {run.path}")
         return run.path
     finally:
+        run.close()
         pipe.kill()
         if started:
             ray.shutdown()

@@ -169,16 +169,21 @@ class Judge:
             ids = ids[-limit:]  # keep the question and the answer cue
         return ids
 
-    def score(self, contexts: list[str], responses: list[str]) -> tuple[list[float], list[float], list[str]]:
-        """Reward in [-1, 1], the scorer's raw value and JSON metadata for each response."""
+    def score(self, contexts: list[str], responses: list[str],
+              scorer: str | None = None) -> tuple[list[float], list[float], list[str]]:
+        """Reward in [-1, 1], the scorer's raw value and JSON metadata for each response;
+        `scorer` names another entry of SCORERS than the configured one."""
         if self.remote:
             raise ValueError("reward.backend=openai labels pairs only (reward.source=pairwise)")
+        if scorer is not None and scorer not in SCORERS:
+            raise ValueError(f"unknown scorer {scorer!r}; known: {sorted(SCORERS)}")
+        sc = SCORERS[scorer] if scorer else self.scorer
         rewards, raws, metas = [], [], []
         for start in range(0, len(contexts), self.batch_size):
             ctx = contexts[start:start + self.batch_size]
             rsp = responses[start:start + self.batch_size]
-            seqs = [self._encode(scoring.scorer_prompt(self.scorer, c, r, self.tok)) for c, r in zip(ctx, rsp)]
-            if self.scorer.kind == "score10":
+            seqs = [self._encode(scoring.scorer_prompt(sc, c, r, self.tok)) for c, r in zip(ctx, rsp)]
+            if sc.kind == "score10":
                 # one pass over prompt + "1": position -2 reads the first digit, -1 reads
                 # P("0" | "1") so that "10" (two tokens) gets its own probability
                 logp = self.engine.label_logprobs([s + [self.digits[0]] for s in seqs], self.digits + [self.zero], 2)
@@ -198,7 +203,7 @@ class Judge:
                 extra = [{"label_mass": round(float(m), 4)} for m in (l_yes.exp() + l_no.exp())]
             rewards += reward.tolist()
             raws += raw.tolist()
-            metas += [json.dumps({"scorer": self.scorer.name, **e}) for e in extra]
+            metas += [json.dumps({"scorer": sc.name, **e}) for e in extra]
         return rewards, raws, metas
 
     def prefer(self, contexts: list[str], a: list[str], b: list[str],

@@ -26,10 +26,12 @@ def split_transcript(chosen: str, rejected: str, where: str) -> tuple[str, str, 
     return chosen[:head].strip(), chosen[head:].strip(), rejected[head:].strip()
 
 
-def load_pairs(name: str, n: int | None = None, seed: int = 0, skip_last: int = 0) -> tuple[list[dict], str]:
+def load_pairs(name: str, n: int | None = None, seed: int = 0, skip_last: int = 0,
+               keep_bad: bool = False) -> tuple[list[dict], str]:
     """Pairs with a human label, each presented in a random (seeded) order so the human's
     choice is not always slot a. Returns (pairs, labeler task). `skip_last` rows at the end
-    are left out (they serve as few-shot exemplars)."""
+    are left out (they serve as few-shot exemplars). A row without a shared context raises,
+    or with keep_bad comes back with an `error` and no label."""
     if name not in BUNDLED:
         raise DataError(f"unknown pair set {name!r} (one of {sorted(BUNDLED)})")
     file, task = BUNDLED[name]
@@ -50,7 +52,15 @@ def load_pairs(name: str, n: int | None = None, seed: int = 0, skip_last: int = 
         for key in ("chosen", "rejected"):
             if not isinstance(row.get(key), str):
                 raise DataError(f"{file}: row {i} has no text field {key!r}")
-        context, good, bad = split_transcript(row["chosen"], row["rejected"], f"{file} row {i}")
+        try:
+            context, good, bad = split_transcript(row["chosen"], row["rejected"], f"{file} row {i}")
+        except DataError as e:
+            if not keep_bad:
+                raise
+            # kept with the reason, so a caller can count it (never dropped silently)
+            out.append({"id": f"{name}-{i}", "context": "", "response_a": "", "response_b": "", "human": None,
+                        "error": str(e)})
+            continue
         if rng.random() < 0.5:
             out.append({"id": f"{name}-{i}", "context": context, "response_a": good, "response_b": bad, "human": "a"})
         else:

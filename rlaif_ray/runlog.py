@@ -18,6 +18,7 @@ class RunFolder:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             path = Path(cfg.run.out_dir) / f"{cfg.run.name}-{stamp}"
         self.path = Path(path)
+        self._tb, self._tb_wanted = None, cfg.run.tensorboard
         if resume:
             if not (self.path / "checkpoints" / "latest").is_file():
                 raise FileNotFoundError(f"--resume {self.path}: no checkpoints/latest in that run folder")
@@ -40,11 +41,12 @@ class RunFolder:
     def truncate_after(self, step: int) -> None:
         """Forget what a dead driver recorded after the checkpointed step, so the resumed
         record continues without a gap or a repeat."""
-        path = self.path / "metrics.jsonl"
-        if path.is_file():
-            keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in keep))
-        for f in (self.path / "rollouts").glob("step_*.parquet"):
+        for name in ("metrics.jsonl", "winrate.jsonl"):
+            path = self.path / name
+            if path.is_file():
+                keep = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
+                path.write_text("".join(line + "\n" for line in keep))
+        for f in [*(self.path / "rollouts").glob("step_*.parquet"), *(self.path / "eval").glob("step_*.parquet")]:
             if int(f.stem.split("_")[1]) > step:
                 f.unlink()
         for d in (self.path / "checkpoints").glob("step_*"):
@@ -60,6 +62,41 @@ class RunFolder:
     def log_metrics(self, row: dict) -> None:
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        self._scalars("train", row, row["step"])
+
+    def log_winrate(self, row: dict) -> None:
+        """Held-out win rate against the initial policy, one line per evaluation."""
+        with open(self.path / "winrate.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self._scalars("eval", row, row["step"])
+
+    def log_judgements(self, rows: list[dict], step: int) -> None:
+        from .evaluate import JUDGEMENTS
+
+        (self.path / "eval").mkdir(exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=JUDGEMENTS), self.path / "eval" / f"step_{step:06d}.parquet")
+
+    def _scalars(self, prefix: str, row: dict, step: int) -> None:
+        """TensorBoard event files in RUN/tensorboard (optional dependency: without the
+        `tensorboard` package, metrics.jsonl alone; said once)."""
+        if self._tb is None and self._tb_wanted:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.path / "tensorboard"))
+            except ImportError:
+                self._tb_wanted = False
+                print("note: tensorboard is not installed (pip install tensorboard); metrics.jsonl only")
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
     def log_rollouts(self, batch: pa.RecordBatch, step: int) -> None:
         table = pa.Table.from_batches([batch])

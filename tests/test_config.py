@@ -28,6 +28,11 @@ def test_overrides_are_typed():
     ({"reward": {"source": "pairwise"}, "rl": {"samples_per_prompt": 3, "baseline": "value"}},
      "samples_per_prompt", "even"),
     ({"rl": {"samples_per_prompt": 1}}, "rl.baseline=group_mean", "samples_per_prompt >= 2"),
+    ({"reward": {"source": "rm"}}, "reward.rm_path", "train-rm"),
+    ({"eval": {"tie_margin": 0.5}}, "eval.tie_margin", "less than 0.5"),
+    ({"eval": {"judge": "human"}}, "eval.judge", "'pairwise' or 'scorer'"),
+    ({"rm": {"label_kind": "fuzzy"}}, "rm.label_kind", "'soft', 'hard' or 'human'"),
+    ({"sft": {"trainer": {"num_workers": 0}}}, "sft.trainer.num_workers", "greater than 0"),
 ])
 def test_errors_name_the_field(data, field, words):
     with pytest.raises(ConfigError) as e:

@@ -31,7 +31,7 @@ def tiny_cfg(model_path, out_dir, **sections):
 def test_overlapped_run_accounts_for_every_rollout(ray_local, tiny_model_path, tmp_path):
     from rlaif_ray.driver import train
 
-    cfg = tiny_cfg(tiny_model_path, tmp_path)
+    cfg = tiny_cfg(tiny_model_path, tmp_path, eval={"every": 2})
     run = train(cfg, tmp_path / "run", log=lambda *_: None)
     import json
 
@@ -58,6 +58,18 @@ def test_overlapped_run_accounts_for_every_rollout(ray_local, tiny_model_path, t
         assert (ck / "model.safetensors").is_file() and (ck / "optimizer.safetensors").is_file()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000004"
     assert "heldout_before" in summary and "heldout_after" in summary and "signal" in summary
+    # "did it learn?": the win rate against the initial policy, mid-run (eval.every) and at the end
+    wr = [json.loads(x) for x in (run / "winrate.jsonl").read_text().splitlines()]
+    assert [w["step"] for w in wr] == [2, 4] and summary["win_rate"] == wr[-1]
+    assert all(w["n"] == 2 and w["ci95"][0] <= w["win_rate"] <= w["ci95"][1] for w in wr)
+    assert (run / "eval" / "step_000004.parquet").is_file() and (run / "report.html").is_file()
+    # TensorBoard event files carry the same numbers as metrics.jsonl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/reward_mean")] == pytest.approx([m["reward_mean"] for m in metrics])
+    assert [e.step for e in events.Scalars("eval/win_rate")] == [2, 4]
 
 
 def test_synchronous_run_is_on_policy(ray_local, tiny_model_path, tmp_path):

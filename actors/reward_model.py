@@ -1,0 +1,68 @@
+"""RewardModel: a trained reward model (`rlaif-ray train-rm`) scoring rollout batches in the
+RL pipeline (reward.source: rm). Same interface as the Labeler's `score`, so the driver
+chains generator -> reward model exactly as generator -> labeler."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pyarrow as pa
+
+from rlaif_ray import rm, schemas
+from rlaif_ray.metrics import RoleMetrics
+
+
+class RewardModel:
+    def __init__(self, name: str, path: str, dtype: str = "float32", torch_threads: int = 1, device: str = "cpu",
+                 batch_size: int = 8, max_tokens: int = 512):
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        from rlaif_ray.models import _quiet, load_tokenizer
+
+        torch.set_num_threads(torch_threads)
+        _quiet()
+        self.name, self.path, self.device = name, path, device
+        self.tok = load_tokenizer(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=getattr(torch, dtype), use_safetensors=True).to(device).eval()
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"reward.rm_path={path}: not a reward model (num_labels={self.model.config.num_labels}, "
+                             "expected a scalar head from `rlaif-ray train-rm`)")
+        self.pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else self.tok.pad_token_id
+        self.batch_size, self.max_tokens = batch_size, max_tokens
+        self.truncated, self.busy_s = 0, 0.0
+        self.metrics = RoleMetrics("reward_model", name)
+
+    def info(self) -> dict:
+        return {"name": self.name, "pid": os.getpid(), "busy_s": self.busy_s, "truncated_prompts": self.truncated}
+
+    def score_texts(self, contexts: list[str], responses: list[str]) -> list[float]:
+        import torch
+
+        seqs = []
+        for c, r in zip(contexts, responses):
+            ids, cut = rm.encode(self.tok, rm.rm_text(c, r), self.max_tokens)
+            self.truncated += cut
+            seqs.append(ids)
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(seqs), self.batch_size):
+                out += rm.scores(self.model, seqs[i:i + self.batch_size], self.pad, self.device).tolist()
+        return out
+
+    def score(self, rollouts: pa.RecordBatch, mode: str = "rm") -> pa.RecordBatch:
+        """Rollouts -> scored rollouts; the reward is the RM's raw scalar score (METHOD.md 3)."""
+        schemas.check(rollouts, schemas.ROLLOUT, f"{self.name}.score input")
+        t0 = time.perf_counter()
+        r = self.score_texts(rollouts.column("context").to_pylist(), rollouts.column("response_text").to_pylist())
+        meta = json.dumps({"mode": "rm", "rm": self.path, "labeler": self.name})
+        out = schemas.extend(rollouts, schemas.SCORED, {"reward": r, "raw_score": r, "reward_meta": [meta] * len(r),
+                                                        "reward_ok": [True] * len(r)})
+        dt = time.perf_counter() - t0
+        self.busy_s += dt
+        self.metrics.inc("labels", len(r))
+        self.metrics.set("labels_per_s", len(r) / max(dt, 1e-9))
+        self.metrics.observe("batch_s", dt)
+        return out

@@ -1,0 +1,229 @@
+"""The report at the end of `train`, `eval` and `eval-labeler`: PNG plots (matplotlib) and
+one self-contained HTML page (plots inlined) with the run's config and headline numbers.
+Open RUN/report.html in a browser; it needs no server and no network."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: files only
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"a": "#1f77b4", "b": "#ff7f0e", "lc": "#2ca02c", "ref": "#7f7f7f"}
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def page(title: str, headline: list[tuple[str, str]], plots: list[tuple[str, Path]], config_text: str,
+         notes: list[str] | None = None) -> str:
+    """One HTML page; the PNGs are embedded as data URIs so the file stands alone."""
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in headline)
+    figs = "".join(
+        f'<figure><img alt="{html.escape(cap)}" src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(cap)}</figcaption></figure>'
+        for cap, p in plots)
+    note = "".join(f"<p class=note>{html.escape(n)}</p>" for n in notes or [])
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:24px;max-width:1400px}} table{{border-collapse:collapse}}
+th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}} figure{{display:inline-block;margin:8px}}
+img{{max-width:640px}} pre{{background:#f4f4f4;padding:8px;overflow:auto;max-height:400px}}
+.note{{color:#555}}</style></head><body><h1>{html.escape(title)}</h1>
+<table>{rows}</table>{note}<h2>Plots</h2>{figs}
+<h2>Config</h2><pre>{html.escape(config_text)}</pre></body></html>"""
+
+
+def _pct(ci) -> str:
+    return f"{ci[0]:.1%}-{ci[1]:.1%}"
+
+
+def train_report(run: str | Path) -> Path:
+    """reward, KL, loss, win rate over steps, throughput and learner idle time, per-stage
+    busy/idle share, staleness."""
+    run = Path(run)
+    m = _lines(run / "metrics.jsonl")
+    wr = _lines(run / "winrate.jsonl")
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    steps = [r["step"] for r in m]
+    plots = []
+
+    def series(title, keys, ylabel, name):
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        for k, color in zip(keys, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")):
+            ax.plot(steps, [r.get(k) for r in m], marker="o", ms=3, color=color, label=k)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend()
+        plots.append((title, _save(fig, run / "plots" / name)))
+
+    if m:
+        series("Mean reward per batch", ["reward_mean"], "reward", "reward.png")
+        series("KL to the reference policy", ["kl"], "KL (per sequence)", "kl.png")
+        series("Loss", ["loss", "pg_loss", "value_loss"], "loss", "loss.png")
+        series("Policy lag of each trained batch", ["staleness"], "versions", "staleness.png")
+        series("Throughput and learner idle time", ["completions_per_s", "waited_for_batch_s"], "per s / s",
+               "throughput.png")
+    if wr:
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        x = [r["step"] for r in wr]
+        y = [r["win_rate"] for r in wr]
+        err = [[r["win_rate"] - r["ci95"][0] for r in wr], [r["ci95"][1] - r["win_rate"] for r in wr]]
+        ax.errorbar(x, y, yerr=err, marker="o", color=COLORS["a"], capsize=4, label="win rate (95% CI)")
+        ax.plot(x, [r["length_controlled"] for r in wr], marker="s", color=COLORS["lc"], label="length-controlled")
+        ax.axhline(0.5, color=COLORS["ref"], ls="--", lw=1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("win rate vs initial policy")
+        ax.set_title("Held-out win rate against the initial policy")
+        ax.legend()
+        plots.append(("Held-out win rate against the initial policy", _save(fig, run / "plots" / "winrate.png")))
+    busy, loop = summary.get("stage_busy_s", {}), summary.get("loop_s")
+    if busy and loop:
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        names = list(busy)
+        share = [min(busy[n] / loop, 1.0) for n in names]
+        ax.barh(names, share, color=COLORS["a"], label="busy")
+        ax.barh(names, [1 - s for s in share], left=share, color="#dddddd", label="idle")
+        ax.set_xlim(0, 1)
+        ax.set_xlabel(f"share of the training loop ({loop:.0f} s)")
+        ax.set_title("Per-stage busy and idle time")
+        ax.legend(loc="lower right")
+        plots.append(("Per-stage busy and idle time", _save(fig, run / "plots" / "stages.png")))
+    head = [("run", str(run))]
+    if m:
+        head += [("steps", str(len(m))), ("final reward (batch mean)", f"{m[-1]['reward_mean']:+.4f}"),
+                 ("final KL", f"{m[-1]['kl']:+.4f}"), ("completions/s", f"{summary.get('completions_per_s', 0):.3f}")]
+    if "heldout_change" in summary:
+        c = summary["heldout_change"]
+        head.append(("held-out reward change", f"{c['mean']:+.4f} +- {c['ci95_halfwidth']:.4f} (paired 95% CI)"))
+    if wr:
+        w = wr[-1]
+        head.append(("win rate vs initial (last)", f"{w['win_rate']:.1%} (95% CI {_pct(w['ci95'])}, n={w['n']}); "
+                                                   f"length-controlled {w['length_controlled']:.1%}"))
+    if summary.get("recoveries"):
+        head.append(("recoveries", str(len(summary["recoveries"]))))
+    cfg = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
+    out = run / "report.html"
+    out.write_text(page(f"rlaif-ray train: {run.name}", head, plots, cfg))
+    return out
+
+
+def eval_report(folder: str | Path) -> Path:
+    """Win rate and length-controlled win rate with intervals, harmless rates, the
+    distribution of P(A preferred), and P(A) against the length ratio with the fit."""
+    import math
+
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    s = json.loads((folder / "summary.json").read_text())
+    rows = pq.read_table(folder / "judgements.parquet").to_pylist()
+    plots = []
+    if "win_rate" in s:
+        labels, vals, los, his, cols = [], [], [], [], []
+        w, lc = s["win_rate"], s["length_controlled"]
+        for lab, v, ci, c in (("win rate", w["win_rate"], w["ci95"], COLORS["a"]),
+                              ("length-controlled", lc["value"], lc.get("ci95", [lc["value"]] * 2), COLORS["lc"])):
+            labels.append(lab), vals.append(v), los.append(v - ci[0]), his.append(ci[1] - v), cols.append(c)
+        for side in ("a", "b"):
+            if "harmless" in s:
+                h = s["harmless"][side]
+                labels.append(f"harmless {side.upper()}"), vals.append(h["rate"]), cols.append(COLORS[side])
+                los.append(h["rate"] - h["ci95"][0]), his.append(h["ci95"][1] - h["rate"])
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        ax.bar(labels, vals, yerr=[los, his], capsize=6, color=cols)
+        ax.axhline(0.5, color=COLORS["ref"], ls="--", lw=1)
+        ax.set_ylim(0, 1)
+        ax.set_title("A against B (95% intervals)")
+        plots.append(("Win rate, length-controlled win rate (and harmless rates)", _save(fig, folder / "plots" / "winrate.png")))
+    p = [r["p_a"] for r in rows if r["usable"]]
+    if p:
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        ax.hist(p, bins=20, range=(0, 1), color=COLORS["a"])
+        ax.axvline(0.5, color=COLORS["ref"], ls="--", lw=1)
+        ax.set_xlabel("debiased P(A preferred)")
+        ax.set_ylabel("pairs")
+        ax.set_title("AI preference for A, per prompt")
+        plots.append(("Distribution of P(A preferred)", _save(fig, folder / "plots" / "p_a.png")))
+        use = [r for r in rows if r["usable"]]
+        x = [(r["chars_a"] + 1) / (r["chars_b"] + 1) for r in use]
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        ax.scatter(x, [r["p_a"] for r in use], s=14, color=COLORS["a"], label="pairs")
+        if "length_controlled" in s and s["length_controlled"]["feature"] == "ratio":
+            lc = s["length_controlled"]
+            grid = [min(x) + (max(x) - min(x)) * i / 100 for i in range(101)]
+            ax.plot(grid, [1 / (1 + math.exp(-(lc["intercept"] + lc["slope"] * g))) for g in grid],
+                    color=COLORS["lc"], label="logistic fit (win)")
+            ax.axvline(1.0, color=COLORS["ref"], ls="--", lw=1)
+        ax.set_xlabel("length ratio A/B (characters)")
+        ax.set_ylabel("P(A preferred)")
+        ax.set_title("Preference against length")
+        ax.legend()
+        plots.append(("P(A preferred) against the length ratio", _save(fig, folder / "plots" / "length.png")))
+    head = [("policy A", s.get("policy_a", "")), ("policy B", s.get("policy_b", "")), ("pairs", str(s["pairs"])),
+            ("unusable labels", str(s["unusable_labels"]))]
+    if "win_rate" in s:
+        w, lc = s["win_rate"], s["length_controlled"]
+        head += [("win rate A over B", f"{w['win_rate']:.1%} (95% CI {_pct(w['ci95'])}; {w['wins']} wins, "
+                                       f"{w['ties']} ties, {w['losses']} losses)"),
+                 ("length-controlled win rate", f"{lc['value']:.1%}" + (f" (95% CI {_pct(lc['ci95'])})" if "ci95" in lc else "")),
+                 ("soft win rate (mean P(A))", f"{s['soft_win_rate']['mean']:.3f}")]
+    head.append(("mean length (chars)", f"A {s['mean_chars']['a']:.0f}, B {s['mean_chars']['b']:.0f}"))
+    if "harmless" in s:
+        h = s["harmless"]
+        head.append(("harmless rate", f"A {h['a']['rate']:.1%} ({_pct(h['a']['ci95'])}), B {h['b']['rate']:.1%} "
+                                      f"({_pct(h['b']['ci95'])}); scorer {h['scorer']!r}: \"{h['question']}\", "
+                                      f"harmless if P(Yes) >= {h['threshold']}"))
+    cfg = (folder / "config.yaml").read_text() if (folder / "config.yaml").is_file() else ""
+    out = folder / "report.html"
+    out.write_text(page(f"rlaif-ray eval: {folder.name}", head, plots, cfg))
+    return out
+
+
+def labeler_report(table: dict, folder: str | Path, config_text: str = "") -> Path:
+    """`eval-labeler`: alignment with human labels (95% CI) and same-slot share per cell."""
+    folder = Path(folder)
+    rows = table["rows"]
+    plots = []
+    if rows:
+        names = [f"{r['data']} {r['variant']}" for r in rows]
+        fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.5))
+        al = [r["alignment"] for r in rows]
+        ax.barh(names, al, xerr=[[a - r["ci95"][0] for a, r in zip(al, rows)], [r["ci95"][1] - a for a, r in zip(al, rows)]],
+                capsize=3, color=COLORS["a"])
+        ax.axvline(0.5, color=COLORS["ref"], ls="--", lw=1)
+        ax.set_xlim(0, 1)
+        ax.invert_yaxis()
+        ax.set_xlabel("alignment with human labels (95% CI)")
+        ax.set_title("AI labeler alignment")
+        plots.append(("Alignment with human labels", _save(fig, folder / "plots" / "alignment.png")))
+        fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.5))
+        ax.barh(names, [r["same_position_share"] for r in rows], color=COLORS["b"])
+        ax.set_xlim(0, 1)
+        ax.invert_yaxis()
+        ax.set_xlabel("share of pairs where the same slot wins in both orders")
+        ax.set_title("Position bias")
+        plots.append(("Position bias", _save(fig, folder / "plots" / "position_bias.png")))
+    head = [("labeler", f"{table.get('model')} ({table.get('backend')})"), ("cells", str(len(rows)))]
+    if rows:
+        best = max(rows, key=lambda r: r["alignment"])
+        head.append(("best cell", f"{best['data']} {best['variant']}: {best['alignment']:.1%} (95% CI {_pct(best['ci95'])})"))
+    out = folder / "report.html"
+    out.write_text(page("rlaif-ray eval-labeler", head, plots, config_text))
+    return out

@@ -1,0 +1,169 @@
+"""The canonical chain on Ray Train and local Ray with tiny models: sft, train-rm (2 DDP
+workers over gloo), train with reward.source: rm, sample-pairs and the whole `run`."""
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rlaif_ray.config import config_from_dict
+
+GOOD, BAD = ["yes", "good", "great", "fine"], ["no", "bad", "poor", "awful"]
+FILLER = "the a of to in is it on that this with as for was at by an be".split()
+
+
+def synthetic_pairs(n, seed, labels="ai"):
+    """An easy preference: the better response ends in a 'good' word. The AI labels are
+    soft (0.85 / 0.15); the held-out set carries the same preference as human labels."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        good = " ".join(rng.choices(FILLER, k=rng.randint(3, 8)) + [rng.choice(GOOD)])
+        bad = " ".join(rng.choices(FILLER, k=rng.randint(3, 8)) + [rng.choice(BAD)])
+        a_good = rng.random() < 0.5
+        a, b = (good, bad) if a_good else (bad, good)
+        row = {"id": f"syn-{seed}-{i}", "context": "Which reply is better?", "response_a": a, "response_b": b,
+               "human": "a" if a_good else "b", "error": None}
+        if labels == "ai":
+            row.update(p_a=0.85 if a_good else 0.15, human=None)
+        rows.append(row)
+    return rows
+
+
+def chain_cfg(model, tmp_path, **sections):
+    data = {
+        "model": {"name": model},
+        "task": {"max_prompt_tokens": 320, "heldout_size": 8},
+        "generation": {"max_new_tokens": 6},
+        "reward": {"min_label_mass": 0.0, "batch_size": 8},
+        "rl": {"steps": 2, "prompts_per_step": 2, "samples_per_prompt": 2, "lr": 1e-3},
+        "pipeline": {"generators": {"num_cpus": 0.5}, "labelers": {"num_cpus": 0.5}, "learner": {"num_cpus": 0.5}},
+        "eval": {"num_prompts": 2, "signal_posts": 0, "bootstrap": 20},
+        "run": {"out_dir": str(tmp_path), "name": "c", "report": False},
+        "sft": {"max_examples": 48, "heldout": 8, "batch_size": 8, "lr": 2e-3, "epochs": 2,
+                "trainer": {"num_workers": 2, "num_cpus_per_worker": 0.5}},
+        "rm": {"batch_size": 8, "lr": 3e-3, "epochs": 3, "max_tokens": 64, "eval_n": 60,
+               "trainer": {"num_workers": 2, "num_cpus_per_worker": 0.5}},
+        "label": {"pool_size": 1, "num_cpus": 0.5, "batch_size": 8},
+        "sample_pairs": {"num_prompts": 8},
+    }
+    for k, v in sections.items():
+        data.setdefault(k, {}).update(v)
+    return config_from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def trained_rm(ray_local, tiny_model_path, tmp_path_factory):
+    """A reward model trained by `train-rm` on 2 Ray Train workers from 240 AI-labelled pairs."""
+    from rlaif_ray.supervised import run_train_rm
+
+    tmp = tmp_path_factory.mktemp("rm")
+    labels = tmp / "labels"
+    labels.mkdir()
+    pq.write_table(pa.Table.from_pylist(synthetic_pairs(240, seed=1)), labels / "part-0.parquet")
+    held = tmp / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs(60, seed=2, labels="human")))
+    cfg = chain_cfg(tiny_model_path, tmp, rm={"labels": str(labels), "eval_data": str(held)})
+    return run_train_rm(cfg, tmp / "rm", log=lambda *_: None)
+
+
+def test_train_rm_on_two_workers_learns_the_ai_preference(trained_rm):
+    summary = json.loads((trained_rm / "rm_summary.json").read_text())
+    hist = summary["history"]
+    assert summary["pairs"] == 240 and summary["heldout_pairs"] == 60 and summary["label_kind"] == "soft"
+    assert [h["epoch"] for h in hist] == [0, 1, 2, 3] and hist[1]["steps"] == 30  # 240 / batch 8
+    assert hist[-1]["heldout_accuracy"] >= 0.8 > hist[0]["heldout_accuracy"] - 0.2  # well above chance
+    assert hist[-1]["train_loss"] < hist[1]["train_loss"]
+    for f in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (trained_rm / f).is_file()
+
+
+def test_reward_model_actor_scores_rollouts_in_the_rl_loop(ray_local, tiny_model_path, trained_rm, tmp_path):
+    from actors.reward_model import RewardModel
+    from rlaif_ray.driver import train
+    from rlaif_ray.runlog import read_rollouts
+
+    cfg = chain_cfg(tiny_model_path, tmp_path, reward={"source": "rm", "rm_path": str(trained_rm)},
+                    eval={"num_prompts": 2, "win_rate": True})
+    run = train(cfg, tmp_path / "run", log=lambda *_: None)
+    table = read_rollouts(run)
+    assert table.num_rows == 2 * 2 * 2
+    meta = json.loads(table.column("reward_meta")[0].as_py())
+    assert meta["mode"] == "rm" and meta["labeler"] == "reward-model-0"
+    # the rewards are the RM's own scores of those responses
+    local = RewardModel("check", str(trained_rm), max_tokens=cfg.rm.max_tokens)
+    rows = table.slice(0, 3).to_pylist()
+    assert local.score_texts([r["context"] for r in rows], [r["response_text"] for r in rows]) == \
+        pytest.approx([r["reward"] for r in rows], abs=1e-4)
+    summary = json.loads((run / "summary.json").read_text())
+    assert "reward-model-0" in summary["processes"] and "judge-0" in summary["processes"]  # the RM never grades itself
+    assert summary["win_rate"]["n"] == 2
+
+
+def test_sft_lowers_heldout_loss(ray_local, tiny_model_path, tmp_path):
+    from rlaif_ray.models import load_model
+    from rlaif_ray.supervised import run_sft
+
+    out = run_sft(chain_cfg(tiny_model_path, tmp_path), tmp_path / "sft", log=lambda *_: None)
+    hist = json.loads((out / "sft_summary.json").read_text())["history"]
+    assert hist[-1]["heldout_loss"] < hist[0]["heldout_loss"] - 0.5
+    assert load_model(str(out)) is not None and (out / "tokenizer.json").is_file()
+
+
+def test_batch_that_does_not_divide_across_workers_is_refused(tiny_model_path, tmp_path):
+    from rlaif_ray.config import ConfigError
+    from rlaif_ray.supervised import run_sft
+
+    cfg = chain_cfg(tiny_model_path, tmp_path, sft={"batch_size": 7})
+    with pytest.raises(ConfigError, match=r"sft.batch_size=7 does not divide across sft.trainer.num_workers=2"):
+        run_sft(cfg, tmp_path / "x", log=lambda *_: None)
+
+
+def test_run_executes_the_whole_chain(ray_local, tiny_model_path, tmp_path):
+    from rlaif_ray.chain import run_chain
+
+    cfg = chain_cfg(tiny_model_path, tmp_path, reward={"source": "pairwise"},
+                    sft={"epochs": 1, "max_examples": 24}, rm={"epochs": 1, "eval_data": "hh_helpful", "eval_n": 8})
+    folder = run_chain(cfg, tmp_path / "chain", log=lambda *_: None)
+    steps = json.loads((folder / "chain.json").read_text())
+    assert [s["step"] for s in steps] == ["sft", "sample-pairs", "label", "train-rm", "train", "eval"]
+    pairs = [json.loads(x) for x in (folder / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 8 and all(p["policy"] == str(folder / "sft") for p in pairs)
+    labels = pq.read_table(folder / "labels").to_pylist()
+    assert len(labels) == 8 and all(r["p_a"] is not None for r in labels)
+    rm_sum = json.loads((folder / "rm" / "rm_summary.json").read_text())
+    assert rm_sum["pairs"] == 8 and rm_sum["init"] == str(folder / "sft")
+    train_cfg = (folder / "train" / "config.yaml").read_text()
+    assert f"rm_path: {folder / 'rm'}" in train_cfg and f"name: {folder / 'sft'}" in train_cfg
+    ev = json.loads((folder / "eval" / "summary.json").read_text())
+    assert ev["policy_b"] == str(folder / "sft") and ev["policy_a"].endswith("step_000002")
+
+
+# quickstart-vllm.yaml trains (vLLM generators) in tests/test_vllm.py::test_train_with_vllm_generators
+CONFIGS = sorted(p.name for p in __import__("pathlib").Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")
+                 if p.name != "quickstart-vllm.yaml")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_validates_and_runs_one_step(name, ray_local, tiny_model_path, trained_rm, tmp_path):
+    """Each shipped config, as written, then shrunk (tiny model, one RL step) and trained."""
+    from pathlib import Path
+
+    from rlaif_ray.config import load_config
+    from rlaif_ray.driver import train
+    from rlaif_ray.runlog import read_metrics
+
+    path = Path(__file__).parent.parent / "configs" / name
+    cfg = load_config(path)  # validated exactly as shipped
+    assert cfg.rl.steps >= 1
+    overrides = [f"model.name={tiny_model_path}", "rl.steps=1", "rl.prompts_per_step=2", "generation.max_new_tokens=4",
+                 "eval.num_prompts=0", "eval.signal_posts=0", "reward.min_label_mass=0", "reward.model=null",
+                 f"run.out_dir={tmp_path}", "run.report=false", "ray.num_cpus=2"]
+    overrides += [f"pipeline.{r}.num_actors=1" for r in ("generators", "labelers", "learner")]
+    overrides += [f"pipeline.{r}.num_cpus=0.5" for r in ("generators", "labelers", "learner")]
+    if cfg.reward.source == "rm":
+        overrides.append(f"reward.rm_path={trained_rm}")
+    cfg = load_config(path, overrides)
+    run = train(cfg, tmp_path / "run", log=lambda *_: None)
+    assert [m["step"] for m in read_metrics(run)] == [1]
