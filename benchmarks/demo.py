@@ -27,6 +27,11 @@ if __name__ == "__main__":
         "held-out response length (tokens)": f"{b['length_tokens']:.1f} -> {a['length_tokens']:.1f}",
         "completions/s (RL loop)": f"{s['completions_per_s']:.3f}",
     }
+    if s.get("win_rate", {}).get("n"):
+        w = s["win_rate"]
+        figures["held-out win rate vs initial (pairwise judge)"] = (
+            f"{w['win_rate']:.1%} (95% CI {w['ci95'][0]:.1%}-{w['ci95'][1]:.1%}, n={w['n']}); "
+            f"length-controlled {w['length_controlled']:.1%}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "demo.json").write_text(json.dumps({
         "note": f"`rlaif-ray train configs/quickstart.yaml`, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}, "

@@ -98,6 +98,32 @@ def render() -> str:
     if demo:
         out += ["## Quickstart (`make demo`)", "", f"{demo['note']}", "",
                 "| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in demo["figures"].items()] + [""]
+    wr = _load("quickstart_winrate")
+    if wr:
+        out += ["## Quickstart: did it learn? (held-out win rate against the initial policy)", "", wr["note"], "",
+                "| judge | n | win rate | 95% CI | length-controlled | 95% CI | mean chars final / initial |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {r['judge']} | {r['n']} | {r['win_rate']:.1%} | {r['ci95'][0]:.1%}-{r['ci95'][1]:.1%} | "
+                f"{r['length_controlled']:.1%} | {r['lc_ci95'][0]:.1%}-{r['lc_ci95'][1]:.1%} | "
+                f"{r['chars'][0]:.0f} / {r['chars'][1]:.0f} |" for r in wr["rows"]]
+        out.append("")
+    rma = _load("rm_accuracy")
+    if rma:
+        out += ["## Reward-model accuracy: AI labels against human labels (paper Table 5, tiny scale)", "",
+                f"`python -m benchmarks.rm_accuracy --config {rma['config']}`, {rma['measured_at']}: "
+                f"{rma['pairs_usable']} of {rma['pairs_labeled']} training pairs got a usable AI label from "
+                f"{rma['labeler']} ({rma['pairwise']['preamble']} preamble, {rma['pairwise']['shots']}-shot, "
+                f"CoT {rma['pairwise']['cot']}); that label agrees with the human one on "
+                f"{rma['ai_label_alignment_on_train_pairs']:.1%} of them. Both RMs train on those same pairs "
+                f"(init {rma['rm_settings']['init'] or 'model.name'}, {rma['rm_settings']['epochs']} epochs, lr "
+                f"{rma['rm_settings']['lr']}, batch {rma['rm_settings']['batch_size']}, max {rma['rm_settings']['max_tokens']} "
+                f"tokens) and are scored on the same held-out human-labelled pairs.", "",
+                "| RM trained on | pairs | held-out pairs | accuracy by epoch (0 = before training) | wall s |",
+                "|---|---|---|---|---|"]
+        out += [f"| {k} labels | {v['pairs']} | {v['heldout_pairs']} | "
+                f"{' -> '.join(f'{a:.1%}' for a in v['accuracy_by_epoch'])} | {v['wall_s']:.0f} |"
+                for k, v in rma["rm"].items()]
+        out.append("")
     return "\n".join(out)
 
 

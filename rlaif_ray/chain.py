@@ -31,7 +31,13 @@ def sample_pairs(cfg: Config, out: str | Path | None = None, log=print) -> Path:
     out = Path(out or sp.output)
     if out.exists():
         raise ConfigError(f"sample_pairs.output: {out} exists (pairs are never overwritten)")
-    items = task_prompts(cfg.task, load_tokenizer(cfg.model.name)).train[:sp.num_prompts]
+    from .supervised import _norm, rm_heldout
+
+    # train prompts only, minus the contexts whose pairs measure the reward model (no leak)
+    held = {_norm(x["context"]) for x in rm_heldout(cfg)[0]}
+    train = task_prompts(cfg.task, load_tokenizer(cfg.model.name)).train
+    kept = [it for it in train if _norm(it["context"]) not in held]
+    items = kept[:sp.num_prompts]
     gen = {**cfg.generation.model_dump(), "temperature": sp.temperature}
     role = cfg.pipeline.generators
     started = start_ray(cfg)
@@ -56,7 +62,8 @@ def sample_pairs(cfg: Config, out: str | Path | None = None, log=print) -> Path:
                                 "policy": policy}) + "\n")
     same = sum(1 for r in by_prompt.values() if r[0] == r[1])
     log(f"sample-pairs: {len(by_prompt)} pairs from {policy} at T={sp.temperature} -> {out} "
-        f"({same} pairs with two identical responses)")
+        f"({same} pairs with two identical responses; {len(train) - len(kept)} train prompts left out: "
+        "their contexts are in the reward model's held-out pairs)")
     return out
 
 

@@ -244,10 +244,12 @@ class EvalConfig(_Strict):
     of the trained policy against the initial one at the end of `train` (METHOD.md 7).
     Pairs are judged with the reward.pairwise prompt, both orders (debiased)."""
     num_prompts: int = Field(16, ge=0)  # held-out prompts scored before and after training
-    temperature: float = Field(0.9, gt=0)  # sampling for both policies
+    temperature: float = Field(0.9, gt=0)  # sampling for both policies (train's held-out evals too)
+    # `eval` only (train's held-out evaluation samples with the run's own generators:
+    # generation.top_p / max_new_tokens, seed rl.seed + 999, the same for every evaluation)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: Optional[int] = Field(None, gt=0)  # None: generation.max_new_tokens
-    seed: int = 1234  # the same seed for both policies and every evaluation
+    seed: int = 1234  # the same seed for both policies
     signal_posts: int = Field(24, ge=0)  # scorer-signal check before training (0 = off)
     # `eval`: checkpoint folders (what `train` writes) or model names; None = model.name
     policy_a: Optional[str] = None

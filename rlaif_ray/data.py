@@ -140,9 +140,9 @@ def dialogue_prompts(name: str, tokenizer, task) -> PromptSet:
     """RL prompts from the dialogue contexts of a bundled HH pair set (METHOD.md 3: helpful
     and harmless RL starts from the preference data's contexts), in the chat template.
     Rows without a shared context are skipped and counted, like over-long prompts."""
-    from .pairs import BUNDLED, split_transcript
+    from .pairs import BUNDLED, EXEMPLAR_ROWS, split_transcript
 
-    rows = read_records(bundled_path(BUNDLED[name][0]))
+    rows = read_records(bundled_path(BUNDLED[name][0]))[:-EXEMPLAR_ROWS]  # exemplar rows: never prompts
     items, skipped, truncated, bad = [], 0, 0, 0
     for i, row in enumerate(rows, start=1):
         try:

@@ -19,9 +19,9 @@ from actors.learner import NonFiniteError
 from . import schemas
 from .config import Config, ConfigError
 from .data import PromptSampler, load_tldr, prompt_batch, task_prompts
-from .evaluate import harmless_on, judge
+from .evaluate import check_eval_config, harmless_on, judge
 from .metrics import RoleMetrics
-from .models import load_tokenizer, model_context
+from .models import is_checkpoint, load_tokenizer, model_context
 from .progress import gather
 from .runlog import RunFolder
 
@@ -327,11 +327,13 @@ def train(cfg: Config, out: str | Path | None = None, log=print, resume: str | P
     if cfg.reward.backend == "openai" and cfg.reward.source != "pairwise":
         raise ConfigError("reward.backend=openai reads '1'/'2' from an endpoint's top log-probs: "
                           "it needs reward.source=pairwise")
+    if cfg.eval.win_rate and cfg.eval.num_prompts:
+        check_eval_config(cfg)
     if cfg.reward.source == "pairwise":  # a bad exemplar file stops the run before any actor starts
         from .labeling import PairwiseOptions
 
         PairwiseOptions.from_config(cfg.reward.pairwise)
-    if cfg.reward.source == "rm" and not (Path(cfg.reward.rm_path) / "model.safetensors").is_file():
+    if cfg.reward.source == "rm" and not is_checkpoint(cfg.reward.rm_path):
         raise ConfigError(f"reward.rm_path={cfg.reward.rm_path}: no model.safetensors (train one with `rlaif-ray train-rm`)")
     prompts = task_prompts(cfg.task, tok)
     if cfg.rl.prompts_per_step > len(prompts.train):

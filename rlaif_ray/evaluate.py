@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from . import winrate
 from .config import Config, ConfigError, EvalConfig, dump_config
-from .data import DataError, dialogue_messages, prompt_batch, task_prompts
+from .data import DataError, prompt_batch, task_prompts
 from .progress import gather
 from .scoring import SCORERS
 
@@ -31,17 +31,30 @@ JUDGEMENTS = pa.schema([
     pa.field("chars_b", pa.int64(), nullable=False),
     pa.field("p_a", pa.float64()),  # debiased P(A preferred)
     pa.field("p_ab", pa.float64()),  # P(slot 1 better), A in slot 1 (eval.judge=scorer: A's own score)
-    pa.field("p_ba", pa.float64()),  # P(slot 1 better), B in slot 1 (NaN: debias off; null: scorer)
+    pa.field("p_ba", pa.float64()),  # P(slot 1 better), B in slot 1 (NaN: debias off; scorer: B's score)
     pa.field("label_mass", pa.float64()),  # probability the label tokens held (min of orders)
     pa.field("usable", pa.bool_(), nullable=False),  # label_mass >= reward.min_label_mass
     pa.field("harmless_a", pa.float64()),  # P(Yes) of the harmless scorer (null: not asked)
     pa.field("harmless_b", pa.float64()),
+    pa.field("harmless_mass_a", pa.float64()),  # Yes/No probability mass (low: unusable, counted)
+    pa.field("harmless_mass_b", pa.float64()),
 ])
 
 
 def harmless_on(cfg: Config) -> bool:
     ev = cfg.eval
     return ev.harmless_rate == "on" or (ev.harmless_rate == "auto" and cfg.reward.pairwise.task == "harmless")
+
+
+def check_eval_config(cfg: Config) -> None:
+    """What the judgement needs, checked before any actor starts (so a run never fails in
+    its final evaluation, after the training is done)."""
+    ev = cfg.eval
+    if ev.harmless_scorer not in SCORERS:
+        raise ConfigError(f"eval.harmless_scorer: unknown scorer {ev.harmless_scorer!r}; known: {sorted(SCORERS)}")
+    if cfg.reward.backend == "openai" and (harmless_on(cfg) or ev.judge == "scorer"):
+        raise ConfigError("reward.backend=openai judges pairs only: set eval.harmless_rate=off and eval.judge=pairwise, "
+                          "or judge with a local labeler (reward.backend hf or vllm)")
 
 
 def summarize(rows: list[dict], ev: EvalConfig, min_label_mass: float = 0.0) -> dict:
@@ -59,7 +72,7 @@ def summarize(rows: list[dict], ev: EvalConfig, min_label_mass: float = 0.0) -> 
         at = 1.0 if ev.length_feature == "ratio" else 0.0
         out["length_controlled"] = {**winrate.length_controlled(res, x, at, ev.bootstrap, ev.seed),
                                     "feature": ev.length_feature}
-        both = [r for r in usable if r["p_ba"] is not None and r["p_ba"] == r["p_ba"]]
+        both = [r for r in usable if ev.judge == "pairwise" and r["p_ba"] is not None and r["p_ba"] == r["p_ba"]]
         if both:  # how often the labeler picked the same slot in both orders
             out["same_slot_share"] = sum((r["p_ab"] > 0.5) == (r["p_ba"] > 0.5) for r in both) / len(both)
     if rows and rows[0].get("harmless_a") is not None:
@@ -68,11 +81,16 @@ def summarize(rows: list[dict], ev: EvalConfig, min_label_mass: float = 0.0) -> 
         out["harmless"] = {"scorer": scorer.name, "question": scorer.question, "threshold": ev.harmless_threshold,
                            "reference_chars": ref}
         for side in ("a", "b"):
-            p = [r[f"harmless_{side}"] for r in rows]
+            ok = [r for r in rows if (r.get(f"harmless_mass_{side}") or 0.0) >= min_label_mass]
+            if not ok:
+                out["harmless"][side] = {"n": 0, "unusable_labels": len(rows)}
+                continue
+            p = [r[f"harmless_{side}"] for r in ok]
             h = winrate.harmless_rate(p, ev.harmless_threshold)
             y = [float(v >= ev.harmless_threshold) for v in p]
-            x = [r[f"chars_{side}"] / max(ref, 1.0) for r in rows]
+            x = [r[f"chars_{side}"] / max(ref, 1.0) for r in ok]
             h["length_controlled"] = winrate.length_controlled(y, x, 1.0, ev.bootstrap, ev.seed)
+            h["unusable_labels"] = len(rows) - len(ok)
             out["harmless"][side] = h
     return out
 
@@ -95,19 +113,21 @@ def judge(labeler, items: list[dict], a: list[str], b: list[str], cfg: Config, w
                           f"{desc} scoring ({side.upper()})", cfg.run.progress)
             alone[side] = {k: [x for o in outs for x in o[k]] for k in ("score01", "label_mass")}
         pa_, pb_ = alone["a"]["score01"], alone["b"]["score01"]
-        got = {"p_a": [winrate.bradley_terry(x, y) for x, y in zip(pa_, pb_)], "p_ab": pa_, "p_ba": [None] * len(pa_),
+        got = {"p_a": [winrate.bradley_terry(x, y) for x, y in zip(pa_, pb_)], "p_ab": pa_, "p_ba": pb_,
                "label_mass": [min(x, y) for x, y in zip(alone["a"]["label_mass"], alone["b"]["label_mass"])]}
-    harmless = {"a": [None] * len(items), "b": [None] * len(items)}
+    harmless = {k: [None] * len(items) for k in ("a", "b", "mass_a", "mass_b")}
     if with_harmless:
         for side, texts in (("a", a), ("b", b)):
             refs = [labeler.judge_alone.remote(ctx[i:i + bs], texts[i:i + bs], ev.harmless_scorer) for i in chunks]
-            harmless[side] = [x for o in gather(refs, f"{desc} harmless ({side.upper()})", cfg.run.progress)
-                              for x in o["p_yes"]]
+            outs = gather(refs, f"{desc} harmless ({side.upper()})", cfg.run.progress)
+            harmless[side] = [x for o in outs for x in o["p_yes"]]
+            harmless[f"mass_{side}"] = [x for o in outs for x in o["label_mass"]]
     rows = [{"prompt_id": it["prompt_id"], "context": it["context"], "response_a": ra, "response_b": rb,
              "chars_a": len(ra), "chars_b": len(rb), "p_a": got["p_a"][i], "p_ab": got["p_ab"][i],
              "p_ba": got["p_ba"][i], "label_mass": got["label_mass"][i],
              "usable": got["label_mass"][i] >= cfg.reward.min_label_mass and got["p_a"][i] == got["p_a"][i],
-             "harmless_a": harmless["a"][i], "harmless_b": harmless["b"][i]}
+             "harmless_a": harmless["a"][i], "harmless_b": harmless["b"][i],
+             "harmless_mass_a": harmless["mass_a"][i], "harmless_mass_b": harmless["mass_b"][i]}
             for i, (it, ra, rb) in enumerate(zip(items, a, b))]
     return rows, summarize(rows, ev, cfg.reward.min_label_mass)
 
@@ -115,26 +135,12 @@ def judge(labeler, items: list[dict], a: list[str], b: list[str], cfg: Config, w
 def eval_prompts(cfg: Config, tok) -> tuple[list[dict], dict]:
     """The prompts both policies answer (PROMPT fields) and how many were skipped/cut."""
     ev = cfg.eval
-    if ev.prompts == "heldout":
-        ps = task_prompts(cfg.task, tok)
-        items = ps.heldout[:ev.num_prompts]
-        counts = {"source": f"{cfg.task.name} held out", "skipped_long": ps.skipped_long, "truncated": ps.truncated}
-    else:
-        from .pairs import load_pairs
-
-        pairs, _ = load_pairs(ev.prompts, n=4 * ev.num_prompts + 20)  # room for long dialogues skipped
-        items, skipped = [], 0
-        for p in pairs:
-            if len(items) == ev.num_prompts:
-                break
-            text = tok.apply_chat_template(dialogue_messages(p["context"]), tokenize=False, add_generation_prompt=True)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            if len(ids) > cfg.task.max_prompt_tokens:  # long dialogues are skipped and counted
-                skipped += 1
-                continue
-            items.append({"prompt_id": p["id"], "prompt_text": text, "prompt_token_ids": ids, "reference": None,
-                          "context": p["context"]})
-        counts = {"source": ev.prompts, "skipped_long": skipped, "truncated": 0}
+    # the held-out split of the task (or of the HH set named): never trained on, never sampled
+    task = cfg.task if ev.prompts == "heldout" else cfg.task.model_copy(update={"name": ev.prompts})
+    ps = task_prompts(task, tok)
+    items = ps.heldout[:ev.num_prompts]
+    counts = {"source": f"{task.name} held out", "skipped_long": ps.skipped_long, "truncated": ps.truncated,
+              "notes": ps.notes}
     if not items:
         raise DataError(f"eval.prompts={ev.prompts}: no prompt fits task.max_prompt_tokens={cfg.task.max_prompt_tokens}")
     return items, counts
@@ -145,7 +151,9 @@ def _policy(name: str | None, cfg: Config) -> str:
     checkpoint stops here, before any actor starts."""
     name = name or cfg.model.name
     p = Path(name)
-    if p.is_dir() and not (p / "model.safetensors").is_file():
+    from .models import is_checkpoint
+
+    if p.is_dir() and not is_checkpoint(p):
         raise ConfigError(f"eval policy {name}: not a checkpoint folder (no model.safetensors)")
     if not p.exists() and (p.is_absolute() or name.startswith((".", "~"))):
         raise ConfigError(f"eval policy {name}: no such checkpoint folder")
@@ -162,8 +170,7 @@ def run_eval(cfg: Config, out: str | Path | None = None, log=print) -> Path:
     from .models import load_tokenizer
 
     a_name, b_name = _policy(cfg.eval.policy_a, cfg), _policy(cfg.eval.policy_b, cfg)
-    if cfg.eval.harmless_scorer not in SCORERS:
-        raise ConfigError(f"eval.harmless_scorer: unknown scorer {cfg.eval.harmless_scorer!r}; known: {sorted(SCORERS)}")
+    check_eval_config(cfg)
     if cfg.reward.backend == "openai":
         raise ConfigError("eval judges with a local labeler: set reward.backend to hf or vllm")
     tok = load_tokenizer(cfg.model.name)

@@ -81,6 +81,12 @@ def _quiet() -> None:
     logging.set_verbosity_error()
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """A safetensors model folder: one file, or shards with an index (large models)."""
+    p = Path(path)
+    return (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 

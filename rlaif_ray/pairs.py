@@ -15,6 +15,9 @@ BUNDLED = {  # name -> (file, labeler task)
     "tldr_ai_judged": ("tldr_ai_judged_pairs_dev.jsonl.gz", "summarization"),
 }
 ASSISTANT = "\n\nAssistant:"
+# configs/exemplars/*.jsonl are the last rows of the bundled HH dev sets: those rows serve as
+# few-shot exemplars and are never evaluated (RL held-out prompts, RM held-out pairs)
+EXEMPLAR_ROWS = 2
 
 
 def split_transcript(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:

@@ -77,8 +77,8 @@ def train_report(run: str | Path) -> Path:
         series("KL to the reference policy", ["kl"], "KL (per sequence)", "kl.png")
         series("Loss", ["loss", "pg_loss", "value_loss"], "loss", "loss.png")
         series("Policy lag of each trained batch", ["staleness"], "versions", "staleness.png")
-        series("Throughput and learner idle time", ["completions_per_s", "waited_for_batch_s"], "per s / s",
-               "throughput.png")
+        series("Throughput of the loop", ["completions_per_s"], "completions / s", "throughput.png")
+        series("Learner idle: wait for each batch", ["waited_for_batch_s"], "seconds", "learner_wait.png")
     if wr:
         fig, ax = plt.subplots(figsize=(6, 3.4))
         x = [r["step"] for r in wr]

@@ -18,7 +18,7 @@ class RunFolder:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             path = Path(cfg.run.out_dir) / f"{cfg.run.name}-{stamp}"
         self.path = Path(path)
-        self._tb, self._tb_wanted = None, cfg.run.tensorboard
+        self._tb, self._tb_wanted, self._purge = None, cfg.run.tensorboard, None
         if resume:
             if not (self.path / "checkpoints" / "latest").is_file():
                 raise FileNotFoundError(f"--resume {self.path}: no checkpoints/latest in that run folder")
@@ -40,7 +40,8 @@ class RunFolder:
 
     def truncate_after(self, step: int) -> None:
         """Forget what a dead driver recorded after the checkpointed step, so the resumed
-        record continues without a gap or a repeat."""
+        record continues without a gap or a repeat (TensorBoard too: purge_step)."""
+        self._purge = step + 1
         for name in ("metrics.jsonl", "winrate.jsonl"):
             path = self.path / name
             if path.is_file():
@@ -83,7 +84,7 @@ class RunFolder:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.path / "tensorboard"))
+                self._tb = SummaryWriter(str(self.path / "tensorboard"), purge_step=self._purge)
             except ImportError:
                 self._tb_wanted = False
                 print("note: tensorboard is not installed (pip install tensorboard); metrics.jsonl only")

@@ -25,7 +25,9 @@ def _world():
 
 
 def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shuffled global batches of indices; the last partial batch is dropped (counted)."""
+    """Shuffled global batches of indices; the last partial batch (n % batch_size examples,
+    a different draw each epoch) is dropped, so every rank runs the same steps. The driver
+    refuses data smaller than one batch and records the count (`_check_batch`)."""
     import numpy as np
 
     order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
@@ -90,11 +92,12 @@ def rm_loop(c: dict) -> None:
         model.eval()
         mine = held[rank::world]
         ra, rb = [], []
+        inner = getattr(model, "module", model)  # not through DDP: ranks may hold unequal shares
         with torch.no_grad():
             for i in range(0, len(mine), bs):
                 chunk = mine[i:i + bs]
-                ra += rm.scores(model, [x["ids_a"] for x in chunk], c["pad"], device).tolist()
-                rb += rm.scores(model, [x["ids_b"] for x in chunk], c["pad"], device).tolist()
+                ra += rm.scores(inner, [x["ids_a"] for x in chunk], c["pad"], device).tolist()
+                rb += rm.scores(inner, [x["ids_b"] for x in chunk], c["pad"], device).tolist()
         hits = torch.tensor([sum((a > b) == (x["human"] == "a") for a, b, x in zip(ra, rb, mine)), len(mine)],
                             dtype=torch.float64)
         if world > 1:
@@ -144,9 +147,10 @@ def sft_loop(c: dict) -> None:
         model.eval()
         mine = held[rank::world]
         tot = torch.zeros(2, dtype=torch.float64)
+        inner = getattr(model, "module", model)  # not through DDP: ranks may hold unequal shares
         with torch.no_grad():
             for i in range(0, len(mine), bs):
-                s, n = rm.sft_loss_sum(model, mine[i:i + bs], c["pad"], device)
+                s, n = rm.sft_loss_sum(inner, mine[i:i + bs], c["pad"], device)
                 tot += torch.tensor([float(s), n], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(tot)
@@ -208,7 +212,11 @@ def sft_data(cfg: Config, tok) -> tuple[list[dict], list[dict], dict]:
     s = cfg.sft
     task = cfg.task.model_copy(update={"data_path": s.data_path or cfg.task.data_path})
     ps = task_prompts(task, tok)  # TL;DR reference summaries, or HH chosen responses
-    items = [it for it in ps.train if it.get("reference")]
+    # posts whose pairs measure the reward model are never fine-tuned on (the RM starts from SFT)
+    held_ctx = {_norm(x["context"]) for x in rm_heldout(cfg)[0]}
+    kept = [it for it in ps.train if _norm(it["context"]) not in held_ctx]
+    rm_overlap = len(ps.train) - len(kept)
+    items = [it for it in kept if it.get("reference")]
     if s.max_examples:
         items = items[:s.max_examples]
     if len(items) <= s.heldout:
@@ -217,7 +225,8 @@ def sft_data(cfg: Config, tok) -> tuple[list[dict], list[dict], dict]:
                                                   else it["reference"].strip(), add_special_tokens=False)["input_ids"]
                       [:s.max_response_tokens], tok.eos_token_id) for it in items]
     return ex[:-s.heldout], ex[-s.heldout:], {"examples": len(items), "skipped_long": ps.skipped_long,
-                                              "no_reference": sum(1 for it in ps.train if not it.get("reference"))}
+                                              "no_reference": sum(1 for it in kept if not it.get("reference")),
+                                              "dropped_rm_heldout_posts": rm_overlap}
 
 
 def run_sft(cfg: Config, out: str | Path | None = None, log=print) -> Path:
@@ -227,7 +236,7 @@ def run_sft(cfg: Config, out: str | Path | None = None, log=print) -> Path:
     s = cfg.sft
     tok = load_tokenizer(cfg.model.name)
     train, held, counts = sft_data(cfg, tok)
-    _check_batch(s.trainer, s.batch_size, "sft")
+    counts["left_out_per_epoch"] = _check_batch(s.trainer, s.batch_size, "sft", len(train))
     out = Path(out or s.output)
     log(f"sft: {len(train)} train / {len(held)} held-out examples ({counts['skipped_long']} posts skipped as too long); "
         f"{s.trainer.num_workers} Ray Train worker(s)")
@@ -266,20 +275,39 @@ def rm_data(cfg: Config, tok) -> tuple[list[dict], list[dict], dict]:
         rows = read_label_input(str(path)) if r.label_kind == "human" else read_records(path)
     else:
         raise ConfigError(f"rm.labels: {path} not found")
-    if r.eval_data in BUNDLED:
-        held_rows = [x for x in load_pairs(r.eval_data, keep_bad=True)[0] if not x.get("error")][-r.eval_n:]
-    else:
-        held_rows = read_label_input(r.eval_data)
-    held_ids = {x["id"] for x in held_rows}
-    overlap = sum(1 for x in rows if x.get("id") in held_ids)
-    rows = [x for x in rows if x.get("id") not in held_ids][:r.max_pairs]
+    held_rows, unusable_held = rm_heldout(cfg)
+    # a training pair on a held-out context (the same post or dialogue) would leak: dropped, counted
+    held_ctx = {_norm(x["context"]) for x in held_rows}
+    overlap = sum(1 for x in rows if _norm(x.get("context") or "") in held_ctx)
+    rows = [x for x in rows if _norm(x.get("context") or "") not in held_ctx][:r.max_pairs]
     train, counts = encode_pairs(rows, tok, r.label_kind, r.max_tokens)
-    held, hcounts = encode_pairs([{**x, "error": None} for x in held_rows if x.get("human")], tok, "human", r.max_tokens)
+    held, hcounts = encode_pairs(held_rows, tok, "human", r.max_tokens)
     counts.update({"dropped_heldout_overlap": overlap, "heldout_pairs": len(held),
+                   "heldout_unusable": unusable_held + hcounts["skipped_no_label"],
                    "heldout_truncated_texts": hcounts["truncated_texts"]})
     if not train:
         raise ConfigError(f"rm.labels: no usable {r.label_kind} labels in {r.labels} ({counts})")
     return train, held, counts
+
+
+def _norm(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def rm_heldout(cfg: Config) -> tuple[list[dict], int]:
+    """The RM's held-out human-labelled pairs: the last rm.eval_n usable rows of rm.eval_data
+    (a bundled set, minus its exemplar rows; or a file), and how many rows were unusable."""
+    from .pairs import BUNDLED, EXEMPLAR_ROWS, load_pairs, read_label_input
+
+    r = cfg.rm
+    if r.eval_data in BUNDLED:
+        rows = load_pairs(r.eval_data, keep_bad=True, skip_last=EXEMPLAR_ROWS if r.eval_data.startswith("hh_") else 0)[0]
+    elif Path(r.eval_data).is_file():
+        rows = read_label_input(r.eval_data)
+    else:
+        raise ConfigError(f"rm.eval_data: {r.eval_data} is neither a bundled pair set nor a file")
+    ok = [{**x, "error": None} for x in rows if not x.get("error") and x.get("human") in ("a", "b")]
+    return ok[-r.eval_n:], len(rows) - len(ok)
 
 
 def run_train_rm(cfg: Config, out: str | Path | None = None, log=print) -> Path:
@@ -290,7 +318,7 @@ def run_train_rm(cfg: Config, out: str | Path | None = None, log=print) -> Path:
     init = r.init or cfg.model.name
     tok = load_tokenizer(init)
     train, held, counts = rm_data(cfg, tok)
-    _check_batch(r.trainer, r.batch_size, "rm")
+    counts["left_out_per_epoch"] = _check_batch(r.trainer, r.batch_size, "rm", len(train))
     out = Path(out or r.output)
     log(f"train-rm: {counts['pairs']} {r.label_kind}-labelled pairs ({counts['skipped_no_label']} without a usable "
         f"label, {counts['truncated_texts']} texts cut to {r.max_tokens} tokens), {len(held)} held-out human pairs; "
@@ -315,7 +343,11 @@ def _common(section) -> dict:
             "torch_threads": section.trainer.torch_threads}
 
 
-def _check_batch(tc: TrainerConfig, batch_size: int, name: str) -> None:
+def _check_batch(tc: TrainerConfig, batch_size: int, name: str, n: int) -> int:
+    """Refuses layouts that cannot train; returns the examples left out of each epoch."""
     if batch_size % tc.num_workers:
         raise ConfigError(f"{name}.batch_size={batch_size} does not divide across "
                           f"{name}.trainer.num_workers={tc.num_workers}")
+    if n < batch_size:
+        raise ConfigError(f"{name}: {n} training examples is less than one batch ({name}.batch_size={batch_size})")
+    return n % batch_size

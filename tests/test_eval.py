@@ -10,9 +10,9 @@ from rlaif_ray.data import DataError, dialogue_messages
 from rlaif_ray.evaluate import summarize
 
 
-def _row(p_a, ca=100, cb=100, mass=0.9, p_ab=0.6, p_ba=0.4, ha=None, hb=None):
+def _row(p_a, ca=100, cb=100, mass=0.9, p_ab=0.6, p_ba=0.4, ha=None, hb=None, hmass=0.9):
     return {"p_a": p_a, "chars_a": ca, "chars_b": cb, "label_mass": mass, "p_ab": p_ab, "p_ba": p_ba,
-            "harmless_a": ha, "harmless_b": hb}
+            "harmless_a": ha, "harmless_b": hb, "harmless_mass_a": hmass, "harmless_mass_b": hmass}
 
 
 def test_summary_counts_unusable_labels_and_reports_every_number():
@@ -30,8 +30,10 @@ def test_summary_counts_unusable_labels_and_reports_every_number():
 
 
 def test_summary_harmless_rate_per_policy_with_threshold():
-    rows = [_row(0.6, ha=0.9, hb=0.2), _row(0.6, ha=0.7, hb=0.6), _row(0.4, ha=0.3, hb=0.1)]
-    s = summarize(rows, EvalConfig(bootstrap=0, harmless_threshold=0.5))
+    rows = [_row(0.6, ha=0.9, hb=0.2), _row(0.6, ha=0.7, hb=0.6), _row(0.4, ha=0.3, hb=0.1),
+            _row(0.5, ha=0.99, hb=0.99, hmass=0.001)]  # Yes/No held too little mass: left out, counted
+    s = summarize(rows, EvalConfig(bootstrap=0, harmless_threshold=0.5), min_label_mass=0.01)
+    assert s["harmless"]["a"]["unusable_labels"] == 1 and s["harmless"]["a"]["n"] == 3
     h = s["harmless"]
     assert h["threshold"] == 0.5 and "harmless" in h["question"] and h["scorer"] == "yesno_harmless_chat"
     assert (h["a"]["harmless"], h["b"]["harmless"]) == (2, 1) and h["a"]["rate"] == pytest.approx(2 / 3)
@@ -111,9 +113,28 @@ def test_scorer_judge_compares_two_separate_scores(ray_local, tiny_model_path, t
     cfg = eval_cfg(tiny_model_path, tmp_path, policy_a=other, judge="scorer", num_prompts=4)
     folder = run_eval(cfg, tmp_path / "sc", log=lambda *_: None)
     rows = pq.read_table(folder / "judgements.parquet").to_pylist()
-    assert len(rows) == 4 and all(r["p_ba"] is None for r in rows)
-    # p_ab holds A's own score; B's is recovered from the Bradley-Terry form
+    assert len(rows) == 4
+    # p_ab and p_ba hold A's and B's own scores; P(A) is their Bradley-Terry comparison
     for r in rows:
-        assert 0 < r["p_ab"] < 1 and 0 < r["p_a"] < 1
+        assert 0 < r["p_ab"] < 1 and 0 < r["p_ba"] < 1
+        assert r["p_a"] == pytest.approx(winrate.bradley_terry(r["p_ab"], r["p_ba"]), abs=1e-9)
+    assert any(r["p_a"] != 0.5 for r in rows)
     assert winrate.bradley_terry(0.8, 0.5) == pytest.approx(0.8) and winrate.bradley_terry(0.5, 0.5) == 0.5
     assert winrate.bradley_terry(0.9, 0.1) == pytest.approx(1 / (1 + (1 / 81)))
+
+
+def test_a_judgement_train_cannot_make_is_refused_before_training(tiny_model_path, tmp_path):
+    """openai judges pairs only: a harmless rate (or eval.judge=scorer) at the end of a run
+    would fail after all the training; it stops before any actor starts instead."""
+    from rlaif_ray.config import ConfigError
+    from rlaif_ray.driver import train
+
+    cfg = eval_cfg(tiny_model_path, tmp_path)
+    cfg.reward.source, cfg.reward.backend, cfg.rl.samples_per_prompt = "pairwise", "openai", 2
+    cfg.reward.pairwise.task = "harmless"
+    with pytest.raises(ConfigError, match="openai judges pairs only"):
+        train(cfg, tmp_path / "run", log=lambda *_: None)
+    cfg.reward.backend, cfg.eval.harmless_scorer = "hf", "no_such_scorer"
+    with pytest.raises(ConfigError, match="eval.harmless_scorer"):
+        train(cfg, tmp_path / "run2", log=lambda *_: None)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()

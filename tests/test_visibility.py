@@ -106,7 +106,7 @@ def test_train_report_renders_with_its_plots(tmp_path):
     (run / "config.yaml").write_text("rl:\n  steps: 10\n")
     page = train_report(run)
     text = page.read_text()
-    assert text.count("data:image/png;base64,") == 7 and "steps: 10" in text and "65.0%" in text
+    assert text.count("data:image/png;base64,") == 8 and "steps: 10" in text and "65.0%" in text
     img = _screenshot(page, tmp_path / "shot.png")
     assert img.shape[0] >= 2000
     # the plots really drew: blue series and bars, the green length-controlled line, grey idle bars
@@ -147,3 +147,14 @@ def test_eval_report_renders_with_its_plots(tmp_path):
     assert _pixels(img, "#1f77b4") > 3000  # histogram and scatter
     assert _pixels(img, "#2ca02c") > 300  # length-controlled bar and the fitted curve
     assert _pixels(img, "#ff7f0e") > 300  # harmless rate of B
+
+
+def test_labeler_report_has_alignment_and_position_bias(tmp_path):
+    from rlaif_ray.report import labeler_report
+
+    rows = [{"data": d, "variant": v, "n": 100, "alignment": a, "ci95": [a - 0.1, a + 0.1], "same_position_share": s}
+            for d, v, a, s in (("hh_helpful", "base:0", 0.52, 0.9), ("hh_helpful", "base+cot:0", 0.57, 0.6))]
+    page = labeler_report({"model": "m", "backend": "hf", "rows": rows}, tmp_path, "reward: {}\n")
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == 2 and "hh_helpful base+cot:0: 57.0%" in text
+    assert (tmp_path / "plots" / "alignment.png").is_file() and (tmp_path / "plots" / "position_bias.png").is_file()
