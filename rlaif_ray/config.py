@@ -227,6 +227,9 @@ class RoleResources(_Strict):
     num_actors: int = Field(1, gt=0)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    # custom Ray resources per actor, to place a role on a node type of a heterogeneous
+    # cluster (clusters/*.yaml declare e.g. {"rollout": 1} on GPU rollout nodes)
+    resources: dict[str, float] = {}
     torch_threads: int = Field(1, gt=0)
     max_restarts: int = Field(2, ge=0)
 

@@ -39,8 +39,10 @@ def start_ray(cfg: Config) -> bool:
     if ray.is_initialized():
         return False
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env})
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        # a cluster: ray.address, or the one a `ray job submit` job runs in (RAY_ADDRESS is set);
+        # the job's own runtime env (working dir) is kept, ours only adds variables
+        ray.init(address=cfg.ray.address or "auto", runtime_env={"env_vars": env})
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
                  dashboard_host=cfg.ray.dashboard_host, runtime_env={"env_vars": env})
@@ -57,7 +59,8 @@ def start_actors(cfg: Config, tag: str = ""):
     p, m = cfg.pipeline, cfg.model
 
     def opts(role, name):
-        return dict(name=f"{name}@{tag}" if tag else name, num_cpus=role.num_cpus, num_gpus=role.num_gpus, max_restarts=role.max_restarts)
+        return dict(name=f"{name}@{tag}" if tag else name, num_cpus=role.num_cpus, num_gpus=role.num_gpus,
+                    max_restarts=role.max_restarts, resources=role.resources)
 
     def device(role):
         return "cuda" if role.num_gpus > 0 else "cpu"
@@ -85,7 +88,8 @@ def start_judge(cfg: Config, labelers: list, tag: str = ""):
         return labelers[0]
     role = cfg.pipeline.labelers
     return ray.remote(Labeler).options(name=f"judge-0@{tag}" if tag else "judge-0", num_cpus=role.num_cpus,
-                                       num_gpus=role.num_gpus, max_restarts=role.max_restarts).remote(
+                                       num_gpus=role.num_gpus, max_restarts=role.max_restarts,
+                                       resources=role.resources).remote(
         "judge-0", cfg.reward.model_dump(), cfg.reward.model or cfg.model.name, cfg.model.dtype, role.torch_threads,
         "cuda" if role.num_gpus > 0 else "cpu")
 
@@ -96,7 +100,7 @@ def start_learner(cfg: Config, tag: str = ""):
     from actors.learner import LearnerGroup, LearnerWorker
 
     role = cfg.pipeline.learner
-    options = dict(num_cpus=role.num_cpus, num_gpus=role.num_gpus, max_restarts=0)
+    options = dict(num_cpus=role.num_cpus, num_gpus=role.num_gpus, max_restarts=0, resources=role.resources)
     return LearnerGroup(ray.remote(LearnerWorker), role.num_actors, options, tag,
                         model_name=cfg.model.name, dtype=cfg.model.dtype, rl_cfg=cfg.rl.model_dump(),
                         temperature=cfg.generation.temperature, torch_threads=role.torch_threads,
