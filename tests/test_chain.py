@@ -23,7 +23,8 @@ def synthetic_pairs(n, seed, labels="ai"):
         bad = " ".join(rng.choices(FILLER, k=rng.randint(3, 8)) + [rng.choice(BAD)])
         a_good = rng.random() < 0.5
         a, b = (good, bad) if a_good else (bad, good)
-        row = {"id": f"syn-{seed}-{i}", "context": "Which reply is better?", "response_a": a, "response_b": b,
+        row = {"id": f"syn-{seed}-{i}", "context": f"Which reply is better? (question {seed}-{i})",
+               "response_a": a, "response_b": b,
                "human": "a" if a_good else "b", "error": None}
         if labels == "ai":
             row.update(p_a=0.85 if a_good else 0.15, human=None)
