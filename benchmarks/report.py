@@ -117,7 +117,7 @@ def render() -> str:
                 f"{rma['ai_label_alignment_on_train_pairs']:.1%} of them. Both RMs train on those same pairs "
                 f"(init {rma['rm_settings']['init'] or 'model.name'}, {rma['rm_settings']['epochs']} epochs, lr "
                 f"{rma['rm_settings']['lr']}, batch {rma['rm_settings']['batch_size']}, max {rma['rm_settings']['max_tokens']} "
-                f"tokens) and are scored on the same held-out human-labelled pairs.", "",
+                f"tokens) and are scored on the same held-out human-labelled pairs. {rma.get('note', '')}", "",
                 "| RM trained on | pairs | held-out pairs | accuracy by epoch (0 = before training) | wall s |",
                 "|---|---|---|---|---|"]
         out += [f"| {k} labels | {v['pairs']} | {v['heldout_pairs']} | "

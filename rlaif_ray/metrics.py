@@ -26,42 +26,47 @@ METRICS = {
 BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120, 300]
 
 
+# one Ray metric object per name and process: a second object of the same name in a process
+# (a driver that runs several pipelines) is not exported, so every RoleMetrics shares these
+_BY_NAME: dict = {}
+
+
 class RoleMetrics:
     def __init__(self, role: str, actor: str):
         self.tags = {"role": role, "actor": actor}
-        self._made: dict = {}
+        self._named = False
 
     def _metric(self, name: str):
-        if name not in self._made:
-            import ray
-            from ray.util import metrics
+        import ray
+        from ray.util import metrics
 
-            if not ray.is_initialized():
-                self._made[name] = None
+        if not ray.is_initialized():
+            return None
+        if not self._named:  # inside an actor, its Ray name ("generator-0@RUN"), as in the dashboard
+            self.tags["actor"] = ray.get_runtime_context().get_actor_name() or self.tags["actor"]
+            self._named = True
+        if name not in _BY_NAME:
+            kind, desc = METRICS[name]
+            args = dict(description=desc, tag_keys=("role", "actor"))
+            if kind == "counter":
+                _BY_NAME[name] = metrics.Counter(f"rlaif_{name}", **args)
+            elif kind == "gauge":
+                _BY_NAME[name] = metrics.Gauge(f"rlaif_{name}", **args)
             else:
-                kind, desc = METRICS[name]
-                args = dict(description=desc, tag_keys=("role", "actor"))
-                if kind == "counter":
-                    m = metrics.Counter(f"rlaif_{name}", **args)
-                elif kind == "gauge":
-                    m = metrics.Gauge(f"rlaif_{name}", **args)
-                else:
-                    m = metrics.Histogram(f"rlaif_{name}", boundaries=BOUNDARIES, **args)
-                m.set_default_tags(self.tags)
-                self._made[name] = m
-        return self._made[name]
+                _BY_NAME[name] = metrics.Histogram(f"rlaif_{name}", boundaries=BOUNDARIES, **args)
+        return _BY_NAME[name]
 
     def inc(self, name: str, value: float = 1.0) -> None:
         m = self._metric(name)
         if m is not None and value > 0:
-            m.inc(value)
+            m.inc(value, tags=self.tags)
 
     def set(self, name: str, value: float) -> None:
         m = self._metric(name)
         if m is not None:
-            m.set(float(value))
+            m.set(float(value), tags=self.tags)
 
     def observe(self, name: str, value: float) -> None:
         m = self._metric(name)
         if m is not None:
-            m.observe(float(value))
+            m.observe(float(value), tags=self.tags)

@@ -77,7 +77,7 @@ def test_resumed_run_continues_like_an_uninterrupted_one(ray_local, tiny_model_p
     proc = subprocess.Popen([sys.executable, "-m", "rlaif_ray.cli", "train", str(cfg_file), "--out", str(cut)],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: (cut / "checkpoints" / "latest").is_file(), what="first checkpoint")
+        _wait_for(lambda: (cut / "checkpoints" / "latest").is_file(), timeout=600, what="first checkpoint")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
         proc.wait()

@@ -44,14 +44,15 @@ def test_every_role_emits_metrics_to_the_ray_endpoint(ray_local, tiny_model_path
         tokens = sum(len(t) for t in rollouts.column("response_token_ids").to_pylist())
 
         port = ray.nodes()[0]["MetricsExportPort"]
+        # actors are tagged with their Ray names (unique per run); the driver with its run tag
         want = {("ray_rlaif_tokens_generated_total", "generator", "generator-0@metrics"): float(tokens),
                 ("ray_rlaif_labels_total", "labeler", "labeler-0@metrics"): 4.0,
-                ("ray_rlaif_learner_step_s_count", "learner", "learner-0"): 1.0,
+                ("ray_rlaif_learner_step_s_count", "learner", "learner-0@metrics"): 1.0,
                 ("ray_rlaif_queue_depth", "driver", "metrics-test"): 3.0}
         deadline, got = time.time() + 60, {}
         while time.time() < deadline:  # the export interval is about 10 s (MACHINE_NOTES)
             text = _scrape(port)
-            got = {k: _value(text, k[0], role=k[1], actor=k[2].split("@")[0]) for k in want}
+            got = {k: _value(text, k[0], role=k[1], actor=k[2]) for k in want}
             if all(v is not None and v >= want[k] for k, v in got.items()):
                 break
             time.sleep(2)
