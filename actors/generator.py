@@ -14,7 +14,7 @@ import warnings
 
 import pyarrow as pa
 
-from rlaif_ray import lm, schemas
+from rlaif_ray import lm, schemas, weight_sync
 from rlaif_ray.metrics import RoleMetrics
 
 
@@ -44,7 +44,7 @@ class HFBackend:
         with self.torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # arrays from the object store are read-only
             for name, arr in weights.items():
-                params[name].copy_(self.torch.from_numpy(arr))
+                params[name].copy_(self.torch.as_tensor(arr))  # numpy (object store) or torch (broadcast)
 
     def continuation_logprobs(self, prompt: list[int], continuation: list[int]) -> list[float]:
         with self.torch.no_grad():
@@ -78,7 +78,7 @@ class RolloutGenerator:
         import torch
 
         torch.set_num_threads(torch_threads)
-        self.name, self.gen = name, generation
+        self.name, self.gen, self.device = name, generation, device
         self.backend = _backend(generation["backend"])(model_name, dtype, device)
         self.version = 0
         self._staged = None  # (weights, version) received but not yet installed
@@ -93,11 +93,25 @@ class RolloutGenerator:
                 "prefix_caching": getattr(self.backend, "prefix_caching", False)}
 
     def set_weights(self, weights: dict, version: int) -> int:
-        """Stage a new policy version; returns at once (the actor may be mid-generation)."""
-        if self._staged is not None and self._staged[1] > version:
-            return self._staged[1]
+        """Stage a new policy version; returns at once (the actor may be mid-generation).
+        Returns the newest version this actor holds: the driver checks it is `version`."""
+        newest = max(self.version, self._staged[1] if self._staged else -1)
+        if version < newest:
+            return newest  # an old update arriving late never replaces a newer one
         self._staged = (weights, version)
         return version
+
+    def join_weight_group(self, master: str, port: int, rank: int, world: int, backend: str, spec: list,
+                          timeout_s: float) -> int:
+        self.weight_group = weight_sync.open_group(master, port, rank, world, backend, timeout_s)
+        self.weight_spec, self.weight_device = spec, "cuda" if backend == "nccl" else "cpu"
+        return rank
+
+    def receive_weights(self, version: int) -> int:
+        """The broadcast path: receive rank 0's tensors (into this actor's device) and
+        stage them like set_weights."""
+        weights = weight_sync.receive(self.weight_group, self.weight_spec, version, self.name, self.weight_device)
+        return self.set_weights(weights, version)
 
     def _install_staged(self) -> None:
         if self._staged is not None:

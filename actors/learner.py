@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from rlaif_ray import lm, rl, schemas
+from rlaif_ray import lm, rl, schemas, weight_sync
 from rlaif_ray.metrics import RoleMetrics
 
 
@@ -131,12 +131,28 @@ class LearnerWorker:
             "grad_norm": float(grad_norm), "rows": n_seq, "busy_s": self.busy_s,
         }
 
-    def get_weights(self) -> dict:
-        """Policy parameters as numpy arrays (zero-copy through the object store); tied
-        weights are sent once."""
+    def _named(self) -> list:
+        """The policy's parameters in a fixed order; tied weights are sent once."""
         tie = getattr(self.policy.config, "tie_word_embeddings", False)
-        return {k: v.detach().cpu().numpy() for k, v in self.policy.named_parameters()
-                if not (tie and k == "lm_head.weight")}
+        return [(k, v) for k, v in self.policy.named_parameters() if not (tie and k == "lm_head.weight")]
+
+    def get_weights(self) -> dict:
+        """Policy parameters as numpy arrays (zero-copy through the object store)."""
+        return {k: v.detach().cpu().numpy() for k, v in self._named()}
+
+    def weight_spec(self) -> list:
+        return weight_sync.spec(self._named())
+
+    def join_weight_group(self, master: str, port: int, world: int, backend: str, timeout_s: float) -> int:
+        """Rank 0 of the weight-broadcast group (the generators are ranks 1..world-1)."""
+        self.weight_group = weight_sync.open_group(master, port, 0, world, backend, timeout_s)
+        self.weight_device = "cuda" if backend == "nccl" else "cpu"
+        return os.getpid()
+
+    def broadcast_weights(self, version: int) -> int:
+        """Send the current policy to every generator of the group; returns the bytes sent."""
+        with self.torch.no_grad():
+            return weight_sync.send(self.weight_group, self._named(), version, self.weight_device)
 
     def save(self, path: str, state: dict) -> None:
         """Safetensors weights (+ config and tokenizer files) and optimizer state."""
@@ -192,10 +208,14 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
 class LearnerGroup:
     """N LearnerWorker actors forming one torch.distributed group."""
 
-    def __init__(self, actor_cls, n: int, options: dict, tag: str = "", **worker_kwargs):
+    def __init__(self, actor_cls, n: int, options: dict, tag: str = "", placement: list[dict] | None = None,
+                 **worker_kwargs):
         import ray
 
-        self.workers = [actor_cls.options(name=f"learner-{r}@{tag}" if tag else f"learner-{r}", **options).remote(rank=r, world_size=n, **worker_kwargs)
+        self.tag = tag
+        placement = placement or [{}] * n  # per rank: its bundle of the group's placement group
+        self.workers = [actor_cls.options(name=f"learner-{r}@{tag}" if tag else f"learner-{r}", **options,
+                                          **placement[r]).remote(rank=r, world_size=n, **worker_kwargs)
                         for r in range(n)]
         master, port = ray.get(self.workers[0].address.remote())
         self.pids = ray.get([w.setup.remote(master, port) for w in self.workers])

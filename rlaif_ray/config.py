@@ -232,6 +232,11 @@ class RoleResources(_Strict):
     resources: dict[str, float] = {}
     torch_threads: int = Field(1, gt=0)
     max_restarts: int = Field(2, ge=0)
+    # a placement group of num_actors bundles with this Ray strategy; None = the role's
+    # default: learner PACK (its ranks all-reduce every step), generators and labelers
+    # SPREAD (independent; spreading keeps one node's loss from taking a whole pool);
+    # NONE = no placement group (Ray's default scheduling)
+    placement: Optional[Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD", "NONE"]] = None
 
 
 class PipelineConfig(_Strict):
@@ -240,6 +245,14 @@ class PipelineConfig(_Strict):
     learner: RoleResources = RoleResources(num_cpus=1.0)
     sync_timeout_s: float = Field(120.0, gt=0)  # weight sync must finish within this
     batch_timeout_s: float = Field(1800.0, gt=0)  # one generation/labeling call
+    # object_store: rank 0's weights through Ray's object store (CPU; any cluster);
+    # broadcast: rank 0 broadcasts to the generators over a process group of their own
+    # (NCCL on GPU, gloo on CPU); auto: broadcast when learner and generators have GPUs
+    weight_sync: Literal["auto", "object_store", "broadcast"] = "auto"
+    # the pre-flight check compares the layout with what Ray reports at start; an
+    # autoscaling cluster starts small, so give its full-scale totals here, e.g. {GPU: 64}
+    cluster_resources: dict[str, float] = {}
+    check_resources: bool = True
 
 
 class EvalConfig(_Strict):
@@ -322,11 +335,14 @@ class Config(_Strict):
         if self.reward.source == "rm" and not self.reward.rm_path:
             raise ValueError("reward.source=rm needs reward.rm_path (a folder written by `rlaif-ray train-rm`)")
         n = self.rl.prompts_per_step
-        for role in ("generators", "labelers"):
+        for role in ("generators", "labelers", "learner"):
             k = getattr(self.pipeline, role).num_actors
             if k > n:
                 raise ValueError(f"pipeline.{role}.num_actors={k} exceeds rl.prompts_per_step={n}:"
                                  " some actors would get no prompts")
+            if n % k:  # uneven shards leave the smaller ones idle, and ranks step in lockstep
+                raise ValueError(f"rl.prompts_per_step={n} does not divide across pipeline.{role}.num_actors={k}: "
+                                 f"use a multiple of {k} (e.g. {n + k - n % k})")
         return self
 
 

@@ -20,10 +20,12 @@ from . import schemas
 from .config import Config, ConfigError
 from .data import PromptSampler, load_tldr, prompt_batch, task_prompts
 from .evaluate import check_eval_config, harmless_on, judge
+from .layout import bundle, check_layout, placement
 from .metrics import RoleMetrics
 from .models import is_checkpoint, load_tokenizer, model_context
 from .progress import gather
 from .runlog import RunFolder
+from .weight_sync import WeightVersionError
 
 
 class StalenessError(RuntimeError):
@@ -49,33 +51,71 @@ def start_ray(cfg: Config) -> bool:
     return True
 
 
+def preflight(cfg: Config) -> None:
+    """Refuse a layout the cluster cannot hold before any actor starts (layout.check_layout)."""
+    if not cfg.pipeline.check_resources:
+        return
+    if cfg.pipeline.cluster_resources:  # an autoscaling cluster's full-scale totals
+        return check_layout(cfg, cfg.pipeline.cluster_resources)
+    check_layout(cfg, ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n["Alive"]])
+
+
+def place(name: str, role, tag: str, timeout: float) -> list[dict]:
+    """Per-actor scheduling options of a role: bundle i of a placement group named ROLE@TAG
+    (learner PACK, generators and labelers SPREAD unless the config says otherwise)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    strategy, one = placement(name, role), bundle(role)
+    if strategy == "NONE" or not one:
+        return [{}] * role.num_actors
+    pg = ray.util.placement_group([one] * role.num_actors, strategy=strategy, name=f"{name}@{tag}")
+    ready, _ = ray.wait([pg.ready()], timeout=timeout)
+    if not ready:
+        ray.util.remove_placement_group(pg)
+        raise ConfigError(f"pipeline.{name}: placement group of {role.num_actors} x {one} ({strategy}) not placed "
+                          f"within {timeout:.0f}s: the cluster lacks the resources (see `ray status`)")
+    return [{"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, i)} for i in range(role.num_actors)]
+
+
+def release(tag: str, names=("generators", "labelers", "learner")) -> None:
+    """Remove a run's placement groups (they outlive killed actors until the driver exits)."""
+    for name in names:
+        try:
+            ray.util.remove_placement_group(ray.util.get_placement_group(f"{name}@{tag}"))
+        except ValueError:  # none by that name
+            pass
+
+
 def start_actors(cfg: Config, tag: str = ""):
-    """Every role in its own actor (process), resources from the config. `tag` makes the
-    actor names unique per run, so they read as generator-0@RUN in the dashboard."""
+    """Every role in its own actor (process), resources and placement from the config.
+    `tag` makes the actor names unique per run, so they read as generator-0@RUN in the
+    dashboard. Call release(tag) after killing them."""
     from actors.generator import RolloutGenerator
     from actors.labeler import Labeler
     from actors.reward_model import RewardModel
 
     p, m = cfg.pipeline, cfg.model
 
-    def opts(role, name):
-        return dict(name=f"{name}@{tag}" if tag else name, num_cpus=role.num_cpus, num_gpus=role.num_gpus,
-                    max_restarts=role.max_restarts, resources=role.resources)
+    def opts(name, role, label):
+        where = place(name, role, tag, p.batch_timeout_s)
+        return [dict(name=f"{label}-{i}@{tag}" if tag else f"{label}-{i}", num_cpus=role.num_cpus,
+                     num_gpus=role.num_gpus, max_restarts=role.max_restarts, resources=role.resources, **where[i])
+                for i in range(role.num_actors)]
 
     def device(role):
         return "cuda" if role.num_gpus > 0 else "cpu"
 
-    gens = [ray.remote(RolloutGenerator).options(max_concurrency=2, **opts(p.generators, f"generator-{i}")).remote(
+    gens = [ray.remote(RolloutGenerator).options(max_concurrency=2, **o).remote(
         f"generator-{i}", m.name, m.dtype, cfg.generation.model_dump(), p.generators.torch_threads,
-        device(p.generators)) for i in range(p.generators.num_actors)]
+        device(p.generators)) for i, o in enumerate(opts("generators", p.generators, "generator"))]
     if cfg.reward.source == "rm":  # the reward-model pool takes the labelers' place and resources
-        labelers = [ray.remote(RewardModel).options(**opts(p.labelers, f"reward-model-{i}")).remote(
+        labelers = [ray.remote(RewardModel).options(**o).remote(
             f"reward-model-{i}", cfg.reward.rm_path, m.dtype, p.labelers.torch_threads, device(p.labelers),
-            cfg.reward.batch_size, cfg.rm.max_tokens) for i in range(p.labelers.num_actors)]
+            cfg.reward.batch_size, cfg.rm.max_tokens) for i, o in enumerate(opts("labelers", p.labelers, "reward-model"))]
     else:
-        labelers = [ray.remote(Labeler).options(**opts(p.labelers, f"labeler-{i}")).remote(
+        labelers = [ray.remote(Labeler).options(**o).remote(
             f"labeler-{i}", cfg.reward.model_dump(), cfg.reward.model or m.name, m.dtype, p.labelers.torch_threads,
-            device(p.labelers)) for i in range(p.labelers.num_actors)]
+            device(p.labelers)) for i, o in enumerate(opts("labelers", p.labelers, "labeler"))]
     return gens, labelers, start_learner(cfg, tag)
 
 
@@ -102,6 +142,7 @@ def start_learner(cfg: Config, tag: str = ""):
     role = cfg.pipeline.learner
     options = dict(num_cpus=role.num_cpus, num_gpus=role.num_gpus, max_restarts=0, resources=role.resources)
     return LearnerGroup(ray.remote(LearnerWorker), role.num_actors, options, tag,
+                        place("learner", role, tag, cfg.pipeline.batch_timeout_s),
                         model_name=cfg.model.name, dtype=cfg.model.dtype, rl_cfg=cfg.rl.model_dump(),
                         temperature=cfg.generation.temperature, torch_threads=role.torch_threads,
                         device="cuda" if role.num_gpus > 0 else "cpu")
@@ -117,16 +158,50 @@ def split(items: list, n: int) -> list[list]:
     return [o for o in out if o]
 
 
+def wait_named(refs: list, names: list[str], timeout: float, what: str) -> list:
+    """Results of `refs`, or WeightSyncTimeout naming every actor that did not answer
+    within `timeout` seconds (never a hang)."""
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    if len(ready) < len(refs):
+        ray.get(ready)  # a member that died is the cause: raise its error, not the timeout
+        late = [n for n, r in zip(names, refs) if r not in ready]
+        raise WeightSyncTimeout(f"{what} not acknowledged within {timeout:.0f}s by {late}")
+    return ray.get(refs)  # re-raises an actor's own error
+
+
+def check_acks(acks: list[int], names: list[str], version: int) -> None:
+    wrong = [f"{n} holds version {a}" for n, a in zip(names, acks) if a != version]
+    if wrong:
+        raise WeightVersionError(f"weight sync to version {version}: {', '.join(wrong)}")
+
+
 def sync_weights(gens, weights_ref, version: int, timeout: float, names: list[str] | None = None) -> None:
-    """Send the new weights to every generator; an actor that does not acknowledge within
-    `timeout` seconds is named in the error (never a hang)."""
+    """The object-store path: every generator stages the weights and acknowledges the
+    version it now holds, which must be `version`."""
     names = names or [f"generator-{i}" for i in range(len(gens))]
-    acks = [g.set_weights.remote(weights_ref, version) for g in gens]
-    ready, _ = ray.wait(acks, num_returns=len(acks), timeout=timeout)
-    if len(ready) < len(acks):
-        late = [n for n, a in zip(names, acks) if a not in ready]
-        raise WeightSyncTimeout(f"weight sync to version {version} not acknowledged within {timeout:.0f}s by {late}")
-    ray.get(acks)  # re-raise an actor's own error
+    acks = wait_named([g.set_weights.remote(weights_ref, version) for g in gens], names, timeout,
+                      f"weight sync to version {version}")
+    check_acks(acks, names, version)
+
+
+def broadcast_weights(learner0, gens, version: int, timeout: float, names: list[str] | None = None) -> None:
+    """The broadcast path: rank 0 sends over the weight group while every generator
+    receives; a member that does not answer within `timeout` is named."""
+    names = names or [f"generator-{i}" for i in range(len(gens))]
+    out = wait_named([learner0.broadcast_weights.remote(version)] + [g.receive_weights.remote(version) for g in gens],
+                     ["learner-0"] + names, timeout, f"weight broadcast of version {version}")
+    check_acks(out[1:], names, version)
+
+
+def form_weight_group(learner0, gens, device: str, timeout: float) -> None:
+    """Rank 0 and the generators join a new weight-broadcast group (NCCL on GPU, gloo on
+    CPU); called at start and again whenever a member was replaced."""
+    (master, port), spec = ray.get([learner0.address.remote(), learner0.weight_spec.remote()])
+    backend, world = ("nccl" if device == "cuda" else "gloo"), len(gens) + 1
+    wait_named([learner0.join_weight_group.remote(master, port, world, backend, timeout)]
+               + [g.join_weight_group.remote(master, port, i + 1, world, backend, spec, timeout)
+                  for i, g in enumerate(gens)],
+               ["learner-0"] + [f"generator-{i}" for i in range(len(gens))], timeout, "forming the weight group")
 
 
 def _actor_died(err: Exception) -> bool:
@@ -189,6 +264,10 @@ class Pipeline:
         self.judge = start_judge(cfg, self.labelers, tag)
         gather([a.info.remote() for a in self.actors()], "loading models", cfg.run.progress, unit="actor")
         self.version, self.weights = 0, None
+        p = cfg.pipeline
+        gpus = p.learner.num_gpus > 0 and p.generators.num_gpus > 0
+        self.broadcast = p.weight_sync == "broadcast" or (p.weight_sync == "auto" and gpus)
+        self.group_device, self.regroup = ("cuda" if gpus else "cpu"), self.broadcast
         self.max_retries = max(cfg.pipeline.generators.max_restarts, cfg.pipeline.labelers.max_restarts)
         self.recoveries: list[dict] = []
         self.checkpoint: str | None = None  # last checkpoint written
@@ -217,28 +296,47 @@ class Pipeline:
         generator the current weights (a restarted one starts from the initial ones)."""
         self.wait_alive(self.gens[i])
         self.wait_alive(self.labelers[i % len(self.labelers)])
-        if self.weights is not None:
-            ray.get(self.gens[i].set_weights.remote(self.weights, self.version), timeout=self.cfg.pipeline.batch_timeout_s)
+        if self.version > 0:  # through the object store, whatever the sync path (its group is re-formed)
+            weights = self.weights if self.weights is not None else self.learner.weights()
+            ray.get(self.gens[i].set_weights.remote(weights, self.version), timeout=self.cfg.pipeline.batch_timeout_s)
+            self.regroup = self.broadcast
 
     def publish(self, version: int) -> None:
-        """Rank 0's weights to every generator, tagged with the version."""
-        self.version, self.weights = version, self.learner.weights()
-        try:
-            ray.get(self.weights)  # zero-copy from the object store; fails if the learner died
-        except Exception as err:  # noqa: BLE001
-            if not _actor_died(err):
-                raise
-            self.rebuild_learner(err)
+        """Rank 0's weights to every generator, tagged with the version: through the object
+        store, or broadcast over the weight group (pipeline.weight_sync)."""
+        self.version = version
+        if not self.broadcast:
             self.weights = self.learner.weights()
+            try:
+                ray.get(self.weights)  # zero-copy from the object store; fails if the learner died
+            except Exception as err:  # noqa: BLE001
+                if not _actor_died(err):
+                    raise
+                self.rebuild_learner(err)
+                self.weights = self.learner.weights()
+        timeout = self.cfg.pipeline.sync_timeout_s
         for attempt in range(self.max_retries + 1):
             try:
-                return sync_weights(self.gens, self.weights, version, self.cfg.pipeline.sync_timeout_s)
+                if not self.broadcast:
+                    return sync_weights(self.gens, self.weights, version, timeout)
+                if self.regroup:
+                    form_weight_group(self.learner.workers[0], self.gens, self.group_device, timeout)
+                    self.regroup = False
+                return broadcast_weights(self.learner.workers[0], self.gens, version, timeout)
             except Exception as err:  # noqa: BLE001
                 if not _actor_died(err) or attempt == self.max_retries:
                     raise
-                self.log(f"weight sync v{version}: a generator died ({type(err).__name__}); retrying")
+                self.log(f"weight sync v{version}: an actor died ({type(err).__name__}); retrying")
+                if self.broadcast:  # rank 0 itself may be the one that died
+                    try:
+                        ray.get(self.learner.workers[0].info.remote(), timeout=timeout)
+                    except Exception as err0:  # noqa: BLE001
+                        if not _actor_died(err0):
+                            raise
+                        self.rebuild_learner(err0)
                 for g in self.gens:
                     self.wait_alive(g)
+                self.regroup = self.broadcast
 
     def train(self, batch) -> dict:
         """One learner step; a dead learner worker is replaced (rebuild_learner) and the
@@ -263,6 +361,7 @@ class Pipeline:
                  f"{self.checkpoint or 'the initial weights'} and replaying {len(self.replay)} batch(es)")
         for w in self.learner.workers:
             ray.kill(w)
+        release(self.learner.tag, ["learner"])
         self.learner = start_learner(self.cfg, f"{self.tag}-r{len(self.recoveries) + 1}")
         if self.checkpoint:
             self.learner.load(self.checkpoint)
@@ -270,6 +369,7 @@ class Pipeline:
             self.learner.train(old, self.cfg.rl.loss_agg)
         self.recoveries.append({"learner": True, "error": type(err).__name__, "replayed": len(self.replay),
                                 "restore_s": time.perf_counter() - t0})
+        self.regroup = self.broadcast  # the new rank 0 is not in the weight group yet
 
     def checkpointed(self, path: str) -> None:
         self.checkpoint, self.replay = path, []
@@ -277,6 +377,8 @@ class Pipeline:
     def kill(self) -> None:
         for a in self.actors():
             ray.kill(a)
+        release(self.tag)
+        release(self.learner.tag, ["learner"])
 
 
 def evaluate(pipe: Pipeline, items, cfg: Config) -> dict:
@@ -347,6 +449,13 @@ def train(cfg: Config, out: str | Path | None = None, log=print, resume: str | P
         + "".join(f"; {n}" for n in prompts.notes))
     run = RunFolder(cfg, resume or out, resume=resume is not None)  # only once the inputs are known good
     started = start_ray(cfg)
+    try:
+        preflight(cfg)
+    except ConfigError:
+        run.close()
+        if started:
+            ray.shutdown()
+        raise
     pipe = Pipeline(cfg, run.path.name, log)
     try:
         summary = run.read_json("summary_start.json") if resume else {}

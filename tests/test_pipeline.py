@@ -72,22 +72,29 @@ def test_overlapped_run_accounts_for_every_rollout(ray_local, tiny_model_path, t
     assert [e.step for e in events.Scalars("eval/win_rate")] == [2, 4]
 
 
-def test_synchronous_run_is_on_policy(ray_local, tiny_model_path, tmp_path):
+@pytest.mark.parametrize("weight_sync,generators", [("object_store", 1), ("broadcast", 2)])
+def test_synchronous_run_is_on_policy(ray_local, tiny_model_path, tmp_path, weight_sync, generators):
+    """Either sync path (the broadcast one over a gloo group here, NCCL on GPUs) leaves
+    every generator with exactly the learner's weights."""
+    import ray
+
     from rlaif_ray.driver import train
 
     cfg = tiny_cfg(tiny_model_path, tmp_path, rl={"max_staleness": 0, "steps": 3},
-                   eval={"num_prompts": 0, "signal_posts": 0})
+                   eval={"num_prompts": 0, "signal_posts": 0},
+                   pipeline={"weight_sync": weight_sync, "generators": {"num_actors": generators, "num_cpus": 0.5}})
     metrics = read_metrics(train(cfg, tmp_path / "run", log=lambda *_: None))
     assert [m["staleness"] for m in metrics] == [0, 0, 0]
-    # behaviour log-probs recorded by the generator match the learner's: ratio 1
+    # behaviour log-probs recorded by the generators match the learner's: ratio 1
     assert all(abs(m["ratio_mean"] - 1) < 1e-3 for m in metrics)
+    assert not [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]  # released
 
 
 def test_actors_exchange_arrow_and_weights_reach_generators(ray_local, tiny_model_path, tmp_path):
     import ray
 
     from rlaif_ray.data import build_prompts, load_tldr, prompt_batch
-    from rlaif_ray.driver import start_actors, sync_weights
+    from rlaif_ray.driver import release, start_actors, sync_weights
     from rlaif_ray.models import load_tokenizer
 
     cfg = tiny_cfg(tiny_model_path, tmp_path, reward={"source": "pairwise"})
@@ -115,6 +122,7 @@ def test_actors_exchange_arrow_and_weights_reach_generators(ray_local, tiny_mode
     finally:
         for a in gens + labelers + learner.workers:
             ray.kill(a)
+        release(learner.tag)
 
 
 def test_weight_sync_timeout_names_the_actor(ray_local):
@@ -141,7 +149,7 @@ def test_two_learner_workers_match_one(ray_local, tiny_model_path, tmp_path):
 
     from actors.learner import LearnerGroup, LearnerWorker
     from rlaif_ray.data import build_prompts, load_tldr, prompt_batch
-    from rlaif_ray.driver import start_actors
+    from rlaif_ray.driver import release, start_actors
     from rlaif_ray.models import load_tokenizer
 
     cfg = tiny_cfg(tiny_model_path, tmp_path, pipeline={"learner": {"num_cpus": 0.25}})
@@ -161,3 +169,58 @@ def test_two_learner_workers_match_one(ray_local, tiny_model_path, tmp_path):
     finally:
         for a in gens + labelers + learner1.workers + learner2.workers:
             ray.kill(a)
+        release("grad")
+
+
+def test_broadcast_group_checks_versions_and_placement(ray_local, tiny_model_path, tmp_path):
+    """Rank 0 broadcasts over a group of its own; a receiver told another version refuses
+    (naming itself) and the group stays usable; the object-store path checks versions too.
+    The roles sit in their placement groups: learner PACK, generators SPREAD."""
+    import numpy as np
+    import ray
+
+    from rlaif_ray.driver import (WeightVersionError, broadcast_weights, form_weight_group, release, start_actors,
+                                  sync_weights)
+
+    cfg = tiny_cfg(tiny_model_path, tmp_path, pipeline={"learner": {"num_cpus": 0.25}, "labelers": {"num_cpus": 0.25},
+                                                        "generators": {"num_actors": 2, "num_cpus": 0.25}})
+    gens, labelers, learner = start_actors(cfg, "bcast")
+    try:
+        table = {g["name"]: g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"}
+        assert table["learner@bcast"]["strategy"] == "PACK" and table["generators@bcast"]["strategy"] == "SPREAD"
+        assert table["generators@bcast"]["bundles"] == {0: {"CPU": 0.25}, 1: {"CPU": 0.25}}
+        w0 = learner.workers[0]
+        form_weight_group(w0, gens, "cpu", timeout=60)
+        broadcast_weights(w0, gens, 1, timeout=60)
+        want = sum(float(np.asarray(a, dtype=np.float64).sum()) for a in ray.get(learner.weights()).values())
+        for v, d in ray.get([g.digest.remote() for g in gens]):
+            assert v == 1 and d == pytest.approx(want, rel=1e-9)
+
+        late = [w0.broadcast_weights.remote(2)] + [g.receive_weights.remote(3) for g in gens]
+        with pytest.raises(WeightVersionError, match="generator-0 expected weights version 3 but rank 0 sent version 2"):
+            ray.get(late[1])
+        broadcast_weights(w0, gens, 3, timeout=60)  # still in step
+        assert [v for v, _ in ray.get([g.digest.remote() for g in gens])] == [3, 3]
+
+        # object store: an update older than what a generator holds is refused by the driver
+        with pytest.raises(WeightVersionError, match=r"version 2: generator-0 holds version 3, generator-1 holds version 3"):
+            sync_weights(gens, learner.weights(), 2, timeout=60)
+    finally:
+        for a in gens + labelers + learner.workers:
+            ray.kill(a)
+        release("bcast")
+    assert not [g for g in ray.util.placement_group_table().values()
+                if g["name"].endswith("@bcast") and g["state"] != "REMOVED"]
+
+
+def test_an_impossible_layout_is_refused_before_any_actor_starts(ray_local, tiny_model_path, tmp_path):
+    import ray
+
+    from rlaif_ray.config import ConfigError
+    from rlaif_ray.driver import train
+
+    before = set(ray.util.list_named_actors())
+    cfg = tiny_cfg(tiny_model_path, tmp_path, pipeline={"generators": {"num_actors": 2, "num_gpus": 1}})
+    with pytest.raises(ConfigError, match=r"GPU: the layout needs 2 \(generators 2 x 1\) but the cluster declares 0"):
+        train(cfg, tmp_path / "run", log=lambda *_: None)
+    assert set(ray.util.list_named_actors()) == before

@@ -28,7 +28,7 @@ def test_every_role_emits_metrics_to_the_ray_endpoint(ray_local, tiny_model_path
     import ray
 
     from rlaif_ray.data import build_prompts, load_tldr, prompt_batch
-    from rlaif_ray.driver import start_actors
+    from rlaif_ray.driver import release, start_actors
     from rlaif_ray.metrics import RoleMetrics
     from rlaif_ray.models import load_tokenizer
 
@@ -61,6 +61,7 @@ def test_every_role_emits_metrics_to_the_ray_endpoint(ray_local, tiny_model_path
     finally:
         for a in gens + labelers + learner.workers:
             ray.kill(a)
+        release(learner.tag)
 
 
 def _chromium() -> str:

@@ -1,0 +1,97 @@
+"""Weight sync from learner rank 0 to the generators, and its cost model.
+
+Two paths (`pipeline.weight_sync`):
+- object_store: rank 0 returns its parameters as numpy arrays; Ray's object store carries
+  them (zero-copy readers on one node, node-to-node transfers across a cluster) and every
+  generator stages them. Works everywhere; the CPU default.
+- broadcast: rank 0 and the generators form a process group of their own (NCCL on GPU,
+  gloo on CPU), beside the learner's training group. Rank 0 broadcasts a header
+  (version, tensor count) and then every parameter in a fixed order (the spec rank 0 gave
+  the receivers when the group formed). A receiver checks the version against the one the
+  driver told it, after reading every tensor so the group stays in step.
+
+The driver waits for every member with `pipeline.sync_timeout_s` and names the ones that
+did not answer (driver.wait_named).
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+
+class WeightVersionError(RuntimeError):
+    pass
+
+
+def open_group(master: str, port: int, rank: int, world: int, backend: str, timeout_s: float, name: str = "weights"):
+    """A standalone process group: rank 0 hosts the TCP store. It does not touch torch's
+    default group, so the learner keeps its own gloo/NCCL group for gradients."""
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.PrefixStore(name, dist.TCPStore(master, port, world, rank == 0, timeout=timeout))
+    if backend == "nccl":
+        return dist.ProcessGroupNCCL(store, rank, world)
+    return dist.ProcessGroupGloo(store, rank, world, timeout)
+
+
+def _broadcast(group, tensor) -> None:
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    group.broadcast([tensor], opts).wait()
+
+
+def spec(named: list[tuple[str, "object"]]) -> list[tuple[str, list[int], str]]:
+    """What receivers allocate: (name, shape, dtype) in the order rank 0 sends."""
+    return [(k, list(v.shape), str(v.dtype).replace("torch.", "")) for k, v in named]
+
+
+def send(group, named: list[tuple[str, "object"]], version: int, device: str = "cpu") -> int:
+    """Rank 0: the header, then every tensor. Returns the bytes sent."""
+    import torch
+
+    _broadcast(group, torch.tensor([version, len(named)], dtype=torch.int64, device=device))
+    sent = 0
+    for _, t in named:
+        t = t.detach().to(device).contiguous()
+        _broadcast(group, t)
+        sent += t.numel() * t.element_size()
+    return sent
+
+
+def receive(group, tensor_spec: list, version: int, who: str, device: str = "cpu") -> dict:
+    """A generator: read the header and every tensor; refuse a version other than the one
+    expected (the tensors are still read, so the group stays in step)."""
+    import torch
+
+    header = torch.zeros(2, dtype=torch.int64, device=device)
+    _broadcast(group, header)
+    sent_version, count = (int(x) for x in header.tolist())
+    if count != len(tensor_spec):
+        raise WeightVersionError(f"{who}: rank 0 sent {count} tensors, the spec has {len(tensor_spec)}")
+    out = {}
+    for name, shape, dtype in tensor_spec:
+        t = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+        _broadcast(group, t)
+        out[name] = t
+    if sent_version != version:
+        raise WeightVersionError(f"{who} expected weights version {version} but rank 0 sent version {sent_version}")
+    return out
+
+
+@dataclass
+class SyncCost:
+    bytes: float
+    seconds: float
+
+
+def sync_cost(params: float, bytes_per_param: float, gbytes_per_s: float, hops: int = 1,
+              latency_s: float = 0.0) -> SyncCost:
+    """Time to move one policy version: bytes / bandwidth per hop, plus a fixed latency.
+    NCCL's pipelined ring/tree broadcast costs about one hop at bus bandwidth whatever the
+    number of receivers; the object-store path costs one hop per node that pulls a copy
+    (Ray pulls from any node already holding one, so about log2(nodes) rounds)."""
+    size = params * bytes_per_param
+    return SyncCost(size, hops * size / (gbytes_per_s * 1e9) + latency_s)

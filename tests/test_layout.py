@@ -1,0 +1,79 @@
+"""The pre-flight layout check and the weight-sync cost model: pure functions, no cluster."""
+import pytest
+
+from rlaif_ray.config import ConfigError, config_from_dict
+from rlaif_ray.layout import bundle, check_layout, placement
+from rlaif_ray.weight_sync import sync_cost
+
+
+def cfg(**pipeline):
+    return config_from_dict({"rl": {"prompts_per_step": 8}, "pipeline": pipeline})
+
+
+NODE_8GPU = {"CPU": 96, "GPU": 8, "memory": 1e12}
+
+
+def test_a_layout_that_fits_passes():
+    c = cfg(generators={"num_actors": 4, "num_gpus": 1}, labelers={"num_actors": 2, "num_gpus": 1},
+            learner={"num_actors": 2, "num_gpus": 1})
+    check_layout(c, NODE_8GPU, [NODE_8GPU])
+
+
+def test_more_gpus_than_the_cluster_declares_is_refused_with_the_numbers():
+    c = cfg(generators={"num_actors": 4, "num_gpus": 1}, labelers={"num_actors": 4, "num_gpus": 1},
+            learner={"num_actors": 2, "num_gpus": 1})
+    with pytest.raises(ConfigError, match=r"GPU: the layout needs 10 \(generators 4 x 1 \+ labelers 4 x 1 "
+                                          r"\+ learner 2 x 1\) but the cluster declares 8"):
+        check_layout(c, NODE_8GPU, [NODE_8GPU])
+
+
+def test_declared_full_scale_resources_replace_the_live_ones():
+    c = cfg(generators={"num_actors": 8, "num_gpus": 1}, learner={"num_actors": 8, "num_gpus": 1})
+    check_layout(c, {"CPU": 800, "GPU": 64})  # e.g. pipeline.cluster_resources of an autoscaling cluster
+    with pytest.raises(ConfigError, match="GPU: the layout needs 16"):
+        check_layout(c, {"CPU": 8, "GPU": 8})
+
+
+def test_an_actor_larger_than_any_node_is_refused():
+    c = cfg(learner={"num_actors": 1, "num_gpus": 2})
+    one_gpu_nodes = [{"CPU": 8, "GPU": 1}] * 4
+    with pytest.raises(ConfigError, match=r"pipeline.learner: one actor needs \{CPU: 1, GPU: 2\}, more than any node"):
+        check_layout(c, {"CPU": 32, "GPU": 4}, one_gpu_nodes)
+
+
+def test_strict_pack_and_strict_spread_need_matching_nodes():
+    nodes = [{"CPU": 8, "GPU": 2}] * 2
+    packed = cfg(learner={"num_actors": 4, "num_gpus": 1, "placement": "STRICT_PACK"})
+    with pytest.raises(ConfigError, match="STRICT_PACK puts all 4 actors"):
+        check_layout(packed, {"CPU": 16, "GPU": 4}, nodes)
+    spread = cfg(generators={"num_actors": 4, "num_cpus": 1, "placement": "STRICT_SPREAD"})
+    with pytest.raises(ConfigError, match="STRICT_SPREAD needs 4 nodes .* the cluster has 2"):
+        check_layout(spread, {"CPU": 16, "GPU": 4}, nodes)
+
+
+def test_custom_resources_must_exist():
+    c = cfg(generators={"num_actors": 2, "num_gpus": 1, "resources": {"rollout": 1}})
+    with pytest.raises(ConfigError, match=r"rollout: the layout needs 2 \(generators 2 x 1\) but the cluster declares 0"):
+        check_layout(c, NODE_8GPU, [NODE_8GPU])
+
+
+def test_batch_sizes_that_do_not_divide_across_workers_are_refused():
+    with pytest.raises(ConfigError, match=r"rl.prompts_per_step=6 does not divide across pipeline.learner.num_actors=4"):
+        config_from_dict({"rl": {"prompts_per_step": 6}, "pipeline": {"learner": {"num_actors": 4}}})
+    with pytest.raises(ConfigError, match=r"rl.prompts_per_step=5 does not divide across pipeline.generators.num_actors=2"):
+        config_from_dict({"rl": {"prompts_per_step": 5}, "pipeline": {"generators": {"num_actors": 2}}})
+    config_from_dict({"rl": {"prompts_per_step": 8}, "pipeline": {"learner": {"num_actors": 4}}})
+
+
+def test_placement_defaults_and_bundles():
+    c = cfg(learner={"num_actors": 2, "num_cpus": 0, "num_gpus": 1, "resources": {"trainer": 1}})
+    assert placement("learner", c.pipeline.learner) == "PACK"
+    assert placement("generators", c.pipeline.generators) == "SPREAD"
+    assert bundle(c.pipeline.learner) == {"GPU": 1.0, "trainer": 1.0}  # zero amounts left out
+
+
+def test_weight_sync_cost_model():
+    # 7B parameters in bf16 = 14 GB; at 100 GB/s one hop takes 0.14 s
+    c = sync_cost(7e9, 2, 100)
+    assert c.bytes == 14e9 and c.seconds == pytest.approx(0.14)
+    assert sync_cost(7e9, 2, 100, hops=3, latency_s=0.5).seconds == pytest.approx(0.92)
