@@ -27,7 +27,7 @@ demo: setup
 	$(BIN)/rlaif-ray train configs/quickstart.yaml
 
 test: setup-vllm
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -38,6 +38,8 @@ class LearnerWorker:
         self.rl, self.temperature, self.device = rl_cfg, temperature, device
         self.model_name = model_name
         self.policy = load_model(model_name, dtype).to(device).train()
+        if rl_cfg["gradient_checkpointing"]:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ref = load_model(model_name, dtype).to(device).eval().requires_grad_(False)
         self.pad = self.policy.config.pad_token_id or self.policy.config.eos_token_id
         self.value_head = None
@@ -50,7 +52,9 @@ class LearnerWorker:
             torch.nn.init.zeros_(self.value_head.bias)
             params += list(self.value_head.parameters())
         self.params = params
-        self.opt = torch.optim.AdamW(params, lr=rl_cfg["lr"], weight_decay=rl_cfg["weight_decay"])
+        # foreach=False: the multi-tensor kernels allocate temporaries the size of every
+        # parameter at once (a model-sized spike at each step); one tensor at a time does not
+        self.opt = torch.optim.AdamW(params, lr=rl_cfg["lr"], weight_decay=rl_cfg["weight_decay"], foreach=False)
         self.busy_s = 0.0
         self.metrics = RoleMetrics("learner", f"learner-{rank}")
 
@@ -109,10 +113,13 @@ class LearnerWorker:
             bad = [r["rollout_id"] for r, x in zip(rows, reward.tolist()) if not np.isfinite(x)]
             raise NonFiniteError(f"non-finite loss or reward at learner rank {self.rank}; "
                                  f"non-finite rewards in rollouts {bad[:5]}; batch {rows[0]['batch_index']}")
-        self.opt.zero_grad(set_to_none=False)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.world_size > 1:
             # losses are normalised by the global batch, so summed gradients are the mean
+            for p in self.params:  # a parameter without a gradient on this rank still takes part
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
             flat = torch.cat([p.grad.reshape(-1) for p in self.params])
             dist.all_reduce(flat)
             offset = 0
@@ -121,6 +128,8 @@ class LearnerWorker:
                 offset += p.numel()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.rl["max_grad_norm"])
         self.opt.step()
+        self.opt.zero_grad(set_to_none=True)  # no model-sized gradients held between steps
+        _malloc_trim()
         n_seq = max(len(rows), 1)
         self.busy_s += time.perf_counter() - t0
         self.metrics.observe("learner_step_s", time.perf_counter() - t0)
@@ -183,6 +192,18 @@ class LearnerWorker:
                                              if k.startswith("value_head.")})
         meta = json.loads((path / "trainer_state.json").read_text())["optimizer_meta"]
         self.opt.load_state_dict(_unflatten_optimizer(tensors, meta))
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap back to the OS: glibc keeps it, and the backward pass frees GBs."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict, dict]:

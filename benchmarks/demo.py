@@ -13,7 +13,9 @@ RESULTS = Path(__file__).parent / "results"
 if __name__ == "__main__":
     out = Path("runs") / f"bench-demo-{time.strftime('%Y%m%d-%H%M%S')}"
     load_before = os.getloadavg()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.peak_memory", "--", "rlaif-ray", "train",
+    # the same run gives the memory figure (results/memory.json: every process at the peak)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.peak_memory", "--out", str(RESULTS / "memory.json"),
+                           "--", str(Path(sys.executable).parent / "rlaif-ray"), "train",
                            "configs/quickstart.yaml", "--out", str(out)], capture_output=True, text=True)
     mem = json.loads(proc.stdout.strip().splitlines()[-1])
     s = json.loads((out / "summary.json").read_text())

@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import time
 from pathlib import Path
+
+from benchmarks.overhead import versions
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -53,7 +56,7 @@ def main() -> None:
     for b, a in actors.items():  # warm-up (vLLM's first call is slow)
         ray.get(a.generate.remote(batch, 0, 1, 0))
     samples: dict = {b: [] for b in backends}
-    load_before = os.getloadavg()
+    load_before, t_start = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for r in range(args.rounds):
         for b in backends:
             t0 = time.perf_counter()
@@ -83,8 +86,8 @@ def main() -> None:
     result = {"what": "generation tokens/s (median of alternated rounds) and weight-install time",
               "model": args.model, "batch": args.batch, "new_tokens": args.new_tokens, "rounds": args.rounds,
               "tokens_per_s": med, "weight_update": install, "load_before": load_before,
-              "load_after": os.getloadavg(), "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M"),
-              "samples": samples}
+              "load_after": os.getloadavg(), "cpus": os.cpu_count(), "time": t_start, "machine": platform.machine(),
+              "versions": versions(), "target": "hf actor / direct model.generate >= 0.9", "samples": samples}
     if "vllm" in med and "hf" in med:
         result["ratio_vllm_over_hf"] = med["vllm"] / med["hf"]
     if "direct" in med and "hf" in med:

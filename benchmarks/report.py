@@ -1,6 +1,10 @@
-"""Render BENCHMARKS.md from benchmarks/results/*.json (the last measurement of each)."""
+"""Render BENCHMARKS.md from benchmarks/results/*.json (the last measurement of each).
+
+    python -m benchmarks.report [--results DIR] [--out FILE]   (default: BENCHMARKS.md)
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 from pathlib import Path
@@ -20,6 +24,121 @@ def _load_str(r: dict) -> str:
     return f"load average (1/5/15 min) before {fmt(b)}, after {fmt(a)}"
 
 
+def _versions(r: dict) -> str:
+    v = r.get("versions") or {}
+    return ", ".join(f"{k} {x}" for k, x in v.items() if x)
+
+
+def _setting(r: dict) -> str:
+    """Cores, time, load and versions of one measurement."""
+    vs = _versions(r)
+    return f"{r['cpus']} cores, {r['time']}, {_load_str(r)}" + (f"; {vs}" if vs else "")
+
+
+def _overlap(ov: dict) -> list[str]:
+    out = ["## Pipeline overlap", "", f"{ov['what']}; `{ov['config']}` with {' '.join(ov['overrides'])}; "
+           f"{ov['pairs']} pairs, {_setting(ov)}.", "",
+           "| max_staleness | completions/s (median) |", "|---|---|",
+           f"| 0 (synchronous) | {ov['completions_per_s_staleness0']:.3f} |",
+           f"| 1 (overlapped) | {ov['completions_per_s_staleness1']:.3f} |", "",
+           f"Ratio 1 / 0: **{ov['ratio_1_over_0']:.3f}**.", ""]
+    runs = ov["runs"]
+    if "busy_share" not in runs[0]:  # results written before the busy/idle shares were recorded
+        names = sorted(runs[0]["stage_busy_s"])
+        out += ["Stage busy time per run (seconds, from the actors' own timers) against the loop's wall time:", "",
+                "| max_staleness | loop s | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        out += [f"| {r['max_staleness']} | {r['loop_s']:.1f} | " +
+                " | ".join(f"{r['stage_busy_s'][k]:.1f}" for k in names) + " |" for r in runs]
+        return out + [""]
+    stages = sorted(runs[0]["stage_s"])
+    out += ["Each run: the loop's wall time (first step to the end of the last; model loading and the final "
+            "checkpoint write excluded), each stage's busy seconds from the actors' own timers with its busy "
+            "share of the loop (idle = 1 - busy), the slowest stage, and the run's completions/s against the "
+            "bound that stage sets (completions / its busy seconds):", "",
+            "| max_staleness | loop s | completions/s | " + " | ".join(f"{s} s (busy)" for s in stages) +
+            " | slowest | of its bound |", "|---|---|---|" + "---|" * len(stages) + "---|---|"]
+    out += [f"| {r['max_staleness']} | {r['loop_s']:.1f} | {r['completions_per_s']:.3f} | " +
+            " | ".join(f"{r['stage_s'][s]:.1f} ({r['busy_share'][s]:.0%})" for s in stages) +
+            f" | {r['slowest_stage']} | {r['of_bound']:.0%} |" for r in runs]
+    return out + [""]
+
+
+def _overhead(oh: dict) -> list[str]:
+    med, st = oh["completions_per_s"], oh["stage_s_per_step_median"]
+    cols = ("generator", "labeler", "learner", "outside_stages")
+    out = ["## Framework overhead (Ray pipeline vs plain Python)", "",
+           f"{oh['what']}; `{oh['config']}` with {' '.join(oh['overrides'])}; {oh['pairs']} pairs, {_setting(oh)}.", "",
+           "| variant | completions/s (median) | s per step | generator | labeler | learner | outside the stages |",
+           "|---|---|---|---|---|---|---|"]
+    out += [f"| {v} | {med[v]:.3f} | {st[v]['loop']:.2f} | " + " | ".join(f"{st[v][c]:.2f}" for c in cols) + " |"
+            for v in ("ray", "plain")]
+    met = "met" if oh["meets_target"] else "**not met**"
+    out += ["", f"Ray / plain completions/s: **{oh['ratio_ray_over_plain']:.3f}**: the Ray loop takes "
+            f"{oh['ray_slower_by']:+.1%} longer (target at most +5%: {met}). Per pair: "
+            + ", ".join(f"{x:.3f}" for x in oh["pair_ratios_ray_over_plain"]) +
+            f". Stage columns: seconds per step (medians), from the actors' busy timers (Ray) or the same spans "
+            f"timed in the plain loop; *outside the stages* is the rest of the step (Ray: weight sync through the "
+            f"object store, dispatch, Arrow; plain: the weight copy, {st['plain'].get('weight_sync', 0):.3f} s). "
+            f"Same seeds, so the same samples: largest per-step difference between the variants in mean reward "
+            f"{oh['max_abs_diff']['reward_mean']:.1e}, in loss {oh['max_abs_diff']['loss']:.1e}.", ""]
+    if "cpu_s_per_step_median" in oh:
+        c, k = oh["cpu_s_per_step_median"], oh["ray_cpu_s_per_step_by_process_median"]
+        out += [f"CPU seconds per step (user + system, every process, the loop only; less sensitive to other load "
+                f"on the machine than wall time): Ray {c['ray']:.2f} (" + ", ".join(f"{n} {v:.2f}" for n, v in k.items())
+                + f"), plain {c['plain']:.2f}: ratio **{oh['ratio_cpu_ray_over_plain']:.3f}**.", ""]
+    if oh.get("note"):
+        out += [oh["note"], ""]
+    return out
+
+
+def _scaling(sc: dict) -> list[str]:
+    t, ck = sc["stage_times"], sc["check_g1_l1"]
+    out = ["## Scaling model (predicted)", "",
+           f"{sc['what']}: `{sc['config']}` ({sc['source_time']}, {sc['cpus']} cores, {_load_str(sc)}), "
+           f"`rlaif_ray/scaling.py`. Per completion on one actor: generation t_g = {t['t_g']:.3f} s, labeling "
+           f"t_l = {t['t_l']:.3f} s, learner t_t = {t['t_t']:.3f} s; t_s = {t['t_s']:.2f} s per step outside "
+           f"the actors (weight sync, dispatch); n = {t['n']} completions per step.", "",
+           f"`{sc['formula']}`.", "",
+           "Predicted completions/s, each cell synchronous / max_staleness 1 / unbounded staleness, with the "
+           "bottleneck stage of the unbounded pipeline:", ""]
+    gs = sorted({r["generators"] for r in sc["table"]})
+    ls = sorted({r["labelers"] for r in sc["table"]})
+    cell = {(r["generators"], r["labelers"]): r for r in sc["table"]}
+    out += ["| generators G \\ labelers L | " + " | ".join(str(x) for x in ls) + " |", "|---|" + "---|" * len(ls)]
+    out += [f"| {g} | " + " | ".join(f"{cell[g, x]['staleness_0']:.2f} / {cell[g, x]['staleness_1']:.2f} / "
+                                     f"{cell[g, x]['staleness_inf']:.2f} ({cell[g, x]['bottleneck']})" for x in ls) + " |"
+            for g in gs]
+    m, p = ck["measured_per_s"], ck["predicted_per_s"]
+    out += ["", f"Check at G = L = 1: synchronous measured {m['0']:.3f} vs model {p['0']:.3f} (the model's "
+            f"inputs come from these runs); max_staleness 1 measured {m['1']:.3f} vs model {p['1']:.3f} "
+            f"(**{ck['measured_over_predicted']['1']:.0%}** of it)."]
+    if "stage_s_per_completion_overlapped" in ck:
+        o = ck["stage_s_per_completion_overlapped"]
+        out[-1] += (f" The model assumes stages do not slow each other down; in the overlapped runs they share the "
+                    f"cores (t_g {o['t_g']:.3f}, t_l {o['t_l']:.3f}, t_t {o['t_t']:.3f} s per completion), and "
+                    f"with those times it predicts {ck['predicted_with_overlapped_stage_times_per_s']:.3f}.")
+    out.append("")
+    out += ["To check on a cluster: run `benchmarks.overlap` there with pools of 1, `benchmarks.scaling`, then "
+            "`benchmarks.overlap --set pipeline.generators.num_actors=G --set pipeline.labelers.num_actors=L` "
+            "(rl.prompts_per_step >= G) and compare with the cell.", ""]
+    return out
+
+
+def _memory(mem: dict) -> list[str]:
+    out = ["## Peak memory (quickstart)", "",
+           f"`{mem['command']}` under `benchmarks.peak_memory` (every process of the run's tree sampled each "
+           f"second): wall {mem['wall_s']:.0f} s, peak sum of PSS **{mem['peak_pss_sum_gib']:.2f} GiB** "
+           f"(shared pages split between processes), sum of RSS {mem['peak_rss_sum_gib']:.2f} GiB"
+           + (f"; {mem['cpus']} cores, {mem['time']}" if "time" in mem and "cpus" in mem else "") + "."]
+    procs = mem.get("processes_at_peak_pss_mib") or mem.get("processes") or []
+    if procs:
+        at = f" ({mem['peak_pss_at_s']:.0f} s into the run)" if "peak_pss_at_s" in mem else ""
+        out += ["", f"Largest processes at peak PSS{at}, MiB:", "", "| process | PSS | RSS |", "|---|---|---|"]
+        out += [f"| `{p['name'][:60]}` | {p['pss']:.0f} | {p['rss']:.0f} |"
+                for p in sorted(procs, key=lambda p: -p["pss"])[:8]]
+    return out + [""]
+
+
 def render() -> str:
     out = ["# Benchmarks", "",
            "Generated by `make bench` (`benchmarks/report.py`) from `benchmarks/results/*.json`: each figure is",
@@ -34,30 +153,26 @@ def render() -> str:
         out.append("")
     ov = _load("overlap")
     if ov:
-        out += ["## Pipeline overlap", "", f"{ov['what']}; `{ov['config']}` with {' '.join(ov['overrides'])}; "
-                f"{ov['pairs']} pairs, {ov['cpus']} cores, {ov['time']}, {_load_str(ov)}.", "",
-                "| max_staleness | completions/s (median) |", "|---|---|",
-                f"| 0 (synchronous) | {ov['completions_per_s_staleness0']:.3f} |",
-                f"| 1 (overlapped) | {ov['completions_per_s_staleness1']:.3f} |", "",
-                f"Ratio 1 / 0: **{ov['ratio_1_over_0']:.3f}**.", ""]
-        busy = [r for r in ov["runs"]]
-        out += ["Stage busy time per run (seconds, from the actors' own timers) against the loop's wall time:", "",
-                "| max_staleness | loop s | " + " | ".join(sorted(busy[0]["stage_busy_s"])) + " |",
-                "|---|---|" + "---|" * len(busy[0]["stage_busy_s"])]
-        out += [f"| {r['max_staleness']} | {r['loop_s']:.1f} | " +
-                " | ".join(f"{r['stage_busy_s'][k]:.1f}" for k in sorted(r["stage_busy_s"])) + " |" for r in busy]
-        out.append("")
+        out += _overlap(ov)
+    sc = _load("scaling")
+    if sc:
+        out += _scaling(sc)
+    oh = _load("overhead")
+    if oh:
+        out += _overhead(oh)
     gen = _load("generation")
     if gen:
         out += ["## Generation throughput and weight updates", "",
                 f"{gen['what']}; {gen['model']}, batch {gen['batch']} x {gen['new_tokens']} new tokens, "
-                f"{gen['rounds']} rounds, {gen['cpus']} cores, {gen['time']}, {_load_str(gen)}.", "",
+                f"{gen['rounds']} rounds, {_setting(gen)}.", "",
                 "| variant | tokens/s (median) |", "|---|---|"]
         out += [f"| {k} | {v:.1f} |" for k, v in gen["tokens_per_s"].items()]
         for key, label in (("ratio_vllm_over_hf", "vllm actor / hf actor"),
                            ("ratio_hf_actor_over_direct", "hf actor / direct model.generate")):
             if key in gen:
                 out.append(f"\n{label}: **{gen[key]:.2f}**")
+        if gen.get("target"):
+            out.append(f"\nTarget: {gen['target']}.")
         out += ["", "| actor | weight install s | set_weights + install, wall s |", "|---|---|---|"]
         out += [f"| {k} | {v['install_s']:.2f} | {v['set_weights_and_install_wall_s']:.2f} |"
                 for k, v in gen["weight_update"].items()]
@@ -66,8 +181,7 @@ def render() -> str:
         out += ["## Pairwise labeling throughput", "",
                 f"{lab['what']}; {lab['model']}, {lab['pairs']} {lab['data']} pairs ({lab['shots']}-shot, median context "
                 f"{lab['context_tokens_median']:.0f} tokens), batches of {lab['batch_pairs']} pairs, "
-                f"{lab['torch_threads']} torch thread(s), {lab['rounds']} rounds, {lab['cpus']} cores, {lab['time']}, "
-                f"{_load_str(lab)}.", "", "| variant | debiased labels/s (median) |", "|---|---|"]
+                f"{lab['torch_threads']} torch thread(s), {lab['rounds']} rounds, {_setting(lab)}.", "", "| variant | debiased labels/s (median) |", "|---|---|"]
         out += [f"| {k} | {v:.3f} |" for k, v in lab["pairs_per_s"].items()]
         out += ["", f"batched / single: **{lab['ratio_batched_over_single']:.2f}**; prefix_shared / single: "
                 f"**{lab['ratio_prefix_shared_over_single']:.2f}**; prefix_shared / batched: "
@@ -94,6 +208,9 @@ def render() -> str:
                     f"{r['same_position_share']:.1%} | {r['of_which_first_slot']:.1%} | {r['wall_s']:.0f} |"
                     for r in g["rows"]]
             out.append("")
+    mem = _load("memory")
+    if mem:
+        out += _memory(mem)
     demo = _load("demo")
     if demo:
         out += ["## Quickstart (`make demo`)", "", f"{demo['note']}", "",
@@ -127,6 +244,17 @@ def render() -> str:
     return "\n".join(out)
 
 
+def main() -> None:
+    global RESULTS
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--results", default=str(RESULTS), help="folder of the results JSON files")
+    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    args = ap.parse_args()
+    RESULTS = Path(args.results)
+    text = render()
+    Path(args.out).write_text(text)
+    print(text)
+
+
 if __name__ == "__main__":
-    (ROOT / "BENCHMARKS.md").write_text(render())
-    print((ROOT / "BENCHMARKS.md").read_text())
+    main()

@@ -1,10 +1,13 @@
-"""`make bench`: every benchmark, then BENCHMARKS.md regenerated from the results.
-Takes about 35 minutes on 2 cores (the quickstart's memory run is the longest). The labeler
-alignment grid is separate (`make bench-labeler`, about 2 hours)."""
+"""`make bench`: every benchmark (each figure from at least 3 alternated pairs or rounds,
+medians), then BENCHMARKS.md regenerated from benchmarks/results/*.json. Takes about an
+hour on 2 cores (the quickstart runs under the memory sampler are the longest). The
+labeler alignment grid is separate (`make bench-labeler`, about 2 hours)."""
 from __future__ import annotations
 
 import subprocess
 import sys
+
+QUICK = ["configs/quickstart.yaml", "--pairs", "3", "--set", "rl.steps=4"]
 
 
 def run(*args: str) -> None:
@@ -13,8 +16,11 @@ def run(*args: str) -> None:
 
 
 if __name__ == "__main__":
-    run("-m", "benchmarks.overlap", "configs/quickstart.yaml", "--pairs", "2", "--set", "rl.steps=4")
+    run("-m", "benchmarks.overlap", *QUICK)
+    run("-m", "benchmarks.scaling")  # from overlap.json's per-stage times
+    run("-m", "benchmarks.overhead", *QUICK)
     run("-m", "benchmarks.generation", "--rounds", "3", "--batch", "8", "--new-tokens", "64")
-    run("-m", "benchmarks.labeling", "--pairs", "16", "--rounds", "2")
-    run("-m", "benchmarks.demo")
+    run("-m", "benchmarks.labeling", "--pairs", "16", "--rounds", "3")
+    run("-m", "benchmarks.labeling", "--pairs", "16", "--rounds", "3", "--shots", "2")
+    run("-m", "benchmarks.demo")  # the full quickstart under the memory sampler: results/memory.json too
     run("-m", "benchmarks.report")

@@ -40,7 +40,9 @@ def start_ray(cfg: Config) -> bool:
     """Start (or join) Ray; returns whether this call started it."""
     if ray.is_initialized():
         return False
-    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+           # fewer glibc arenas: a process that frees GBs (the learner's backward) returns more of them
+           "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         # a cluster: ray.address, or the one a `ray job submit` job runs in (RAY_ADDRESS is set);
         # the job's own runtime env (working dir) is kept, ours only adds variables
@@ -263,7 +265,7 @@ class Pipeline:
         self.gens, self.labelers, self.learner = start_actors(cfg, tag)
         self.judge = start_judge(cfg, self.labelers, tag)
         gather([a.info.remote() for a in self.actors()], "loading models", cfg.run.progress, unit="actor")
-        self.version, self.weights = 0, None
+        self.version = 0
         p = cfg.pipeline
         gpus = p.learner.num_gpus > 0 and p.generators.num_gpus > 0
         self.broadcast = p.weight_sync == "broadcast" or (p.weight_sync == "auto" and gpus)
@@ -297,7 +299,7 @@ class Pipeline:
         self.wait_alive(self.gens[i])
         self.wait_alive(self.labelers[i % len(self.labelers)])
         if self.version > 0:  # through the object store, whatever the sync path (its group is re-formed)
-            weights = self.weights if self.weights is not None else self.learner.weights()
+            weights = self.learner.weights()  # the learner is at self.version between publishes
             ray.get(self.gens[i].set_weights.remote(weights, self.version), timeout=self.cfg.pipeline.batch_timeout_s)
             self.regroup = self.broadcast
 
@@ -305,20 +307,23 @@ class Pipeline:
         """Rank 0's weights to every generator, tagged with the version: through the object
         store, or broadcast over the weight group (pipeline.weight_sync)."""
         self.version = version
+        weights = None  # not kept: the store frees each version once every generator installed it
         if not self.broadcast:
-            self.weights = self.learner.weights()
+            weights = self.learner.weights()
             try:
-                ray.get(self.weights)  # zero-copy from the object store; fails if the learner died
+                # runs after get_weights in rank 0's order, so it fails if the learner died (and
+                # the weights are not fetched into the driver)
+                ray.get(self.learner.workers[0].info.remote())
             except Exception as err:  # noqa: BLE001
                 if not _actor_died(err):
                     raise
                 self.rebuild_learner(err)
-                self.weights = self.learner.weights()
+                weights = self.learner.weights()
         timeout = self.cfg.pipeline.sync_timeout_s
         for attempt in range(self.max_retries + 1):
             try:
                 if not self.broadcast:
-                    return sync_weights(self.gens, self.weights, version, timeout)
+                    return sync_weights(self.gens, weights, version, timeout)
                 if self.regroup:
                     form_weight_group(self.learner.workers[0], self.gens, self.group_device, timeout)
                     self.regroup = False
@@ -382,8 +387,12 @@ class Pipeline:
 
 
 def evaluate(pipe: Pipeline, items, cfg: Config) -> dict:
-    """Mean reward and response length on held-out prompts, same seed every time."""
-    batch = Rollouts(pipe, items, -1, 1, cfg.rl.seed + 999, "direct", cfg.eval.temperature).get(cfg.pipeline.batch_timeout_s)
+    """Mean reward and response length on held-out prompts, same seeds every time; in
+    chunks of eval.batch_size prompts per generator (one call over 48 prompts held GBs)."""
+    n = cfg.eval.batch_size * len(pipe.gens)
+    chunks = [Rollouts(pipe, items[i:i + n], -1, 1, cfg.rl.seed + 999 + i, "direct", cfg.eval.temperature)
+              for i in range(0, len(items), n)]
+    batch = schemas.concat([c.get(cfg.pipeline.batch_timeout_s) for c in chunks], schemas.SCORED)
     rewards = batch.column("reward").to_pylist()
     lengths = [len(t) for t in batch.column("response_token_ids").to_pylist()]
     ids = batch.column("prompt_id").to_pylist()

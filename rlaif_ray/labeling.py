@@ -11,6 +11,15 @@ from . import lm, prompts, scoring
 from .scoring import SCORERS
 
 
+def _lcp(x: list[int], y: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = min(len(x), len(y))
+    i = 0
+    while i < n and x[i] == y[i]:
+        i += 1
+    return i
+
+
 class HFLabelEngine:
     """Label-token log-probs from a transformers model (the `vllm` engine has the same method)."""
 
@@ -20,66 +29,121 @@ class HFLabelEngine:
         # auto: on for CPU (single rows beat padded batches there, measured); off on a GPU,
         # where the rows of a padded batch run in parallel
         self.share_prefixes = prefix_sharing == "on" or (prefix_sharing == "auto" and model.device.type == "cpu")
+        self._root: tuple | None = None  # (tokens, KV cache of exactly them, weights' versions): see _root_cache
 
     def label_logprobs(self, seqs: list[list[int]], ids: list[int], lookback: int = 1) -> torch.Tensor:
         """[B, lookback, len(ids)]: log-probs of `ids` as next token after each of the last
         `lookback` positions of each sequence. `share_prefixes` (default): shared token
-        prefixes run once (see _shared); otherwise one left-padded batched pass."""
+        prefixes run once (see _shared); otherwise one right-padded batched pass (_padded)."""
         if self.share_prefixes and len(seqs) > 1:
             return self._shared(seqs, lookback)[:, :, ids]
-        return lm.next_token_logprobs(self.model, seqs, self.pad, lookback)[:, :, ids]
+        return self._padded(seqs, lookback)[:, :, ids]
+
+    def _last(self, hidden: torch.Tensor, lengths: list[int], lookback: int) -> torch.Tensor:
+        """Log-softmax of the LM head at the last `lookback` real positions of each row of a
+        right-padded [B, T, H] hidden state; the LM head (vocab x hidden) runs on those only."""
+        at = torch.tensor([[n - lookback + k for k in range(lookback)] for n in lengths])
+        h = hidden[torch.arange(len(lengths))[:, None], at]
+        return self.model.lm_head(h).float().log_softmax(-1)
+
+    PAD_SLACK_CPU = 1.15  # on CPU a padded batch is cut where padding would exceed 15% of its real tokens
+
+    @torch.no_grad()
+    def _padded(self, seqs: list[list[int]], lookback: int) -> torch.Tensor:
+        """Batched passes, rows right-padded: a causal model never lets a real token see the
+        pads after it, so no attention mask is needed (sdpa keeps its fast causal kernel,
+        unlike a left-padded batch's explicit mask) and positions are the plain 0..n-1.
+        On a GPU one pass (rows run in parallel); on CPU, where a pad costs as much as a
+        real token, rows sorted by length are cut into buckets of similar lengths."""
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        slack = self.PAD_SLACK_CPU if self.model.device.type == "cpu" else float("inf")
+        buckets, cur = [], []
+        for i in order:  # longest first: a bucket's width is its first row's length
+            if cur and (len(cur) + 1) * len(seqs[cur[0]]) > slack * (sum(len(seqs[j]) for j in cur) + len(seqs[i])):
+                buckets.append(cur)
+                cur = []
+            cur.append(i)
+        buckets.append(cur)
+        out = torch.empty(len(seqs), lookback, self.model.config.vocab_size)
+        for rows in buckets:
+            ids = torch.full((len(rows), len(seqs[rows[0]])), self.pad, dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, :len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
+            hidden = self.model.model(input_ids=ids).last_hidden_state
+            out[rows] = self._last(hidden, [len(seqs[i]) for i in rows], lookback)
+        return out
+
+    def _versions(self) -> tuple:
+        # in-place weight updates (load_state_dict, copy_) bump a tensor's version: a cached
+        # prefix is only reused under the weights it was computed with
+        return tuple((id(p), p._version) for p in self.model.parameters())
+
+    def _root_cache(self, tokens: list[int]):
+        """A KV cache holding exactly `tokens`, kept across calls: the root (preamble,
+        exemplars) is the same for every batch of a run, so it is computed once per engine;
+        a different root reuses the cached one up to their common prefix."""
+        from transformers import DynamicCache
+
+        versions = self._versions()
+        if self._root is not None and self._root[2] == versions:
+            old, cache, _ = self._root
+            keep = _lcp(old, tokens)
+            extra = cache.get_seq_length() - keep
+            if extra > 0:
+                cache.crop(-extra)
+        else:
+            cache, keep = DynamicCache(), 0
+        if len(tokens) > keep:
+            self.model.model(input_ids=torch.tensor([tokens[keep:]]), past_key_values=cache, use_cache=True)
+        self._root = (list(tokens), cache, versions)
+        return cache
 
     MIN_SHARED = 16  # tokens two sequences must share beyond the common root to form a group
 
     @torch.no_grad()
     def _shared(self, seqs: list[list[int]], lookback: int) -> torch.Tensor:
-        """Prefix-shared passes with a KV cache, one sequence at a time (on CPU a padded
-        batch is slower per sequence than single rows; benchmarks/labeling.py). The root
-        shared by all sequences (preamble, exemplars) runs once; sequences that share more
-        (the two orders of one pair: preamble + context) extend it once as a group; each
-        sequence then runs only its own tail. The cache is cropped back after each use.
+        """Prefix-shared passes with a KV cache (on CPU a padded batch is slower per sequence
+        than single rows; benchmarks/labeling.py). The root shared by all sequences
+        (preamble, exemplars) is cached across calls (_root_cache); sequences that share
+        more (the two orders of one pair: preamble + context) extend it once as a group;
+        the group's tails (nearly equal lengths) then run as one right-padded batch over the
+        cache repeated per row. The cache is cut back to the root after each group.
         Exact up to float rounding: the same tokens at the same positions."""
-        from transformers import DynamicCache
-
-        def lcp(x, y):
-            n = min(len(x), len(y))
-            i = 0
-            while i < n and x[i] == y[i]:
-                i += 1
-            return i
-
         shortest = min(len(s) for s in seqs)
-        root = max(0, min(min(lcp(seqs[0], s) for s in seqs[1:]), shortest - lookback))
+        root = max(0, min(min(_lcp(seqs[0], s) for s in seqs[1:]), shortest - lookback))
         groups: list[list[int]] = []
         for i, s in enumerate(seqs):
             for g in groups:
-                if lcp(seqs[g[0]], s) >= root + self.MIN_SHARED:
+                if _lcp(seqs[g[0]], s) >= root + self.MIN_SHARED:
                     g.append(i)
                     break
             else:
                 groups.append([i])
         out = torch.empty(len(seqs), lookback, self.model.config.vocab_size)
-        cache = DynamicCache()
+        cache = self._root_cache(seqs[0][:root])
 
-        def run(tokens):  # extend the cache; returns log-probs at the last `lookback` positions
-            h = self.model.model(input_ids=torch.tensor([tokens]), past_key_values=cache, use_cache=True)
-            return self.model.lm_head(h.last_hidden_state[0, -lookback:]).float().log_softmax(-1)
-
-        def keep(n):  # drop cached positions beyond n (negative crop: the same in transformers 4.x and 5.x)
-            extra = cache.get_seq_length() - n
-            if extra > 0:
-                cache.crop(-extra)
-
-        if root > 0:
-            run(seqs[0][:root])
         for g in groups:
-            shared = min(min(lcp(seqs[g[0]], seqs[j]) for j in g), min(len(seqs[j]) for j in g) - lookback)
+            shared = min(min(_lcp(seqs[g[0]], seqs[j]) for j in g), min(len(seqs[j]) for j in g) - lookback)
             if shared > root:
-                run(seqs[g[0]][root:shared])
-            for j in g:
-                out[j] = run(seqs[j][shared:])
-                keep(shared)
-            keep(root)
+                self.model.model(input_ids=torch.tensor([seqs[g[0]][root:shared]]), past_key_values=cache,
+                                 use_cache=True)
+            tails = [seqs[j][shared:] for j in g]
+            if len(g) > 1 and shared > 0:
+                cache.batch_repeat_interleave(len(g))
+            width = max(len(t) for t in tails)
+            ids = torch.full((len(g), width), self.pad, dtype=torch.long)
+            for i, t in enumerate(tails):
+                ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+            # right padding: no row sees another's pads, positions continue from the cache
+            # (an empty cache, no shared prefix at all: a plain pass that leaves it untouched)
+            past = dict(past_key_values=cache, use_cache=True) if shared > 0 else dict(use_cache=False)
+            h = self.model.model(input_ids=ids, **past).last_hidden_state
+            out[g] = self._last(h, [len(t) for t in tails], lookback)
+            if len(g) > 1 and shared > 0:
+                cache.batch_select_indices(torch.tensor([0]))  # before the crop: a no-op on an empty cache
+            extra = cache.get_seq_length() - root
+            if extra > 0:
+                cache.crop(-extra)  # negative crop: the same in transformers 4.x and 5.x
         return out
 
     @torch.no_grad()

@@ -28,7 +28,7 @@ def next_token_logprobs(model, seqs: list[list[int]], pad_id: int, lookback: int
     """Log-softmax of the next-token distribution at each of the last `lookback` positions:
     shape (batch, lookback, vocab); [:, -1] is the distribution after the whole sequence."""
     ids, mask, pos = left_pad(seqs, pad_id)
-    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
     logits = model.lm_head(hidden[:, -lookback:]).float()
     return F.log_softmax(logits, dim=-1)
 
@@ -54,7 +54,8 @@ def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]
             ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
             mask[i, P:P + len(r)] = 1
             rmask[i, :len(r)] = 1
-    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
+    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                         use_cache=False).last_hidden_state
     h = hidden[:, P - 1:P + R - 1]  # the state before each response token
     logits = model.lm_head(h).float() / temperature
     targets = ids[:, P:P + R]
@@ -77,8 +78,9 @@ def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, *, tempera
                          output_scores=True, return_dict_in_generate=True, use_cache=True)
     new = out.sequences[:, ids.shape[1]:]
     # scores are the processed logits (temperature/top-k/top-p applied) that were sampled from
-    step_logp = torch.stack([F.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
-    tok_logp = torch.gather(step_logp, 2, new.unsqueeze(-1)).squeeze(-1)
+    # one step at a time: stacking every step's full-vocabulary log-softmax costs GBs
+    tok_logp = torch.stack([F.log_softmax(s.float(), dim=-1).gather(1, new[:, t:t + 1]).squeeze(1)
+                            for t, s in enumerate(out.scores)], dim=1)
     tokens, logps, truncated = [], [], []
     for i in range(new.shape[0]):
         row = new[i].tolist()

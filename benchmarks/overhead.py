@@ -1,0 +1,327 @@
+"""Framework overhead: the synchronous Ray pipeline (`rlaif_ray.driver.train` with
+rl.max_staleness=0) against the same steps done in one plain Python process without Ray
+or Arrow, by the same rlaif_ray functions the actors call, alternated (ray plain ray plain
+...). Target: the Ray loop at most 5% slower.
+
+    python -m benchmarks.overhead configs/quickstart.yaml --pairs 3 --set rl.steps=4
+
+Same config, prompts (PromptSampler, rl.seed), sampling seeds, models, steps and torch
+thread counts (the plain process sets each role's pipeline.*.torch_threads before that
+role's work). The plain steps: generator = lm.sample + decode (HFBackend.generate),
+labeler = labeling.Judge.score / prefer (Labeler.score), learner = the LearnerWorker
+train_step math (lm.response_logprobs, rl.*, AdamW), weight sync = the policy's parameters
+copied into the generator's model before its next batch (where the actor installs them).
+Timed: the loop from the first step to the end of the last one, in both variants; model
+loading, Ray start-up and the final checkpoint write are outside it. The plain variant runs
+in a fresh subprocess that never imports ray; each Ray run starts and stops its own Ray.
+Per-step reward and loss of the two variants are compared (same seeds: they should agree).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+FIXED = ["rl.max_staleness=0", "eval.num_prompts=0", "eval.signal_posts=0", "run.log_rollouts=false",
+         "run.report=false", "run.tensorboard=false", "run.progress=false"]
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "ray", "transformers", "pyarrow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+class CpuSampler(threading.Thread):
+    """CPU seconds (user + system) of this process and all its descendants (Ray's daemons,
+    workers and actors), sampled every `every` seconds; `between(t0, t1)` interpolates each
+    process's CPU time at the loop's start and end and sums it by kind of process."""
+
+    def __init__(self, every: float = 0.5):
+        super().__init__(daemon=True)
+        self.every, self.samples, self.names = every, {}, {}
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop_event.is_set():
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    c = p.cpu_times()
+                    if self.kind(self.names.get(p.pid, "")) == "ray (other processes)":  # until it shows its role
+                        self.names[p.pid] = "driver" if p.pid == me.pid else " ".join(p.cmdline())[:200] or p.name()
+                    self.samples.setdefault(p.pid, []).append((time.time(), c.user + c.system))
+                except Exception:  # noqa: BLE001 -- the process ended between listing and reading
+                    pass
+            self._stop_event.wait(self.every)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+    @staticmethod
+    def kind(name: str) -> str:
+        for actor in ("RolloutGenerator", "Labeler", "LearnerWorker"):
+            if f"ray::{actor}" in name:
+                return actor
+        return "driver" if name == "driver" else "ray (other processes)"
+
+    def between(self, t0: float, t1: float) -> dict[str, float]:
+        def at(xs, t):
+            if t <= xs[0][0]:
+                return 0.0 if t0 < xs[0][0] - self.every else xs[0][1]  # started during the loop: from 0
+            for (ta, ca), (tb, cb) in zip(xs, xs[1:]):
+                if ta <= t <= tb:
+                    return ca + (cb - ca) * (t - ta) / max(tb - ta, 1e-9)
+            return xs[-1][1]
+
+        out: dict[str, float] = {}
+        for pid, xs in self.samples.items():
+            k = self.kind(self.names[pid])
+            out[k] = out.get(k, 0.0) + max(at(xs, t1) - at(xs, t0), 0.0)
+        return out
+
+
+def run_ray(config: str, overrides: list[str], out: Path) -> dict:
+    from rlaif_ray.config import load_config
+    from rlaif_ray.driver import train
+    from rlaif_ray.runlog import read_metrics
+
+    sampler = CpuSampler()
+    sampler.start()
+    try:
+        run = train(load_config(config, overrides), out, log=lambda *_: None)
+    finally:
+        sampler.stop()
+    rows = read_metrics(run)
+    s = json.loads((run / "summary.json").read_text())
+    completions = sum(r["completions"] for r in rows)
+    steps_s = rows[-1]["elapsed_s"]  # logged before the final checkpoint is written
+    t1 = (run / "metrics.jsonl").stat().st_mtime  # the last step's row: the loop's end
+    cpu = sampler.between(t1 - steps_s, t1)
+    return {"variant": "ray", "steps": len(rows), "completions": completions, "steps_s": steps_s,
+            "completions_per_s": completions / steps_s, "stage_s": s["stage_busy_s"],
+            "cpu_s": sum(cpu.values()), "cpu_s_by_process": cpu,
+            "summary_loop_s": s["loop_s"], "reward_mean": [r["reward_mean"] for r in rows],
+            "loss": [r["loss"] for r in rows], "kl": [r["kl"] for r in rows]}
+
+
+def run_plain(config: str, overrides: list[str], out: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.overhead", config, "--plain-worker", str(out),
+                           *[x for o in overrides for x in ("--set", o)]], text=True)
+    if proc.returncode:
+        raise SystemExit(f"plain variant failed (exit {proc.returncode})")
+    return json.loads(out.read_text())
+
+
+def plain_loop(config: str, overrides: list[str]) -> dict:
+    """The synchronous loop's steps in this process: no Ray, no Arrow batches."""
+    import torch
+
+    from rlaif_ray import lm, rl
+    from rlaif_ray.config import load_config
+    from rlaif_ray.data import PromptSampler, task_prompts
+    from rlaif_ray.labeling import Judge, PairwiseOptions, load_engine
+    from rlaif_ray.models import load_model, load_tokenizer
+    from rlaif_ray.scoring import pairwise_rewards
+
+    assert "ray" not in sys.modules, "the plain variant must not import ray"
+    cfg = load_config(config, overrides)
+    p, g, rc, rlc = cfg.pipeline, cfg.generation, cfg.reward, cfg.rl
+    if any(r.num_actors != 1 or r.num_gpus for r in (p.generators, p.labelers, p.learner)) \
+            or g.backend != "hf" or rc.backend != "hf" or rc.source not in ("direct", "pairwise"):
+        raise SystemExit("the plain variant covers one CPU actor per role, hf backends, reward.source direct/pairwise")
+    tok = load_tokenizer(cfg.model.name)
+    items_all = task_prompts(cfg.task, tok).train
+    torch.set_num_threads(p.generators.torch_threads)
+    gen_model = load_model(cfg.model.name, cfg.model.dtype).eval()  # as HFBackend
+    torch.set_num_threads(p.labelers.torch_threads)
+    engine, ltok, _ = load_engine(rc, rc.model or cfg.model.name, cfg.model.dtype, "cpu")  # as Labeler
+    judge = Judge(engine, ltok, rc.scorer, rc.batch_size, prefix_sharing=rc.prefix_sharing)
+    pw_opts = PairwiseOptions.from_config(rc.pairwise)
+    torch.set_num_threads(p.learner.torch_threads)  # as LearnerWorker
+    torch.manual_seed(rlc.seed)
+    policy = load_model(cfg.model.name, cfg.model.dtype).train()
+    ref = load_model(cfg.model.name, cfg.model.dtype).eval().requires_grad_(False)
+    pad = policy.config.pad_token_id or policy.config.eos_token_id
+    value_head, params = None, list(policy.parameters())
+    if rlc.baseline == "value":
+        value_head = torch.nn.Linear(policy.config.hidden_size, 1)
+        torch.nn.init.zeros_(value_head.weight)
+        torch.nn.init.zeros_(value_head.bias)
+        params += list(value_head.parameters())
+    opt = torch.optim.AdamW(params, lr=rlc.lr, weight_decay=rlc.weight_decay)
+    policy_params, gen_params = dict(policy.named_parameters()), dict(gen_model.named_parameters())
+
+    sampler = PromptSampler(items_all, rlc.seed)
+    stage = {"generator": 0.0, "labeler": 0.0, "learner": 0.0, "weight_sync": 0.0}
+    cpu = dict.fromkeys(stage, 0.0)  # CPU seconds of this process (all threads) per stage
+    out_rows, completions, dirty = [], 0, False
+    t_loop, c_loop = time.perf_counter(), time.process_time()
+    for step in range(1, rlc.steps + 1):
+        batch_index = step - 1
+        items = sampler.next(rlc.prompts_per_step)
+        # weight sync: the generator installs the newest policy before its batch
+        torch.set_num_threads(p.generators.torch_threads)
+        t0, c0 = time.perf_counter(), time.process_time()
+        if dirty:
+            with torch.no_grad():
+                for name, prm in gen_params.items():
+                    prm.copy_(policy_params[name])
+        stage["weight_sync"] += time.perf_counter() - t0
+        cpu["weight_sync"] += time.process_time() - c0
+        # generator
+        t0, c0 = time.perf_counter(), time.process_time()
+        expanded = [(it, k) for it in items for k in range(rlc.samples_per_prompt)]
+        tokens, logps, _ = lm.sample(gen_model, [it["prompt_token_ids"] for it, _ in expanded], tok.pad_token_id,
+                                     tok.eos_token_id, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                                     max_new_tokens=g.max_new_tokens, seed=rlc.seed * 1_000_003 + batch_index * 101)
+        texts = [tok.decode(t, skip_special_tokens=True) for t in tokens]
+        if g.strip_trailing:
+            texts = [t.strip().rstrip(". ").strip() or t.strip() for t in texts]
+        stage["generator"] += time.perf_counter() - t0
+        cpu["generator"] += time.process_time() - c0
+        # labeler
+        torch.set_num_threads(p.labelers.torch_threads)
+        t0, c0 = time.perf_counter(), time.process_time()
+        contexts = [it["context"] for it, _ in expanded]
+        if rc.source == "direct":
+            rewards, _, metas = judge.score(contexts, texts)
+            mass = [json.loads(m).get("label_mass", 1.0) for m in metas]
+        else:  # samples (0, 1), (2, 3), ... of a prompt compared, both orders
+            pairs = [(i, i + 1) for i, (_, k) in enumerate(expanded) if k % 2 == 0]
+            p_a, _, _ = judge.prefer([contexts[i] for i, _ in pairs], [texts[i] for i, _ in pairs],
+                                     [texts[j] for _, j in pairs], pw_opts)
+            rewards, mass = [0.0] * len(texts), [1.0] * len(texts)
+            for (i, j), pa_, m in zip(pairs, p_a, judge.last_pair_mass):
+                r_a, r_b = pairwise_rewards(torch.tensor(pa_))
+                rewards[i], rewards[j], mass[i], mass[j] = float(r_a), float(r_b), m, m
+        ok = [m >= rc.min_label_mass for m in mass]
+        stage["labeler"] += time.perf_counter() - t0
+        cpu["labeler"] += time.process_time() - c0
+        # learner (LearnerWorker.train_step, one rank)
+        torch.set_num_threads(p.learner.torch_threads)
+        t0, c0 = time.perf_counter(), time.process_time()
+        prompts = [it["prompt_token_ids"] for it, _ in expanded]
+        logp, mask, values = lm.response_logprobs(policy, prompts, tokens, pad, g.temperature, value_head)
+        mask = mask * torch.tensor([float(x) for x in ok])[:, None]
+        with torch.no_grad():
+            ref_logp, _, _ = lm.response_logprobs(ref, prompts, tokens, pad, g.temperature)
+        behaviour = torch.zeros_like(logp)
+        for i, lp in enumerate(logps):
+            behaviour[i, :len(lp)] = torch.tensor(lp)
+        reward = torch.tensor(rewards, dtype=torch.float32)
+        kl = rl.kl_per_token(logp.detach(), ref_logp, rlc.kl_estimator) * mask
+        returns = rl.returns_to_go(reward, kl, mask, rlc.beta)
+        adv = rl.advantages(returns, mask, rlc.baseline, values, [it["prompt_id"] for it, _ in expanded])
+        ratio = rl.truncated_ratio(logp, behaviour, rlc.is_clip) * mask
+        agg = dict(mask=mask, how=rlc.loss_agg, num_tokens=max(sum(len(t) for t in tokens), 1), num_seqs=len(tokens))
+        loss = rl.aggregate(rl.policy_loss(logp, adv, ratio, mask), **agg)
+        if values is not None:
+            loss = loss + rlc.value_coef * rl.aggregate(rl.value_loss(values, returns, mask), **agg)
+        if not (torch.isfinite(loss) and torch.isfinite(reward).all()):
+            raise SystemExit(f"non-finite loss or reward at step {step}")
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, rlc.max_grad_norm)
+        opt.step()
+        stage["learner"] += time.perf_counter() - t0
+        cpu["learner"] += time.process_time() - c0
+        dirty = True
+        completions += len(tokens)
+        out_rows.append({"reward_mean": sum(rewards) / len(rewards), "loss": float(loss.detach()),
+                         "kl": float(kl.sum()) / len(tokens)})
+    steps_s, cpu_s = time.perf_counter() - t_loop, time.process_time() - c_loop
+    return {"variant": "plain", "steps": rlc.steps, "completions": completions, "steps_s": steps_s,
+            "completions_per_s": completions / steps_s, "stage_s": stage, "cpu_s": cpu_s, "stage_cpu_s": cpu,
+            "reward_mean": [r["reward_mean"] for r in out_rows], "loss": [r["loss"] for r in out_rows],
+            "kl": [r["kl"] for r in out_rows], "ray_imported": "ray" in sys.modules,
+            "arrow_imported": "pyarrow" in sys.modules}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config")
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--out", default=str(RESULTS / "overhead.json"))
+    ap.add_argument("--plain-worker", help=argparse.SUPPRESS)  # internal: one plain run, result to this file
+    args = ap.parse_args()
+    overrides = FIXED + args.overrides
+    if args.plain_worker:
+        Path(args.plain_worker).write_text(json.dumps(plain_loop(args.config, overrides)))
+        return
+
+    runs = []
+    load_before = os.getloadavg()
+    t_start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.pairs):
+            for variant in ("ray", "plain"):
+                out = Path(tmp) / f"{variant}-{i}"
+                r = run_ray(args.config, overrides, out) if variant == "ray" else \
+                    run_plain(args.config, args.overrides, out.with_suffix(".json"))
+                r["pair"] = i
+                runs.append(r)
+                print(json.dumps({k: v for k, v in r.items() if k not in ("reward_mean", "loss", "kl")}), flush=True)
+    load_after = os.getloadavg()
+    med = {v: statistics.median(r["completions_per_s"] for r in runs if r["variant"] == v) for v in ("ray", "plain")}
+    pair_ratio = [next(r for r in runs if r["pair"] == i and r["variant"] == "ray")["completions_per_s"] /
+                  next(r for r in runs if r["pair"] == i and r["variant"] == "plain")["completions_per_s"]
+                  for i in range(args.pairs)]
+    ray_runs, plain_runs = [r for r in runs if r["variant"] == "ray"], [r for r in runs if r["variant"] == "plain"]
+    diff = {k: max(abs(a - b) for x in ray_runs for y in plain_runs for a, b in zip(x[k], y[k]))
+            for k in ("reward_mean", "loss")}
+
+    def stage_med(rs, names):
+        return {n: statistics.median(sum(v for k, v in r["stage_s"].items() if k.startswith(n)) / r["steps"]
+                                     for r in rs) for n in names}
+
+    per_step = {"ray": {**stage_med(ray_runs, ("generator", "labeler", "learner")),
+                        "loop": statistics.median(r["steps_s"] / r["steps"] for r in ray_runs)},
+                "plain": {**stage_med(plain_runs, ("generator", "labeler", "learner", "weight_sync")),
+                          "loop": statistics.median(r["steps_s"] / r["steps"] for r in plain_runs)}}
+    for v, d in per_step.items():  # loop time no stage timer accounts for
+        d["outside_stages"] = d["loop"] - sum(x for k, x in d.items() if k in ("generator", "labeler", "learner"))
+    cpu = {v: statistics.median(r["cpu_s"] / r["steps"] for r in rs) for v, rs in (("ray", ray_runs), ("plain", plain_runs))}
+    kinds = sorted({k for r in ray_runs for k in r["cpu_s_by_process"]})
+    cpu_ray_kinds = {k: statistics.median(r["cpu_s_by_process"].get(k, 0.0) / r["steps"] for r in ray_runs) for k in kinds}
+    result = {
+        "what": "completions/s of the synchronous loop (max_staleness 0): Ray pipeline vs the same steps in one "
+                "plain Python process (no Ray, no Arrow), alternated; loop time only (model loading, Ray start-up "
+                "and the final checkpoint write excluded from both)",
+        "config": args.config, "overrides": overrides, "pairs": args.pairs,
+        "completions_per_s": med, "ratio_ray_over_plain": med["ray"] / med["plain"],
+        "ray_slower_by": med["plain"] / med["ray"] - 1, "pair_ratios_ray_over_plain": pair_ratio,
+        "target": "Ray at most 5% slower (ray_slower_by <= 0.05)",
+        "meets_target": med["plain"] / med["ray"] - 1 <= 0.05,
+        "stage_s_per_step_median": per_step, "max_abs_diff": diff,
+        "cpu_s_per_step_median": cpu, "ratio_cpu_ray_over_plain": cpu["ray"] / cpu["plain"],
+        "ray_cpu_s_per_step_by_process_median": cpu_ray_kinds,
+        "load_before": load_before, "load_after": load_after, "cpus": os.cpu_count(),
+        "machine": platform.machine(), "versions": versions(), "time": t_start, "runs": runs}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"ray / plain completions/s: {result['ratio_ray_over_plain']:.3f} ({med['ray']:.3f} vs {med['plain']:.3f}); "
+          f"Ray slower by {result['ray_slower_by']:+.1%}; CPU s per step ray / plain {cpu['ray']:.1f} / {cpu['plain']:.1f}; "
+          f"max |reward diff| {diff['reward_mean']:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Smoke test of every benchmark at tiny sizes (the tiny random model, 1 pair or round,
+2 steps): each runs as `make bench` runs it (python -m benchmarks.X) and writes a
+well-formed result. No timing assertions: timings belong in BENCHMARKS.md."""
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # real Ray runs: about 2-3 minutes on 2 cores in all
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"benchmarks.{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def tiny(model: str) -> list[str]:
+    sets = [f"model.name={model}", "generation.max_new_tokens=4", "rl.steps=2", "rl.samples_per_prompt=2",
+            "reward.min_label_mass=0", "task.heldout_size=8"]
+    return ["configs/quickstart.yaml", "--pairs", "1", *[x for s in sets for x in ("--set", s)]]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return tmp_path_factory.mktemp("results")
+
+
+@pytest.fixture(scope="module")
+def overlap(results, tiny_model_path):
+    bench("overlap", *tiny(tiny_model_path), "--out", str(results / "overlap.json"))
+    return json.loads((results / "overlap.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def overhead(results, tiny_model_path):
+    bench("overhead", *tiny(tiny_model_path), "--out", str(results / "overhead.json"))
+    return json.loads((results / "overhead.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def scaling(results, overlap):
+    bench("scaling", "--overlap", str(results / "overlap.json"), "--out", str(results / "scaling.json"))
+    return json.loads((results / "scaling.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def generation(results, tiny_model_path):
+    bench("generation", "--model", tiny_model_path, "--backends", "hf,direct", "--rounds", "1", "--batch", "2",
+          "--new-tokens", "4", "--out", str(results / "generation.json"))
+    return json.loads((results / "generation.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def memory(results):
+    out = results / "memory.json"
+    proc = bench("peak_memory", "--out", str(out), "--", sys.executable, "-c",
+                 "import time; x = bytearray(64 * 2**20); time.sleep(2.5)")
+    return json.loads(out.read_text()) if out.is_file() else json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_common(r: dict) -> None:
+    assert r["cpus"] >= 1 and len(r["load_before"]) == len(r["load_after"]) == 3 and r["time"]
+    assert r["versions"]["python"] and r["versions"]["torch"] and r["versions"]["ray"]
+
+
+def test_overlap(overlap):
+    check_common(overlap)
+    assert [r["max_staleness"] for r in overlap["runs"]] == [0, 1]
+    assert positive(overlap["completions_per_s_staleness0"]) and positive(overlap["ratio_1_over_0"])
+    for r in overlap["runs"]:
+        assert r["completions"] == 2 * 2 * 2 and r["steps"] == 2 and positive(r["loop_s"])
+        assert set(r["stage_s"]) == {"generator", "labeler", "learner"} and all(map(positive, r["stage_s"].values()))
+        assert all(0 <= r["idle_share"][k] <= 1 and r["busy_share"][k] + r["idle_share"][k] == pytest.approx(1)
+                   for k in r["stage_s"])
+        assert r["slowest_stage"] in r["stage_s"] and positive(r["of_bound"])
+
+
+def test_overhead(overhead):
+    check_common(overhead)
+    assert [r["variant"] for r in overhead["runs"]] == ["ray", "plain"]
+    assert all(positive(v) for v in overhead["completions_per_s"].values())
+    assert positive(overhead["ratio_ray_over_plain"]) and isinstance(overhead["meets_target"], bool)
+    plain = overhead["runs"][1]
+    assert plain["ray_imported"] is False and plain["completions"] == overhead["runs"][0]["completions"] == 8
+    # same seeds, same functions, same thread counts: the same samples, rewards and losses
+    assert overhead["max_abs_diff"]["reward_mean"] < 1e-4 and overhead["max_abs_diff"]["loss"] < 1e-4
+    assert set(overhead["stage_s_per_step_median"]["ray"]) >= {"generator", "labeler", "learner", "loop"}
+    assert all(map(positive, overhead["cpu_s_per_step_median"].values()))
+    assert {"RolloutGenerator", "Labeler", "LearnerWorker", "driver"} <= set(overhead["runs"][0]["cpu_s_by_process"])
+
+
+def test_scaling(scaling):
+    from rlaif_ray.scaling import StageTimes, throughput
+
+    t = StageTimes(**scaling["stage_times"])
+    assert positive(t.t_g) and positive(t.t_l) and positive(t.t_t) and t.t_s >= 0 and t.n == 4
+    assert len(scaling["table"]) == 16 and all(positive(r["staleness_1"]) for r in scaling["table"])
+    ck = scaling["check_g1_l1"]
+    # the model's synchronous prediction at G = L = 1 reproduces the runs it was fitted on
+    assert ck["predicted_per_s"]["0"] == pytest.approx(throughput(t), rel=1e-6)
+    assert positive(ck["measured_over_predicted"]["1"])
+
+
+def test_generation(generation):
+    check_common(generation)
+    assert set(generation["tokens_per_s"]) == {"hf", "direct"} and all(map(positive, generation["tokens_per_s"].values()))
+    assert positive(generation["ratio_hf_actor_over_direct"])
+    assert positive(generation["weight_update"]["hf"]["set_weights_and_install_wall_s"])
+
+
+def test_labeling(results, tiny_model_path):
+    out = results / "labeling.json"
+    bench("labeling", "--model", tiny_model_path, "--pairs", "2", "--batch", "2", "--rounds", "1", "--out", str(out))
+    r = json.loads(out.read_text())
+    assert all(positive(v) for v in r["pairs_per_s"].values()) and math.isfinite(r["max_abs_diff_p_a"])
+    assert len(r["load_before"]) == 3 and r["cpus"] >= 1
+
+
+def test_peak_memory(memory):
+    assert memory["exit_code"] == 0 and positive(memory["wall_s"]) and memory["command"].startswith(sys.executable)
+    assert memory["peak_rss_sum_gib"] >= 0.05 and positive(memory["peak_pss_sum_gib"])
+
+
+def test_report_renders_every_section(results, overlap, overhead, scaling, generation, memory, tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    bench("report", "--results", str(results), "--out", str(out))
+    text = out.read_text()
+    for heading in ("## Pipeline overlap", "## Scaling model", "## Framework overhead",
+                    "## Generation throughput", "## Peak memory"):
+        assert heading in text
+    assert not re.search(r"\bnan\b", text, re.IGNORECASE)
