@@ -61,6 +61,9 @@ class LearnerWorker:
     def info(self) -> dict:
         return {"name": f"learner-{self.rank}", "pid": os.getpid(), "busy_s": self.busy_s}
 
+    def env(self, names: list[str]) -> dict:
+        return {k: os.environ.get(k) for k in names}
+
     def address(self) -> tuple[str, int]:
         import ray
 

@@ -64,7 +64,7 @@ class CpuSampler(threading.Thread):
             for p in [me, *me.children(recursive=True)]:
                 try:
                     c = p.cpu_times()
-                    if self.kind(self.names.get(p.pid, "")) == "ray (other processes)":  # until it shows its role
+                    if self.kind(self.names.get(p.pid, "")).startswith("ray"):  # until it shows its role
                         self.names[p.pid] = "driver" if p.pid == me.pid else " ".join(p.cmdline())[:200] or p.name()
                     self.samples.setdefault(p.pid, []).append((time.time(), c.user + c.system))
                 except Exception:  # noqa: BLE001 -- the process ended between listing and reading
@@ -80,7 +80,14 @@ class CpuSampler(threading.Thread):
         for actor in ("RolloutGenerator", "Labeler", "LearnerWorker"):
             if f"ray::{actor}" in name:
                 return actor
-        return "driver" if name == "driver" else "ray (other processes)"
+        if name == "driver":
+            return "driver"
+        for key, label in (("raylet", "raylet"), ("gcs_server", "gcs_server"), ("agent", "agents"),
+                           ("log_monitor", "log_monitor"), ("ray::IDLE", "idle workers"),
+                           ("default_worker", "idle workers")):
+            if key in name:
+                return f"ray: {label}"
+        return "ray: other"
 
     def between(self, t0: float, t1: float) -> dict[str, float]:
         def at(xs, t):
@@ -255,6 +262,40 @@ def plain_loop(config: str, overrides: list[str]) -> dict:
             "arrow_imported": "pyarrow" in sys.modules}
 
 
+def summarize(runs: list[dict]) -> dict:
+    """The figures from the alternated runs: medians, ratios, per-step stage and CPU seconds."""
+    pairs = sorted({r["pair"] for r in runs})
+    ray_runs, plain_runs = [r for r in runs if r["variant"] == "ray"], [r for r in runs if r["variant"] == "plain"]
+    med = {v: statistics.median(r["completions_per_s"] for r in rs) for v, rs in (("ray", ray_runs), ("plain", plain_runs))}
+    pair_ratio = [next(r for r in ray_runs if r["pair"] == i)["completions_per_s"] /
+                  next(r for r in plain_runs if r["pair"] == i)["completions_per_s"] for i in pairs]
+    diff = {k: max(abs(a - b) for x in ray_runs for y in plain_runs for a, b in zip(x[k], y[k]))
+            for k in ("reward_mean", "loss")}
+
+    def per_step(r: dict) -> dict:
+        d = {n: sum(v for k, v in r["stage_s"].items() if k.startswith(n)) / r["steps"]
+             for n in ("generator", "labeler", "learner", "weight_sync") if any(k.startswith(n) for k in r["stage_s"])}
+        d["loop"] = r["steps_s"] / r["steps"]
+        d["outside_stages"] = d["loop"] - d["generator"] - d["labeler"] - d["learner"]  # no stage timer covers it
+        return d
+
+    def medians(ds: list[dict]) -> dict:
+        return {k: statistics.median(d.get(k, 0.0) for d in ds) for k in ds[0]}
+
+    cpu = {v: statistics.median(r["cpu_s"] / r["steps"] for r in rs) for v, rs in (("ray", ray_runs), ("plain", plain_runs))}
+    kinds = sorted({k for r in ray_runs for k in r["cpu_s_by_process"]})
+    return {
+        "completions_per_s": med, "ratio_ray_over_plain": med["ray"] / med["plain"],
+        "ray_slower_by": med["plain"] / med["ray"] - 1, "pair_ratios_ray_over_plain": pair_ratio,
+        "target": "Ray at most 5% slower (ray_slower_by <= 0.05)",
+        "meets_target": med["plain"] / med["ray"] - 1 <= 0.05,
+        "stage_s_per_step_median": {"ray": medians([per_step(r) for r in ray_runs]),
+                                    "plain": medians([per_step(r) for r in plain_runs])},
+        "max_abs_diff": diff, "cpu_s_per_step_median": cpu, "ratio_cpu_ray_over_plain": cpu["ray"] / cpu["plain"],
+        "ray_cpu_s_per_step_by_process_median": {k: statistics.median(r["cpu_s_by_process"].get(k, 0.0) / r["steps"]
+                                                                      for r in ray_runs) for k in kinds}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("config")
@@ -281,46 +322,19 @@ def main() -> None:
                 runs.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k not in ("reward_mean", "loss", "kl")}), flush=True)
     load_after = os.getloadavg()
-    med = {v: statistics.median(r["completions_per_s"] for r in runs if r["variant"] == v) for v in ("ray", "plain")}
-    pair_ratio = [next(r for r in runs if r["pair"] == i and r["variant"] == "ray")["completions_per_s"] /
-                  next(r for r in runs if r["pair"] == i and r["variant"] == "plain")["completions_per_s"]
-                  for i in range(args.pairs)]
-    ray_runs, plain_runs = [r for r in runs if r["variant"] == "ray"], [r for r in runs if r["variant"] == "plain"]
-    diff = {k: max(abs(a - b) for x in ray_runs for y in plain_runs for a, b in zip(x[k], y[k]))
-            for k in ("reward_mean", "loss")}
-
-    def stage_med(rs, names):
-        return {n: statistics.median(sum(v for k, v in r["stage_s"].items() if k.startswith(n)) / r["steps"]
-                                     for r in rs) for n in names}
-
-    per_step = {"ray": {**stage_med(ray_runs, ("generator", "labeler", "learner")),
-                        "loop": statistics.median(r["steps_s"] / r["steps"] for r in ray_runs)},
-                "plain": {**stage_med(plain_runs, ("generator", "labeler", "learner", "weight_sync")),
-                          "loop": statistics.median(r["steps_s"] / r["steps"] for r in plain_runs)}}
-    for v, d in per_step.items():  # loop time no stage timer accounts for
-        d["outside_stages"] = d["loop"] - sum(x for k, x in d.items() if k in ("generator", "labeler", "learner"))
-    cpu = {v: statistics.median(r["cpu_s"] / r["steps"] for r in rs) for v, rs in (("ray", ray_runs), ("plain", plain_runs))}
-    kinds = sorted({k for r in ray_runs for k in r["cpu_s_by_process"]})
-    cpu_ray_kinds = {k: statistics.median(r["cpu_s_by_process"].get(k, 0.0) / r["steps"] for r in ray_runs) for k in kinds}
     result = {
         "what": "completions/s of the synchronous loop (max_staleness 0): Ray pipeline vs the same steps in one "
                 "plain Python process (no Ray, no Arrow), alternated; loop time only (model loading, Ray start-up "
                 "and the final checkpoint write excluded from both)",
-        "config": args.config, "overrides": overrides, "pairs": args.pairs,
-        "completions_per_s": med, "ratio_ray_over_plain": med["ray"] / med["plain"],
-        "ray_slower_by": med["plain"] / med["ray"] - 1, "pair_ratios_ray_over_plain": pair_ratio,
-        "target": "Ray at most 5% slower (ray_slower_by <= 0.05)",
-        "meets_target": med["plain"] / med["ray"] - 1 <= 0.05,
-        "stage_s_per_step_median": per_step, "max_abs_diff": diff,
-        "cpu_s_per_step_median": cpu, "ratio_cpu_ray_over_plain": cpu["ray"] / cpu["plain"],
-        "ray_cpu_s_per_step_by_process_median": cpu_ray_kinds,
+        "config": args.config, "overrides": overrides, "pairs": args.pairs, **summarize(runs),
         "load_before": load_before, "load_after": load_after, "cpus": os.cpu_count(),
         "machine": platform.machine(), "versions": versions(), "time": t_start, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    med, cpu = result["completions_per_s"], result["cpu_s_per_step_median"]
     print(f"ray / plain completions/s: {result['ratio_ray_over_plain']:.3f} ({med['ray']:.3f} vs {med['plain']:.3f}); "
           f"Ray slower by {result['ray_slower_by']:+.1%}; CPU s per step ray / plain {cpu['ray']:.1f} / {cpu['plain']:.1f}; "
-          f"max |reward diff| {diff['reward_mean']:.2e}")
+          f"max |reward diff| {result['max_abs_diff']['reward_mean']:.2e}")
 
 
 if __name__ == "__main__":

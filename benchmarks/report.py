@@ -72,15 +72,24 @@ def _overhead(oh: dict) -> list[str]:
            "|---|---|---|---|---|---|---|"]
     out += [f"| {v} | {med[v]:.3f} | {st[v]['loop']:.2f} | " + " | ".join(f"{st[v][c]:.2f}" for c in cols) + " |"
             for v in ("ray", "plain")]
-    met = "met" if oh["meets_target"] else "**not met**"
-    out += ["", f"Ray / plain completions/s: **{oh['ratio_ray_over_plain']:.3f}**: the Ray loop takes "
-            f"{oh['ray_slower_by']:+.1%} longer (target at most +5%: {met}). Per pair: "
+    pr = oh["pair_ratios_ray_over_plain"]
+    noisy = len(pr) > 1 and max(pr) / min(pr) > 1.10
+    met = ("met" if oh["meets_target"] else "**not met**") + (" by the medians, but not resolved: see below" if noisy else "")
+    out += ["", f"Ray / plain completions/s: **{oh['ratio_ray_over_plain']:.3f}**; Ray's loop time against plain's: "
+            f"{oh['ray_slower_by']:+.1%} (target at most +5%: {met}). Per pair: "
             + ", ".join(f"{x:.3f}" for x in oh["pair_ratios_ray_over_plain"]) +
             f". Stage columns: seconds per step (medians), from the actors' busy timers (Ray) or the same spans "
             f"timed in the plain loop; *outside the stages* is the rest of the step (Ray: weight sync through the "
             f"object store, dispatch, Arrow; plain: the weight copy, {st['plain'].get('weight_sync', 0):.3f} s). "
             f"Same seeds, so the same samples: largest per-step difference between the variants in mean reward "
             f"{oh['max_abs_diff']['reward_mean']:.1e}, in loss {oh['max_abs_diff']['loss']:.1e}.", ""]
+    if noisy:
+        out += [f"The pairs disagree by more than the target itself (ratios {min(pr):.2f} to {max(pr):.2f}; load "
+                f"average {_load_str(oh)[len('load average (1/5/15 min) '):]}): other work on the machine moved the "
+                "timings more than the framework does, so this run cannot resolve 5%. Figures that other load moves "
+                f"less: the time per step outside the stages' timers (Ray {st['ray']['outside_stages']:.2f} s, plain "
+                f"{st['plain']['outside_stages']:.2f} s, of a {st['ray']['loop']:.1f} s step) and the CPU seconds below.",
+                ""]
     if "cpu_s_per_step_median" in oh:
         c, k = oh["cpu_s_per_step_median"], oh["ray_cpu_s_per_step_by_process_median"]
         out += [f"CPU seconds per step (user + system, every process, the loop only; less sensitive to other load "

@@ -34,3 +34,21 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model_path):
         np.testing.assert_allclose(w0[k], w1[k], atol=1e-6, err_msg=k)
     assert any(not np.allclose(w0[k], v) for k, v in LearnerWorker(
         0, 1, tiny_model_path, "float32", RLConfig().model_dump(), 0.9, 1).get_weights().items())  # it trained
+
+
+def test_the_learner_actor_gets_the_malloc_settings_and_the_job_env(ray_local, tiny_model_path, tmp_path):
+    """The learner's own env vars are merged with the job's (HF_HUB_OFFLINE stays set)."""
+    import ray
+
+    from rlaif_ray.config import config_from_dict
+    from rlaif_ray.driver import release, start_learner
+
+    cfg = config_from_dict({"model": {"name": tiny_model_path}, "rl": {"prompts_per_step": 2},
+                            "pipeline": {"learner": {"num_cpus": 0.25}}})
+    learner = start_learner(cfg, "malloc")
+    try:
+        env = ray.get(learner.workers[0].env.remote(["MALLOC_MMAP_THRESHOLD_", "HF_HUB_OFFLINE"]))
+        assert env == {"MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
+    finally:
+        ray.kill(learner.workers[0])
+        release("malloc", ["learner"])
