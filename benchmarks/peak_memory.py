@@ -60,7 +60,9 @@ def main(argv: list[str]) -> int:
         if pss > peak_pss:
             peak_pss, at_peak, peak_t = pss, rows, time.time() - t0
         time.sleep(1.0)
-    result = {"command": " ".join([os.path.basename(argv[0]), *argv[1:]]),  # no paths of this machine "exit_code": child.returncode, "wall_s": round(time.time() - t0, 1),
+    # the command without this machine's paths
+    result = {"command": " ".join([os.path.basename(argv[0]), *argv[1:]]), "exit_code": child.returncode,
+              "wall_s": round(time.time() - t0, 1),
               "peak_rss_sum_gib": round(peak_rss / 2**30, 2), "peak_pss_sum_gib": round(peak_pss / 2**30, 2)}
     if args.out:
         mib = [{**r, **{k: round(r[k] / 2**20) for k in ("pss", "rss", "uss")}} for r in at_peak]
