@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +16,6 @@ from rlaif_ray.metrics import RoleMetrics
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LearnerWorker:
@@ -64,17 +57,26 @@ class LearnerWorker:
     def env(self, names: list[str]) -> dict:
         return {k: os.environ.get(k) for k in names}
 
-    def address(self) -> tuple[str, int]:
+    def host_store(self, purpose: str, world: int, timeout_s: float = 300.0) -> tuple[str, int]:
+        """Rank 0: host the TCP store of a group ("train": the gradient group; "weights": the
+        broadcast group) on a port the OS picks; returns where the other ranks find it."""
         import ray
 
-        return ray.util.get_node_ip_address(), _free_port()
+        ip = ray.util.get_node_ip_address()
+        self._stores = getattr(self, "_stores", {})
+        self._stores[purpose] = weight_sync.host_store(ip, world, timeout_s)
+        return ip, self._stores[purpose].port
 
-    def setup(self, master: str, port: int) -> int:
+    def setup(self, master: str, port: int, timeout_s: float = 300.0) -> int:
+        import datetime
+
         import torch.distributed as dist
 
         backend = "nccl" if self.device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{master}:{port}", rank=self.rank,
-                                world_size=self.world_size)
+        store = self._stores["train"] if self.rank == 0 else \
+            weight_sync.join_store(master, port, self.world_size, timeout_s)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
         return os.getpid()
 
     def train_step(self, shard: pa.RecordBatch, num_tokens: int, num_seqs: int) -> dict:
@@ -157,7 +159,8 @@ class LearnerWorker:
 
     def join_weight_group(self, master: str, port: int, world: int, backend: str, timeout_s: float) -> int:
         """Rank 0 of the weight-broadcast group (the generators are ranks 1..world-1)."""
-        self.weight_group = weight_sync.open_group(master, port, 0, world, backend, timeout_s)
+        self.weight_group = weight_sync.open_group(master, port, 0, world, backend, timeout_s,
+                                                   store=self._stores.pop("weights"))
         self.weight_device = "cuda" if backend == "nccl" else "cpu"
         return os.getpid()
 
@@ -241,7 +244,7 @@ class LearnerGroup:
         self.workers = [actor_cls.options(name=f"learner-{r}@{tag}" if tag else f"learner-{r}", **options,
                                           **placement[r]).remote(rank=r, world_size=n, **worker_kwargs)
                         for r in range(n)]
-        master, port = ray.get(self.workers[0].address.remote())
+        master, port = ray.get(self.workers[0].host_store.remote("train", n))
         self.pids = ray.get([w.setup.remote(master, port) for w in self.workers])
 
     @staticmethod

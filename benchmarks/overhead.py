@@ -19,6 +19,7 @@ Per-step reward and loss of the two variants are compared (same seeds: they shou
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.metadata as md
 import json
 import os
@@ -130,8 +131,13 @@ def run_ray(config: str, overrides: list[str], out: Path) -> dict:
 
 
 def run_plain(config: str, overrides: list[str], out: Path) -> dict:
+    # the learner's malloc settings (its work is most of the step; the Ray run gives them to
+    # the learner actor only)
+    from rlaif_ray.driver import learner_malloc_env
+
     proc = subprocess.run([sys.executable, "-m", "benchmarks.overhead", config, "--plain-worker", str(out),
-                           *[x for o in overrides for x in ("--set", o)]], text=True)
+                           *[x for o in overrides for x in ("--set", o)]], text=True,
+                          env={**os.environ, **learner_malloc_env()})
     if proc.returncode:
         raise SystemExit(f"plain variant failed (exit {proc.returncode})")
     return json.loads(out.read_text())
@@ -165,6 +171,8 @@ def plain_loop(config: str, overrides: list[str]) -> dict:
     torch.set_num_threads(p.learner.torch_threads)  # as LearnerWorker
     torch.manual_seed(rlc.seed)
     policy = load_model(cfg.model.name, cfg.model.dtype).train()
+    if rlc.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = load_model(cfg.model.name, cfg.model.dtype).eval().requires_grad_(False)
     pad = policy.config.pad_token_id or policy.config.eos_token_id
     value_head, params = None, list(policy.parameters())
@@ -173,7 +181,7 @@ def plain_loop(config: str, overrides: list[str]) -> dict:
         torch.nn.init.zeros_(value_head.weight)
         torch.nn.init.zeros_(value_head.bias)
         params += list(value_head.parameters())
-    opt = torch.optim.AdamW(params, lr=rlc.lr, weight_decay=rlc.weight_decay)
+    opt = torch.optim.AdamW(params, lr=rlc.lr, weight_decay=rlc.weight_decay, foreach=False)
     policy_params, gen_params = dict(policy.named_parameters()), dict(gen_model.named_parameters())
 
     sampler = PromptSampler(items_all, rlc.seed)
@@ -244,10 +252,13 @@ def plain_loop(config: str, overrides: list[str]) -> dict:
             loss = loss + rlc.value_coef * rl.aggregate(rl.value_loss(values, returns, mask), **agg)
         if not (torch.isfinite(loss) and torch.isfinite(reward).all()):
             raise SystemExit(f"non-finite loss or reward at step {step}")
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, rlc.max_grad_norm)
         opt.step()
+        opt.zero_grad(set_to_none=True)
+        if sys.platform.startswith("linux"):  # as LearnerWorker (_malloc_trim), without importing actors/
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         stage["learner"] += time.perf_counter() - t0
         cpu["learner"] += time.process_time() - c0
         dirty = True

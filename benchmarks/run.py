@@ -16,9 +16,9 @@ def run(*args: str) -> None:
 
 
 if __name__ == "__main__":
+    run("-m", "benchmarks.overhead", *QUICK)
     run("-m", "benchmarks.overlap", *QUICK)
     run("-m", "benchmarks.scaling")  # from overlap.json's per-stage times
-    run("-m", "benchmarks.overhead", *QUICK)
     run("-m", "benchmarks.generation", "--rounds", "3", "--batch", "8", "--new-tokens", "64")
     run("-m", "benchmarks.labeling", "--pairs", "16", "--rounds", "3")
     run("-m", "benchmarks.labeling", "--pairs", "16", "--rounds", "3", "--shots", "2")

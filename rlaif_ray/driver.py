@@ -134,18 +134,22 @@ def start_judge(cfg: Config, labelers: list, tag: str = ""):
         "cuda" if role.num_gpus > 0 else "cpu")
 
 
+def learner_malloc_env() -> dict[str, str]:
+    """The learner only: glibc raises its mmap threshold after large frees, so the backward
+    pass's freed activations stay resident; a fixed threshold hands them back (step peak
+    3.95 -> 2.78 GiB, measured). Not for the other roles: the mmap churn slowed a labeler's
+    padded forward by about a third (measured). A value already in the environment wins."""
+    return {k: os.environ.get(k, v) for k, v in
+            (("MALLOC_MMAP_THRESHOLD_", "65536"), ("MALLOC_TRIM_THRESHOLD_", "1048576"), ("MALLOC_ARENA_MAX", "2"))}
+
+
 def start_learner(cfg: Config, tag: str = ""):
     """The learner group; its workers are not restarted one by one (a torch.distributed
     group cannot take a new member): the driver rebuilds the whole group instead."""
     from actors.learner import LearnerGroup, LearnerWorker
 
     role = cfg.pipeline.learner
-    # the learner only: glibc raises its mmap threshold after large frees, so the backward
-    # pass's freed activations stay resident; a fixed threshold hands them back (step peak
-    # 3.95 -> 2.78 GiB, measured). Not for the other roles: the mmap churn slowed a labeler's
-    # padded forward by about a third (measured)
-    malloc = {k: os.environ.get(k, v) for k, v in
-              (("MALLOC_MMAP_THRESHOLD_", "65536"), ("MALLOC_TRIM_THRESHOLD_", "1048576"), ("MALLOC_ARENA_MAX", "2"))}
+    malloc = learner_malloc_env()
     options = dict(num_cpus=role.num_cpus, num_gpus=role.num_gpus, max_restarts=0, resources=role.resources,
                    runtime_env={"env_vars": malloc})
     return LearnerGroup(ray.remote(LearnerWorker), role.num_actors, options, tag,
@@ -203,8 +207,9 @@ def broadcast_weights(learner0, gens, version: int, timeout: float, names: list[
 def form_weight_group(learner0, gens, device: str, timeout: float) -> None:
     """Rank 0 and the generators join a new weight-broadcast group (NCCL on GPU, gloo on
     CPU); called at start and again whenever a member was replaced."""
-    (master, port), spec = ray.get([learner0.address.remote(), learner0.weight_spec.remote()])
     backend, world = ("nccl" if device == "cuda" else "gloo"), len(gens) + 1
+    (master, port), spec = ray.get([learner0.host_store.remote("weights", world, timeout),
+                                    learner0.weight_spec.remote()])
     wait_named([learner0.join_weight_group.remote(master, port, world, backend, timeout)]
                + [g.join_weight_group.remote(master, port, i + 1, world, backend, spec, timeout)
                   for i, g in enumerate(gens)],

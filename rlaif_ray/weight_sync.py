@@ -23,13 +23,31 @@ class WeightVersionError(RuntimeError):
     pass
 
 
-def open_group(master: str, port: int, rank: int, world: int, backend: str, timeout_s: float, name: str = "weights"):
-    """A standalone process group: rank 0 hosts the TCP store. It does not touch torch's
-    default group, so the learner keeps its own gloo/NCCL group for gradients."""
+def host_store(host: str, world: int, timeout_s: float):
+    """Rank 0's TCP store on a port the OS picks (`store.port`): nothing to race for, unlike
+    probing a free port and binding it later. It does not wait for the others here."""
+    import torch.distributed as dist
+
+    return dist.TCPStore(host, 0, world, True, timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+def join_store(master: str, port: int, world: int, timeout_s: float):
+    """Ranks 1..world-1: a client of rank 0's store."""
+    import torch.distributed as dist
+
+    return dist.TCPStore(master, port, world, False, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def open_group(master: str, port: int, rank: int, world: int, backend: str, timeout_s: float, name: str = "weights",
+               store=None):
+    """A standalone process group on rank 0's store (`store`: rank 0 passes the one it hosts).
+    It does not touch torch's default group, so the learner keeps its own gloo/NCCL group
+    for gradients."""
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.PrefixStore(name, dist.TCPStore(master, port, world, rank == 0, timeout=timeout))
+    store = dist.PrefixStore(name, store if store is not None else join_store(master, port, world, timeout_s))
     if backend == "nccl":
         return dist.ProcessGroupNCCL(store, rank, world)
     return dist.ProcessGroupGloo(store, rank, world, timeout)
