@@ -134,7 +134,8 @@ class LearnerWorker:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.rl["max_grad_norm"])
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)  # no model-sized gradients held between steps
-        _malloc_trim()
+        if self.rl["release_memory"]:
+            _malloc_trim()
         n_seq = max(len(rows), 1)
         self.busy_s += time.perf_counter() - t0
         self.metrics.observe("learner_step_s", time.perf_counter() - t0)

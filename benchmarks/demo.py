@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.overhead import versions
+
 RESULTS = Path(__file__).parent / "results"
 
 if __name__ == "__main__":
@@ -18,6 +20,12 @@ if __name__ == "__main__":
                            "--", str(Path(sys.executable).parent / "rlaif-ray"), "train",
                            "configs/quickstart.yaml", "--out", str(out)], capture_output=True, text=True)
     mem = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the machine's state beside the memory figure (results/memory.json is written by the sampler)
+    mem_file = RESULTS / "memory.json"
+    mem_full = json.loads(mem_file.read_text())
+    mem_full.update(cpus=os.cpu_count(), time=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    load_before=load_before, load_after=os.getloadavg(), versions=versions())
+    mem_file.write_text(json.dumps(mem_full, indent=1))
     s = json.loads((out / "summary.json").read_text())
     b, a, ch = s["heldout_before"], s["heldout_after"], s["heldout_change"]
     figures = {

@@ -23,6 +23,8 @@ import statistics
 import time
 from pathlib import Path
 
+from benchmarks.overhead import versions
+
 RESULTS = Path(__file__).parent / "results"
 TARGET = 3.0  # issue 9: batched both-orders path at least 3x one pair and one order per forward
 
@@ -103,7 +105,7 @@ def main() -> None:
            "torch_threads": args.threads, "rounds": args.rounds, "cpus": os.cpu_count(),
            "context_tokens_median": statistics.median(lens),
            "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_before": load_before,
-           "load_after": os.getloadavg(), "seconds": times, "cpu_seconds": cpu, "minor_page_faults": faults,
+           "load_after": os.getloadavg(), "versions": versions(), "seconds": times, "cpu_seconds": cpu, "minor_page_faults": faults,
            "pairs_per_s": rate, "pairs_per_cpu_s": cpu_rate,
            "default_path": default_path, "target_ratio": TARGET,
            "ratio_default_over_single": ratio, "meets_target": ratio >= TARGET,

@@ -15,6 +15,9 @@ Timed: the loop from the first step to the end of the last one, in both variants
 loading, Ray start-up and the final checkpoint write are outside it. The plain variant runs
 in a fresh subprocess that never imports ray; each Ray run starts and stops its own Ray.
 Per-step reward and loss of the two variants are compared (same seeds: they should agree).
+The learner's memory release (rl.release_memory: a fixed glibc mmap threshold) is off in
+both: it is a memory-for-time choice of the learner actor, not framework cost, and in one
+process it would also reach the generator's stage, which the Ray run keeps it away from.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 FIXED = ["rl.max_staleness=0", "eval.num_prompts=0", "eval.signal_posts=0", "run.log_rollouts=false",
-         "run.report=false", "run.tensorboard=false", "run.progress=false"]
+         "run.report=false", "run.tensorboard=false", "run.progress=false", "rl.release_memory=false"]
 
 
 def versions() -> dict:
@@ -131,13 +134,15 @@ def run_ray(config: str, overrides: list[str], out: Path) -> dict:
 
 
 def run_plain(config: str, overrides: list[str], out: Path) -> dict:
-    # the learner's malloc settings (its work is most of the step; the Ray run gives them to
-    # the learner actor only)
+    # the learner's malloc settings, when the config asks for them (the benchmark turns them
+    # off in both variants: in one process they would also slow the generator's stage, which
+    # the Ray run keeps them away from)
+    from rlaif_ray.config import load_config
     from rlaif_ray.driver import learner_malloc_env
 
+    malloc = learner_malloc_env() if load_config(config, overrides).rl.release_memory else {}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.overhead", config, "--plain-worker", str(out),
-                           *[x for o in overrides for x in ("--set", o)]], text=True,
-                          env={**os.environ, **learner_malloc_env()})
+                           *[x for o in overrides for x in ("--set", o)]], text=True, env={**os.environ, **malloc})
     if proc.returncode:
         raise SystemExit(f"plain variant failed (exit {proc.returncode})")
     return json.loads(out.read_text())
@@ -257,7 +262,7 @@ def plain_loop(config: str, overrides: list[str]) -> dict:
         torch.nn.utils.clip_grad_norm_(params, rlc.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if sys.platform.startswith("linux"):  # as LearnerWorker (_malloc_trim), without importing actors/
+        if rlc.release_memory and sys.platform.startswith("linux"):  # as LearnerWorker, without importing actors/
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         stage["learner"] += time.perf_counter() - t0
         cpu["learner"] += time.process_time() - c0

@@ -138,7 +138,7 @@ def _memory(mem: dict) -> list[str]:
            f"`{mem['command']}` under `benchmarks.peak_memory` (every process of the run's tree sampled each "
            f"second): wall {mem['wall_s']:.0f} s, peak sum of PSS **{mem['peak_pss_sum_gib']:.2f} GiB** "
            f"(shared pages split between processes), sum of RSS {mem['peak_rss_sum_gib']:.2f} GiB"
-           + (f"; {mem['cpus']} cores, {mem['time']}" if "time" in mem and "cpus" in mem else "") + "."]
+           + (f"; {_setting(mem)}" if "time" in mem and "cpus" in mem else "") + "."]
     procs = mem.get("processes_at_peak_pss_mib") or mem.get("processes") or []
     if procs:
         at = f" ({mem['peak_pss_at_s']:.0f} s into the run)" if "peak_pss_at_s" in mem else ""

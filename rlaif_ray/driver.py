@@ -99,7 +99,8 @@ def start_actors(cfg: Config, tag: str = ""):
     def opts(name, role, label):
         where = place(name, role, tag, p.batch_timeout_s)
         return [dict(name=f"{label}-{i}@{tag}" if tag else f"{label}-{i}", num_cpus=role.num_cpus,
-                     num_gpus=role.num_gpus, max_restarts=role.max_restarts, resources=role.resources, **where[i])
+                     num_gpus=role.num_gpus, max_restarts=role.max_restarts, resources=role.resources,
+                     runtime_env={"env_vars": thread_env(role)}, **where[i])
                 for i in range(role.num_actors)]
 
     def device(role):
@@ -129,9 +130,16 @@ def start_judge(cfg: Config, labelers: list, tag: str = ""):
     role = cfg.pipeline.labelers
     return ray.remote(Labeler).options(name=f"judge-0@{tag}" if tag else "judge-0", num_cpus=role.num_cpus,
                                        num_gpus=role.num_gpus, max_restarts=role.max_restarts,
-                                       resources=role.resources).remote(
+                                       resources=role.resources, runtime_env={"env_vars": thread_env(role)}).remote(
         "judge-0", cfg.reward.model_dump(), cfg.reward.model or cfg.model.name, cfg.model.dtype, role.torch_threads,
         "cuda" if role.num_gpus > 0 else "cpu")
+
+
+def thread_env(role) -> dict[str, str]:
+    """OpenMP threads = the role's torch threads. Ray gives an actor OMP_NUM_THREADS=num_cpus
+    (1 when fractional), and a process started with 1 ran the learner's 2-thread step about
+    10% slower than one started with 2 (benchmarks/overhead.py, measured)."""
+    return {"OMP_NUM_THREADS": str(role.torch_threads)}
 
 
 def learner_malloc_env() -> dict[str, str]:
@@ -149,9 +157,9 @@ def start_learner(cfg: Config, tag: str = ""):
     from actors.learner import LearnerGroup, LearnerWorker
 
     role = cfg.pipeline.learner
-    malloc = learner_malloc_env()
     options = dict(num_cpus=role.num_cpus, num_gpus=role.num_gpus, max_restarts=0, resources=role.resources,
-                   runtime_env={"env_vars": malloc})
+                   runtime_env={"env_vars": {**(learner_malloc_env() if cfg.rl.release_memory else {}),
+                                             **thread_env(role)}})
     return LearnerGroup(ray.remote(LearnerWorker), role.num_actors, options, tag,
                         place("learner", role, tag, cfg.pipeline.batch_timeout_s),
                         model_name=cfg.model.name, dtype=cfg.model.dtype, rl_cfg=cfg.rl.model_dump(),

@@ -37,18 +37,23 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model_path):
 
 
 def test_the_learner_actor_gets_the_malloc_settings_and_the_job_env(ray_local, tiny_model_path, tmp_path):
-    """The learner's own env vars are merged with the job's (HF_HUB_OFFLINE stays set)."""
+    """The learner's own env vars are merged with the job's (HF_HUB_OFFLINE stays set); the
+    malloc settings follow rl.release_memory."""
     import ray
 
     from rlaif_ray.config import config_from_dict
     from rlaif_ray.driver import release, start_learner
 
-    cfg = config_from_dict({"model": {"name": tiny_model_path}, "rl": {"prompts_per_step": 2},
-                            "pipeline": {"learner": {"num_cpus": 0.25}}})
-    learner = start_learner(cfg, "malloc")
-    try:
-        env = ray.get(learner.workers[0].env.remote(["MALLOC_MMAP_THRESHOLD_", "HF_HUB_OFFLINE"]))
-        assert env == {"MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
-    finally:
-        ray.kill(learner.workers[0])
-        release("malloc", ["learner"])
+    names = ["MALLOC_MMAP_THRESHOLD_", "HF_HUB_OFFLINE", "OMP_NUM_THREADS"]
+    for release_memory, want in ((True, "65536"), (False, None)):
+        cfg = config_from_dict({"model": {"name": tiny_model_path},
+                                "rl": {"prompts_per_step": 2, "release_memory": release_memory},
+                                "pipeline": {"learner": {"num_cpus": 0.25, "torch_threads": 2}}})
+        learner = start_learner(cfg, "malloc")
+        try:
+            env = ray.get(learner.workers[0].env.remote(names))
+            # OpenMP gets the role's torch threads (Ray would give a 0.25-CPU actor 1)
+            assert env == {"MALLOC_MMAP_THRESHOLD_": want, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+        finally:
+            ray.kill(learner.workers[0])
+            release("malloc", ["learner"])
