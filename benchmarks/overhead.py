@@ -15,9 +15,11 @@ Timed: the loop from the first step to the end of the last one, in both variants
 loading, Ray start-up and the final checkpoint write are outside it. The plain variant runs
 in a fresh subprocess that never imports ray; each Ray run starts and stops its own Ray.
 Per-step reward and loss of the two variants are compared (same seeds: they should agree).
-The learner's memory release (rl.release_memory: a fixed glibc mmap threshold) is off in
-both: it is a memory-for-time choice of the learner actor, not framework cost, and in one
-process it would also reach the generator's stage, which the Ray run keeps it away from.
+The learner's malloc settings (rl.release_memory: a fixed glibc mmap threshold, which also
+made its step faster here) apply to the learner actor only; the plain process switches them
+per stage with mallopt (the learner's values before its step, glibc's ceiling for the
+dynamic threshold, 32 MiB, before the generator's and labeler's), so each stage runs under
+the same settings as its actor.
 """
 from __future__ import annotations
 
@@ -37,7 +39,18 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 FIXED = ["rl.max_staleness=0", "eval.num_prompts=0", "eval.signal_posts=0", "run.log_rollouts=false",
-         "run.report=false", "run.tensorboard=false", "run.progress=false", "rl.release_memory=false"]
+         "run.report=false", "run.tensorboard=false", "run.progress=false"]
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+LEARNER = (65536, 1048576)  # driver.learner_malloc_env's values (tests/test_benchmarks.py checks)
+GLIBC_CEILING = (32 << 20, 64 << 20)  # where glibc's dynamic threshold ends up (trim = 2x)
+
+
+def mallopt(mmap_threshold: int, trim_threshold: int) -> None:
+    """Switch glibc's malloc settings in this process (Linux/glibc only)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+        libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
 
 
 def versions() -> dict:
@@ -134,15 +147,8 @@ def run_ray(config: str, overrides: list[str], out: Path) -> dict:
 
 
 def run_plain(config: str, overrides: list[str], out: Path) -> dict:
-    # the learner's malloc settings, when the config asks for them (the benchmark turns them
-    # off in both variants: in one process they would also slow the generator's stage, which
-    # the Ray run keeps them away from)
-    from rlaif_ray.config import load_config
-    from rlaif_ray.driver import learner_malloc_env
-
-    malloc = learner_malloc_env() if load_config(config, overrides).rl.release_memory else {}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.overhead", config, "--plain-worker", str(out),
-                           *[x for o in overrides for x in ("--set", o)]], text=True, env={**os.environ, **malloc})
+                           *[x for o in overrides for x in ("--set", o)]], text=True)
     if proc.returncode:
         raise SystemExit(f"plain variant failed (exit {proc.returncode})")
     return json.loads(out.read_text())
@@ -199,6 +205,8 @@ def plain_loop(config: str, overrides: list[str]) -> dict:
         items = sampler.next(rlc.prompts_per_step)
         # weight sync: the generator installs the newest policy before its batch
         torch.set_num_threads(p.generators.torch_threads)
+        if rlc.release_memory:
+            mallopt(*GLIBC_CEILING)
         t0, c0 = time.perf_counter(), time.process_time()
         if dirty:
             with torch.no_grad():
@@ -237,6 +245,8 @@ def plain_loop(config: str, overrides: list[str]) -> dict:
         cpu["labeler"] += time.process_time() - c0
         # learner (LearnerWorker.train_step, one rank)
         torch.set_num_threads(p.learner.torch_threads)
+        if rlc.release_memory:
+            mallopt(*LEARNER)
         t0, c0 = time.perf_counter(), time.process_time()
         prompts = [it["prompt_token_ids"] for it, _ in expanded]
         logp, mask, values = lm.response_logprobs(policy, prompts, tokens, pad, g.temperature, value_head)

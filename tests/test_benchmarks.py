@@ -101,6 +101,13 @@ def test_overhead(overhead):
     assert all(map(positive, overhead["cpu_s_per_step_median"].values()))
     assert {"RolloutGenerator", "Labeler", "LearnerWorker", "driver"} <= set(overhead["runs"][0]["cpu_s_by_process"])
 
+    # the plain loop switches to the learner actor's malloc settings before its step
+    from benchmarks.overhead import LEARNER
+    from rlaif_ray.driver import learner_malloc_env
+
+    env = learner_malloc_env()
+    assert LEARNER == (int(env["MALLOC_MMAP_THRESHOLD_"]), int(env["MALLOC_TRIM_THRESHOLD_"]))
+
 
 def test_scaling(scaling):
     from rlaif_ray.scaling import StageTimes, throughput
