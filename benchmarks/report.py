@@ -85,8 +85,8 @@ def _overhead(oh: dict) -> list[str]:
             f"{oh['max_abs_diff']['reward_mean']:.1e}, in loss {oh['max_abs_diff']['loss']:.1e}.", ""]
     if noisy:
         out += [f"The pairs disagree by more than the target itself (ratios {min(pr):.2f} to {max(pr):.2f}; load "
-                f"average {_load_str(oh)[len('load average (1/5/15 min) '):]}): other work on the machine moved the "
-                "timings more than the framework does, so this run cannot resolve 5%. Figures that other load moves "
+                f"average {_load_str(oh)[len('load average (1/5/15 min) '):]}): identical runs on this machine vary "
+                "by more than the framework's cost, so this run cannot resolve 5%. Figures that vary "
                 f"less: the time per step outside the stages' timers (Ray {st['ray']['outside_stages']:.2f} s, plain "
                 f"{st['plain']['outside_stages']:.2f} s, of a {st['ray']['loop']:.1f} s step) and the CPU seconds below.",
                 ""]
@@ -95,6 +95,17 @@ def _overhead(oh: dict) -> list[str]:
         out += [f"CPU seconds per step (user + system, every process, the loop only; less sensitive to other load "
                 f"on the machine than wall time): Ray {c['ray']:.2f} (" + ", ".join(f"{n} {v:.2f}" for n, v in k.items())
                 + f"), plain {c['plain']:.2f}: ratio **{oh['ratio_cpu_ray_over_plain']:.3f}**.", ""]
+        plain = [r for r in oh.get("runs", []) if r["variant"] == "plain" and "stage_cpu_s" in r]
+        if plain:
+            import statistics
+
+            own = sum(v for n, v in k.items() if n == "driver" or n.startswith("ray"))
+            pc = {n: statistics.median(r["stage_cpu_s"][n] / r["steps"] for r in plain) for n in ("generator", "labeler", "learner")}
+            actor = {"generator": "RolloutGenerator", "labeler": "Labeler", "learner": "LearnerWorker"}
+            out += ["Where the CPU goes, per step: Ray's own processes and the driver "
+                    f"{own:.2f} CPU-s; each stage, Ray actor (its whole process, idle time included) against the "
+                    "plain loop's span: " + ", ".join(f"{n} {k.get(actor[n], 0):.2f} vs {pc[n]:.2f}" for n in pc) +
+                    f". Wall seconds of the learner stage: Ray {st['ray']['learner']:.2f}, plain {st['plain']['learner']:.2f}.", ""]
     if oh.get("note"):
         out += [oh["note"], ""]
     return out

@@ -138,7 +138,7 @@ def start_judge(cfg: Config, labelers: list, tag: str = ""):
 def thread_env(role) -> dict[str, str]:
     """OpenMP threads = the role's torch threads. Ray gives an actor OMP_NUM_THREADS=num_cpus
     (1 when fractional), and a process started with 1 ran the learner's 2-thread step about
-    10% slower than one started with 2 (benchmarks/overhead.py, measured)."""
+    5-10% slower than one started with 2 (alternated runs, measured)."""
     return {"OMP_NUM_THREADS": str(role.torch_threads)}
 
 
