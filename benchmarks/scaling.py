@@ -25,6 +25,12 @@ FORMULA = ("T(d) = max(n t_g / G, n t_l / L', n t_t + t_s, (n t_g / G + n t_l / 
            "d -> inf: the slowest stage); L' = min(L, G)")
 
 
+def _shown(path: str) -> str:
+    """The path as the report shows it: relative to the repository when inside it."""
+    p, root = Path(path).resolve(), Path(__file__).resolve().parents[1]
+    return str(p.relative_to(root)) if p.is_relative_to(root) else p.name
+
+
 def median_times(runs: list[dict]) -> scaling.StageTimes:
     ts = [scaling.stage_times(r["stage_busy_s"], r["loop_s"], r["completions"], r["steps"]) for r in runs]
     return scaling.StageTimes(**{f.name: statistics.median(getattr(t, f.name) for t in ts)
@@ -58,7 +64,7 @@ def main() -> None:
         check["predicted_with_overlapped_stage_times_per_s"] = scaling.throughput(contended, 1, 1, 1)
     result = {"what": "predicted completions/s of the RL loop as the generator (G) and labeler (L) pools grow "
                       "(learner fixed), from the synchronous runs' per-stage times",
-              "formula": FORMULA, "source": args.overlap, "source_time": ov.get("time"),
+              "formula": FORMULA, "source": _shown(args.overlap), "source_time": ov.get("time"),
               "config": ov.get("config"), "overrides": ov.get("overrides"), "cpus": ov.get("cpus"),
               "load_before": ov.get("load_before"), "load_after": ov.get("load_after"),
               "versions": ov.get("versions"), "machine": ov.get("machine"),
