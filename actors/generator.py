@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from rlaif_ray import lm, schemas, weight_sync
 from rlaif_ray.metrics import RoleMetrics
+from rlaif_ray.models import trim_heap
 
 
 class HFBackend:
@@ -162,6 +163,7 @@ class RolloutGenerator:
                 "generator": [self.name] * len(expanded),
             })
             out = schemas.make_batch(schemas.ROLLOUT, cols)
+            trim_heap()
             dt = time.perf_counter() - t0
             self.busy_s += dt
             n_tokens = sum(len(t) for t in tokens)

@@ -11,6 +11,7 @@ import pyarrow as pa
 from rlaif_ray import schemas, scoring
 from rlaif_ray.labeling import Judge
 from rlaif_ray.metrics import RoleMetrics
+from rlaif_ray.models import trim_heap
 from rlaif_ray.signal import measure_signal
 
 
@@ -44,6 +45,7 @@ class Labeler:
         self.metrics = RoleMetrics("labeler", name)
 
     def _account(self, n_labels: int, unusable: int, t0: float) -> None:
+        trim_heap()
         dt = time.perf_counter() - t0
         self.busy_s += dt
         self.metrics.inc("labels", n_labels)

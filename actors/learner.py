@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from rlaif_ray import lm, rl, schemas, weight_sync
 from rlaif_ray.metrics import RoleMetrics
+from rlaif_ray.models import trim_heap
 
 
 class NonFiniteError(RuntimeError):
@@ -135,7 +136,7 @@ class LearnerWorker:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)  # no model-sized gradients held between steps
         if self.rl["release_memory"]:
-            _malloc_trim()
+            trim_heap()
         n_seq = max(len(rows), 1)
         self.busy_s += time.perf_counter() - t0
         self.metrics.observe("learner_step_s", time.perf_counter() - t0)
@@ -199,18 +200,6 @@ class LearnerWorker:
                                              if k.startswith("value_head.")})
         meta = json.loads((path / "trainer_state.json").read_text())["optimizer_meta"]
         self.opt.load_state_dict(_unflatten_optimizer(tensors, meta))
-
-
-def _malloc_trim() -> None:
-    """Hand freed heap back to the OS: glibc keeps it, and the backward pass frees GBs."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict, dict]:

@@ -134,3 +134,16 @@ def make_tiny_model(path: str | Path, hidden: int = 32, layers: int = 2, seed: i
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return str(path)
+
+
+def trim_heap() -> None:
+    """Hand freed heap back to the OS: glibc keeps it (a learner's backward pass frees GBs, a
+    generator's batch its KV cache), and an idle actor would hold it while another peaks."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
