@@ -50,6 +50,7 @@ class LearnerWorker:
         # parameter at once (a model-sized spike at each step); one tensor at a time does not
         self.opt = torch.optim.AdamW(params, lr=rl_cfg["lr"], weight_decay=rl_cfg["weight_decay"], foreach=False)
         self.busy_s = 0.0
+        self._stores = {}  # TCP stores this rank hosts, by group (host_store)
         self.metrics = RoleMetrics("learner", f"learner-{rank}")
 
     def info(self) -> dict:
@@ -64,7 +65,6 @@ class LearnerWorker:
         import ray
 
         ip = ray.util.get_node_ip_address()
-        self._stores = getattr(self, "_stores", {})
         self._stores[purpose] = weight_sync.host_store(ip, world, timeout_s)
         return ip, self._stores[purpose].port
 

@@ -162,7 +162,7 @@ def plain_loop(config: str, overrides: list[str]) -> dict:
     from rlaif_ray.config import load_config
     from rlaif_ray.data import PromptSampler, task_prompts
     from rlaif_ray.labeling import Judge, PairwiseOptions, load_engine
-    from rlaif_ray.models import load_model, load_tokenizer
+    from rlaif_ray.models import load_model, load_tokenizer, trim_heap
     from rlaif_ray.scoring import pairwise_rewards
 
     assert "ray" not in sys.modules, "the plain variant must not import ray"
@@ -272,8 +272,8 @@ def plain_loop(config: str, overrides: list[str]) -> dict:
         torch.nn.utils.clip_grad_norm_(params, rlc.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if rlc.release_memory and sys.platform.startswith("linux"):  # as LearnerWorker, without importing actors/
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        if rlc.release_memory:  # as LearnerWorker
+            trim_heap()
         stage["learner"] += time.perf_counter() - t0
         cpu["learner"] += time.process_time() - c0
         dirty = True
