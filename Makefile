@@ -10,7 +10,7 @@ VSTAMP := $(VENV)/.setup-vllm-done
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-vllm demo demo-vllm test test-fast bench bench-labeler clean
+.PHONY: setup setup-vllm demo demo-vllm test test-fast bench bench-labeler gpu-check gpu-model clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,20 @@ bench: setup
 bench-labeler: setup-vllm
 	$(BIN)/python -m benchmarks.labeler_grid --n 300 --cot-n 80 --backend vllm
 	$(BIN)/python -m benchmarks.report
+
+# The Ray-free core on one device (README, "Scaling to a cluster"): one JSON line, non-zero
+# exit on any failure. Runs with the project's venv where there is one, else the machine's
+# python3 (a bare CUDA box needs torch, transformers, safetensors, pyarrow, pydantic, pyyaml).
+DEVICE ?= cuda
+GPU_MODEL ?= smollm2-135m-instruct
+GPU_DTYPE ?= auto
+GPU_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PY) -m benchmarks.gpu_check --device $(DEVICE) --model $(GPU_MODEL) --dtype $(GPU_DTYPE) $(if $(SKIP),--skip $(SKIP))
+
+# a small random model with the real tokenizer (~15 MB) to carry to a GPU box without model files
+gpu-model: setup
+	$(BIN)/python -m benchmarks.gpu_check --save-model .gpu-check-model
 
 clean:
 	rm -rf $(VENV) runs

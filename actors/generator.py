@@ -10,67 +10,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-import warnings
 
 import pyarrow as pa
 
-from rlaif_ray import lm, schemas, weight_sync
+from rlaif_ray import schemas, weight_sync
+from rlaif_ray.devices import dtype_name
+from rlaif_ray.engines import load_engine
 from rlaif_ray.metrics import RoleMetrics
 from rlaif_ray.models import trim_heap
-
-
-class HFBackend:
-    """transformers generate on CPU or GPU."""
-
-    def __init__(self, model_name: str, dtype: str, device: str):
-        import torch
-
-        from rlaif_ray.models import load_model, load_tokenizer
-
-        self.tok = load_tokenizer(model_name)
-        self.model = load_model(model_name, dtype).to(device).eval()
-        self.device = device
-        self.torch = torch
-
-    def generate(self, prompts: list[list[int]], *, temperature, top_p, top_k, max_new_tokens, seed):
-        return lm.sample(self.model, prompts, self.tok.pad_token_id, self.tok.eos_token_id,
-                         temperature=temperature, top_p=top_p, top_k=top_k,
-                         max_new_tokens=max_new_tokens, seed=seed)
-
-    def load_weights(self, weights: dict) -> None:
-        params = dict(self.model.named_parameters())
-        missing = [k for k in params if k not in weights and not _tied(k, self.model)]
-        if missing:
-            raise ValueError(f"weight update lacks {len(missing)} parameters, e.g. {missing[:3]}")
-        with self.torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # arrays from the object store are read-only
-            for name, arr in weights.items():
-                params[name].copy_(self.torch.as_tensor(arr))  # numpy (object store) or torch (broadcast)
-
-    def continuation_logprobs(self, prompt: list[int], continuation: list[int]) -> list[float]:
-        with self.torch.no_grad():
-            logp, _, _ = lm.response_logprobs(self.model, [prompt], [continuation], self.tok.pad_token_id, 1.0)
-        return logp[0].tolist()
-
-    def digest(self) -> float:
-        """A cheap fingerprint of the weights (tests check that a sync changed them)."""
-        with self.torch.no_grad():
-            return float(sum(p.double().sum() for p in self.model.parameters()))
-
-
-def _tied(name: str, model) -> bool:
-    return name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
-
-
-BACKENDS = {"hf": HFBackend}
-
-
-def _backend(name: str):
-    if name == "vllm":
-        from actors.vllm_engine import VLLMBackend  # imported only when asked for
-
-        return VLLMBackend
-    return BACKENDS[name]
 
 
 class RolloutGenerator:
@@ -80,7 +27,8 @@ class RolloutGenerator:
 
         torch.set_num_threads(torch_threads)
         self.name, self.gen, self.device = name, generation, device
-        self.backend = _backend(generation["backend"])(model_name, dtype, device)
+        self.backend = load_engine(generation["backend"], model_name, device, dtype)
+        self.weight_dtype = dtype_name(self.backend.dtype)  # what the learner casts weights to
         self.version = 0
         self._staged = None  # (weights, version) received but not yet installed
         self._lock = threading.Lock()
@@ -91,10 +39,11 @@ class RolloutGenerator:
     def info(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "version": self.version, "busy_s": self.busy_s,
                 "last_install_s": self.last_install_s, "backend": self.gen["backend"],
-                "prefix_caching": getattr(self.backend, "prefix_caching", False)}
+                "prefix_caching": self.backend.prefix_caching, "weight_dtype": self.weight_dtype}
 
     def set_weights(self, weights: dict, version: int) -> int:
-        """Stage a new policy version; returns at once (the actor may be mid-generation).
+        """Stage a new policy version (a weight_sync.pack payload, or {name: tensor}); returns
+        at once (the actor may be mid-generation).
         Returns the newest version this actor holds: the driver checks it is `version`."""
         newest = max(self.version, self._staged[1] if self._staged else -1)
         if version < newest:
@@ -120,7 +69,7 @@ class RolloutGenerator:
             self._staged = None
             if version > self.version:
                 t0 = time.perf_counter()
-                self.backend.load_weights(weights)
+                self.backend.load_weights(weight_sync.unpack(weights) if "arrays" in weights else weights)
                 self.last_install_s = time.perf_counter() - t0
                 self.version = version
 

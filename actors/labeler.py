@@ -20,7 +20,7 @@ class Labeler:
     options, openai endpoint). Ray Data can also run it as a pool (`rlaif-ray label`):
     calling it on a batch of PAIRS rows returns LABELS rows."""
 
-    def __init__(self, name: str, reward: dict, model_name: str, dtype: str = "float32",
+    def __init__(self, name: str, reward: dict, model_name: str, dtype: str = "auto",
                  torch_threads: int = 1, device: str = "cpu"):
         import torch
 
@@ -97,7 +97,7 @@ class Labeler:
 
         rewards, raws, metas = [0.0] * len(responses), [0.0] * len(responses), [""] * len(responses)
         for (i, j), pa_, ab, ba, mass in zip(pairs, p_a, p_ab, p_ba, self.judge.last_pair_mass):
-            r_a, r_b = scoring.pairwise_rewards(torch.tensor(pa_))
+            r_a, r_b = scoring.pairwise_rewards(torch.tensor(pa_, device="cpu"))
             meta = {"mode": "pairwise", "labeler": self.name, "p_ab": round(ab, 4), "p_ba": round(ba, 4),
                     "label_mass": round(mass, 4)}
             rewards[i], raws[i], metas[i] = float(r_a), pa_, json.dumps({**meta, "vs": j})

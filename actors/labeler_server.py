@@ -33,20 +33,16 @@ class LabelerEndpoint:
                  max_tokens_limit: int, key_sha256: str | None):
         import torch
 
-        from rlaif_ray.labeling import HFLabelEngine
-        from rlaif_ray.models import load_model, load_tokenizer, model_context
+        from rlaif_ray.engines import load_engine
+        from rlaif_ray.models import load_tokenizer, model_context
 
         torch.set_num_threads(torch_threads)
         self.served_name, self.key_sha256, self.max_tokens_limit = served_name, key_sha256, max_tokens_limit
         self.tok = load_tokenizer(model_name)
         self.context = model_context(model_name)
-        if backend == "vllm":
-            from actors.vllm_engine import VLLMEngine
-
-            self.engine = VLLMEngine(model_name, "bfloat16" if dtype == "float32" else dtype,
-                                     logprobs_mode="raw_logprobs")
-        else:
-            self.engine = HFLabelEngine(load_model(model_name, dtype), self.tok.pad_token_id)
+        # the completions endpoint reports the model's own log-probs (vLLM: raw, not processed)
+        self.engine = load_engine(backend, model_name, "cpu", dtype,
+                                  **(dict(logprobs_mode="raw_logprobs") if backend == "vllm" else {}))
         self.lock = threading.Lock()  # one forward pass at a time per replica
         self.served = 0
 

@@ -14,11 +14,12 @@ from rlaif_ray.metrics import RoleMetrics
 
 
 class RewardModel:
-    def __init__(self, name: str, path: str, dtype: str = "float32", torch_threads: int = 1, device: str = "cpu",
+    def __init__(self, name: str, path: str, dtype: str = "auto", torch_threads: int = 1, device: str = "cpu",
                  batch_size: int = 8, max_tokens: int = 512):
         import torch
         from transformers import AutoModelForSequenceClassification
 
+        from rlaif_ray.devices import compute_dtype
         from rlaif_ray.models import _quiet, load_tokenizer
 
         torch.set_num_threads(torch_threads)
@@ -26,7 +27,7 @@ class RewardModel:
         self.name, self.path, self.device = name, path, device
         self.tok = load_tokenizer(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=getattr(torch, dtype), use_safetensors=True).to(device).eval()
+            path, dtype=compute_dtype(dtype, device), use_safetensors=True).to(device).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(f"reward.rm_path={path}: not a reward model (num_labels={self.model.config.num_labels}, "
                              "expected a scalar head from `rlaif-ray train-rm`)")

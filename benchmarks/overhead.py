@@ -7,10 +7,11 @@ or Arrow, by the same rlaif_ray functions the actors call, alternated (ray plain
 
 Same config, prompts (PromptSampler, rl.seed), sampling seeds, models, steps and torch
 thread counts (the plain process sets each role's pipeline.*.torch_threads before that
-role's work). The plain steps: generator = lm.sample + decode (HFBackend.generate),
-labeler = labeling.Judge.score / prefer (Labeler.score), learner = the LearnerWorker
-train_step math (lm.response_logprobs, rl.*, AdamW), weight sync = the policy's parameters
-copied into the generator's model before its next batch (where the actor installs them).
+role's work). The plain steps call the classes the actors hold: generator =
+engines.HFEngine.generate + decode (RolloutGenerator), labeler = labeling.Judge.score /
+prefer (Labeler.score), learner = learner.PolicyLearner.step (LearnerWorker.train_step),
+weight sync = PolicyLearner.state_for_sync into HFEngine.load_weights before the next batch
+(where the actor installs them).
 Timed: the loop from the first step to the end of the last one, in both variants; model
 loading, Ray start-up and the final checkpoint write are outside it. The plain variant runs
 in a fresh subprocess that never imports ray; each Ray run starts and stops its own Ray.
@@ -155,14 +156,16 @@ def run_plain(config: str, overrides: list[str], out: Path) -> dict:
 
 
 def plain_loop(config: str, overrides: list[str]) -> dict:
-    """The synchronous loop's steps in this process: no Ray, no Arrow batches."""
+    """The synchronous loop's steps in this process, by the same classes the actors hold
+    (HFEngine, Judge, PolicyLearner): no Ray, no Arrow batches between stages."""
     import torch
 
-    from rlaif_ray import lm, rl
     from rlaif_ray.config import load_config
     from rlaif_ray.data import PromptSampler, task_prompts
+    from rlaif_ray.devices import dtype_name
+    from rlaif_ray.engines import HFEngine
     from rlaif_ray.labeling import Judge, PairwiseOptions, load_engine
-    from rlaif_ray.models import load_model, load_tokenizer, trim_heap
+    from rlaif_ray.learner import PolicyLearner
     from rlaif_ray.scoring import pairwise_rewards
 
     assert "ray" not in sys.modules, "the plain variant must not import ray"
@@ -171,29 +174,16 @@ def plain_loop(config: str, overrides: list[str]) -> dict:
     if any(r.num_actors != 1 or r.num_gpus for r in (p.generators, p.labelers, p.learner)) \
             or g.backend != "hf" or rc.backend != "hf" or rc.source not in ("direct", "pairwise"):
         raise SystemExit("the plain variant covers one CPU actor per role, hf backends, reward.source direct/pairwise")
-    tok = load_tokenizer(cfg.model.name)
-    items_all = task_prompts(cfg.task, tok).train
     torch.set_num_threads(p.generators.torch_threads)
-    gen_model = load_model(cfg.model.name, cfg.model.dtype).eval()  # as HFBackend
+    gen = HFEngine(cfg.model.name, dtype=cfg.model.dtype)  # as RolloutGenerator
+    tok = gen.tok
+    items_all = task_prompts(cfg.task, tok).train
     torch.set_num_threads(p.labelers.torch_threads)
     engine, ltok, _ = load_engine(rc, rc.model or cfg.model.name, cfg.model.dtype, "cpu")  # as Labeler
     judge = Judge(engine, ltok, rc.scorer, rc.batch_size, prefix_sharing=rc.prefix_sharing)
     pw_opts = PairwiseOptions.from_config(rc.pairwise)
     torch.set_num_threads(p.learner.torch_threads)  # as LearnerWorker
-    torch.manual_seed(rlc.seed)
-    policy = load_model(cfg.model.name, cfg.model.dtype).train()
-    if rlc.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ref = load_model(cfg.model.name, cfg.model.dtype).eval().requires_grad_(False)
-    pad = policy.config.pad_token_id or policy.config.eos_token_id
-    value_head, params = None, list(policy.parameters())
-    if rlc.baseline == "value":
-        value_head = torch.nn.Linear(policy.config.hidden_size, 1)
-        torch.nn.init.zeros_(value_head.weight)
-        torch.nn.init.zeros_(value_head.bias)
-        params += list(value_head.parameters())
-    opt = torch.optim.AdamW(params, lr=rlc.lr, weight_decay=rlc.weight_decay, foreach=False)
-    policy_params, gen_params = dict(policy.named_parameters()), dict(gen_model.named_parameters())
+    learner = PolicyLearner(cfg.model.name, rlc, g.temperature, "cpu", cfg.model.dtype)
 
     sampler = PromptSampler(items_all, rlc.seed)
     stage = {"generator": 0.0, "labeler": 0.0, "learner": 0.0, "weight_sync": 0.0}
@@ -209,17 +199,15 @@ def plain_loop(config: str, overrides: list[str]) -> dict:
             mallopt(*GLIBC_CEILING)
         t0, c0 = time.perf_counter(), time.process_time()
         if dirty:
-            with torch.no_grad():
-                for name, prm in gen_params.items():
-                    prm.copy_(policy_params[name])
+            gen.load_weights(dict(learner.state_for_sync(dtype_name(gen.dtype))))
         stage["weight_sync"] += time.perf_counter() - t0
         cpu["weight_sync"] += time.process_time() - c0
         # generator
         t0, c0 = time.perf_counter(), time.process_time()
         expanded = [(it, k) for it in items for k in range(rlc.samples_per_prompt)]
-        tokens, logps, _ = lm.sample(gen_model, [it["prompt_token_ids"] for it, _ in expanded], tok.pad_token_id,
-                                     tok.eos_token_id, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                                     max_new_tokens=g.max_new_tokens, seed=rlc.seed * 1_000_003 + batch_index * 101)
+        tokens, logps, truncated = gen.generate([it["prompt_token_ids"] for it, _ in expanded], temperature=g.temperature,
+                                                top_p=g.top_p, top_k=g.top_k, max_new_tokens=g.max_new_tokens,
+                                                seed=rlc.seed * 1_000_003 + batch_index * 101)
         texts = [tok.decode(t, skip_special_tokens=True) for t in tokens]
         if g.strip_trailing:
             texts = [t.strip().rstrip(". ").strip() or t.strip() for t in texts]
@@ -240,46 +228,27 @@ def plain_loop(config: str, overrides: list[str]) -> dict:
             for (i, j), pa_, m in zip(pairs, p_a, judge.last_pair_mass):
                 r_a, r_b = pairwise_rewards(torch.tensor(pa_))
                 rewards[i], rewards[j], mass[i], mass[j] = float(r_a), float(r_b), m, m
-        ok = [m >= rc.min_label_mass for m in mass]
         stage["labeler"] += time.perf_counter() - t0
         cpu["labeler"] += time.process_time() - c0
-        # learner (LearnerWorker.train_step, one rank)
+        # learner (what LearnerWorker.train_step calls, one rank)
         torch.set_num_threads(p.learner.torch_threads)
         if rlc.release_memory:
             mallopt(*LEARNER)
         t0, c0 = time.perf_counter(), time.process_time()
-        prompts = [it["prompt_token_ids"] for it, _ in expanded]
-        logp, mask, values = lm.response_logprobs(policy, prompts, tokens, pad, g.temperature, value_head)
-        mask = mask * torch.tensor([float(x) for x in ok])[:, None]
-        with torch.no_grad():
-            ref_logp, _, _ = lm.response_logprobs(ref, prompts, tokens, pad, g.temperature)
-        behaviour = torch.zeros_like(logp)
-        for i, lp in enumerate(logps):
-            behaviour[i, :len(lp)] = torch.tensor(lp)
-        reward = torch.tensor(rewards, dtype=torch.float32)
-        kl = rl.kl_per_token(logp.detach(), ref_logp, rlc.kl_estimator) * mask
-        returns = rl.returns_to_go(reward, kl, mask, rlc.beta)
-        adv = rl.advantages(returns, mask, rlc.baseline, values, [it["prompt_id"] for it, _ in expanded])
-        ratio = rl.truncated_ratio(logp, behaviour, rlc.is_clip) * mask
-        agg = dict(mask=mask, how=rlc.loss_agg, num_tokens=max(sum(len(t) for t in tokens), 1), num_seqs=len(tokens))
-        loss = rl.aggregate(rl.policy_loss(logp, adv, ratio, mask), **agg)
-        if values is not None:
-            loss = loss + rlc.value_coef * rl.aggregate(rl.value_loss(values, returns, mask), **agg)
-        if not (torch.isfinite(loss) and torch.isfinite(reward).all()):
-            raise SystemExit(f"non-finite loss or reward at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, rlc.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if rlc.release_memory:  # as LearnerWorker
-            trim_heap()
+        rows = [{"prompt_id": it["prompt_id"], "prompt_token_ids": it["prompt_token_ids"], "response_token_ids": t,
+                 "behaviour_logprobs": lp, "reward": r, "reward_ok": m >= rc.min_label_mass,
+                 "rollout_id": f"b{batch_index}:{it['prompt_id']}:{k}", "batch_index": batch_index}
+                for (it, k), t, lp, r, m in zip(expanded, tokens, logps, rewards, mass)]
+        try:
+            stats = learner.step(rows, max(sum(len(t) for t in tokens), 1), len(tokens))
+        except Exception as err:  # noqa: BLE001
+            raise SystemExit(f"step {step}: {err}") from None
         stage["learner"] += time.perf_counter() - t0
         cpu["learner"] += time.process_time() - c0
         dirty = True
         completions += len(tokens)
-        out_rows.append({"reward_mean": sum(rewards) / len(rewards), "loss": float(loss.detach()),
-                         "kl": float(kl.sum()) / len(tokens)})
+        out_rows.append({"reward_mean": sum(rewards) / len(rewards), "loss": stats["loss_sum"],
+                         "kl": stats["kl_sum"] / len(tokens)})
     steps_s, cpu_s = time.perf_counter() - t_loop, time.process_time() - c_loop
     return {"variant": "plain", "steps": rlc.steps, "completions": completions, "steps_s": steps_s,
             "completions_per_s": completions / steps_s, "stage_s": stage, "cpu_s": cpu_s, "stage_cpu_s": cpu,

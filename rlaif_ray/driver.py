@@ -14,13 +14,13 @@ from pathlib import Path
 
 import ray
 
-from actors.learner import NonFiniteError
-
 from . import schemas
 from .config import Config, ConfigError
 from .data import PromptSampler, load_tldr, prompt_batch, task_prompts
 from .evaluate import check_eval_config, harmless_on, judge
+from .devices import role_device
 from .layout import bundle, check_layout, placement
+from .learner import NonFiniteError
 from .metrics import RoleMetrics
 from .models import is_checkpoint, load_tokenizer, model_context
 from .progress import gather
@@ -103,20 +103,17 @@ def start_actors(cfg: Config, tag: str = ""):
                      runtime_env={"env_vars": thread_env(role)}, **where[i])
                 for i in range(role.num_actors)]
 
-    def device(role):
-        return "cuda" if role.num_gpus > 0 else "cpu"
-
     gens = [ray.remote(RolloutGenerator).options(max_concurrency=2, **o).remote(
         f"generator-{i}", m.name, m.dtype, cfg.generation.model_dump(), p.generators.torch_threads,
-        device(p.generators)) for i, o in enumerate(opts("generators", p.generators, "generator"))]
+        role_device(p.generators.num_gpus)) for i, o in enumerate(opts("generators", p.generators, "generator"))]
     if cfg.reward.source == "rm":  # the reward-model pool takes the labelers' place and resources
         labelers = [ray.remote(RewardModel).options(**o).remote(
-            f"reward-model-{i}", cfg.reward.rm_path, m.dtype, p.labelers.torch_threads, device(p.labelers),
+            f"reward-model-{i}", cfg.reward.rm_path, m.dtype, p.labelers.torch_threads, role_device(p.labelers.num_gpus),
             cfg.reward.batch_size, cfg.rm.max_tokens) for i, o in enumerate(opts("labelers", p.labelers, "reward-model"))]
     else:
         labelers = [ray.remote(Labeler).options(**o).remote(
             f"labeler-{i}", cfg.reward.model_dump(), cfg.reward.model or m.name, m.dtype, p.labelers.torch_threads,
-            device(p.labelers)) for i, o in enumerate(opts("labelers", p.labelers, "labeler"))]
+            role_device(p.labelers.num_gpus)) for i, o in enumerate(opts("labelers", p.labelers, "labeler"))]
     return gens, labelers, start_learner(cfg, tag)
 
 
@@ -132,7 +129,7 @@ def start_judge(cfg: Config, labelers: list, tag: str = ""):
                                        num_gpus=role.num_gpus, max_restarts=role.max_restarts,
                                        resources=role.resources, runtime_env={"env_vars": thread_env(role)}).remote(
         "judge-0", cfg.reward.model_dump(), cfg.reward.model or cfg.model.name, cfg.model.dtype, role.torch_threads,
-        "cuda" if role.num_gpus > 0 else "cpu")
+        role_device(role.num_gpus))
 
 
 def thread_env(role) -> dict[str, str]:
@@ -164,7 +161,7 @@ def start_learner(cfg: Config, tag: str = ""):
                         place("learner", role, tag, cfg.pipeline.batch_timeout_s),
                         model_name=cfg.model.name, dtype=cfg.model.dtype, rl_cfg=cfg.rl.model_dump(),
                         temperature=cfg.generation.temperature, torch_threads=role.torch_threads,
-                        device="cuda" if role.num_gpus > 0 else "cpu")
+                        device=role_device(role.num_gpus))
 
 
 def split(items: list, n: int) -> list[list]:
@@ -203,21 +200,25 @@ def sync_weights(gens, weights_ref, version: int, timeout: float, names: list[st
     check_acks(acks, names, version)
 
 
-def broadcast_weights(learner0, gens, version: int, timeout: float, names: list[str] | None = None) -> None:
-    """The broadcast path: rank 0 sends over the weight group while every generator
-    receives; a member that does not answer within `timeout` is named."""
+def broadcast_weights(learners: list, gens, version: int, timeout: float, names: list[str] | None = None,
+                      dtype: str = "float32") -> None:
+    """The broadcast path: learner rank 0 sends over the weight group (the other ranks take
+    part in gathering the shards) while every generator receives; a member that does not
+    answer within `timeout` is named."""
     names = names or [f"generator-{i}" for i in range(len(gens))]
-    out = wait_named([learner0.broadcast_weights.remote(version)] + [g.receive_weights.remote(version) for g in gens],
-                     ["learner-0"] + names, timeout, f"weight broadcast of version {version}")
-    check_acks(out[1:], names, version)
+    senders = [f"learner-{r}" for r in range(len(learners))]
+    out = wait_named([w.broadcast_weights.remote(version, dtype) for w in learners]
+                     + [g.receive_weights.remote(version) for g in gens],
+                     senders + names, timeout, f"weight broadcast of version {version}")
+    check_acks(out[len(learners):], names, version)
 
 
-def form_weight_group(learner0, gens, device: str, timeout: float) -> None:
+def form_weight_group(learner0, gens, device: str, timeout: float, dtype: str = "float32") -> None:
     """Rank 0 and the generators join a new weight-broadcast group (NCCL on GPU, gloo on
     CPU); called at start and again whenever a member was replaced."""
     backend, world = ("nccl" if device == "cuda" else "gloo"), len(gens) + 1
     (master, port), spec = ray.get([learner0.host_store.remote("weights", world, timeout),
-                                    learner0.weight_spec.remote()])
+                                    learner0.weight_spec.remote(dtype)])
     wait_named([learner0.join_weight_group.remote(master, port, world, backend, timeout)]
                + [g.join_weight_group.remote(master, port, i + 1, world, backend, spec, timeout)
                   for i, g in enumerate(gens)],
@@ -282,7 +283,8 @@ class Pipeline:
         self.cfg, self.tag, self.log = cfg, tag, log
         self.gens, self.labelers, self.learner = start_actors(cfg, tag)
         self.judge = start_judge(cfg, self.labelers, tag)
-        gather([a.info.remote() for a in self.actors()], "loading models", cfg.run.progress, unit="actor")
+        infos = gather([a.info.remote() for a in self.actors()], "loading models", cfg.run.progress, unit="actor")
+        self.weight_dtype = infos[0]["weight_dtype"]  # generators come first: the dtype they hold weights in
         self.version = 0
         p = cfg.pipeline
         gpus = p.learner.num_gpus > 0 and p.generators.num_gpus > 0
@@ -317,7 +319,7 @@ class Pipeline:
         self.wait_alive(self.gens[i])
         self.wait_alive(self.labelers[i % len(self.labelers)])
         if self.version > 0:  # through the object store, whatever the sync path (its group is re-formed)
-            weights = self.learner.weights()  # the learner is at self.version between publishes
+            weights = self.learner.weights(self.weight_dtype)  # the learner is at self.version between publishes
             ray.get(self.gens[i].set_weights.remote(weights, self.version), timeout=self.cfg.pipeline.batch_timeout_s)
             self.regroup = self.broadcast
 
@@ -327,7 +329,7 @@ class Pipeline:
         self.version = version
         weights = None  # not kept: the store frees each version once every generator installed it
         if not self.broadcast:
-            weights = self.learner.weights()
+            weights = self.learner.weights(self.weight_dtype)
             try:
                 # runs after get_weights in rank 0's order, so it fails if the learner died (and
                 # the weights are not fetched into the driver)
@@ -336,16 +338,17 @@ class Pipeline:
                 if not _actor_died(err):
                     raise
                 self.rebuild_learner(err)
-                weights = self.learner.weights()
+                weights = self.learner.weights(self.weight_dtype)
         timeout = self.cfg.pipeline.sync_timeout_s
         for attempt in range(self.max_retries + 1):
             try:
                 if not self.broadcast:
                     return sync_weights(self.gens, weights, version, timeout)
                 if self.regroup:
-                    form_weight_group(self.learner.workers[0], self.gens, self.group_device, timeout)
+                    form_weight_group(self.learner.workers[0], self.gens, self.group_device, timeout, self.weight_dtype)
                     self.regroup = False
-                return broadcast_weights(self.learner.workers[0], self.gens, version, timeout)
+                return broadcast_weights(self.learner.workers, self.gens, version, timeout,
+                                         dtype=self.weight_dtype)
             except Exception as err:  # noqa: BLE001
                 if not _actor_died(err) or attempt == self.max_retries:
                     raise

@@ -7,191 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import lm, prompts, scoring
+from . import prompts, scoring
+from .engines import HFEngine
 from .scoring import SCORERS
-
-
-def _lcp(x: list[int], y: list[int]) -> int:
-    """Length of the common prefix of two token lists."""
-    n = min(len(x), len(y))
-    i = 0
-    while i < n and x[i] == y[i]:
-        i += 1
-    return i
-
-
-class HFLabelEngine:
-    """Label-token log-probs from a transformers model (the `vllm` engine has the same method)."""
-
-    def __init__(self, model, pad_id: int, prefix_sharing: str = "auto"):
-        self.model, self.pad = model.eval(), pad_id
-        self.context = int(getattr(model.config, "max_position_embeddings", 2048))
-        # auto: on for CPU (single rows beat padded batches there, measured); off on a GPU,
-        # where the rows of a padded batch run in parallel
-        self.share_prefixes = prefix_sharing == "on" or (prefix_sharing == "auto" and model.device.type == "cpu")
-        self._root: tuple | None = None  # (tokens, KV cache of exactly them, weights' versions): see _root_cache
-
-    def label_logprobs(self, seqs: list[list[int]], ids: list[int], lookback: int = 1) -> torch.Tensor:
-        """[B, lookback, len(ids)]: log-probs of `ids` as next token after each of the last
-        `lookback` positions of each sequence. `share_prefixes` (default): shared token
-        prefixes run once (see _shared); otherwise one right-padded batched pass (_padded)."""
-        if self.share_prefixes and len(seqs) > 1:
-            return self._shared(seqs, lookback)[:, :, ids]
-        return self._padded(seqs, lookback)[:, :, ids]
-
-    def _last(self, hidden: torch.Tensor, lengths: list[int], lookback: int) -> torch.Tensor:
-        """Log-softmax of the LM head at the last `lookback` real positions of each row of a
-        right-padded [B, T, H] hidden state; the LM head (vocab x hidden) runs on those only."""
-        at = torch.tensor([[n - lookback + k for k in range(lookback)] for n in lengths])
-        h = hidden[torch.arange(len(lengths))[:, None], at]
-        return self.model.lm_head(h).float().log_softmax(-1)
-
-    PAD_SLACK_CPU = 1.15  # on CPU a padded batch is cut where padding would exceed 15% of its real tokens
-
-    @torch.no_grad()
-    def _padded(self, seqs: list[list[int]], lookback: int) -> torch.Tensor:
-        """Batched passes, rows right-padded: a causal model never lets a real token see the
-        pads after it, so no attention mask is needed (sdpa keeps its fast causal kernel,
-        unlike a left-padded batch's explicit mask) and positions are the plain 0..n-1.
-        On a GPU one pass (rows run in parallel); on CPU, where a pad costs as much as a
-        real token, rows sorted by length are cut into buckets of similar lengths."""
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-        slack = self.PAD_SLACK_CPU if self.model.device.type == "cpu" else float("inf")
-        buckets, cur = [], []
-        for i in order:  # longest first: a bucket's width is its first row's length
-            if cur and (len(cur) + 1) * len(seqs[cur[0]]) > slack * (sum(len(seqs[j]) for j in cur) + len(seqs[i])):
-                buckets.append(cur)
-                cur = []
-            cur.append(i)
-        buckets.append(cur)
-        out = torch.empty(len(seqs), lookback, self.model.config.vocab_size)
-        for rows in buckets:
-            ids = torch.full((len(rows), len(seqs[rows[0]])), self.pad, dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, :len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
-            hidden = self.model.model(input_ids=ids).last_hidden_state
-            out[rows] = self._last(hidden, [len(seqs[i]) for i in rows], lookback)
-        return out
-
-    def _versions(self) -> tuple:
-        # in-place weight updates (load_state_dict, copy_) bump a tensor's version: a cached
-        # prefix is only reused under the weights it was computed with
-        return tuple((id(p), p._version) for p in self.model.parameters())
-
-    def _root_cache(self, tokens: list[int]):
-        """A KV cache holding exactly `tokens`, kept across calls: the root (preamble,
-        exemplars) is the same for every batch of a run, so it is computed once per engine;
-        a different root reuses the cached one up to their common prefix."""
-        from transformers import DynamicCache
-
-        versions = self._versions()
-        if self._root is not None and self._root[2] == versions:
-            old, cache, _ = self._root
-            keep = _lcp(old, tokens)
-            extra = cache.get_seq_length() - keep
-            if extra > 0:
-                cache.crop(-extra)
-        else:
-            cache, keep = DynamicCache(), 0
-        if len(tokens) > keep:
-            self.model.model(input_ids=torch.tensor([tokens[keep:]]), past_key_values=cache, use_cache=True)
-        self._root = (list(tokens), cache, versions)
-        return cache
-
-    MIN_SHARED = 16  # tokens two sequences must share beyond the common root to form a group
-
-    @torch.no_grad()
-    def _shared(self, seqs: list[list[int]], lookback: int) -> torch.Tensor:
-        """Prefix-shared passes with a KV cache (on CPU a padded batch is slower per sequence
-        than single rows; benchmarks/labeling.py). The root shared by all sequences
-        (preamble, exemplars) is cached across calls (_root_cache); sequences that share
-        more (the two orders of one pair: preamble + context) extend it once as a group;
-        the group's tails (nearly equal lengths) then run as one right-padded batch over the
-        cache repeated per row. The cache is cut back to the root after each group.
-        Exact up to float rounding: the same tokens at the same positions."""
-        shortest = min(len(s) for s in seqs)
-        root = max(0, min(min(_lcp(seqs[0], s) for s in seqs[1:]), shortest - lookback))
-        groups: list[list[int]] = []
-        for i, s in enumerate(seqs):
-            for g in groups:
-                if _lcp(seqs[g[0]], s) >= root + self.MIN_SHARED:
-                    g.append(i)
-                    break
-            else:
-                groups.append([i])
-        out = torch.empty(len(seqs), lookback, self.model.config.vocab_size)
-        cache = self._root_cache(seqs[0][:root])
-
-        for g in groups:
-            shared = min(min(_lcp(seqs[g[0]], seqs[j]) for j in g), min(len(seqs[j]) for j in g) - lookback)
-            if shared > root:
-                self.model.model(input_ids=torch.tensor([seqs[g[0]][root:shared]]), past_key_values=cache,
-                                 use_cache=True)
-            tails = [seqs[j][shared:] for j in g]
-            if len(g) > 1 and shared > 0:
-                cache.batch_repeat_interleave(len(g))
-            width = max(len(t) for t in tails)
-            ids = torch.full((len(g), width), self.pad, dtype=torch.long)
-            for i, t in enumerate(tails):
-                ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-            # right padding: no row sees another's pads, positions continue from the cache
-            # (an empty cache, no shared prefix at all: a plain pass that leaves it untouched)
-            past = dict(past_key_values=cache, use_cache=True) if shared > 0 else dict(use_cache=False)
-            h = self.model.model(input_ids=ids, **past).last_hidden_state
-            out[g] = self._last(h, [len(t) for t in tails], lookback)
-            if len(g) > 1 and shared > 0:
-                cache.batch_select_indices(torch.tensor([0]))  # before the crop: a no-op on an empty cache
-            extra = cache.get_seq_length() - root
-            if extra > 0:
-                cache.crop(-extra)  # negative crop: the same in transformers 4.x and 5.x
-        return out
-
-    @torch.no_grad()
-    def complete(self, seqs: list[list[int]], max_new_tokens: int, temperature: float, top_k: int,
-                 seed: int) -> list[list[int]]:
-        """Decode a continuation per sequence: greedy at temperature 0, else sampled."""
-        ids, mask, _ = lm.left_pad(seqs, self.pad)
-        torch.manual_seed(seed)
-        sampling = dict(do_sample=True, temperature=temperature, top_k=top_k) if temperature > 0 else dict(do_sample=False)
-        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                  pad_token_id=self.pad, **sampling)[:, ids.shape[1]:]
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
-        rows = []
-        for row in out.tolist():
-            cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-            rows.append(row[:cut])
-        return rows
-
-
-    @torch.no_grad()
-    def sample_with_logprobs(self, seqs: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                             top_k: int, logprobs: int, seed: int) -> list[dict]:
-        """For the completions endpoint: per sequence the new token ids, their log-probs under
-        the model (temperature 1, before any sampling transform, as OpenAI reports them), the
-        `logprobs` most likely tokens at each step, and "stop" or "length"."""
-        ids, mask, _ = lm.left_pad(seqs, self.pad)
-        torch.manual_seed(seed)
-        sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
-                    if temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
-        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                  pad_token_id=self.pad, output_logits=True, return_dict_in_generate=True,
-                                  **sampling)
-        new = out.sequences[:, ids.shape[1]:]
-        logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # [B, steps, V]
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
-        results = []
-        for b, row in enumerate(new.tolist()):
-            cut = next((i for i, t in enumerate(row) if t in eos), None)
-            toks = row if cut is None else row[:cut]
-            lp = logp[b, :len(toks)]
-            top = lp.topk(logprobs, dim=-1) if logprobs else None
-            results.append({"ids": toks, "token_logprobs": [float(lp[i, t]) for i, t in enumerate(toks)],
-                            "top": [list(zip(top.indices[i].tolist(), top.values[i].tolist())) for i in range(len(toks))]
-                            if top is not None else None,
-                            "finish_reason": "length" if cut is None else "stop"})
-        return results
 
 
 class Judge:
@@ -203,7 +21,7 @@ class Judge:
         if scorer not in SCORERS:
             raise ValueError(f"reward.scorer: unknown scorer {scorer!r}; known: {sorted(SCORERS)}")
         engine = hasattr(model, "label_logprobs") or hasattr(model, "label_text_logprobs")
-        self.engine = model if engine else HFLabelEngine(model, tokenizer.pad_token_id, prefix_sharing)
+        self.engine = model if engine else HFEngine(model, tokenizer, prefix_sharing=prefix_sharing)
         self.tok = tokenizer
         self.scorer = SCORERS[scorer]
         # prompts are cut (from the left, counted) to fit the engine's context, with room for
@@ -300,7 +118,7 @@ class Judge:
                 if opts.cot:
                     rationales[i] = [[r[j]] + ([r[n + j]] if opts.debias else []) for r in chunk]
         self.last_pair_mass, self.last_pair_rationales = mass, rationales if opts.cot else []
-        p_a = scoring.debias(torch.tensor(p_ab), torch.tensor(p_ba)).tolist() if opts.debias else list(p_ab)
+        p_a = scoring.debias(torch.tensor(p_ab, device="cpu"), torch.tensor(p_ba, device="cpu")).tolist() if opts.debias else list(p_ab)
         return p_a, p_ab, p_ba
 
     def _label_logprobs(self, texts: list[str]) -> torch.Tensor:
@@ -356,22 +174,17 @@ class Judge:
         return p, mass
 
 
-def load_engine(reward, model_name: str, dtype: str = "float32", device: str = "cpu"):
+def load_engine(reward, model_name: str, dtype: str = "auto", device: str = "cpu"):
     """(engine, tokenizer, model name) for a config's reward section: a transformers model
     (hf), a vLLM engine, or an OpenAI-compatible endpoint (text in, text out: no tokenizer)."""
-    from .models import load_model, load_tokenizer
+    from . import engines
 
     if reward.backend == "openai":
         from .openai_api import OpenAIEngine
 
         return OpenAIEngine(**reward.openai.model_dump()), None, reward.openai.model
-    if reward.backend == "vllm":
-        from actors.vllm_engine import VLLMEngine
-
-        engine = VLLMEngine(model_name, "bfloat16" if dtype == "float32" else dtype, device)
-    else:
-        engine = load_model(model_name, dtype).to(device)
-    return engine, load_tokenizer(model_name), model_name
+    engine = engines.load_engine(reward.backend, model_name, device, dtype, reward.prefix_sharing)
+    return engine, engine.tok, model_name
 
 
 @dataclass(frozen=True)

@@ -96,13 +96,16 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_model(name: str, dtype: str = "float32"):
-    import torch
+def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
+    """A causal LM in `dtype` (auto: the device's compute dtype, devices.compute_dtype) on `device`."""
     from transformers import AutoModelForCausalLM
+
+    from .devices import compute_dtype
 
     _quiet()
     # safetensors only: a pickled checkpoint (pytorch_model.bin) can run code when loaded
-    model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=getattr(torch, dtype), use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=compute_dtype(dtype, device),
+                                                 use_safetensors=True).to(device)
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
     return model
 

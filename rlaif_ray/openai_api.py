@@ -80,12 +80,12 @@ class OpenAIEngine:
         import torch
 
         choices = self._choices(texts, max_tokens=1, temperature=0.0, logprobs=self.top_logprobs)
-        out = torch.empty(len(texts), len(groups))
+        out = torch.empty(len(texts), len(groups), device="cpu")
         for b, c in enumerate(choices):
             top = top_logprobs_of(c, self.url)
             row, missing = read_labels(top, groups)
             self.labels_outside_top_k += missing
-            out[b] = torch.tensor(row)
+            out[b] = torch.tensor(row, device="cpu")
         return out
 
     def complete_text(self, texts: list[str], max_tokens: int, temperature: float, top_k: int, seed: int) -> list[str]:

@@ -54,21 +54,18 @@ def encode_pairs(rows: list[dict], tok, kind: str, max_tokens: int) -> tuple[lis
     return out, {"pairs": len(out), "skipped_no_label": skipped, "truncated_texts": cut}
 
 
-def pad_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
+def pad_right(seqs: list[list[int]], pad: int, device="cpu", width: int | None = None):
+    """Right-padded ids and attention mask, built on `device`."""
+    n = width or max(len(s) for s in seqs)
+    ids = torch.tensor([list(s) + [pad] * (n - len(s)) for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs], dtype=torch.long, device=device)
     return ids, mask
 
 
-def scores(model, seqs: list[list[int]], pad: int, device: str = "cpu") -> torch.Tensor:
+def scores(model, seqs: list[list[int]], pad: int, device="cpu") -> torch.Tensor:
     """Scalar scores of a sequence-classification model (num_labels=1), read at each
     sequence's last real token (right padding, explicit positions)."""
-    ids, mask = pad_right(seqs, pad)
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = pad_right(seqs, pad, device)
     hidden = model(input_ids=ids, attention_mask=mask).logits  # (B, 1) at the last non-pad token
     return hidden[:, 0].float()
 
@@ -87,11 +84,8 @@ def sft_example(prompt_ids: list[int], response_ids: list[int], eos: int) -> dic
 
 def sft_loss_sum(model, batch: list[dict], pad: int, device: str = "cpu") -> tuple[torch.Tensor, int]:
     """Summed token cross-entropy over the response tokens of a batch, and their count."""
-    ids, mask = pad_right([b["ids"] for b in batch], pad)
-    labels = torch.full_like(ids, -100)
-    for i, b in enumerate(batch):
-        labels[i, :len(b["labels"])] = torch.tensor(b["labels"])
-    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+    ids, mask = pad_right([b["ids"] for b in batch], pad, device)
+    labels, _ = pad_right([b["labels"] for b in batch], -100, device, width=ids.shape[1])
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     target = labels[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum")

@@ -30,7 +30,7 @@ def score_distribution(logp_digits: torch.Tensor, logp_zero_after_one: torch.Ten
 
 def expected_score(dist: torch.Tensor) -> torch.Tensor:
     """s = sum_i i * P(i) over i = 1..10."""
-    scores = torch.arange(1, dist.shape[1] + 1, dtype=dist.dtype)
+    scores = torch.arange(1, dist.shape[1] + 1, dtype=dist.dtype, device=dist.device)
     return (dist * scores).sum(dim=1)
 
 

@@ -34,11 +34,11 @@ def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
-def _mean_over_ranks(x: float) -> float:
+def _mean_over_ranks(x: float, device) -> float:
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([x], dtype=torch.float64)
+    t = torch.tensor([x], dtype=torch.float64, device=device)  # NCCL reduces CUDA tensors only
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
         t /= dist.get_world_size()
@@ -66,6 +66,21 @@ def _report(metrics: dict, model, tok_path: str, history: list[dict]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def _precision(device):
+    """(autocast context, AdamW kwargs) for a Ray Train worker's device: bf16 autocast over fp32
+    master weights and the fused AdamW on CUDA (TF32 on); plain fp32 on CPU."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from .devices import enable_tf32
+
+    if device.type == "cuda":
+        enable_tf32(device)
+        return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)), {"fused": True}
+    return nullcontext, {}
+
+
 def rm_loop(c: dict) -> None:
     """One Ray Train worker of `train-rm`."""
     import torch
@@ -85,7 +100,8 @@ def rm_loop(c: dict) -> None:
                                                                dtype=torch.float32, use_safetensors=True)
     model.config.pad_token_id = c["pad"]  # the score is read at the last non-pad token
     model = ray.train.torch.prepare_model(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
+    amp, fused = _precision(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"], **fused)
     train, held, bs = c["train"], c["eval"], c["batch_size"]
 
     def evaluate() -> dict:
@@ -93,13 +109,13 @@ def rm_loop(c: dict) -> None:
         mine = held[rank::world]
         ra, rb = [], []
         inner = getattr(model, "module", model)  # not through DDP: ranks may hold unequal shares
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             for i in range(0, len(mine), bs):
                 chunk = mine[i:i + bs]
                 ra += rm.scores(inner, [x["ids_a"] for x in chunk], c["pad"], device).tolist()
                 rb += rm.scores(inner, [x["ids_b"] for x in chunk], c["pad"], device).tolist()
         hits = torch.tensor([sum((a > b) == (x["human"] == "a") for a, b, x in zip(ra, rb, mine)), len(mine)],
-                            dtype=torch.float64)
+                            dtype=torch.float64, device=device)
         if world > 1:
             dist.all_reduce(hits)
         model.train()
@@ -111,8 +127,9 @@ def rm_loop(c: dict) -> None:
         total, steps, t0 = 0.0, 0, time.perf_counter()
         for batch in _batches(len(train), bs, c["seed"], epoch):
             mine = [train[i] for i in batch[rank::world]]
-            r_a = rm.scores(model, [x["ids_a"] for x in mine], c["pad"], device)
-            r_b = rm.scores(model, [x["ids_b"] for x in mine], c["pad"], device)
+            with amp():
+                r_a = rm.scores(model, [x["ids_a"] for x in mine], c["pad"], device)
+                r_b = rm.scores(model, [x["ids_b"] for x in mine], c["pad"], device)
             target = torch.tensor([x["target"] for x in mine], device=device)
             # DDP averages over ranks: scale the local sum so the mean is the global-batch mean
             loss = rm.rm_loss(r_a, r_b, target).sum() * world / len(batch)
@@ -122,7 +139,7 @@ def rm_loop(c: dict) -> None:
             opt.step()
             total += float(loss.detach())  # this rank's estimate of the global-batch mean
             steps += 1
-        _report({"epoch": epoch, "train_loss": _mean_over_ranks(total / max(steps, 1)), "steps": steps,
+        _report({"epoch": epoch, "train_loss": _mean_over_ranks(total / max(steps, 1), device), "steps": steps,
                  "epoch_s": time.perf_counter() - t0, **evaluate()}, model, c["tokenizer"], history)
 
 
@@ -139,19 +156,20 @@ def sft_loop(c: dict) -> None:
     torch.manual_seed(c["seed"])
     rank, world = _world()
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(load_model(c["init"]))
-    opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
+    model = ray.train.torch.prepare_model(load_model(c["init"]))  # fp32 master weights
+    amp, fused = _precision(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"], **fused)
     train, held, bs = c["train"], c["eval"], c["batch_size"]
 
     def heldout_loss() -> dict:
         model.eval()
         mine = held[rank::world]
-        tot = torch.zeros(2, dtype=torch.float64)
+        tot = torch.zeros(2, dtype=torch.float64, device=device)
         inner = getattr(model, "module", model)  # not through DDP: ranks may hold unequal shares
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             for i in range(0, len(mine), bs):
                 s, n = rm.sft_loss_sum(inner, mine[i:i + bs], c["pad"], device)
-                tot += torch.tensor([float(s), n], dtype=torch.float64)
+                tot += torch.tensor([float(s), n], dtype=torch.float64, device=device)
         if world > 1:
             dist.all_reduce(tot)
         model.train()
@@ -163,7 +181,8 @@ def sft_loop(c: dict) -> None:
         total, steps, t0 = 0.0, 0, time.perf_counter()
         for batch in _batches(len(train), bs, c["seed"], epoch):
             tokens = sum(sum(1 for t in train[i]["labels"] if t != -100) for i in batch)
-            s, _ = rm.sft_loss_sum(model, [train[i] for i in batch[rank::world]], c["pad"], device)
+            with amp():
+                s, _ = rm.sft_loss_sum(model, [train[i] for i in batch[rank::world]], c["pad"], device)
             loss = s * world / max(tokens, 1)  # the global batch's token mean after DDP's average
             opt.zero_grad()
             loss.backward()
@@ -171,7 +190,7 @@ def sft_loop(c: dict) -> None:
             opt.step()
             total += float(loss.detach())  # this rank's estimate of the global-batch mean
             steps += 1
-        _report({"epoch": epoch, "train_loss": _mean_over_ranks(total / max(steps, 1)), "steps": steps,
+        _report({"epoch": epoch, "train_loss": _mean_over_ranks(total / max(steps, 1), device), "steps": steps,
                  "epoch_s": time.perf_counter() - t0, **heldout_loss()}, model, c["tokenizer"], history)
 
 

@@ -1,9 +1,10 @@
 """Weight sync from learner rank 0 to the generators, and its cost model.
 
 Two paths (`pipeline.weight_sync`):
-- object_store: rank 0 returns its parameters as numpy arrays; Ray's object store carries
-  them (zero-copy readers on one node, node-to-node transfers across a cluster) and every
-  generator stages them. Works everywhere; the CPU default.
+- object_store: rank 0 returns its parameters, cast to the receivers' dtype, as numpy
+  arrays (`pack`: bf16 travels as its raw 16-bit pattern, numpy has no bf16); Ray's object
+  store carries them (zero-copy readers on one node, node-to-node transfers across a
+  cluster) and every generator stages them (`unpack`). Works everywhere; the CPU default.
 - broadcast: rank 0 and the generators form a process group of their own (NCCL on GPU,
   gloo on CPU), beside the learner's training group. Rank 0 broadcasts a header
   (version, tensor count) and then every parameter in a fixed order (the spec rank 0 gave
@@ -51,6 +52,36 @@ def open_group(master: str, port: int, rank: int, world: int, backend: str, time
     if backend == "nccl":
         return dist.ProcessGroupNCCL(store, rank, world)
     return dist.ProcessGroupGloo(store, rank, world, timeout)
+
+
+def pack(named, dtype: str) -> dict:
+    """{name: tensor} (or (name, tensor) pairs) -> an object-store payload in `dtype`:
+    numpy arrays (zero-copy through Ray's store); bfloat16 as its int16 bit pattern."""
+    import torch
+
+    want = getattr(torch, dtype)
+    items = named.items() if isinstance(named, dict) else named
+    arrays = {}
+    for k, t in items:
+        t = t.detach().to(device="cpu", dtype=want).contiguous()
+        arrays[k] = (t.view(torch.int16) if want == torch.bfloat16 else t).numpy()
+    return {"dtype": dtype, "arrays": arrays}
+
+
+def unpack(payload: dict) -> dict:
+    """The inverse of `pack`: {name: torch tensor} in the payload's dtype (no copy)."""
+    import torch
+
+    import warnings
+
+    dtype = payload["dtype"]
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # arrays from the object store are read-only; they are only read
+        for k, a in payload["arrays"].items():
+            t = torch.from_numpy(a)
+            out[k] = t.view(torch.bfloat16) if dtype == "bfloat16" else t
+    return out
 
 
 def _broadcast(group, tensor) -> None:

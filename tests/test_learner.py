@@ -17,23 +17,27 @@ def _batch():
     return pa.RecordBatch.from_pylist(rows, schema=schemas.SCORED)
 
 
+def _weights(learner) -> dict:
+    return {k: v.detach().numpy().copy() for k, v in learner.state_for_sync("float32")}
+
+
 def test_gradient_checkpointing_gives_the_same_update(tiny_model_path):
-    from actors.learner import LearnerWorker
     from rlaif_ray.config import RLConfig
+    from rlaif_ray.learner import PolicyLearner
 
     out = []
     for checkpointing in (False, True):
-        cfg = RLConfig(lr=1e-3, gradient_checkpointing=checkpointing, samples_per_prompt=2).model_dump()
-        worker = LearnerWorker(0, 1, tiny_model_path, "float32", cfg, 0.9, 1)
-        stats = [worker.train_step(_batch(), 10, 4) for _ in range(2)]  # the second step uses AdamW state
-        out.append((stats, worker.get_weights()))
-        assert all(p.grad is None for p in worker.params)  # gradients are not held between steps
+        cfg = RLConfig(lr=1e-3, gradient_checkpointing=checkpointing, samples_per_prompt=2)
+        learner = PolicyLearner(tiny_model_path, cfg, 0.9)
+        stats = [learner.step(_batch().to_pylist(), 10, 4) for _ in range(2)]  # the second step uses AdamW state
+        out.append((stats, _weights(learner)))
+        assert all(p.grad is None for p in learner.policy.parameters())  # gradients are not held between steps
     (s0, w0), (s1, w1) = out
     assert [s["loss_sum"] for s in s0] == pytest.approx([s["loss_sum"] for s in s1], abs=1e-6)
     for k in w0:
         np.testing.assert_allclose(w0[k], w1[k], atol=1e-6, err_msg=k)
-    assert any(not np.allclose(w0[k], v) for k, v in LearnerWorker(
-        0, 1, tiny_model_path, "float32", RLConfig().model_dump(), 0.9, 1).get_weights().items())  # it trained
+    untrained = _weights(PolicyLearner(tiny_model_path, RLConfig(), 0.9))
+    assert any(not np.allclose(w0[k], v) for k, v in untrained.items())  # it trained
 
 
 def test_the_learner_actor_gets_the_malloc_settings_and_the_job_env(ray_local, tiny_model_path, tmp_path):

@@ -164,7 +164,8 @@ def test_openai_backend_against_serve_labeler(ray_local, monkeypatch, tmp_path):
     from actors.labeler_server import serve_labeler
     from rlaif_ray.config import load_config
     from rlaif_ray.label_file import label_file
-    from rlaif_ray.labeling import HFLabelEngine, Judge, PairwiseOptions
+    from rlaif_ray.engines import HFEngine
+    from rlaif_ray.labeling import Judge, PairwiseOptions
     from rlaif_ray.models import DEFAULT_MODEL, load_model, load_tokenizer
     from rlaif_ray.pairs import load_pairs
 
@@ -186,7 +187,7 @@ def test_openai_backend_against_serve_labeler(ray_local, monkeypatch, tmp_path):
         local = lm.next_token_logprobs(model, seqs, tok.pad_token_id, 1)[:, -1, ids]
         remote = eng.label_text_logprobs(texts, [["1"], ["2"]])
         torch.testing.assert_close(remote, local, atol=2e-3, rtol=0)
-        greedy = HFLabelEngine(model, tok.pad_token_id).complete(seqs[:2], 6, 0.0, 0, 0)
+        greedy = HFEngine(model, tok).complete(seqs[:2], 6, 0.0, 0, 0)
         assert eng.complete_text(texts[:2], 6, 0.0, 0, 0) == [tok.decode(g, skip_special_tokens=True) for g in greedy]
 
         judge = Judge(eng, None, "yesno_about_chat", batch_size=4)

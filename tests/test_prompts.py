@@ -95,7 +95,7 @@ def test_prefix_sharing_matches_the_padded_batch(tiny_model, tokenizer):
 
     """The KV-cache path (root once, each pair's shared context once, tails one by one)
     reads the same log-probs as one left-padded batch, lookback 2 included."""
-    from rlaif_ray.labeling import HFLabelEngine
+    from rlaif_ray.engines import HFEngine
     from rlaif_ray.pairs import exemplar_pairs, load_pairs
 
     rows, task = load_pairs("hh_helpful", 3)
@@ -105,7 +105,7 @@ def test_prefix_sharing_matches_the_padded_batch(tiny_model, tokenizer):
     texts.append("An unrelated short prompt =")
     seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     ids = [tokenizer.convert_tokens_to_ids(t) for t in ("1", "2", "Ġ")]
-    shared = HFLabelEngine(tiny_model, tokenizer.pad_token_id, "on").label_logprobs(seqs, ids, 2)
-    padded = HFLabelEngine(tiny_model, tokenizer.pad_token_id, "off").label_logprobs(seqs, ids, 2)
+    shared = HFEngine(tiny_model, tokenizer, prefix_sharing="on").label_logprobs(seqs, ids, 2)
+    padded = HFEngine(tiny_model, tokenizer, prefix_sharing="off").label_logprobs(seqs, ids, 2)
     assert shared.shape == padded.shape == (7, 2, 3)
     torch.testing.assert_close(shared, padded, atol=1e-4, rtol=0)

@@ -1,5 +1,5 @@
-"""The vLLM engine wrapper shared by the generator (`generation.backend: vllm`) and the
-labeler (`reward.backend: vllm`).
+"""The vLLM engine (same interface as rlaif_ray.engines.HFEngine), used by the generator
+(`generation.backend: vllm`), the labeler (`reward.backend: vllm`) and the endpoint.
 
 The engine runs inside the actor's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the
 actor already is a separate process, and in-process weight updates pass tensors by
@@ -29,10 +29,13 @@ def _import_vllm():
 
 
 class VLLMEngine:
-    def __init__(self, model_name: str, dtype: str = "bfloat16", device: str = "cpu",
+    def __init__(self, model_name: str, dtype: str = "auto", device: str = "cpu",
                  max_model_len: int | None = None, kv_cache_gib: float = 1.0, seed: int = 0,
                  logprobs_mode: str = "processed_logprobs"):
         vllm = _import_vllm()
+        # fp32 checkpoints are served in bf16 (the CPU build's fast path, and vLLM's GPU default);
+        # the learner's importance ratio corrects for the small precision gap
+        dtype = "bfloat16" if dtype in ("auto", "float32") else dtype
         from rlaif_ray.models import load_tokenizer, model_context, resolve
 
         self.tok = load_tokenizer(model_name)
@@ -75,13 +78,13 @@ class VLLMEngine:
         """Log-probs of `ids` as the next token after seq[:len - j] for j = lookback-1..0:
         shape [B, lookback, len(ids)] (the same contract as the HF path)."""
         params = self._vllm.SamplingParams(temperature=1.0, max_tokens=1, logprob_token_ids=list(ids))
-        out = torch.empty(len(seqs), lookback, len(ids))
+        out = torch.empty(len(seqs), lookback, len(ids), device="cpu")
         for j in range(lookback):
             cut = lookback - 1 - j
             res = self.llm.generate(self._prompts([s[:len(s) - cut] for s in seqs]), params, use_tqdm=False)
             for b, r in enumerate(res):
                 step = r.outputs[0].logprobs[0]
-                out[b, j] = torch.tensor([step[i].logprob for i in ids])
+                out[b, j] = torch.tensor([step[i].logprob for i in ids], device="cpu")
         return out
 
     def complete(self, seqs: list[list[int]], max_new_tokens: int, temperature: float, top_k: int,
@@ -93,7 +96,7 @@ class VLLMEngine:
 
     def sample_with_logprobs(self, seqs: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                              top_k: int, logprobs: int, seed: int) -> list[dict]:
-        """The completions endpoint's contract (see HFLabelEngine.sample_with_logprobs)."""
+        """The completions endpoint's contract (see HFEngine.sample_with_logprobs)."""
         params = self._vllm.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k or 0,
                                            max_tokens=max_new_tokens, logprobs=max(logprobs, 0), seed=seed)
         results = []
@@ -117,20 +120,11 @@ class VLLMEngine:
 
     def load_weights(self, weights: dict) -> None:
         """Install new weights (HF checkpoint names, numpy or torch) in the running engine."""
-        pairs = [(k, torch.as_tensor(v).to(self.dtype)) for k, v in weights.items()]
+        pairs = [(k, v.to(self.dtype)) for k, v in weights.items()]  # torch tensors (weight_sync.unpack)
         if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
             pairs.append(("lm_head.weight", pairs[[k for k, _ in pairs].index("model.embed_tokens.weight")][1]))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
-
-
-class VLLMBackend(VLLMEngine):
-    """The generator's backend: same methods as actors.generator.HFBackend."""
-
-    def __init__(self, model_name: str, dtype: str, device: str):
-        # fp32 checkpoints are sampled in bf16 (the CPU build's fast path); the learner's
-        # importance ratio corrects for the small precision gap
-        super().__init__(model_name, "bfloat16" if dtype == "float32" else dtype, device)
 
     def digest(self) -> float:
         """Version-change fingerprint: log-prob of a fixed continuation."""

@@ -1,0 +1,272 @@
+"""Engines: a frozen-or-synced causal LM behind one interface, used by the generators (sample
+rollouts), the labelers (label-token log-probs, CoT rationales) and the completions endpoint.
+
+    generate(prompts, temperature, top_p, top_k, max_new_tokens, seed) -> tokens, logps, truncated
+    label_logprobs(seqs, ids, lookback) -> [B, lookback, len(ids)] float32 on the CPU
+    complete(seqs, max_new_tokens, temperature, top_k, seed) -> token lists
+    sample_with_logprobs(...)  (the completions endpoint's contract)
+    continuation_logprobs(prompt, continuation) -> per-token log-probs at T = 1
+    load_weights({name: tensor})  (HF checkpoint names; tied LM head may be absent)
+    digest() -> a float that changes when the weights change
+
+`HFEngine` (transformers, CPU or CUDA) is here; `VLLMEngine` (rlaif_ray/vllm_engine.py) has
+the same methods. No Ray: an actor holds one engine (actors/generator.py, actors/labeler.py).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import lm
+
+
+def _lcp(x: list[int], y: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = min(len(x), len(y))
+    i = 0
+    while i < n and x[i] == y[i]:
+        i += 1
+    return i
+
+
+class HFEngine:
+    """A transformers causal LM on one device. `model` is a loaded model (or a name: loaded
+    in `dtype` on `device`). Label-token log-probs share prefixes through a KV cache on CPU
+    (`prefix_sharing`) and run as right-padded batches on GPU."""
+
+    def __init__(self, model, tokenizer=None, device: str = "cpu", dtype: str = "auto", prefix_sharing: str = "auto"):
+        from .models import load_model, load_tokenizer
+
+        if isinstance(model, str):
+            self.tok = tokenizer or load_tokenizer(model)
+            model = load_model(model, dtype, device)
+        else:
+            self.tok = tokenizer
+        self.model = model.eval()
+        self.device = lm.model_device(model)
+        self.dtype = next(model.parameters()).dtype
+        self.pad = model.config.pad_token_id if model.config.pad_token_id is not None else \
+            (self.tok.pad_token_id if self.tok is not None else model.config.eos_token_id)
+        self.eos = self.tok.eos_token_id if self.tok is not None else model.config.eos_token_id
+        self.context = int(getattr(model.config, "max_position_embeddings", 2048))
+        # auto: on for CPU (single rows beat padded batches there, measured); off on a GPU,
+        # where the rows of a padded batch run in parallel
+        self.share_prefixes = prefix_sharing == "on" or (prefix_sharing == "auto" and self.device.type == "cpu")
+        self.prefix_caching = False  # (vLLM's automatic prefix cache; reported by the generator)
+        self._root: tuple | None = None  # (tokens, KV cache of exactly them, weights' versions): see _root_cache
+
+    def _ids(self, rows: list[list[int]], width: int | None = None) -> torch.Tensor:
+        """Right-padded [B, width] token ids on the model's device."""
+        width = width or max(len(r) for r in rows)
+        return torch.tensor([list(r) + [self.pad] * (width - len(r)) for r in rows], dtype=torch.long,
+                            device=self.device)
+
+    # ---- generation -------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], *, temperature, top_p, top_k, max_new_tokens, seed):
+        return lm.sample(self.model, prompts, self.pad, self.eos, temperature=temperature, top_p=top_p,
+                         top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
+
+    def load_weights(self, weights: dict) -> None:
+        """Copy new weights (torch tensors, HF names) into the model, cast to its dtype."""
+        params = dict(self.model.named_parameters())
+        missing = [k for k in params if k not in weights and not _tied(k, self.model)]
+        if missing:
+            raise ValueError(f"weight update lacks {len(missing)} parameters, e.g. {missing[:3]}")
+        unknown = [k for k in weights if k not in params]
+        if unknown:
+            raise ValueError(f"weight update has {len(unknown)} parameters the model lacks, e.g. {unknown[:3]}")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # arrays from the object store are read-only
+            for name, t in weights.items():
+                params[name].copy_(t)  # copy_ moves and casts to the parameter's device and dtype
+
+    def continuation_logprobs(self, prompt: list[int], continuation: list[int]) -> list[float]:
+        with torch.no_grad():
+            logp, _, _ = lm.response_logprobs(self.model, [prompt], [continuation], self.pad, 1.0)
+        return logp[0].tolist()
+
+    def digest(self) -> float:
+        """A cheap fingerprint of the weights (tests check that a sync changed them)."""
+        with torch.no_grad():
+            return float(sum(p.double().sum() for p in self.model.parameters()))
+
+    # ---- label scoring -------------------------------------------------------------------
+
+    def label_logprobs(self, seqs: list[list[int]], ids: list[int], lookback: int = 1) -> torch.Tensor:
+        """[B, lookback, len(ids)] (float32, CPU): log-probs of `ids` as next token after each of
+        the last `lookback` positions of each sequence. `share_prefixes`: shared token prefixes
+        run once (see _shared); otherwise right-padded batched passes (_padded)."""
+        pick = torch.tensor(ids, dtype=torch.long, device=self.device)
+        if self.share_prefixes and len(seqs) > 1:
+            return self._shared(seqs, lookback, pick)
+        return self._padded(seqs, lookback, pick)
+
+    def _last(self, hidden: torch.Tensor, lengths: list[int], lookback: int, pick: torch.Tensor) -> torch.Tensor:
+        """Log-softmax of the LM head at the last `lookback` real positions of each row of a
+        right-padded [B, T, H] hidden state, at the `pick` token ids only, on the CPU; the
+        LM head (vocab x hidden) runs on those positions only."""
+        at = torch.tensor([[n - lookback + k for k in range(lookback)] for n in lengths], device=self.device)
+        rows = torch.arange(len(lengths), device=self.device)[:, None]
+        logp = self.model.lm_head(hidden[rows, at]).float().log_softmax(-1)
+        return logp[..., pick].cpu()
+
+    PAD_SLACK_CPU = 1.15  # on CPU a padded batch is cut where padding would exceed 15% of its real tokens
+
+    @torch.no_grad()
+    def _padded(self, seqs: list[list[int]], lookback: int, pick: torch.Tensor) -> torch.Tensor:
+        """Batched passes, rows right-padded: a causal model never lets a real token see the
+        pads after it, so no attention mask is needed (sdpa keeps its fast causal kernel,
+        unlike a left-padded batch's explicit mask) and positions are the plain 0..n-1.
+        On a GPU one pass (rows run in parallel); on CPU, where a pad costs as much as a
+        real token, rows sorted by length are cut into buckets of similar lengths."""
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        slack = self.PAD_SLACK_CPU if self.device.type == "cpu" else float("inf")
+        buckets, cur = [], []
+        for i in order:  # longest first: a bucket's width is its first row's length
+            if cur and (len(cur) + 1) * len(seqs[cur[0]]) > slack * (sum(len(seqs[j]) for j in cur) + len(seqs[i])):
+                buckets.append(cur)
+                cur = []
+            cur.append(i)
+        buckets.append(cur)
+        out = torch.empty(len(seqs), lookback, len(pick), device="cpu")
+        for rows in buckets:
+            hidden = self.model.model(input_ids=self._ids([seqs[i] for i in rows])).last_hidden_state
+            out[rows] = self._last(hidden, [len(seqs[i]) for i in rows], lookback, pick)
+        return out
+
+    def _versions(self) -> tuple:
+        # in-place weight updates (load_state_dict, copy_) bump a tensor's version: a cached
+        # prefix is only reused under the weights it was computed with
+        return tuple((id(p), p._version) for p in self.model.parameters())
+
+    def _root_cache(self, tokens: list[int]):
+        """A KV cache holding exactly `tokens`, kept across calls: the root (preamble,
+        exemplars) is the same for every batch of a run, so it is computed once per engine;
+        a different root reuses the cached one up to their common prefix."""
+        from transformers import DynamicCache
+
+        versions = self._versions()
+        if self._root is not None and self._root[2] == versions:
+            old, cache, _ = self._root
+            keep = _lcp(old, tokens)
+            extra = cache.get_seq_length() - keep
+            if extra > 0:
+                cache.crop(-extra)
+        else:
+            cache, keep = DynamicCache(), 0
+        if len(tokens) > keep:
+            self.model.model(input_ids=self._ids([tokens[keep:]]), past_key_values=cache, use_cache=True)
+        self._root = (list(tokens), cache, versions)
+        return cache
+
+    MIN_SHARED = 16  # tokens two sequences must share beyond the common root to form a group
+
+    @torch.no_grad()
+    def _shared(self, seqs: list[list[int]], lookback: int, pick: torch.Tensor) -> torch.Tensor:
+        """Prefix-shared passes with a KV cache (on CPU a padded batch is slower per sequence
+        than single rows; benchmarks/labeling.py). The root shared by all sequences
+        (preamble, exemplars) is cached across calls (_root_cache); sequences that share
+        more (the two orders of one pair: preamble + context) extend it once as a group;
+        the group's tails (nearly equal lengths) then run as one right-padded batch over the
+        cache repeated per row. The cache is cut back to the root after each group.
+        Exact up to float rounding: the same tokens at the same positions."""
+        shortest = min(len(s) for s in seqs)
+        root = max(0, min(min(_lcp(seqs[0], s) for s in seqs[1:]), shortest - lookback))
+        groups: list[list[int]] = []
+        for i, s in enumerate(seqs):
+            for g in groups:
+                if _lcp(seqs[g[0]], s) >= root + self.MIN_SHARED:
+                    g.append(i)
+                    break
+            else:
+                groups.append([i])
+        out = torch.empty(len(seqs), lookback, len(pick), device="cpu")
+        cache = self._root_cache(seqs[0][:root])
+
+        for g in groups:
+            shared = min(min(_lcp(seqs[g[0]], seqs[j]) for j in g), min(len(seqs[j]) for j in g) - lookback)
+            if shared > root:
+                self.model.model(input_ids=self._ids([seqs[g[0]][root:shared]]), past_key_values=cache,
+                                 use_cache=True)
+            tails = [seqs[j][shared:] for j in g]
+            if len(g) > 1 and shared > 0:
+                cache.batch_repeat_interleave(len(g))
+            # right padding: no row sees another's pads, positions continue from the cache
+            # (an empty cache, no shared prefix at all: a plain pass that leaves it untouched)
+            past = dict(past_key_values=cache, use_cache=True) if shared > 0 else dict(use_cache=False)
+            h = self.model.model(input_ids=self._ids(tails), **past).last_hidden_state
+            out[g] = self._last(h, [len(t) for t in tails], lookback, pick)
+            if len(g) > 1 and shared > 0:
+                cache.batch_select_indices(torch.tensor([0], device=self.device))  # before the crop
+            extra = cache.get_seq_length() - root
+            if extra > 0:
+                cache.crop(-extra)  # negative crop: the same in transformers 4.x and 5.x
+        return out
+
+    def _eos_ids(self) -> set:
+        eos = self.model.generation_config.eos_token_id
+        return set(eos if isinstance(eos, list) else [eos])
+
+    @torch.no_grad()
+    def complete(self, seqs: list[list[int]], max_new_tokens: int, temperature: float, top_k: int,
+                 seed: int) -> list[list[int]]:
+        """Decode a continuation per sequence: greedy at temperature 0, else sampled."""
+        ids, mask, _ = lm.left_pad(seqs, self.pad, self.device)
+        torch.manual_seed(seed)
+        sampling = dict(do_sample=True, temperature=temperature, top_k=top_k) if temperature > 0 else dict(do_sample=False)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                  pad_token_id=self.pad, **sampling)[:, ids.shape[1]:]
+        eos = self._eos_ids()
+        rows = []
+        for row in out.tolist():
+            cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+            rows.append(row[:cut])
+        return rows
+
+    @torch.no_grad()
+    def sample_with_logprobs(self, seqs: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+                             top_k: int, logprobs: int, seed: int) -> list[dict]:
+        """For the completions endpoint: per sequence the new token ids, their log-probs under
+        the model (temperature 1, before any sampling transform, as OpenAI reports them), the
+        `logprobs` most likely tokens at each step, and "stop" or "length"."""
+        ids, mask, _ = lm.left_pad(seqs, self.pad, self.device)
+        torch.manual_seed(seed)
+        sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
+                    if temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                  pad_token_id=self.pad, output_logits=True, return_dict_in_generate=True,
+                                  **sampling)
+        new = out.sequences[:, ids.shape[1]:]
+        logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # [B, steps, V]
+        eos = self._eos_ids()
+        results = []
+        for b, row in enumerate(new.tolist()):
+            cut = next((i for i, t in enumerate(row) if t in eos), None)
+            toks = row if cut is None else row[:cut]
+            lp = logp[b, :len(toks)]
+            top = lp.topk(logprobs, dim=-1) if logprobs else None
+            chosen = lp.gather(1, torch.tensor(toks, dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist() \
+                if toks else []
+            results.append({"ids": toks, "token_logprobs": chosen,
+                            "top": [list(zip(top.indices[i].tolist(), top.values[i].tolist())) for i in range(len(toks))]
+                            if top is not None else None,
+                            "finish_reason": "length" if cut is None else "stop"})
+        return results
+
+
+def _tied(name: str, model) -> bool:
+    return name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
+
+
+def load_engine(backend: str, model_name: str, device: str = "cpu", dtype: str = "auto",
+                prefix_sharing: str = "auto", **vllm_kwargs):
+    """An engine by backend name: `hf` (transformers) or `vllm` (imported only when asked for)."""
+    if backend == "vllm":
+        from .vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_name, dtype=dtype, device=device, **vllm_kwargs)
+    if backend != "hf":
+        raise ValueError(f"unknown engine backend {backend!r} (hf or vllm)")
+    return HFEngine(model_name, device=device, dtype=dtype, prefix_sharing=prefix_sharing)

@@ -1,0 +1,298 @@
+"""PolicyLearner: the RL update without Ray. Holds the policy (with an optional value head),
+the frozen reference policy for the KL term and the optimizer; `step(rows)` is one
+REINFORCE update (docs/method.md, section 3) on a batch of scored rollouts.
+
+Runs on a bare CPU or CUDA machine. Under torch.distributed with more than one rank (the
+actor `actors/learner.py` sets the group up) policy, reference, gradients and optimizer
+state are sharded with FSDP2 (`fully_shard`: NCCL on GPU, gloo on CPU); every public method
+is then a collective that all ranks call in the same order.
+
+Precision: master weights and AdamW state are float32 always. With a bfloat16 compute dtype
+(`model.dtype: auto` on CUDA) the forward and backward run in bf16, through FSDP's
+MixedPrecisionPolicy (params all-gathered in bf16, gradients reduced in fp32) when sharded
+and torch.autocast otherwise; the reference model is held in bf16. Log-softmax, losses and
+the KL are computed in float32.
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from . import lm, rl
+from .devices import compute_dtype, dtype_name, enable_tf32
+from .models import load_model, load_tokenizer, trim_heap
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or reward: nothing was applied."""
+
+
+def _is_dtensor(t) -> bool:
+    return hasattr(t, "full_tensor")
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered to its full value (a collective), or the tensor itself."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _decoder_layers(model) -> list:
+    """The transformer blocks of a HF causal LM (its `_no_split_modules` classes): FSDP's units."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: cannot find its decoder layers to shard (no _no_split_modules)")
+    return layers
+
+
+def shard(module: torch.nn.Module, hf_model, mesh, param_dtype: torch.dtype | None) -> None:
+    """FSDP2: each decoder layer its own unit (all-gathered just in time, freed after), the rest
+    (embeddings, final norm, LM head, value head) in the root unit."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else \
+        MixedPrecisionPolicy()
+    for layer in _decoder_layers(hf_model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(module, mesh=mesh, mp_policy=mp)
+
+
+class PolicyLearner:
+    """`rl_cfg`: an RLConfig (or its dict). `dtype`: the compute precision (auto, float32,
+    bfloat16). `shard`: None = FSDP when torch.distributed runs with more than one rank."""
+
+    def __init__(self, model_name: str, rl_cfg, temperature: float, device: str = "cpu", dtype: str = "auto",
+                 shard_model: bool | None = None):
+        import torch.distributed as dist
+
+        from .config import RLConfig
+
+        self.rl = RLConfig.model_validate(rl_cfg) if isinstance(rl_cfg, dict) else rl_cfg
+        self.model_name, self.temperature = model_name, temperature
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.compute = compute_dtype(dtype, self.device)
+        enable_tf32(self.device)
+        up = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if up else (0, 1)
+        self.sharded = (up and self.world > 1) if shard_model is None else shard_model
+        if self.world > 1 and not self.sharded:
+            raise ValueError("a learner group of more than one rank shards its model (FSDP); shard_model=False needs one")
+        torch.manual_seed(self.rl.seed)
+
+        policy = load_model(model_name, "float32")  # fp32 master weights
+        if self.rl.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        value_head = None
+        if self.rl.baseline == "value":
+            # scalar value head on the policy trunk (a separate value model would be a second
+            # policy-sized copy; sharing the trunk keeps small runs affordable)
+            value_head = torch.nn.Linear(policy.config.hidden_size, 1)
+            torch.nn.init.zeros_(value_head.weight)
+            torch.nn.init.zeros_(value_head.bias)
+        self.policy = lm.ResponseScorer(policy, value_head)
+        # the reference only runs forward: held in the compute dtype (bf16 on GPU)
+        self.ref = lm.ResponseScorer(load_model(model_name, dtype_name(self.compute)).requires_grad_(False))
+        self.tied = bool(getattr(policy.config, "tie_word_embeddings", False))
+        self.pad = policy.config.pad_token_id if policy.config.pad_token_id is not None else policy.config.eos_token_id
+        if self.sharded:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(self.device.type, (self.world,))
+            shard(self.policy, policy, mesh, self.compute if self.compute != torch.float32 else None)
+            shard(self.ref, self.ref.model, mesh, None)
+        else:
+            self.policy.to(self.device)
+            self.ref.to(self.device)
+        self.policy.train()
+        self.ref.eval()
+        # unsharded bf16 compute: autocast (fp32 weights, bf16 matmuls); sharded: FSDP casts
+        self.autocast = (not self.sharded) and self.compute != torch.float32
+        cuda = self.device.type == "cuda"
+        # CPU: foreach=False (the multi-tensor kernels allocate temporaries the size of every
+        # parameter at once, a model-sized spike at each step). CUDA: the fused kernel.
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=self.rl.lr, weight_decay=self.rl.weight_decay,
+                                     **(dict(fused=True) if cuda else dict(foreach=False)))
+        self.steps = 0
+
+    # ---- the update --------------------------------------------------------------------
+
+    def _amp(self):
+        return torch.autocast(self.device.type, dtype=self.compute) if self.autocast else nullcontext()
+
+    def step(self, rows: list[dict], num_tokens: int, num_seqs: int) -> dict:
+        """One update on this rank's rows (SCORED fields). Losses are normalised by the global
+        batch (`num_tokens`, `num_seqs`), so gradients summed over ranks are the one-rank
+        gradient of the whole batch. Raises NonFiniteError (on every rank) before any change."""
+        t0 = time.perf_counter()
+        dev, cfg = self.device, self.rl
+        prompts = [r["prompt_token_ids"] for r in rows]
+        responses = [r["response_token_ids"] for r in rows]
+        with self._amp():
+            logp, mask, values = lm.response_logprobs(self.policy, prompts, responses, self.pad, self.temperature)
+            with torch.no_grad():
+                ref_logp, _, _ = lm.response_logprobs(self.ref, prompts, responses, self.pad, self.temperature)
+        # rollouts whose label could not be read stay in the record but out of the loss
+        mask = mask * torch.tensor([float(r["reward_ok"]) for r in rows], device=dev)[:, None]
+        behaviour = lm.pad_rows([r["behaviour_logprobs"] for r in rows], mask.shape[1], dev)
+        reward = torch.tensor([r["reward"] for r in rows], dtype=torch.float32, device=dev)
+        kl = rl.kl_per_token(logp.detach(), ref_logp, cfg.kl_estimator) * mask
+        returns = rl.returns_to_go(reward, kl, mask, cfg.beta)
+        adv = rl.advantages(returns, mask, cfg.baseline, values, [r["prompt_id"] for r in rows])
+        ratio = rl.truncated_ratio(logp, behaviour, cfg.is_clip) * mask
+        agg = dict(mask=mask, how=cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+        pg = rl.aggregate(rl.policy_loss(logp, adv, ratio, mask), **agg)
+        loss = pg
+        vl = torch.zeros((), device=dev)
+        if values is not None:
+            vl = rl.aggregate(rl.value_loss(values, returns, mask), **agg)
+            loss = loss + cfg.value_coef * vl
+        if self._agree_failed(not bool(torch.isfinite(loss) & torch.isfinite(reward).all())):  # all stop together
+            bad = [r["rollout_id"] for r, x in zip(rows, reward.tolist()) if x != x or abs(x) == float("inf")]
+            raise NonFiniteError(f"non-finite loss or reward at learner rank {self.rank}; "
+                                 f"non-finite rewards in rollouts {bad[:5]}; batch {rows[0].get('batch_index')}")
+        self.opt.zero_grad(set_to_none=True)
+        # FSDP averages gradients over ranks; the loss is already a share of the global batch,
+        # so scale it back to get their sum
+        (loss * self.world if self.sharded else loss).backward()
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)  # no model-sized gradients held between steps
+        if cfg.release_memory:
+            trim_heap()
+        self.steps += 1
+        tokens = mask.sum()
+        return {
+            "loss_sum": float(loss.detach()), "pg_loss_sum": float(pg.detach()), "value_loss_sum": float(vl.detach()),
+            "kl_sum": float(kl.sum()), "ratio_sum": float(ratio.sum()), "tokens": float(tokens),
+            "ratio_clipped": float(((torch.exp(logp.detach() - behaviour) > cfg.is_clip) & (mask > 0)).sum()),
+            "grad_norm": float(grad_norm), "rows": max(len(rows), 1), "step_s": time.perf_counter() - t0,
+        }
+
+    def logprobs(self, prompts: list[list[int]], responses: list[list[int]], reference: bool = False) -> list[list[float]]:
+        """Per-token log-probs of responses under the policy (or the reference) at the
+        learner's temperature, in its compute precision: what `step` sees (parity checks)."""
+        with torch.no_grad(), self._amp():
+            logp, mask, _ = lm.response_logprobs(self.ref if reference else self.policy, prompts, responses, self.pad,
+                                                 self.temperature)
+        return [row[:len(r)] for row, r in zip(logp.float().cpu().tolist(), responses)]
+
+    def _agree_failed(self, failed: bool) -> bool:
+        """Whether any rank failed (every rank learns it, so all stop together)."""
+        if self.world == 1:
+            return failed
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(failed)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # ---- weights out -------------------------------------------------------------------
+
+    def named_weights(self):
+        """(HF name, parameter) of the policy LM in a fixed order; a tied LM head is sent once."""
+        return [(k, v) for k, v in self.policy.model.named_parameters() if not (self.tied and k == "lm_head.weight")]
+
+    def weight_spec(self, dtype: str) -> list:
+        """(name, full shape, dtype) of what `state_for_sync(dtype)` yields, in order."""
+        return [(k, list(v.shape), dtype) for k, v in self.named_weights()]
+
+    def state_for_sync(self, dtype: str):
+        """Yields (name, full tensor in `dtype`, on this rank's device) one parameter at a time.
+        Sharded: each is all-gathered (a collective: every rank iterates to the end)."""
+        want = getattr(torch, dtype)
+        with torch.no_grad():
+            for k, v in self.named_weights():
+                yield k, _full(v.detach()).to(want)
+
+    # ---- checkpoints -------------------------------------------------------------------
+
+    def _options(self, **kw):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+    def save(self, path: str | Path, state: dict) -> None:
+        """Full (unsharded) weights as safetensors that `from_pretrained` loads (with config,
+        generation config and tokenizer), the value head, the full AdamW state keyed by
+        parameter name (a checkpoint of N ranks resumes on M), and `state` as JSON. Rank 0
+        writes; every rank must call (the gathers are collectives)."""
+        from huggingface_hub import save_torch_state_dict
+        from safetensors.torch import save_file
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        model_sd = get_model_state_dict(self.policy, options=self._options())
+        optim_sd = get_optimizer_state_dict(self.policy, self.opt, options=self._options())
+        if self.rank != 0:
+            return
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        weights = {k[len("model."):]: v for k, v in model_sd.items() if k.startswith("model.")}
+        if self.tied:
+            weights.pop("lm_head.weight", None)
+        inner = self.policy.model
+        inner.config.save_pretrained(path)
+        if inner.generation_config is not None:
+            inner.generation_config.save_pretrained(path)
+        save_torch_state_dict(weights, path, metadata={"format": "pt"})
+        load_tokenizer(self.model_name).save_pretrained(path)
+        tensors = {f"state.{fqn}.{k}": (v if torch.is_tensor(v) else torch.tensor(v, device="cpu")).contiguous()
+                   for fqn, st in optim_sd["state"].items() for k, v in st.items()}
+        tensors.update({k: v.contiguous() for k, v in model_sd.items() if k.startswith("value_head.")})
+        save_file(tensors, str(path / "optimizer.safetensors"))
+        meta = {"param_groups": optim_sd["param_groups"], "learner_steps": self.steps}
+        (path / "trainer_state.json").write_text(json.dumps({**state, "optimizer_meta": meta}, indent=1))
+
+    def load(self, path: str | Path) -> None:
+        """Resume from `save`'s folder: weights, value head and AdamW state, strictly (a
+        missing or unexpected key is an error). Rank 0 reads the files and broadcasts."""
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        path = Path(path)
+        model_sd, optim_sd = {}, {}
+        meta = json.loads((path / "trainer_state.json").read_text())["optimizer_meta"]
+        if self.rank == 0:
+            weights = _load_weights(path)
+            if self.tied and "lm_head.weight" not in weights:
+                weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+            model_sd = {f"model.{k}": v for k, v in weights.items()}
+            tensors = load_file(str(path / "optimizer.safetensors"))
+            model_sd.update({k: v for k, v in tensors.items() if k.startswith("value_head.")})
+            state: dict = {}
+            for key, v in tensors.items():
+                if key.startswith("state."):
+                    fqn, name = key[len("state."):].rsplit(".", 1)
+                    state.setdefault(fqn, {})[name] = v
+            optim_sd = {"state": state, "param_groups": meta["param_groups"]}
+        problem = ""
+        if self.rank == 0:  # strict: a missing or unexpected tensor is an error, never a partial load
+            want = set(self.policy.state_dict())
+            missing, unexpected = sorted(want - set(model_sd)), sorted(set(model_sd) - want)
+            if missing or unexpected:
+                problem = (f"checkpoint {path} does not match the model: missing {missing[:5]}"
+                           f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+        if self._agree_failed(bool(problem)):
+            raise RuntimeError(problem or f"checkpoint {path} does not match the model (see learner rank 0)")
+        bcast = self.world > 1
+        set_model_state_dict(self.policy, model_sd, options=self._options(broadcast_from_rank0=bcast, strict=True))
+        set_optimizer_state_dict(self.policy, self.opt, optim_sd, options=self._options(broadcast_from_rank0=bcast))
+        self.steps = int(meta.get("learner_steps", 0))
+
+
+def _load_weights(path: Path) -> dict:
+    """A safetensors model folder's tensors: one file, or shards listed in an index."""
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        out = {}
+        for f in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            out.update(load_file(str(path / f)))
+        return out
+    return load_file(str(path / "model.safetensors"))

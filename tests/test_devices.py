@@ -1,0 +1,59 @@
+"""Device discipline, checked on CPU: every tensor the project builds during a learner step,
+generation, label scoring and SFT/RM losses names its device (rlaif_ray.devices.DeviceGuard;
+its docstring says what this can and cannot catch). `make gpu-check` runs the same on CUDA."""
+import importlib.util
+
+import pytest
+import torch
+
+from test_learner import _batch
+
+
+def test_the_guard_flags_a_tensor_built_without_a_device(tmp_path):
+    from rlaif_ray.devices import DeviceGuard
+
+    (tmp_path / "rlaif_ray").mkdir()
+    src = tmp_path / "rlaif_ray" / "bad.py"
+    src.write_text("import torch\n\ndef build(x):\n    return torch.zeros(2), torch.zeros(2, device=x.device), "
+                   "torch.as_tensor(x)\n")
+    spec = importlib.util.spec_from_file_location("bad", src)
+    bad = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bad)
+    with DeviceGuard() as guard:
+        bad.build(torch.ones(1))
+    assert len(guard.violations) == 1 and "bad.py:4: torch.zeros without device=" in guard.violations[0]
+
+
+@pytest.mark.parametrize("baseline", ["group_mean", "value"])
+def test_learner_step_builds_every_tensor_on_its_device(tiny_model_path, baseline):
+    from rlaif_ray.devices import DeviceGuard
+    from rlaif_ray.learner import PolicyLearner
+
+    learner = PolicyLearner(tiny_model_path, dict(baseline=baseline, samples_per_prompt=2), 0.9)
+    with DeviceGuard() as guard:
+        learner.step(_batch().to_pylist(), 10, 4)
+        learner.logprobs([[1, 2, 3]], [[4, 5]])
+        list(learner.state_for_sync("bfloat16"))
+    assert guard.violations == []
+
+
+def test_engines_judge_and_supervised_losses_build_every_tensor_on_their_device(tiny_model_path):
+    from rlaif_ray import rm
+    from rlaif_ray.devices import DeviceGuard
+    from rlaif_ray.engines import HFEngine
+    from rlaif_ray.labeling import Judge, PairwiseOptions
+
+    with DeviceGuard() as guard:
+        for sharing in ("on", "off"):
+            eng = HFEngine(tiny_model_path, prefix_sharing=sharing)
+            eng.generate([[1, 2, 3], [4, 5]], temperature=0.9, top_p=1.0, top_k=0, max_new_tokens=4, seed=0)
+            judge = Judge(eng, eng.tok, "yesno_about_chat")
+            judge.score(["a post about cats", "a post about dogs"], ["cats", "dogs"])
+            judge.score(["a post about cats"], ["cats"], scorer="score10_chat")
+            judge.prefer(["a long post " * 12, "another long post " * 12], ["a", "b"], ["c", "d"], PairwiseOptions())
+        eng.complete([[1, 2, 3]], 3, 0.0, 0, 0)
+        eng.sample_with_logprobs([[1, 2, 3]], 3, 0.0, 1.0, 0, 2, 0)
+        eng.continuation_logprobs([1, 2], [3, 4])
+        rm.sft_loss_sum(eng.model, [rm.sft_example([1, 2], [3, 4], 5)], 0)
+        rm.pad_right([[1, 2], [3]], 0)
+    assert guard.violations == []

@@ -1,0 +1,107 @@
+"""The FSDP learner group on CPU (gloo, 2 processes, no Ray): the same batch gives the same
+loss and the same updated weights as one unsharded rank; its checkpoint holds full weights
+that `from_pretrained` loads, and a 2-rank checkpoint resumes exactly on 1 rank."""
+import datetime
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from test_learner import _batch, _weights
+
+CFG = dict(lr=1e-3, samples_per_prompt=2, seed=3)
+
+
+def _shards(rows):
+    """What LearnerGroup.shard gives 2 ranks: one prompt each."""
+    return [[r for r in rows if r["prompt_id"] == p] for p in ("p0", "p1")]
+
+
+def _tokens(rows):
+    return sum(len(r["response_token_ids"]) for r in rows)
+
+
+def _rank(rank: int, world: int, port: int, model: str, out: str, rl: dict) -> None:
+    import torch.distributed as dist
+
+    from rlaif_ray.learner import PolicyLearner
+
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, world, False, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    learner = PolicyLearner(model, rl, 0.9)
+    assert learner.sharded and type(next(learner.policy.parameters())).__name__ == "DTensor"
+    rows = _batch().to_pylist()
+    stats = [learner.step(_shards(rows)[rank], _tokens(rows), len(rows)) for _ in range(2)]
+    weights = _weights(learner)  # a collective: every rank gathers
+    learner.save(Path(out) / "ckpt", {"step": 2})
+    if rank == 0:
+        np.savez(Path(out) / "weights.npz", **weights)
+    Path(out, f"stats{rank}.json").write_text(json.dumps(stats))
+    dist.destroy_process_group()
+
+
+def _two_ranks(model: str, out: Path, rl: dict) -> list[list[dict]]:
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)  # the ranks find it on its port
+    mp.start_processes(_rank, args=(2, store.port, model, str(out), rl), nprocs=2, start_method="spawn")
+    return [json.loads((out / f"stats{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("rl", [dict(CFG, gradient_checkpointing=True), dict(CFG, baseline="value")],
+                         ids=["group_mean+checkpointing", "value_baseline"])
+def test_two_gloo_ranks_match_one_rank_and_resume_on_one(tiny_model_path, tmp_path, rl):
+    from transformers import AutoModelForCausalLM
+
+    from rlaif_ray.learner import PolicyLearner
+
+    sharded = _two_ranks(tiny_model_path, tmp_path, rl)
+    one = PolicyLearner(tiny_model_path, {**rl, "gradient_checkpointing": False}, 0.9)
+    assert not one.sharded
+    rows = _batch().to_pylist()
+    single = [one.step(rows, _tokens(rows), len(rows)) for _ in range(2)]
+    for step in range(2):  # the ranks' loss sums add up to the one-rank loss of the whole batch
+        for key in ("loss_sum", "pg_loss_sum", "kl_sum", "tokens"):
+            assert sum(s[step][key] for s in sharded) == pytest.approx(single[step][key], abs=1e-5), key
+        assert sharded[0][step]["grad_norm"] == pytest.approx(single[step]["grad_norm"], rel=1e-4)
+    w2 = dict(np.load(tmp_path / "weights.npz"))
+    w1 = _weights(one)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        np.testing.assert_allclose(w2[k], w1[k], atol=1e-6, err_msg=k)
+
+    # the checkpoint holds full weights that transformers loads on its own
+    ckpt = tmp_path / "ckpt"
+    loaded = AutoModelForCausalLM.from_pretrained(ckpt, use_safetensors=True)
+    for k, v in loaded.named_parameters():
+        if k in w1:
+            np.testing.assert_allclose(v.detach().numpy(), w1[k], atol=1e-6, err_msg=k)
+
+    # resume the 2-rank checkpoint on 1 rank: the next step equals the uninterrupted run's
+    resumed = PolicyLearner(tiny_model_path, {**rl, "gradient_checkpointing": False}, 0.9)
+    resumed.load(ckpt)
+    a = resumed.step(rows, _tokens(rows), len(rows))
+    b = one.step(rows, _tokens(rows), len(rows))
+    assert a["loss_sum"] == pytest.approx(b["loss_sum"], abs=1e-5)
+    wa, wb = _weights(resumed), _weights(one)
+    for k in wa:
+        np.testing.assert_allclose(wa[k], wb[k], atol=1e-6, err_msg=k)
+
+
+def test_load_is_strict(tiny_model_path, tmp_path):
+    """A checkpoint with a tensor missing is refused, not half-loaded."""
+    from safetensors.torch import load_file, save_file
+
+    from rlaif_ray.learner import PolicyLearner
+
+    learner = PolicyLearner(tiny_model_path, CFG, 0.9)
+    learner.save(tmp_path / "c", {"step": 0})
+    weights = load_file(str(tmp_path / "c" / "model.safetensors"))
+    weights.pop("model.norm.weight")
+    save_file(weights, str(tmp_path / "c" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="model.norm.weight"):
+        PolicyLearner(tiny_model_path, CFG, 0.9).load(tmp_path / "c")
