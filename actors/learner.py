@@ -94,7 +94,8 @@ class LearnerWorker:
             for _ in named:
                 pass
             return 0
-        return weight_sync.send(self.weight_group, named, version, self.weight_device)
+        return weight_sync.send(self.weight_group, named, version, self.weight_device,
+                                count=len(self.learner.named_weights()))
 
     def save(self, path: str, state: dict) -> None:
         self.learner.save(path, state)

@@ -261,7 +261,26 @@ def render() -> str:
                 f"{' -> '.join(f'{a:.1%}' for a in v['accuracy_by_epoch'])} | {v['wall_s']:.0f} |"
                 for k, v in rma["rm"].items()]
         out.append("")
+    out += _gpu(_load("gpu_check"))
     return "\n".join(out)
+
+
+def _gpu(gc: dict | None) -> list[str]:
+    """`make gpu-check` on a lent GPU (results/gpu_check.json: its JSON line plus `machine`)."""
+    out = ["## GPU (`make gpu-check`)", ""]
+    if not gc:
+        return out + ["No GPU run recorded: no session of this project has been lent a GPU machine yet, so the "
+                      "CUDA, bf16-on-GPU and NCCL paths are unverified on hardware. `make gpu-check DEVICE=cpu` "
+                      "runs the same script in the test suite (fp32 with Ray and vLLM, and bf16 mixed precision "
+                      "on CPU).", ""]
+    out += [f"{gc.get('machine', gc.get('name'))}; torch {gc['torch']}, transformers {gc['transformers']}, "
+            f"Python {gc['python']}; model {gc['model']}; {gc.get('measured_at', '')}. Overall: "
+            f"{'passed' if gc['ok'] else 'FAILED'} in {gc['wall_s']} s.", "", "| part | result | figures |", "|---|---|---|"]
+    for name, part in gc["parts"].items():
+        verdict = {True: "ok", False: "FAILED", None: "skipped"}[part["ok"]]
+        figs = {k: v for k, v in part.items() if k not in ("ok", "where") and not isinstance(v, (dict, list))}
+        out.append(f"| {name} | {verdict} | {', '.join(f'{k} {v}' for k, v in figs.items())} |")
+    return out + [""]
 
 
 def main() -> None:

@@ -46,8 +46,8 @@ class HFEngine:
         self.model = model.eval()
         self.device = lm.model_device(model)
         self.dtype = next(model.parameters()).dtype
-        self.pad = model.config.pad_token_id if model.config.pad_token_id is not None else \
-            (self.tok.pad_token_id if self.tok is not None else model.config.eos_token_id)
+        self.pad = self.tok.pad_token_id if self.tok is not None else \
+            (model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id)
         self.eos = self.tok.eos_token_id if self.tok is not None else model.config.eos_token_id
         self.context = int(getattr(model.config, "max_position_embeddings", 2048))
         # auto: on for CPU (single rows beat padded batches there, measured); off on a GPU,

@@ -97,11 +97,13 @@ def spec(named: list[tuple[str, "object"]]) -> list[tuple[str, list[int], str]]:
     return [(k, list(v.shape), str(v.dtype).replace("torch.", "")) for k, v in named]
 
 
-def send(group, named: list[tuple[str, "object"]], version: int, device: str = "cpu") -> int:
-    """Rank 0: the header, then every tensor. Returns the bytes sent."""
+def send(group, named, version: int, device: str = "cpu", count: int | None = None) -> int:
+    """Rank 0: the header, then every tensor of `named` ((name, tensor) pairs; an iterator
+    that gathers shards one at a time needs `count`). Returns the bytes sent."""
     import torch
 
-    _broadcast(group, torch.tensor([version, len(named)], dtype=torch.int64, device=device))
+    count = len(named) if count is None else count
+    _broadcast(group, torch.tensor([version, count], dtype=torch.int64, device=device))
     sent = 0
     for _, t in named:
         t = t.detach().to(device).contiguous()

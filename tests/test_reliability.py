@@ -117,21 +117,23 @@ def test_bad_input_corpus(path, capsys, monkeypatch):
 def test_non_finite_reward_stops_with_ids(tiny_model_path, tmp_path):
     import pyarrow as pa
 
-    from actors.learner import LearnerWorker, NonFiniteError
+    from actors.learner import LearnerWorker
     from rlaif_ray import schemas
+    from rlaif_ray.learner import NonFiniteError
     from rlaif_ray.config import RLConfig
 
     worker = LearnerWorker(0, 1, tiny_model_path, "float32", RLConfig().model_dump(), 0.9, 1)
+    worker.setup()
     row = {"prompt_id": "p", "prompt_text": "x", "prompt_token_ids": [1, 2, 3], "reference": None, "context": "c",
            "rollout_id": "b7:p:0", "batch_index": 7, "sample_index": 0, "response_text": "y",
            "response_token_ids": [4, 5], "behaviour_logprobs": [-1.0, -1.0], "policy_version": 0, "truncated": False,
            "generator": "g", "reward": float("nan"), "raw_score": 0.0, "reward_meta": "{}", "reward_ok": True}
     other = dict(row, rollout_id="b7:p:1", sample_index=1, reward=0.5)
     batch = pa.RecordBatch.from_pylist([row, other], schema=schemas.SCORED)
-    before = {k: v.copy() for k, v in worker.get_weights().items()}
+    before = {k: v.copy() for k, v in worker.get_weights()["arrays"].items()}
     with pytest.raises(NonFiniteError, match=r"b7:p:0.*batch 7"):
         worker.train_step(batch, 4, 2)
-    after = worker.get_weights()
+    after = worker.get_weights()["arrays"]
     assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing was applied
 
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_clear_error_without_vllm(tmp_path):
     code = ("import sys; sys.modules['vllm'] = None\n"
-            "from actors.vllm_engine import VLLMEngine\n"
+            "from rlaif_ray.vllm_engine import VLLMEngine\n"
             "try:\n    VLLMEngine('smollm2-135m-instruct')\n"
             "except RuntimeError as e:\n    print('ERR', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -66,8 +66,11 @@ def test_vllm_generator_actor_logprobs_and_weight_updates(ray_local, tokenizer):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.01)
-        weights = {k: v.detach().numpy() for k, v in model.named_parameters()}
-        ray.get(gen.set_weights.remote(weights, 1))
+        from rlaif_ray import weight_sync
+
+        info = ray.get(gen.info.remote())
+        assert info["weight_dtype"] == "bfloat16"  # the learner casts to it before sending
+        ray.get(gen.set_weights.remote(weight_sync.pack(model.named_parameters(), info["weight_dtype"]), 1))
         after = np.array(ray.get(gen.continuation_logprobs.remote(prompt, cont)))
         expected = learner_lp(model)
         np.testing.assert_allclose(after, expected, atol=0.35)
