@@ -10,7 +10,7 @@ VSTAMP := $(VENV)/.setup-vllm-done
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-vllm demo demo-vllm test test-fast bench bench-labeler gpu-check gpu-model clean
+.PHONY: setup setup-vllm demo demo-vllm test test-fast bench bench-labeler gpu-check gpu-model image clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,11 @@ gpu-check:
 # a small random model with the real tokenizer (~15 MB) to carry to a GPU box without model files
 gpu-model: setup
 	$(BIN)/python -m benchmarks.gpu_check --save-model .gpu-check-model
+
+# the cluster image (clusters/kuberay-rayjob.yaml names it; push it to your registry)
+IMAGE ?= ghcr.io/rlaif-ray/rlaif-ray:0.1.0
+image:
+	docker build -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) runs

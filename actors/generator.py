@@ -16,30 +16,34 @@ import pyarrow as pa
 from rlaif_ray import schemas, weight_sync
 from rlaif_ray.devices import dtype_name
 from rlaif_ray.engines import load_engine
+from rlaif_ray.memory import PeakRSS
 from rlaif_ray.metrics import RoleMetrics
 from rlaif_ray.models import trim_heap
 
 
 class RolloutGenerator:
     def __init__(self, name: str, model_name: str, dtype: str, generation: dict, torch_threads: int,
-                 device: str = "cpu"):
+                 device: str = "cpu", vllm: dict | None = None):
         import torch
 
         torch.set_num_threads(torch_threads)
         self.name, self.gen, self.device = name, generation, device
-        self.backend = load_engine(generation["backend"], model_name, device, dtype)
+        self.backend = load_engine(generation["backend"], model_name, device, dtype, vllm=vllm)
         self.weight_dtype = dtype_name(self.backend.dtype)  # what the learner casts weights to
         self.version = 0
         self._staged = None  # (weights, version) received but not yet installed
         self._lock = threading.Lock()
         self.busy_s = 0.0
         self.last_install_s = 0.0  # time of the last weight install
+        self.last_install_extra_mb = 0.0  # peak memory it added (broadcast: about one bucket)
         self.metrics = RoleMetrics("generator", name)
 
     def info(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "version": self.version, "busy_s": self.busy_s,
-                "last_install_s": self.last_install_s, "backend": self.gen["backend"],
-                "prefix_caching": self.backend.prefix_caching, "weight_dtype": self.weight_dtype}
+                "last_install_s": self.last_install_s,
+                "last_install_extra_mb": self.last_install_extra_mb, "backend": self.gen["backend"],
+                "prefix_caching": self.backend.prefix_caching, "weight_dtype": self.weight_dtype,
+                "weight_ranks": self.backend.weight_ranks}
 
     def set_weights(self, weights: dict, version: int) -> int:
         """Stage a new policy version (a weight_sync.pack payload, or {name: tensor}); returns
@@ -51,17 +55,23 @@ class RolloutGenerator:
         self._staged = (weights, version)
         return version
 
-    def join_weight_group(self, master: str, port: int, rank: int, world: int, backend: str, spec: list,
-                          timeout_s: float) -> int:
-        self.weight_group = weight_sync.open_group(master, port, rank, world, backend, timeout_s)
-        self.weight_spec, self.weight_device = spec, "cuda" if backend == "nccl" else "cpu"
-        return rank
+    def join_weight_group(self, master: str, port: int, first_rank: int, world: int, backend: str, spec: list,
+                          timeout_s: float, bucket_bytes: int) -> int:
+        """Join the learner's weight group as ranks first_rank.. (one per engine worker)."""
+        self.backend.join_weight_group(master, port, first_rank, world, backend, timeout_s)
+        self.weight_spec, self.bucket_bytes = spec, bucket_bytes
+        return first_rank
 
     def receive_weights(self, version: int) -> int:
-        """The broadcast path: receive rank 0's tensors (into this actor's device) and
-        stage them like set_weights."""
-        weights = weight_sync.receive(self.weight_group, self.weight_spec, version, self.name, self.weight_device)
-        return self.set_weights(weights, version)
+        """The broadcast path: rank 0's buckets are loaded into the engine as they arrive (no
+        staged copy of the model), so this waits for a batch being generated to finish."""
+        with self._lock, PeakRSS() as mem:
+            t0 = time.perf_counter()
+            self.backend.receive_weights(self.weight_spec, version, self.name, self.bucket_bytes)
+            self.last_install_s = time.perf_counter() - t0
+            self.version, self._staged = version, None
+        self.last_install_extra_mb = max(mem.extra_mb, mem.cuda_extra_mb)
+        return version
 
     def _install_staged(self) -> None:
         if self._staged is not None:
@@ -69,8 +79,10 @@ class RolloutGenerator:
             self._staged = None
             if version > self.version:
                 t0 = time.perf_counter()
-                self.backend.load_weights(weight_sync.unpack(weights) if "arrays" in weights else weights)
+                with PeakRSS() as mem:  # (the staged payload itself is already resident: a model copy)
+                    self.backend.load_weights(weight_sync.unpack(weights) if "arrays" in weights else weights)
                 self.last_install_s = time.perf_counter() - t0
+                self.last_install_extra_mb = max(mem.extra_mb, mem.cuda_extra_mb)
                 self.version = version
 
     def continuation_logprobs(self, prompt: list[int], continuation: list[int]) -> list[float]:

@@ -21,7 +21,7 @@ class Labeler:
     calling it on a batch of PAIRS rows returns LABELS rows."""
 
     def __init__(self, name: str, reward: dict, model_name: str, dtype: str = "auto",
-                 torch_threads: int = 1, device: str = "cpu"):
+                 torch_threads: int = 1, device: str = "cpu", vllm: dict | None = None):
         import torch
 
         from rlaif_ray.config import RewardConfig
@@ -34,7 +34,7 @@ class Labeler:
         self.min_label_mass = cfg.min_label_mass
         self.options = PairwiseOptions.from_config(cfg.pairwise)
         self.unusable = 0  # labels whose tokens held too little probability (counted)
-        engine, tokenizer, model_name = load_engine(cfg, model_name, dtype, device)
+        engine, tokenizer, model_name = load_engine(cfg, model_name, dtype, device, vllm)
         self.judge = Judge(engine, tokenizer, cfg.scorer, cfg.batch_size, prefix_sharing=cfg.prefix_sharing)
         pw = cfg.pairwise
         self.prompt_config = json.dumps({"backend": cfg.backend, "model": model_name, "task": pw.task,

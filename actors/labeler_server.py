@@ -30,7 +30,7 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
 @serve.ingress(api)
 class LabelerEndpoint:
     def __init__(self, served_name: str, model_name: str, dtype: str, backend: str, torch_threads: int,
-                 max_tokens_limit: int, key_sha256: str | None):
+                 max_tokens_limit: int, key_sha256: str | None, device: str = "cpu", vllm: dict | None = None):
         import torch
 
         from rlaif_ray.engines import load_engine
@@ -41,7 +41,7 @@ class LabelerEndpoint:
         self.tok = load_tokenizer(model_name)
         self.context = model_context(model_name)
         # the completions endpoint reports the model's own log-probs (vLLM: raw, not processed)
-        self.engine = load_engine(backend, model_name, "cpu", dtype,
+        self.engine = load_engine(backend, model_name, device, dtype, vllm=vllm,
                                   **(dict(logprobs_mode="raw_logprobs") if backend == "vllm" else {}))
         self.lock = threading.Lock()  # one forward pass at a time per replica
         self.served = 0
@@ -103,6 +103,7 @@ class LabelerEndpoint:
 
 def serve_labeler(cfg) -> str:
     """Start Ray Serve with the labeler on cfg.serve.host:port; returns the base URL."""
+    from rlaif_ray.devices import role_device
     from rlaif_ray.driver import start_ray
 
     start_ray(cfg)
@@ -110,9 +111,11 @@ def serve_labeler(cfg) -> str:
     key = os.environ.get(s.api_key_env)
     serve.start(http_options={"host": s.host, "port": s.port})
     model_name = cfg.reward.model or cfg.model.name
-    app = LabelerEndpoint.options(num_replicas=s.num_replicas, ray_actor_options={"num_cpus": s.num_cpus}).bind(
+    app = LabelerEndpoint.options(num_replicas=s.num_replicas,
+                                  ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}).bind(
         model_name, model_name, cfg.model.dtype,
         "vllm" if cfg.reward.backend == "vllm" else "hf", s.torch_threads, s.max_tokens_limit,
-        hashlib.sha256(key.encode()).hexdigest() if key else None)
+        hashlib.sha256(key.encode()).hexdigest() if key else None, role_device(s.num_gpus),
+        cfg.pipeline.labelers.vllm.model_dump())
     serve.run(app, name="labeler", route_prefix="/")
     return f"http://{s.host}:{s.port}/v1"

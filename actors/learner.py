@@ -86,16 +86,21 @@ class LearnerWorker:
         self.weight_device = "cuda" if backend == "nccl" else "cpu"
         return os.getpid()
 
-    def broadcast_weights(self, version: int, dtype: str = "float32") -> int:
-        """Rank 0 sends the current policy to every generator of the group; the other ranks
-        take part in the gathers. Returns the bytes sent."""
+    def broadcast_weights(self, version: int, dtype: str = "float32", bucket_bytes: int = 256 << 20) -> dict:
+        """Rank 0 sends the current policy, cast to `dtype`, to every generator of the group in
+        buckets; the other ranks take part in the shard gathers. Returns bytes and seconds."""
+        import time
+
+        t0 = time.perf_counter()
         named = self.learner.state_for_sync(dtype)
         if self.rank != 0:
             for _ in named:
                 pass
-            return 0
-        return weight_sync.send(self.weight_group, named, version, self.weight_device,
-                                count=len(self.learner.named_weights()))
+            return {"bytes": 0, "largest_bucket": 0, "s": time.perf_counter() - t0}
+        out = weight_sync.send_buckets(self.weight_group, named, self.learner.weight_spec(dtype), version,
+                                       bucket_bytes, self.weight_device)
+        self.metrics.observe("weight_broadcast_s", time.perf_counter() - t0)
+        return {**out, "s": time.perf_counter() - t0}
 
     def save(self, path: str, state: dict) -> None:
         self.learner.save(path, state)

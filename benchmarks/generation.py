@@ -72,10 +72,13 @@ def main() -> None:
             samples[b].append({"tokens": n, "s": dt, "tokens_per_s": n / dt})
             print(json.dumps({"round": r, "backend": b, **samples[b][-1]}), flush=True)
     # one weight update per actor: the learner's weights (here: the model's own) staged, then installed
-    weights = {k: v.detach().numpy() for k, v in load_model(args.model).named_parameters()}
-    ref = ray.put(weights)
+    from rlaif_ray import weight_sync
+
+    params = list(load_model(args.model).named_parameters())
     install = {}
     for b, a in actors.items():
+        # in the dtype the actor holds (the learner casts before sending)
+        ref = ray.put(weight_sync.pack(params, ray.get(a.info.remote())["weight_dtype"]))
         t0 = time.perf_counter()
         ray.get(a.set_weights.remote(ref, 1))
         ray.get(a.digest.remote())

@@ -43,7 +43,8 @@ def sample_pairs(cfg: Config, out: str | Path | None = None, log=print) -> Path:
     role = cfg.pipeline.generators
     started = start_ray(cfg)
     actor = ray.remote(RolloutGenerator).options(num_cpus=role.num_cpus, num_gpus=role.num_gpus).remote(
-        "sampler", policy, cfg.model.dtype, gen, role.torch_threads, role_device(role.num_gpus))
+        "sampler", policy, cfg.model.dtype, gen, role.torch_threads, role_device(role.num_gpus),
+        role.vllm.model_dump())
     try:
         bs = cfg.eval.batch_size
         batches = gather([actor.generate.remote(prompt_batch(items[i:i + bs]), -1, 2, sp.seed + i)

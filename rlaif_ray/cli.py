@@ -1,5 +1,5 @@
 """Command line: rlaif-ray train | eval | sft | sample-pairs | label | train-rm | run | eval-labeler |
-serve-labeler | signal | prepare-model."""
+serve-labeler | signal | check | prepare-model."""
 from __future__ import annotations
 
 import argparse
@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None, help="output folder of Parquet files (default: label.output)")
     p = sub.add_parser("serve-labeler", help="the labeler as an OpenAI-compatible /v1/completions endpoint (Ray Serve)")
     _common(p)
+    p = sub.add_parser("check", help="validate a config (and its fit on a cluster file) without starting anything")
+    _common(p)
+    p.add_argument("--cluster", help="a Ray cluster YAML (clusters/*.yaml) or KubeRay manifest to plan the layout on")
     sub.add_parser("prepare-model", help="convert the embedded default model to safetensors (cached)")
     args = parser.parse_args(argv)
 
@@ -71,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
             print(ensure_default_model())
             return 0
         cfg = load_config(args.config, args.overrides)
+        if args.command == "check":
+            print(f"{args.config}: the config is valid (fields, batch arithmetic, engine settings)")
+            if args.cluster:
+                from .cluster_plan import plan, read_cluster
+
+                print(f"placement on {args.cluster}:")
+                for line in plan(cfg, read_cluster(args.cluster)):
+                    print("  " + line)
+            return 0
         if args.command == "train":
             from .driver import train
 

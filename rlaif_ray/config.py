@@ -188,6 +188,7 @@ class LabelConfig(_Strict):
     output: str = "labels.parquet"  # a folder of Parquet files (Ray Data writes one per block)
     pool_size: int = Field(2, gt=0)  # Labeler actors in the Ray Data pool
     num_cpus: float = Field(1.0, ge=0)  # per Labeler actor
+    num_gpus: float = Field(0.0, ge=0)  # per Labeler actor (> 0: the labeler model on its GPU)
     torch_threads: int = Field(1, gt=0)
     batch_size: int = Field(16, gt=0)  # pairs per Ray Data batch
     actor_start_timeout_s: int = Field(600, gt=0)  # the pool must be up within this
@@ -199,6 +200,7 @@ class ServeConfig(_Strict):
     port: int = Field(8000, gt=0, lt=65536)
     num_replicas: int = Field(1, gt=0)
     num_cpus: float = Field(1.0, ge=0)  # per replica
+    num_gpus: float = Field(0.0, ge=0)  # per replica; > 0 runs the engine on the replica's GPU
     torch_threads: int = Field(1, gt=0)
     max_tokens_limit: int = Field(1024, gt=0)  # requests asking for more are refused (400)
     # if this variable is set when the server starts, requests must send it as a Bearer key
@@ -233,6 +235,22 @@ class RLConfig(_Strict):
     seed: int = 0
 
 
+class VLLMConfig(_Strict):
+    """vLLM engine settings of a pool (generators with generation.backend vllm, labelers with
+    reward.backend vllm); ignored by the hf backend."""
+    # share of each GPU's memory the engine may take (weights + KV cache). Engines sharing a
+    # GPU (num_gpus < 1) must stay within their share: the layout check refuses two at 0.9
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=0.98)
+    # GPUs per engine (tensor parallelism inside the actor: num_gpus must equal it); each
+    # tensor-parallel worker is a rank of the weight group
+    tensor_parallel_size: int = Field(1, ge=1)
+    # None: eager on CPU (the CPU build), CUDA graphs on GPU
+    enforce_eager: Optional[bool] = None
+    max_num_seqs: Optional[int] = Field(None, gt=0)  # None: vLLM's default
+    max_model_len: Optional[int] = Field(None, gt=0)  # None: the model's context, capped at 8192
+    kv_cache_gib: float = Field(1.0, gt=0)  # CPU only: the KV cache in host memory
+
+
 class RoleResources(_Strict):
     num_actors: int = Field(1, gt=0)
     num_cpus: float = Field(1.0, ge=0)
@@ -247,6 +265,7 @@ class RoleResources(_Strict):
     # SPREAD (independent; spreading keeps one node's loss from taking a whole pool);
     # NONE = no placement group (Ray's default scheduling)
     placement: Optional[Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD", "NONE"]] = None
+    vllm: VLLMConfig = VLLMConfig()  # engine settings when this pool runs vLLM
 
 
 class PipelineConfig(_Strict):
@@ -254,6 +273,10 @@ class PipelineConfig(_Strict):
     labelers: RoleResources = RoleResources(num_cpus=0.5)
     learner: RoleResources = RoleResources(num_cpus=1.0)
     sync_timeout_s: float = Field(120.0, gt=0)  # weight sync must finish within this
+    # broadcast path: weights travel (and are loaded by each generator) in buckets of at most
+    # this many MB, cast to the generators' dtype on the learner: a receiver's extra memory
+    # is one bucket, not a copy of the model
+    sync_bucket_mb: float = Field(256.0, gt=0)
     batch_timeout_s: float = Field(1800.0, gt=0)  # one generation/labeling call
     # object_store: rank 0's weights through Ray's object store (CPU; any cluster);
     # broadcast: rank 0 broadcasts to the generators over a process group of their own
@@ -344,6 +367,22 @@ class Config(_Strict):
                 f"(got {self.rl.samples_per_prompt}); use rl.baseline=value for one sample")
         if self.reward.source == "rm" and not self.reward.rm_path:
             raise ValueError("reward.source=rm needs reward.rm_path (a folder written by `rlaif-ray train-rm`)")
+        for role, backend in (("generators", self.generation.backend), ("labelers", self.reward.backend)):
+            r = getattr(self.pipeline, role)
+            v = r.vllm
+            if backend != "vllm" or r.num_gpus == 0:
+                continue
+            if v.tensor_parallel_size > 1 and r.num_gpus != v.tensor_parallel_size:
+                raise ValueError(f"pipeline.{role}.vllm.tensor_parallel_size={v.tensor_parallel_size} needs "
+                                 f"pipeline.{role}.num_gpus={v.tensor_parallel_size} (the engine's GPUs), got {r.num_gpus:g}")
+            if r.num_gpus < 1 and v.gpu_memory_utilization > r.num_gpus + 1e-9:
+                raise ValueError(f"pipeline.{role}: engines on {r.num_gpus:g} of a GPU each may use at most that share "
+                                 f"of its memory, but vllm.gpu_memory_utilization={v.gpu_memory_utilization:g}: "
+                                 f"{round(1 / r.num_gpus)} engines would ask for "
+                                 f"{v.gpu_memory_utilization * round(1 / r.num_gpus):.0%} of one GPU")
+            if r.num_gpus > 1 and v.tensor_parallel_size == 1:
+                raise ValueError(f"pipeline.{role}.num_gpus={r.num_gpus:g}: a vLLM engine uses more than one GPU only "
+                                 f"with vllm.tensor_parallel_size={r.num_gpus:g}")
         n = self.rl.prompts_per_step
         for role in ("generators", "labelers", "learner"):
             k = getattr(self.pipeline, role).num_actors

@@ -105,7 +105,7 @@ def start_actors(cfg: Config, tag: str = ""):
 
     gens = [ray.remote(RolloutGenerator).options(max_concurrency=2, **o).remote(
         f"generator-{i}", m.name, m.dtype, cfg.generation.model_dump(), p.generators.torch_threads,
-        role_device(p.generators.num_gpus)) for i, o in enumerate(opts("generators", p.generators, "generator"))]
+        role_device(p.generators.num_gpus), p.generators.vllm.model_dump()) for i, o in enumerate(opts("generators", p.generators, "generator"))]
     if cfg.reward.source == "rm":  # the reward-model pool takes the labelers' place and resources
         labelers = [ray.remote(RewardModel).options(**o).remote(
             f"reward-model-{i}", cfg.reward.rm_path, m.dtype, p.labelers.torch_threads, role_device(p.labelers.num_gpus),
@@ -113,7 +113,7 @@ def start_actors(cfg: Config, tag: str = ""):
     else:
         labelers = [ray.remote(Labeler).options(**o).remote(
             f"labeler-{i}", cfg.reward.model_dump(), cfg.reward.model or m.name, m.dtype, p.labelers.torch_threads,
-            role_device(p.labelers.num_gpus)) for i, o in enumerate(opts("labelers", p.labelers, "labeler"))]
+            role_device(p.labelers.num_gpus), p.labelers.vllm.model_dump()) for i, o in enumerate(opts("labelers", p.labelers, "labeler"))]
     return gens, labelers, start_learner(cfg, tag)
 
 
@@ -129,7 +129,7 @@ def start_judge(cfg: Config, labelers: list, tag: str = ""):
                                        num_gpus=role.num_gpus, max_restarts=role.max_restarts,
                                        resources=role.resources, runtime_env={"env_vars": thread_env(role)}).remote(
         "judge-0", cfg.reward.model_dump(), cfg.reward.model or cfg.model.name, cfg.model.dtype, role.torch_threads,
-        role_device(role.num_gpus))
+        role_device(role.num_gpus), role.vllm.model_dump())
 
 
 def thread_env(role) -> dict[str, str]:
@@ -201,27 +201,31 @@ def sync_weights(gens, weights_ref, version: int, timeout: float, names: list[st
 
 
 def broadcast_weights(learners: list, gens, version: int, timeout: float, names: list[str] | None = None,
-                      dtype: str = "float32") -> None:
+                      dtype: str = "float32", bucket_mb: float = 256) -> None:
     """The broadcast path: learner rank 0 sends over the weight group (the other ranks take
     part in gathering the shards) while every generator receives; a member that does not
     answer within `timeout` is named."""
     names = names or [f"generator-{i}" for i in range(len(gens))]
     senders = [f"learner-{r}" for r in range(len(learners))]
-    out = wait_named([w.broadcast_weights.remote(version, dtype) for w in learners]
+    out = wait_named([w.broadcast_weights.remote(version, dtype, int(bucket_mb * 2**20)) for w in learners]
                      + [g.receive_weights.remote(version) for g in gens],
                      senders + names, timeout, f"weight broadcast of version {version}")
     check_acks(out[len(learners):], names, version)
 
 
-def form_weight_group(learner0, gens, device: str, timeout: float, dtype: str = "float32") -> None:
-    """Rank 0 and the generators join a new weight-broadcast group (NCCL on GPU, gloo on
-    CPU); called at start and again whenever a member was replaced."""
-    backend, world = ("nccl" if device == "cuda" else "gloo"), len(gens) + 1
+def form_weight_group(learner0, gens, device: str, timeout: float, dtype: str = "float32",
+                      bucket_mb: float = 256) -> None:
+    """Rank 0 and the generators' engine workers (one rank each: a tensor-parallel engine
+    brings several) join a new weight-broadcast group (NCCL on GPU, gloo on CPU); called at
+    start and again whenever a member was replaced."""
+    ranks = [i["weight_ranks"] for i in ray.get([g.info.remote() for g in gens])]
+    first = [1 + sum(ranks[:i]) for i in range(len(gens))]
+    backend, world = ("nccl" if device == "cuda" else "gloo"), 1 + sum(ranks)
     (master, port), spec = ray.get([learner0.host_store.remote("weights", world, timeout),
                                     learner0.weight_spec.remote(dtype)])
     wait_named([learner0.join_weight_group.remote(master, port, world, backend, timeout)]
-               + [g.join_weight_group.remote(master, port, i + 1, world, backend, spec, timeout)
-                  for i, g in enumerate(gens)],
+               + [g.join_weight_group.remote(master, port, first[i], world, backend, spec, timeout,
+                                             int(bucket_mb * 2**20)) for i, g in enumerate(gens)],
                ["learner-0"] + [f"generator-{i}" for i in range(len(gens))], timeout, "forming the weight group")
 
 
@@ -248,6 +252,7 @@ class Rollouts:
 
     def _launch(self, i, shard, gen_args, mode):
         rollouts = self.pipe.gens[i].generate.remote(prompt_batch(shard), *gen_args)
+        self.pipe.generating.append(rollouts)
         return self.pipe.labelers[i % len(self.pipe.labelers)].score.remote(rollouts, mode)
 
     def get(self, timeout: float) -> "schemas.pa.RecordBatch":
@@ -295,6 +300,7 @@ class Pipeline:
         self.checkpoint: str | None = None  # last checkpoint written
         self.metrics = RoleMetrics("driver", tag)  # queue depth, lag, reward, KL on the dashboard
         self.replay: list = []  # batches trained since that checkpoint
+        self.generating: list = []  # generate calls launched (a broadcast waits for them to finish)
 
     def actors(self) -> list:
         own_judge = [] if any(self.judge is x for x in self.labelers) else [self.judge]
@@ -327,6 +333,7 @@ class Pipeline:
         """Rank 0's weights to every generator, tagged with the version: through the object
         store, or broadcast over the weight group (pipeline.weight_sync)."""
         self.version = version
+        self.generating = [r for r in self.generating if not ray.wait([r], timeout=0)[0]]  # still sampling
         weights = None  # not kept: the store frees each version once every generator installed it
         if not self.broadcast:
             weights = self.learner.weights(self.weight_dtype)
@@ -339,20 +346,33 @@ class Pipeline:
                     raise
                 self.rebuild_learner(err)
                 weights = self.learner.weights(self.weight_dtype)
-        timeout = self.cfg.pipeline.sync_timeout_s
+        p = self.cfg.pipeline
+        timeout = p.sync_timeout_s
         for attempt in range(self.max_retries + 1):
             try:
                 if not self.broadcast:
                     return sync_weights(self.gens, weights, version, timeout)
+                # receivers load buckets in place, so a generator mid-batch would hold the group's
+                # collective open: let the batches in flight finish sampling first
+                if self.generating:
+                    ray.wait(self.generating, num_returns=len(self.generating), timeout=p.batch_timeout_s)
                 if self.regroup:
-                    form_weight_group(self.learner.workers[0], self.gens, self.group_device, timeout, self.weight_dtype)
+                    form_weight_group(self.learner.workers[0], self.gens, self.group_device, timeout,
+                                      self.weight_dtype, p.sync_bucket_mb)
                     self.regroup = False
                 return broadcast_weights(self.learner.workers, self.gens, version, timeout,
-                                         dtype=self.weight_dtype)
+                                         dtype=self.weight_dtype, bucket_mb=p.sync_bucket_mb)
             except Exception as err:  # noqa: BLE001
-                if not _actor_died(err) or attempt == self.max_retries:
+                # a broadcast that timed out: the members still inside it fail at the group's own
+                # timeout (the same sync_timeout_s); a new group is formed and the version re-sent
+                timed_out = self.broadcast and isinstance(err, WeightSyncTimeout)
+                if not (_actor_died(err) or timed_out) or attempt == self.max_retries:
                     raise
-                self.log(f"weight sync v{version}: an actor died ({type(err).__name__}); retrying")
+                self.log(f"weight sync v{version}: {err}; re-forming the weight group and retrying" if timed_out else
+                         f"weight sync v{version}: an actor died ({type(err).__name__}); retrying")
+                if timed_out:
+                    self.regroup = True
+                    continue
                 if self.broadcast:  # rank 0 itself may be the one that died
                     try:
                         ray.get(self.learner.workers[0].info.remote(), timeout=timeout)

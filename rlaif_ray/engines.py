@@ -68,19 +68,42 @@ class HFEngine:
         return lm.sample(self.model, prompts, self.pad, self.eos, temperature=temperature, top_p=top_p,
                          top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
 
+    weight_ranks = 1  # members of the weight group this engine needs (vLLM: its tensor-parallel size)
+
     def load_weights(self, weights: dict) -> None:
         """Copy new weights (torch tensors, HF names) into the model, cast to its dtype."""
-        params = dict(self.model.named_parameters())
-        missing = [k for k in params if k not in weights and not _tied(k, self.model)]
-        if missing:
-            raise ValueError(f"weight update lacks {len(missing)} parameters, e.g. {missing[:3]}")
-        unknown = [k for k in weights if k not in params]
+        unknown = [k for k in weights if k not in dict(self.model.named_parameters())]
         if unknown:
             raise ValueError(f"weight update has {len(unknown)} parameters the model lacks, e.g. {unknown[:3]}")
+        self.load_stream(weights.items())
+
+    def load_stream(self, stream) -> None:
+        """Copy (name, tensor) pairs into the model as they come (a bucket at a time from the
+        weight group); every parameter must come once (a tied LM head with its embedding)."""
+        params = dict(self.model.named_parameters())
+        seen = set()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # arrays from the object store are read-only
-            for name, t in weights.items():
+            for name, t in stream:
                 params[name].copy_(t)  # copy_ moves and casts to the parameter's device and dtype
+                seen.add(name)
+        missing = [k for k in params if k not in seen and not _tied(k, self.model)]
+        if missing:
+            raise ValueError(f"weight update lacks {len(missing)} parameters, e.g. {missing[:3]}")
+
+    def join_weight_group(self, master: str, port: int, first_rank: int, world: int, backend: str,
+                          timeout_s: float) -> None:
+        from . import weight_sync
+
+        self._group = weight_sync.open_group(master, port, first_rank, world, backend, timeout_s)
+        self._group_device = "cuda" if backend == "nccl" else "cpu"
+
+    def receive_weights(self, tensor_spec: list, version: int, who: str, bucket_bytes: int) -> None:
+        """One policy version from the weight group, loaded bucket by bucket as it arrives."""
+        from . import weight_sync
+
+        weight_sync.receive_into(self.load_stream, self._group, tensor_spec, version, who, bucket_bytes,
+                                 self._group_device)
 
     def continuation_logprobs(self, prompt: list[int], continuation: list[int]) -> list[float]:
         with torch.no_grad():
@@ -261,12 +284,13 @@ def _tied(name: str, model) -> bool:
 
 
 def load_engine(backend: str, model_name: str, device: str = "cpu", dtype: str = "auto",
-                prefix_sharing: str = "auto", **vllm_kwargs):
-    """An engine by backend name: `hf` (transformers) or `vllm` (imported only when asked for)."""
+                prefix_sharing: str = "auto", vllm: dict | None = None, **vllm_kwargs):
+    """An engine by backend name: `hf` (transformers) or `vllm` (imported only when asked for;
+    `vllm`: a pool's VLLMConfig as a dict)."""
     if backend == "vllm":
         from .vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_name, dtype=dtype, device=device, **vllm_kwargs)
+        return VLLMEngine(model_name, dtype=dtype, device=device, **{**(vllm or {}), **vllm_kwargs})
     if backend != "hf":
         raise ValueError(f"unknown engine backend {backend!r} (hf or vllm)")
     return HFEngine(model_name, device=device, dtype=dtype, prefix_sharing=prefix_sharing)

@@ -191,11 +191,11 @@ def run_eval(cfg: Config, out: str | Path | None = None, log=print) -> Path:
             actors.append(ray.remote(RolloutGenerator).options(
                 name=f"policy-{side}@{tag}", num_cpus=p.generators.num_cpus, num_gpus=p.generators.num_gpus).remote(
                 f"policy-{side}", name, cfg.model.dtype, gen, p.generators.torch_threads,
-                role_device(p.generators.num_gpus)))
+                role_device(p.generators.num_gpus), p.generators.vllm.model_dump()))
         labeler = ray.remote(Labeler).options(name=f"labeler-0@{tag}", num_cpus=p.labelers.num_cpus,
                                               num_gpus=p.labelers.num_gpus).remote(
             "labeler-0", cfg.reward.model_dump(), cfg.reward.model or cfg.model.name, cfg.model.dtype,
-            p.labelers.torch_threads, role_device(p.labelers.num_gpus))
+            p.labelers.torch_threads, role_device(p.labelers.num_gpus), p.labelers.vllm.model_dump())
         actors.append(labeler)
         t0 = time.perf_counter()
         gather([x.info.remote() for x in actors], "loading models", cfg.run.progress, unit="actor")

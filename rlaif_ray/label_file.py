@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import Config, ConfigError
+from .devices import role_device
 from .pairs import alignment, read_label_input
 from .schemas import LABELS, PAIRS
 
@@ -49,10 +50,11 @@ def label_file(cfg: Config, source: str | None = None, output: str | None = None
     ds = ds.map_batches(
         Labeler, batch_size=bs, batch_format="pyarrow", zero_copy_batch=False,
         compute=ray.data.ActorPoolStrategy(size=cfg.label.pool_size, max_tasks_in_flight_per_actor=1),
-        num_cpus=cfg.label.num_cpus,
+        num_cpus=cfg.label.num_cpus, num_gpus=cfg.label.num_gpus,
         fn_constructor_kwargs=dict(name="labeler", reward=cfg.reward.model_dump(),
                                    model_name=cfg.reward.model or cfg.model.name, dtype=cfg.model.dtype,
-                                   torch_threads=cfg.label.torch_threads))
+                                   torch_threads=cfg.label.torch_threads, device=role_device(cfg.label.num_gpus),
+                                   vllm=cfg.pipeline.labelers.vllm.model_dump()))
     ds.write_parquet(str(out))
     wall = time.perf_counter() - t0
     result = pq.read_table(out, schema=LABELS)

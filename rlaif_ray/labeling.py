@@ -174,7 +174,7 @@ class Judge:
         return p, mass
 
 
-def load_engine(reward, model_name: str, dtype: str = "auto", device: str = "cpu"):
+def load_engine(reward, model_name: str, dtype: str = "auto", device: str = "cpu", vllm: dict | None = None):
     """(engine, tokenizer, model name) for a config's reward section: a transformers model
     (hf), a vLLM engine, or an OpenAI-compatible endpoint (text in, text out: no tokenizer)."""
     from . import engines
@@ -183,7 +183,7 @@ def load_engine(reward, model_name: str, dtype: str = "auto", device: str = "cpu
         from .openai_api import OpenAIEngine
 
         return OpenAIEngine(**reward.openai.model_dump()), None, reward.openai.model
-    engine = engines.load_engine(reward.backend, model_name, device, dtype, reward.prefix_sharing)
+    engine = engines.load_engine(reward.backend, model_name, device, dtype, reward.prefix_sharing, vllm)
     return engine, engine.tok, model_name
 
 

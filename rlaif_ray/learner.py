@@ -208,7 +208,7 @@ class PolicyLearner:
         want = getattr(torch, dtype)
         with torch.no_grad():
             for k, v in self.named_weights():
-                yield k, _full(v.detach()).to(want)
+                yield k, _full(v.detach().to(want))  # cast the shard, then gather: half the bytes for bf16
 
     # ---- checkpoints -------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ METRICS = {
     "unusable_labels": ("counter", "labels whose tokens held too little probability"),
     "batch_s": ("histogram", "time one call (generate, score, label) took"),
     "learner_step_s": ("histogram", "learner step time (one rank)"),
+    "weight_broadcast_s": ("histogram", "time learner rank 0 took to send one policy version"),
     "queue_depth": ("gauge", "batches in flight: sampled or labeled, not yet trained"),
     "policy_lag": ("gauge", "policy versions between generation and training of the last batch"),
     "reward_mean": ("gauge", "mean reward of the last trained batch"),

@@ -19,8 +19,11 @@ INSTALL_HINT = ("vLLM is not installed. On CUDA machines: pip install -e '.[vllm
                 "torchvision/torchaudio/torchcodec it pulls in, which break beside this torch).")
 
 
-def _import_vllm():
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+def _import_vllm(device: str = "cpu"):
+    # CPU: the engine inside this process (the object-store path hands it tensors by reference).
+    # GPU: vLLM's own engine process and workers (weights reach them through the weight group)
+    if device == "cpu":
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     try:
         import vllm
     except ImportError as e:
@@ -31,8 +34,9 @@ def _import_vllm():
 class VLLMEngine:
     def __init__(self, model_name: str, dtype: str = "auto", device: str = "cpu",
                  max_model_len: int | None = None, kv_cache_gib: float = 1.0, seed: int = 0,
-                 logprobs_mode: str = "processed_logprobs"):
-        vllm = _import_vllm()
+                 logprobs_mode: str = "processed_logprobs", gpu_memory_utilization: float = 0.85,
+                 tensor_parallel_size: int = 1, enforce_eager: bool | None = None, max_num_seqs: int | None = None):
+        vllm = _import_vllm(device)
         # fp32 checkpoints are served in bf16 (the CPU build's fast path, and vLLM's GPU default);
         # the learner's importance ratio corrects for the small precision gap
         dtype = "bfloat16" if dtype in ("auto", "float32") else dtype
@@ -42,14 +46,26 @@ class VLLMEngine:
         # the model's own context (capped: the KV cache must hold at least one full sequence)
         self.context = max_model_len = max_model_len or min(model_context(model_name), 8192)
         kwargs = dict(model=resolve(model_name), dtype=dtype, max_model_len=max_model_len,
-                      enforce_eager=True, enable_prefix_caching=True, seed=seed,
+                      enforce_eager=device == "cpu" if enforce_eager is None else enforce_eager,
+                      enable_prefix_caching=True, seed=seed,
                       # behaviour log-probs of the distribution actually sampled from
                       # (after temperature/top-k/top-p), as the learner evaluates them
                       # (the completions endpoint asks for raw_logprobs: the model's own)
-                      logprobs_mode=logprobs_mode, disable_log_stats=True)
+                      logprobs_mode=logprobs_mode, disable_log_stats=True,
+                      # weight updates from the learner's group run inside each vLLM worker
+                      worker_extension_cls="rlaif_ray.vllm_worker.WeightReceiver")
         if device == "cpu":
             # on CPU, gpu_memory_utilization would reserve a fraction of host RAM
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        else:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if max_num_seqs:
+            kwargs["max_num_seqs"] = max_num_seqs
+        if tensor_parallel_size > 1:
+            # the actor holds the engine's GPUs (num_gpus = tensor_parallel_size); its workers are
+            # processes on them, each a rank of the learner's weight group
+            kwargs.update(tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="mp")
+        self.weight_ranks = tensor_parallel_size
         self.llm = vllm.LLM(**kwargs)
         self.prefix_caching = bool(self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
         self.dtype = getattr(torch, dtype)
@@ -119,11 +135,25 @@ class VLLMEngine:
         return [float(pl[len(prompt) + i][t].logprob) for i, t in enumerate(continuation)]
 
     def load_weights(self, weights: dict) -> None:
-        """Install new weights (HF checkpoint names, numpy or torch) in the running engine."""
-        pairs = [(k, v.to(self.dtype)) for k, v in weights.items()]  # torch tensors (weight_sync.unpack)
-        if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
-            pairs.append(("lm_head.weight", pairs[[k for k, _ in pairs].index("model.embed_tokens.weight")][1]))
+        """Install new weights (HF checkpoint names, torch tensors) in the running engine (the
+        object-store path; the engine runs in this process there)."""
+        from .vllm_worker import with_tied_head
+
+        tied = "lm_head.weight" not in weights
+        pairs = with_tied_head(((k, v.to(self.dtype)) for k, v in weights.items()), tied)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs, "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+
+    def join_weight_group(self, master: str, port: int, first_rank: int, world: int, backend: str,
+                          timeout_s: float) -> None:
+        """Every worker of this engine joins the learner's weight group (rlaif_ray.vllm_worker)."""
+        self.llm.collective_rpc("rlaif_join_weight_group", args=(master, port, first_rank, world, backend, timeout_s))
+
+    def receive_weights(self, tensor_spec: list, version: int, who: str, bucket_bytes: int) -> None:
+        """One policy version, received and reloaded bucket by bucket inside the workers; the
+        prefix cache is reset so no KV computed with old weights is reused."""
+        tied = not any(name == "lm_head.weight" for name, _, _ in tensor_spec)
+        self.llm.collective_rpc("rlaif_receive_weights", args=(tensor_spec, version, who, bucket_bytes, tied))
         self.llm.reset_prefix_cache()
 
     def digest(self) -> float:

@@ -5,11 +5,15 @@ Two paths (`pipeline.weight_sync`):
   arrays (`pack`: bf16 travels as its raw 16-bit pattern, numpy has no bf16); Ray's object
   store carries them (zero-copy readers on one node, node-to-node transfers across a
   cluster) and every generator stages them (`unpack`). Works everywhere; the CPU default.
-- broadcast: rank 0 and the generators form a process group of their own (NCCL on GPU,
-  gloo on CPU), beside the learner's training group. Rank 0 broadcasts a header
-  (version, tensor count) and then every parameter in a fixed order (the spec rank 0 gave
-  the receivers when the group formed). A receiver checks the version against the one the
-  driver told it, after reading every tensor so the group stays in step.
+- broadcast: rank 0 and the generators (every tensor-parallel worker of a vLLM engine is a
+  rank) form a process group of their own (NCCL on GPU, gloo on CPU), beside the learner's
+  training group. Rank 0 broadcasts a header (version, tensor count, bucket size) and then
+  the parameters in buckets of at most `pipeline.sync_bucket_mb`, in a fixed order (the spec
+  rank 0 gave the receivers when the group formed), already cast to the receivers' dtype.
+  Each receiver loads a bucket into its model as it arrives (vLLM: `reload_weights` with an
+  iterator, layer by layer), so its extra memory is one bucket, never a model copy. A
+  receiver checks the version before loading anything; told another version, it still
+  reads every bucket (the group stays in step) and refuses.
 
 The driver waits for every member with `pipeline.sync_timeout_s` and names the ones that
 did not answer (driver.wait_named).
@@ -50,7 +54,9 @@ def open_group(master: str, port: int, rank: int, world: int, backend: str, time
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.PrefixStore(name, store if store is not None else join_store(master, port, world, timeout_s))
     if backend == "nccl":
-        return dist.ProcessGroupNCCL(store, rank, world)
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout  # a member that never arrives fails the collective instead of hanging it
+        return dist.ProcessGroupNCCL(store, rank, world, opts)
     return dist.ProcessGroupGloo(store, rank, world, timeout)
 
 
@@ -92,44 +98,102 @@ def _broadcast(group, tensor) -> None:
     group.broadcast([tensor], opts).wait()
 
 
-def spec(named: list[tuple[str, "object"]]) -> list[tuple[str, list[int], str]]:
-    """What receivers allocate: (name, shape, dtype) in the order rank 0 sends."""
-    return [(k, list(v.shape), str(v.dtype).replace("torch.", "")) for k, v in named]
+def plan_buckets(tensor_spec: list, bucket_bytes: int) -> list[list[int]]:
+    """Indices of `tensor_spec` ((name, shape, dtype) in send order) grouped into buckets of at
+    most `bucket_bytes` (a tensor larger than that is a bucket of its own). Sender and
+    receivers compute the same plan from the same spec, so only raw bytes travel."""
+    buckets, cur, size = [], [], 0
+    for i, (_, shape, dtype) in enumerate(tensor_spec):
+        n = nbytes(shape, dtype)
+        if cur and size + n > bucket_bytes:
+            buckets.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += n
+    if cur:
+        buckets.append(cur)
+    return buckets
 
 
-def send(group, named, version: int, device: str = "cpu", count: int | None = None) -> int:
-    """Rank 0: the header, then every tensor of `named` ((name, tensor) pairs; an iterator
-    that gathers shards one at a time needs `count`). Returns the bytes sent."""
+def nbytes(shape, dtype: str) -> int:
+    """Bytes of a tensor of `shape` in `dtype` (a name: "bfloat16")."""
     import torch
 
-    count = len(named) if count is None else count
-    _broadcast(group, torch.tensor([version, count], dtype=torch.int64, device=device))
-    sent = 0
-    for _, t in named:
-        t = t.detach().to(device).contiguous()
-        _broadcast(group, t)
-        sent += t.numel() * t.element_size()
-    return sent
+    n = torch.empty((), dtype=getattr(torch, dtype), device="meta").element_size()
+    for d in shape:
+        n *= int(d)
+    return n
 
 
-def receive(group, tensor_spec: list, version: int, who: str, device: str = "cpu") -> dict:
-    """A generator: read the header and every tensor; refuse a version other than the one
-    expected (the tensors are still read, so the group stays in step)."""
+def send_buckets(group, named, tensor_spec: list, version: int, bucket_bytes: int, device: str = "cpu") -> dict:
+    """Rank 0: a header (version, tensor count, bucket size), then each bucket of `named`
+    ((name, tensor) in spec order, already in the spec's dtype; an iterator that gathers one
+    shard at a time keeps the learner's extra memory at one bucket) as one flat byte buffer.
+    Returns the bytes sent and the largest bucket."""
     import torch
 
-    header = torch.zeros(2, dtype=torch.int64, device=device)
+    _broadcast(group, torch.tensor([version, len(tensor_spec), bucket_bytes], dtype=torch.int64, device=device))
+    it = iter(named)
+    sent = largest = 0
+    for idx in plan_buckets(tensor_spec, bucket_bytes):
+        parts = []
+        for i in idx:
+            name, t = next(it)
+            if name != tensor_spec[i][0]:
+                raise WeightVersionError(f"rank 0 sends {name} where the spec has {tensor_spec[i][0]}")
+            parts.append(t.detach().to(device).contiguous().view(-1).view(torch.uint8))
+        buf = torch.cat(parts) if len(parts) > 1 else parts[0]
+        del parts
+        _broadcast(group, buf)
+        sent += buf.numel()
+        largest = max(largest, buf.numel())
+        del buf
+    return {"bytes": sent, "largest_bucket": largest}
+
+
+def receive_header(group, tensor_spec: list, bucket_bytes: int, who: str, device: str = "cpu") -> int:
+    """A receiver: read rank 0's header; returns the version it is sending."""
+    import torch
+
+    header = torch.zeros(3, dtype=torch.int64, device=device)
     _broadcast(group, header)
-    sent_version, count = (int(x) for x in header.tolist())
-    if count != len(tensor_spec):
-        raise WeightVersionError(f"{who}: rank 0 sent {count} tensors, the spec has {len(tensor_spec)}")
-    out = {}
-    for name, shape, dtype in tensor_spec:
-        t = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
-        _broadcast(group, t)
-        out[name] = t
-    if sent_version != version:
-        raise WeightVersionError(f"{who} expected weights version {version} but rank 0 sent version {sent_version}")
-    return out
+    sent_version, count, sent_bucket = (int(x) for x in header.tolist())
+    if count != len(tensor_spec) or sent_bucket != bucket_bytes:
+        raise WeightVersionError(f"{who}: rank 0 sent {count} tensors in buckets of {sent_bucket} bytes, "
+                                 f"the spec has {len(tensor_spec)} in buckets of {bucket_bytes}: rebuild the group")
+    return sent_version
+
+
+def receive_stream(group, tensor_spec: list, bucket_bytes: int, device: str = "cpu", keep: bool = True):
+    """After the header: yields (name, tensor) bucket by bucket as they arrive (views into one
+    bucket's buffer, valid until the next bucket), so a loader that copies each into place
+    holds one bucket beyond its model. keep=False reads and drops every bucket (a refused
+    version: the group stays in step)."""
+    import torch
+
+    for idx in plan_buckets(tensor_spec, bucket_bytes):
+        sizes = [nbytes(tensor_spec[i][1], tensor_spec[i][2]) for i in idx]
+        buf = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+        _broadcast(group, buf)
+        offset = 0
+        for i, n in zip(idx, sizes):
+            name, shape, dtype = tensor_spec[i]
+            if keep:
+                yield name, buf[offset:offset + n].view(getattr(torch, dtype)).view(shape)
+            offset += n
+        del buf
+
+
+def receive_into(load, group, tensor_spec: list, version: int, who: str, bucket_bytes: int, device: str = "cpu"):
+    """A receiver: the header, then `load(stream)` with the buckets as they arrive; a version
+    other than `version` is refused before anything is loaded (its buckets are still read, so
+    the group stays in step) with WeightVersionError naming `who`."""
+    sent = receive_header(group, tensor_spec, bucket_bytes, who, device)
+    if sent != version:
+        for _ in receive_stream(group, tensor_spec, bucket_bytes, device, keep=False):
+            pass
+        raise WeightVersionError(f"{who} expected weights version {version} but rank 0 sent version {sent}")
+    return load(receive_stream(group, tensor_spec, bucket_bytes, device))
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Cluster files: every YAML in clusters/ passes Ray's own cluster-config schema (what
 `ray up` checks), and the KubeRay RayJob has the structure the operator needs."""
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -24,28 +25,109 @@ def test_cluster_yaml_passes_rays_schema(name):
         validate_config(prepare_config(bad))
 
 
+ROOT = CLUSTERS.parent
+PIN = next(line.split("==")[1].strip() for line in (ROOT / "constraints-cpu.txt").read_text().splitlines()
+           if line.startswith("ray=="))
+IMAGE = next(line.split("?=")[1].strip() for line in (ROOT / "Makefile").read_text().splitlines()
+             if line.startswith("IMAGE ?="))
+
+
+@pytest.mark.parametrize("name", RAY_UP)
+def test_launcher_files_start_ray_in_the_venv_with_token_auth_and_an_idle_head(name):
+    raw = yaml.safe_load((CLUSTERS / name).read_text())
+    starts = raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
+    for cmd in starts:  # `ray stop` and `ray start` from the venv the setup installed into
+        assert "~/rlaif-ray/.venv/bin/ray " in cmd and not re.search(r"(^|[;\s])ray (start|stop)", cmd), cmd
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if " start " in c)
+    assert raw["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert any(".venv" in c and "pip install" in c for c in raw["setup_commands"])
+    assert any("--num-cpus=0" in c for c in raw["head_start_ray_commands"])  # the head runs no RL actors
+    if "available_node_types" in raw:
+        head = raw["available_node_types"][raw["head_node_type"]]
+        assert head["resources"].get("CPU", 0) == 0 and "GPU" not in head["resources"] and head["max_workers"] == 0
+
+
 def test_gpu_cluster_worker_types_declare_the_role_resources():
     for name in ("aws-gpu.yaml", "gcp-gpu.yaml"):
         types = yaml.safe_load((CLUSTERS / name).read_text())["available_node_types"]
-        assert types["gpu_rollout"]["resources"]["rollout"] == 1 and types["gpu_rollout"]["resources"]["GPU"] == 1
+        assert types["gpu_node"]["resources"] == {"CPU": 96, "GPU": 8, "rollout": 8, "learner": 8}
+        assert types["gpu_rollout"]["resources"]["rollout"] == types["gpu_rollout"]["resources"]["GPU"] == 8
         assert types["gpu_learner"]["resources"]["learner"] == types["gpu_learner"]["resources"]["GPU"] == 8
-        assert types["head"]["max_workers"] == 0 and "GPU" not in types["head"]["resources"]
+
+
+def _meant_for(config: Path) -> list[str]:
+    line = next(x for x in config.read_text().splitlines() if x.startswith("# clusters:"))
+    return line.split(":", 1)[1].split()
+
+
+GPU_CONFIGS = sorted((ROOT / "configs" / "gpu").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=[c.name for c in GPU_CONFIGS])
+def test_every_gpu_config_passes_check_on_every_cluster_it_is_meant_for(config, capsys):
+    from rlaif_ray.cli import main
+
+    clusters = _meant_for(config)
+    assert clusters and all((CLUSTERS / c).is_file() for c in clusters)
+    text = config.read_text()
+    assert "Hub ids it expects" in text and "Placement" in text
+    for c in clusters:
+        assert main(["check", str(config), "--cluster", str(CLUSTERS / c)]) == 0, c
+        out = capsys.readouterr().out
+        assert "the config is valid" in out and "learner:" in out and "generators:" in out, out
+
+
+def test_check_refuses_a_layout_the_cluster_cannot_hold(capsys):
+    from rlaif_ray.cli import main
+
+    big = ROOT / "configs" / "gpu" / "tldr-d-rlaif-64gpu.yaml"
+    assert main(["check", str(big), "--cluster", str(CLUSTERS / "kuberay-rayjob.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "GPU: the layout needs 64 (generators 32 x 1 + labelers 16 x 1 + learner 16 x 1) but the cluster " \
+           "declares 8" in err and "Traceback" not in err
+
+
+def test_check_refuses_rl_actors_on_the_head(tmp_path, capsys):
+    from rlaif_ray.cli import main
+
+    raw = yaml.safe_load((CLUSTERS / "aws-gpu.yaml").read_text())
+    raw["available_node_types"]["head"]["resources"] = {"CPU": 8}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = tmp_path / "cpu.yaml"
+    cfg.write_text("rl: {prompts_per_step: 2}\npipeline: {generators: {num_cpus: 1}}\n")
+    assert main(["check", str(cfg), "--cluster", str(tmp_path / "c.yaml")]) == 2
+    assert "fit the head node, which must schedule no RL actors" in capsys.readouterr().err
 
 
 def test_kuberay_rayjob_structure():
     job = yaml.safe_load((CLUSTERS / "kuberay-rayjob.yaml").read_text())
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob" and job["metadata"]["name"]
     spec = job["spec"]
-    assert spec["entrypoint"].startswith("rlaif-ray train configs/") and spec["shutdownAfterJobFinishes"] is True
-    assert (CLUSTERS.parent / spec["entrypoint"].split()[2]).is_file()  # the config it runs exists
+    assert spec["entrypoint"].startswith("rlaif-ray train configs/gpu/") and spec["shutdownAfterJobFinishes"] is True
+    assert (ROOT / spec["entrypoint"].split()[2]).is_file()  # the config it runs exists
     cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == PIN  # the image's Ray is the project's pin
     head = cluster["headGroupSpec"]
-    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
-    assert head["template"]["spec"]["containers"][0]["image"]
+    # the submitter reaches the dashboard through the in-cluster head Service; the head runs no actors
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0" and head["rayStartParams"]["num-cpus"] == "0"
+    assert "headServiceType" not in head and "serviceType" not in str(job)  # no LoadBalancer / NodePort
+    containers = [head["template"]["spec"]["containers"][0], spec["submitterPodTemplate"]["spec"]["containers"][0]]
     groups = cluster["workerGroupSpecs"]
-    assert {g["groupName"] for g in groups} == {"gpu-rollout", "gpu-learner"}
+    containers += [g["template"]["spec"]["containers"][0] for g in groups]
+    for c in containers:  # token auth everywhere, the token from a Kubernetes Secret
+        env = {e["name"]: e for e in c["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "rlaif-ray-auth", "key": "auth_token"}
+        assert "value" not in env["RAY_AUTH_TOKEN"] and c["image"] == IMAGE
     for g in groups:
         assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
         c = g["template"]["spec"]["containers"][0]
         assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"]
         yaml.safe_load(yaml.safe_load(g["rayStartParams"]["resources"]))  # ray start --resources takes JSON
+
+
+def test_dockerfile_builds_the_image_the_cluster_files_name():
+    text = (ROOT / "Dockerfile").read_text()
+    assert f"ARG RAY_VERSION={PIN}" in text and "FROM rayproject/ray:${RAY_VERSION}" in text
+    assert '"ray[default,train,data,serve]==${RAY_VERSION}"' in text and ".[vllm" in text
+    assert IMAGE in text and "image:" in (ROOT / "Makefile").read_text()

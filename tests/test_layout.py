@@ -77,3 +77,28 @@ def test_weight_sync_cost_model():
     c = sync_cost(7e9, 2, 100)
     assert c.bytes == 14e9 and c.seconds == pytest.approx(0.14)
     assert sync_cost(7e9, 2, 100, hops=3, latency_s=0.5).seconds == pytest.approx(0.92)
+
+
+def _vllm(**pipeline):
+    return config_from_dict({"rl": {"prompts_per_step": 8}, "generation": {"backend": "vllm"},
+                             "reward": {"backend": "vllm"}, "pipeline": pipeline})
+
+
+def test_vllm_engines_sharing_a_gpu_must_fit_its_memory():
+    """Two engines on one GPU (num_gpus 0.5 each) at the default-like 0.9 would ask for 180%."""
+    with pytest.raises(ConfigError, match=r"pipeline.generators: engines on 0.5 of a GPU .*"
+                                          r"gpu_memory_utilization=0.9: 2 engines would ask for 180% of one GPU"):
+        _vllm(generators={"num_actors": 2, "num_gpus": 0.5, "vllm": {"gpu_memory_utilization": 0.9}})
+    _vllm(generators={"num_actors": 2, "num_gpus": 0.5, "vllm": {"gpu_memory_utilization": 0.45}})
+    # the hf backend has no such setting to check
+    config_from_dict({"rl": {"prompts_per_step": 8}, "pipeline": {"generators": {"num_gpus": 0.5}}})
+
+
+def test_vllm_tensor_parallel_engines_hold_their_gpus():
+    c = _vllm(labelers={"num_actors": 2, "num_gpus": 2, "vllm": {"tensor_parallel_size": 2}})
+    assert bundle(c.pipeline.labelers) == {"CPU": 1.0, "GPU": 2.0}
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size=4 needs pipeline.labelers.num_gpus=4"):
+        _vllm(labelers={"num_gpus": 2, "vllm": {"tensor_parallel_size": 4}})
+    with pytest.raises(ConfigError, match=r"num_gpus=2: a vLLM engine uses more than one GPU only with "
+                                          r"vllm.tensor_parallel_size=2"):
+        _vllm(generators={"num_gpus": 2})

@@ -192,16 +192,17 @@ def test_broadcast_group_checks_versions_and_placement(ray_local, tiny_model_pat
         assert table["learner@bcast"]["strategy"] == "PACK" and table["generators@bcast"]["strategy"] == "SPREAD"
         assert table["generators@bcast"]["bundles"] == {0: {"CPU": 0.25}, 1: {"CPU": 0.25}}
         w0 = learner.workers[0]
-        form_weight_group(w0, gens, "cpu", timeout=60)
-        broadcast_weights(learner.workers, gens, 1, timeout=60)
+        mb = 0.01  # 10 KB buckets: the tiny model travels in dozens of them
+        form_weight_group(w0, gens, "cpu", timeout=60, bucket_mb=mb)
+        broadcast_weights(learner.workers, gens, 1, timeout=60, bucket_mb=mb)
         want = sum(float(np.asarray(a, dtype=np.float64).sum()) for a in ray.get(learner.weights())["arrays"].values())
         for v, d in ray.get([g.digest.remote() for g in gens]):
             assert v == 1 and d == pytest.approx(want, rel=1e-9)
 
-        late = [w0.broadcast_weights.remote(2)] + [g.receive_weights.remote(3) for g in gens]
+        late = [w0.broadcast_weights.remote(2, "float32", int(mb * 2**20))] + [g.receive_weights.remote(3) for g in gens]
         with pytest.raises(WeightVersionError, match="generator-0 expected weights version 3 but rank 0 sent version 2"):
             ray.get(late[1])
-        broadcast_weights(learner.workers, gens, 3, timeout=60)  # still in step
+        broadcast_weights(learner.workers, gens, 3, timeout=60, bucket_mb=mb)  # still in step
         assert [v for v, _ in ray.get([g.digest.remote() for g in gens])] == [3, 3]
 
         # object store: an update older than what a generator holds is refused by the driver

@@ -84,7 +84,11 @@ def test_vllm_generator_actor_logprobs_and_weight_updates(ray_local, tokenizer):
         ray.kill(gen)
 
 
-def test_train_with_vllm_generators(ray_local, tmp_path):
+@pytest.mark.parametrize("sync", [["pipeline.weight_sync=object_store"],
+                                  # bucketed broadcast into the vLLM workers: 270 MB of bf16 in 64 MB buckets
+                                  ["pipeline.weight_sync=broadcast", "pipeline.sync_bucket_mb=64"]],
+                         ids=["object_store", "broadcast-buckets"])
+def test_train_with_vllm_generators(ray_local, tmp_path, sync):
     from pathlib import Path
 
     from rlaif_ray.config import load_config
@@ -94,7 +98,7 @@ def test_train_with_vllm_generators(ray_local, tmp_path):
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "quickstart-vllm.yaml", [
         "rl.steps=2", "rl.prompts_per_step=2", "rl.samples_per_prompt=2", "generation.max_new_tokens=12", "eval.num_prompts=0",
-        "eval.signal_posts=0", "pipeline.learner.num_cpus=0.5", "rl.max_staleness=0", f"run.out_dir={tmp_path}"])
+        "eval.signal_posts=0", "pipeline.learner.num_cpus=0.5", "rl.max_staleness=0", f"run.out_dir={tmp_path}", *sync])
     run = train(cfg, tmp_path / "run", log=lambda *_: None)
     assert [m["policy_version"] for m in read_metrics(run)] == [1, 2]
     table = read_rollouts(run)
