@@ -261,8 +261,27 @@ def render() -> str:
                 f"{' -> '.join(f'{a:.1%}' for a in v['accuracy_by_epoch'])} | {v['wall_s']:.0f} |"
                 for k, v in rma["rm"].items()]
         out.append("")
+    out += _weight_update(_load("weight_update"))
     out += _gpu(_load("gpu_check"))
     return "\n".join(out)
+
+
+def _weight_update(wu: dict | None) -> list[str]:
+    """benchmarks/weight_update.py: one policy update per receiver, broadcast buckets vs the object store."""
+    if not wu:
+        return []
+    out = ["## Weight updates: learner -> generators (`python -m benchmarks.weight_update`)", "",
+           f"{wu['what']}; model {wu['model']}; {_setting(wu)}. `extra MB`: the receiver's peak resident memory "
+           "during the update minus before it (sampled every 2 ms). On the object-store path the receiver also "
+           "holds the staged payload (a model copy in its dtype) from its arrival until the next batch installs "
+           "it: `staged MB`.", "",
+           "| receiver | dtype | path | bucket MB | wall s | install s | extra MB | staged MB |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in wu["summary"]:
+        out.append(f"| {r['receiver']} | {r['dtype']} | {r['path']} | {r['bucket_mb'] or '-'} | {r['wall_s']:.2f} | "
+                   f"{r['install_s']:.2f} | {r['extra_mb']:.0f} | "
+                   f"{'-' if r['staged_payload_mb'] is None else round(r['staged_payload_mb'])} |")
+    return out + [""]
 
 
 def _gpu(gc: dict | None) -> list[str]:

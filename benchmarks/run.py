@@ -22,5 +22,6 @@ if __name__ == "__main__":
     run("-m", "benchmarks.generation", "--rounds", "3", "--batch", "8", "--new-tokens", "64")
     run("-m", "benchmarks.labeling", "--pairs", "16", "--rounds", "3")
     run("-m", "benchmarks.labeling", "--pairs", "16", "--rounds", "3", "--shots", "2")
+    run("-m", "benchmarks.weight_update", "--buckets", "16,64,256", "--repeats", "3")
     run("-m", "benchmarks.demo")  # the full quickstart under the memory sampler: results/memory.json too
     run("-m", "benchmarks.report")

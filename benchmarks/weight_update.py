@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--buckets", default="16,64,256", help="bucket sizes in MB")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backends", default="hf,vllm")
+    ap.add_argument("--model", default=None, help="override model.name (the tests use a tiny model)")
     ap.add_argument("--out", default=str(RESULTS / "weight_update.json"))
     args = ap.parse_args()
 
@@ -36,7 +37,7 @@ def main() -> None:
     from rlaif_ray.driver import broadcast_weights, form_weight_group, release, start_learner, sync_weights
     from actors.generator import RolloutGenerator
 
-    cfg = load_config(args.config, ["pipeline.learner.num_cpus=0.5"])
+    cfg = load_config(args.config, ["pipeline.learner.num_cpus=0.5"] + ([f"model.name={args.model}"] if args.model else []))
     load_before = os.getloadavg()
     ray.init(num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})

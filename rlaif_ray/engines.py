@@ -87,6 +87,7 @@ class HFEngine:
             for name, t in stream:
                 params[name].copy_(t)  # copy_ moves and casts to the parameter's device and dtype
                 seen.add(name)
+                del t  # a bucket's buffer is freed as soon as its last view is copied
         missing = [k for k in params if k not in seen and not _tied(k, self.model)]
         if missing:
             raise ValueError(f"weight update lacks {len(missing)} parameters, e.g. {missing[:3]}")

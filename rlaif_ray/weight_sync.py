@@ -136,14 +136,16 @@ def send_buckets(group, named, tensor_spec: list, version: int, bucket_bytes: in
     it = iter(named)
     sent = largest = 0
     for idx in plan_buckets(tensor_spec, bucket_bytes):
-        parts = []
-        for i in idx:
+        sizes = [nbytes(tensor_spec[i][1], tensor_spec[i][2]) for i in idx]
+        buf = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+        offset = 0
+        for i, n in zip(idx, sizes):  # each gathered tensor is copied in and dropped: bucket + one tensor
             name, t = next(it)
             if name != tensor_spec[i][0]:
                 raise WeightVersionError(f"rank 0 sends {name} where the spec has {tensor_spec[i][0]}")
-            parts.append(t.detach().to(device).contiguous().view(-1).view(torch.uint8))
-        buf = torch.cat(parts) if len(parts) > 1 else parts[0]
-        del parts
+            buf[offset:offset + n].copy_(t.detach().contiguous().view(-1).view(torch.uint8))
+            offset += n
+            del t
         _broadcast(group, buf)
         sent += buf.numel()
         largest = max(largest, buf.numel())

@@ -141,11 +141,29 @@ def test_peak_memory(memory):
     assert memory["peak_rss_sum_gib"] >= 0.05 and positive(memory["peak_pss_sum_gib"])
 
 
-def test_report_renders_every_section(results, overlap, overhead, scaling, generation, memory, tmp_path):
+@pytest.fixture(scope="module")
+def weight_update(results, tiny_model_path):
+    """Bucketed broadcast (10 KB buckets: dozens of them) and the object store, one update each."""
+    bench("weight_update", "--model", tiny_model_path, "--buckets", "0.01", "--repeats", "1", "--backends", "hf",
+          "--out", str(results / "weight_update.json"))
+    return json.loads((results / "weight_update.json").read_text())
+
+
+def test_weight_update(weight_update):
+    r = weight_update
+    assert {(s["receiver"], s["path"]) for s in r["summary"]} == {("generator-hf", "broadcast"),
+                                                                   ("generator-hf", "object_store")}
+    assert all(positive(s["wall_s"]) and s["extra_mb"] >= 0 for s in r["summary"])
+    staged = next(s for s in r["summary"] if s["path"] == "object_store")["staged_payload_mb"]
+    assert positive(staged)  # the object store stages a model copy; the broadcast does not
+
+
+def test_report_renders_every_section(results, overlap, overhead, scaling, generation, memory, weight_update,
+                                      tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     bench("report", "--results", str(results), "--out", str(out))
     text = out.read_text()
     for heading in ("## Pipeline overlap", "## Scaling model", "## Framework overhead",
-                    "## Generation throughput", "## Peak memory"):
+                    "## Generation throughput", "## Peak memory", "## Weight updates", "## GPU"):
         assert heading in text
     assert not re.search(r"\bnan\b", text, re.IGNORECASE)

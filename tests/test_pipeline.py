@@ -216,6 +216,34 @@ def test_broadcast_group_checks_versions_and_placement(ray_local, tiny_model_pat
                 if g["name"].endswith("@bcast") and g["state"] != "REMOVED"]
 
 
+def test_a_broadcast_that_times_out_names_the_member_and_a_new_group_works(ray_local, tiny_model_path, tmp_path):
+    """One generator never joins the collective: the wait names it, the members inside the
+    stuck broadcast fail at the group's own timeout (no hang), and a re-formed group works."""
+    import ray
+
+    from rlaif_ray.driver import WeightSyncTimeout, broadcast_weights, form_weight_group, release, start_actors
+
+    cfg = tiny_cfg(tiny_model_path, tmp_path, pipeline={"learner": {"num_cpus": 0.25}, "labelers": {"num_cpus": 0.25},
+                                                        "generators": {"num_actors": 2, "num_cpus": 0.25}})
+    gens, labelers, learner = start_actors(cfg, "stuck")
+    try:
+        w0 = learner.workers[0]
+        form_weight_group(w0, gens, "cpu", timeout=5, bucket_mb=0.01)
+        # generator-1 is never told: rank 0 and generator-0 wait for it inside the collective,
+        # and the driver's wait names both
+        with pytest.raises(WeightSyncTimeout, match=r"within 3s by \['learner-0', 'generator-0'\]"):
+            broadcast_weights(learner.workers, gens[:1], 1, timeout=3, names=["generator-0"], bucket_mb=0.01)
+        t0 = time.time()
+        form_weight_group(w0, gens, "cpu", timeout=60, bucket_mb=0.01)  # queued behind the stuck calls
+        broadcast_weights(learner.workers, gens, 1, timeout=60, bucket_mb=0.01)
+        assert time.time() - t0 < 45  # the stuck collective failed at its 5 s timeout instead of hanging
+        assert [v for v, _ in ray.get([g.digest.remote() for g in gens])] == [1, 1]
+    finally:
+        for a in gens + labelers + learner.workers:
+            ray.kill(a)
+        release("stuck")
+
+
 def test_an_impossible_layout_is_refused_before_any_actor_starts(ray_local, tiny_model_path, tmp_path):
     import ray
 
