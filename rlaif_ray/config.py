@@ -261,7 +261,7 @@ class RoleResources(_Strict):
     torch_threads: int = Field(1, gt=0)
     max_restarts: int = Field(2, ge=0)
     # a placement group of num_actors bundles with this Ray strategy; None = the role's
-    # default: learner PACK (its ranks all-reduce every step), generators and labelers
+    # default: learner PACK (its FSDP ranks communicate every step), generators and labelers
     # SPREAD (independent; spreading keeps one node's loss from taking a whole pool);
     # NONE = no placement group (Ray's default scheduling)
     placement: Optional[Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD", "NONE"]] = None
