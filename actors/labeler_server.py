@@ -34,15 +34,15 @@ class LabelerEndpoint:
         import torch
 
         from rlaif_ray.engines import load_engine
-        from rlaif_ray.models import load_tokenizer, model_context
+        from rlaif_ray.models import model_context
 
         torch.set_num_threads(torch_threads)
         self.served_name, self.key_sha256, self.max_tokens_limit = served_name, key_sha256, max_tokens_limit
-        self.tok = load_tokenizer(model_name)
         self.context = model_context(model_name)
         # the completions endpoint reports the model's own log-probs (vLLM: raw, not processed)
         self.engine = load_engine(backend, model_name, device, dtype, vllm=vllm,
                                   **(dict(logprobs_mode="raw_logprobs") if backend == "vllm" else {}))
+        self.tok = self.engine.tok  # the engine's own, not a second load
         self.lock = threading.Lock()  # one forward pass at a time per replica
         self.served = 0
 

@@ -69,12 +69,17 @@ class LearnerWorker:
     def get_weights(self, dtype: str = "float32") -> dict | None:
         """The policy in `dtype` for the object store (weight_sync.pack); rank 0 returns it,
         the other ranks take part in the gathers and return None."""
-        named = self.learner.state_for_sync(dtype)
-        if self.rank != 0:
-            for _ in named:
-                pass
-            return None
-        return weight_sync.pack(named, dtype)
+        named = self._rank0_only(self.learner.state_for_sync(dtype))
+        return None if named is None else weight_sync.pack(named, dtype)
+
+    def _rank0_only(self, named):
+        """Rank 0 keeps the gathering iterator; the other ranks run it to the end (each step
+        is a collective they must join) and get None."""
+        if self.rank == 0:
+            return named
+        for _ in named:
+            pass
+        return None
 
     def weight_spec(self, dtype: str = "float32") -> list:
         return self.learner.weight_spec(dtype)
@@ -92,10 +97,8 @@ class LearnerWorker:
         import time
 
         t0 = time.perf_counter()
-        named = self.learner.state_for_sync(dtype)
-        if self.rank != 0:
-            for _ in named:
-                pass
+        named = self._rank0_only(self.learner.state_for_sync(dtype))
+        if named is None:
             return {"bytes": 0, "largest_bucket": 0, "s": time.perf_counter() - t0}
         out = weight_sync.send_buckets(self.weight_group, named, self.learner.weight_spec(dtype), version,
                                        bucket_bytes, self.weight_device)

@@ -333,7 +333,8 @@ class Pipeline:
         """Rank 0's weights to every generator, tagged with the version: through the object
         store, or broadcast over the weight group (pipeline.weight_sync)."""
         self.version = version
-        self.generating = [r for r in self.generating if not ray.wait([r], timeout=0)[0]]  # still sampling
+        if self.generating:  # keep the generate calls still sampling
+            self.generating = ray.wait(self.generating, num_returns=len(self.generating), timeout=0)[1]
         weights = None  # not kept: the store frees each version once every generator installed it
         if not self.broadcast:
             weights = self.learner.weights(self.weight_dtype)

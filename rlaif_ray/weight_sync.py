@@ -61,14 +61,13 @@ def open_group(master: str, port: int, rank: int, world: int, backend: str, time
 
 
 def pack(named, dtype: str) -> dict:
-    """{name: tensor} (or (name, tensor) pairs) -> an object-store payload in `dtype`:
-    numpy arrays (zero-copy through Ray's store); bfloat16 as its int16 bit pattern."""
+    """(name, tensor) pairs -> an object-store payload in `dtype`: numpy arrays (zero-copy
+    through Ray's store); bfloat16 as its int16 bit pattern."""
     import torch
 
     want = getattr(torch, dtype)
-    items = named.items() if isinstance(named, dict) else named
     arrays = {}
-    for k, t in items:
+    for k, t in named:
         t = t.detach().to(device="cpu", dtype=want).contiguous()
         arrays[k] = (t.view(torch.int16) if want == torch.bfloat16 else t).numpy()
     return {"dtype": dtype, "arrays": arrays}
