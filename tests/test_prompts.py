@@ -42,6 +42,47 @@ def test_chain_of_thought_two_steps():
     assert step2 == step1 + " Summary 1 is exact.\nPreferred Summary="
 
 
+def test_cot_preamble_asks_to_explain_not_to_answer():
+    """METHOD.md 1.5: with CoT the preamble's final sentence asks for an explanation."""
+    detailed = prompts.preamble("summarization", "detailed", cot=True)
+    assert detailed.endswith("Given a piece of text and two of its possible summaries, explain which summary "
+                             "best adheres to coherence, accuracy, coverage, and overall quality as defined above.")
+    assert "output 1 or 2" not in detailed
+    assert detailed.rsplit("\n\n", 1)[0] == prompts.preamble("summarization", "detailed").rsplit("\n\n", 1)[0]
+    assert prompts.preamble("summarization", "base", cot=True) == BASE_SUMM.replace(
+        "output 1 or 2 to indicate which", "explain which")
+    for task in ("helpful", "harmless"):  # "choose the most ... response" is kept (the paper's helpful CoT prompt)
+        for kind in ("base", "detailed"):
+            assert prompts.preamble(task, kind, cot=True) == prompts.preamble(task, kind)
+
+
+def test_few_shot_cot_uses_the_thoughts_form():
+    why = "Coherence - 7. Rationale: fine.\n\nThoughts on Summary 2 -\nCoherence - 3. Rationale: poor."
+    shots = (Exemplar("P1", "x", "y", 1, why), Exemplar("P2", "u", "v", 2, "Thoughts on Summary 1 -\n" + why))
+    step1 = prompts.build("summarization", "P", "A", "B", exemplars=shots, cot=True)
+    shot = "\n\nThoughts on Summary 1 -\n" + why + "\nPreferred Summary="
+    assert ("»»»» Example »»»»\nText - P1\nSummary 1 - x\nSummary 2 - y" + shot + "1\n\n"
+            "»»»» Example »»»»\nText - P2\nSummary 1 - u\nSummary 2 - v" + shot + "2\n\n") in step1
+    assert step1.endswith("»»»» Follow the instructions and the example(s) above »»»»\n\n"
+                          "Text - P\nSummary 1 - A\nSummary 2 - B\n\nThoughts on Summary 1 -")
+    # the decoded continuation, kept as written up to the ending it copied from the exemplars
+    step2 = prompts.build("summarization", "P", "A", "B", exemplars=shots, cot=True,
+                          rationale="\nCoherence - 9. Rationale: good.\nPreferred Summary=2\n\n»»»» Example")
+    assert step2 == step1 + "\nCoherence - 9. Rationale: good.\nPreferred Summary="
+    helpful = prompts.build("helpful", "C", "a", "b", exemplars=(Exemplar("C1", "x", "y", 1, "ok"),), cot=True)
+    assert helpful.endswith("Response 2 - b\n\nThoughts on Response 1 -")
+
+
+def test_exemplar_rationales_only_with_cot_and_all_or_none():
+    shots = (Exemplar("C1", "x", "y", 2, "some reasoning"),)
+    assert "some reasoning" not in prompts.build("helpful", "C", "a", "b", exemplars=shots)
+    plain = (Exemplar("C1", "x", "y", 2),)  # label-only exemplars: the zero-shot CoT ending
+    assert prompts.build("helpful", "C", "a", "b", exemplars=plain, cot=True).endswith(
+        "Response 2 - b\n\n" + prompts.COT_REQUEST["helpful"] + "\nRationale:")
+    with pytest.raises(ValueError, match="1 of 2 have a rationale"):
+        prompts.build("helpful", "C", "a", "b", exemplars=shots + plain, cot=True)
+
+
 def test_unknown_task_or_preamble():
     with pytest.raises(ValueError, match="unknown task"):
         prompts.build("poetry", "c", "a", "b")
