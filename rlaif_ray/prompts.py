@@ -1,4 +1,4 @@
-"""Pairwise AI-labeler prompts (METHOD.md 1.1-1.5): preamble, optional exemplars wrapped
+"""Pairwise AI-labeler prompts (docs/method.md §1.1-1.5): preamble, optional exemplars wrapped
 in the paper's separators, the sample, and the ending after which "1" or "2" is read.
 
 Preambles are plain text files in rlaif_ray/templates/ (TASK_PREAMBLE.txt) that a user can
@@ -7,10 +7,10 @@ paper's Table 16 text (the detailed one: good-summary definition, four axes with
 questions, the reworded final instruction). For the dialogue tasks the paper shows only the
 base preambles; `helpful_detailed.txt` and `harmless_detailed.txt` are this project's own
 wording in the same structure (axes with guiding questions, the base instruction reworded
-at the end), so the base/detailed comparison can be run on every task (METHOD.md 1.2 marks
+at the end), so the base/detailed comparison can be run on every task (docs/method.md §1.2 marks
 the dialogue texts unconfirmed).
 
-Chain of thought (METHOD.md 1.5) changes three things:
+Chain of thought (docs/method.md §1.5) changes three things:
 - the preamble's final paragraph no longer asks for an answer: "output 1 or 2 to indicate
   which summary ..." becomes "explain which summary ..." (the paper's "Detailed + CoT"
   wording; the base summarization preamble gets the same rewording, which the paper does

@@ -2,7 +2,7 @@
 (reward.pairwise: task x preamble x cot x shots 0..8; CoT as step 1 and step 2), against
 the files in tests/golden/prompts/ (written once by tests/golden/regenerate.py from the
 fixed inputs it holds; this test only compares). A second set of checks reads the golden
-files alone against the method (METHOD.md 1.1-1.5), so a wrongly regenerated file fails too."""
+files alone against the method (docs/method.md §1.1-1.5), so a wrongly regenerated file fails too."""
 import importlib.util
 from pathlib import Path
 
@@ -87,7 +87,7 @@ def test_golden_files_follow_the_method(name):
 
 
 def test_the_paper_detailed_cot_prompt_ending():
-    """METHOD.md 1.5 / the paper's Table 17: Detailed + CoT 0-shot for summarization."""
+    """docs/method.md §1.5 / the paper's Table 17: Detailed + CoT 0-shot for summarization."""
     text = golden("summarization-detailed-cot-0shot.step1.txt")
     assert text.endswith(
         DETAILED_COT_LAST + "\n\n"

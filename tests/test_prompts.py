@@ -43,7 +43,7 @@ def test_chain_of_thought_two_steps():
 
 
 def test_cot_preamble_asks_to_explain_not_to_answer():
-    """METHOD.md 1.5: with CoT the preamble's final sentence asks for an explanation."""
+    """docs/method.md §1.5: with CoT the preamble's final sentence asks for an explanation."""
     detailed = prompts.preamble("summarization", "detailed", cot=True)
     assert detailed.endswith("Given a piece of text and two of its possible summaries, explain which summary "
                              "best adheres to coherence, accuracy, coverage, and overall quality as defined above.")
