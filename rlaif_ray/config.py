@@ -50,6 +50,10 @@ class GenerationConfig(_Strict):
     # a label is unusable when the label tokens ("Yes"/"No", digits, "1"/"2") together hold
     # less next-token probability than this; such rollouts are counted and not trained on
     min_label_mass: float = Field(0.01, ge=0, le=1)
+    # Rollouts are sampled from softmax(logits / temperature), cut to its top_k, then top_p
+    # set and renormalised, and from nothing else: no setting of the model's own
+    # generation_config.json (repetition_penalty, min_p, ...) applies. The learner evaluates
+    # that same distribution (lm.sampled_logprobs), so the on-policy ratio is 1 for each.
     temperature: float = Field(0.9, gt=0)  # METHOD.md section 3: T = 0.9
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # 0 = off

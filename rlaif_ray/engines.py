@@ -127,14 +127,15 @@ class HFEngine:
             return self._shared(seqs, lookback, pick)
         return self._padded(seqs, lookback, pick)
 
-    def _last(self, hidden: torch.Tensor, lengths: list[int], lookback: int, pick: torch.Tensor) -> torch.Tensor:
-        """Log-softmax of the LM head at the last `lookback` real positions of each row of a
-        right-padded [B, T, H] hidden state, at the `pick` token ids only, on the CPU; the
-        LM head (vocab x hidden) runs on those positions only."""
+    def _last(self, ids: torch.Tensor, lengths: list[int], lookback: int, pick: torch.Tensor, **past) -> torch.Tensor:
+        """One forward of the model over right-padded rows `ids` [B, T] (after the KV cache in
+        `past`, if any): log-softmax of its logits at the last `lookback` real positions of
+        each row, at the `pick` token ids only, on the CPU. The model's own forward
+        (lm.head_logits: soft-capping and logit scales included), its LM head (vocab x
+        hidden) on those positions only."""
         at = torch.tensor([[n - lookback + k for k in range(lookback)] for n in lengths], device=self.device)
-        rows = torch.arange(len(lengths), device=self.device)[:, None]
-        logp = self.model.lm_head(hidden[rows, at]).float().log_softmax(-1)
-        return logp[..., pick].cpu()
+        logits, _ = lm.head_logits(self.model, at, input_ids=ids, **past)
+        return logits.float().log_softmax(-1)[..., pick].cpu()
 
     PAD_SLACK_CPU = 1.15  # on CPU a padded batch is cut where padding would exceed 15% of its real tokens
 
@@ -156,8 +157,8 @@ class HFEngine:
         buckets.append(cur)
         out = torch.empty(len(seqs), lookback, len(pick), device="cpu")
         for rows in buckets:
-            hidden = self.model.model(input_ids=self._ids([seqs[i] for i in rows])).last_hidden_state
-            out[rows] = self._last(hidden, [len(seqs[i]) for i in rows], lookback, pick)
+            out[rows] = self._last(self._ids([seqs[i] for i in rows]), [len(seqs[i]) for i in rows], lookback, pick,
+                                   use_cache=False)
         return out
 
     def _versions(self) -> tuple:
@@ -220,8 +221,7 @@ class HFEngine:
             # right padding: no row sees another's pads, positions continue from the cache
             # (an empty cache, no shared prefix at all: a plain pass that leaves it untouched)
             past = dict(past_key_values=cache, use_cache=True) if shared > 0 else dict(use_cache=False)
-            h = self.model.model(input_ids=self._ids(tails), **past).last_hidden_state
-            out[g] = self._last(h, [len(t) for t in tails], lookback, pick)
+            out[g] = self._last(self._ids(tails), [len(t) for t in tails], lookback, pick, **past)
             if len(g) > 1 and shared > 0:
                 cache.batch_select_indices(torch.tensor([0], device=self.device))  # before the crop
             extra = cache.get_seq_length() - root
@@ -240,8 +240,9 @@ class HFEngine:
         ids, mask, _ = lm.left_pad(seqs, self.pad, self.device)
         torch.manual_seed(seed)
         sampling = dict(do_sample=True, temperature=temperature, top_k=top_k) if temperature > 0 else dict(do_sample=False)
-        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                  pad_token_id=self.pad, **sampling)[:, ids.shape[1]:]
+        # only these settings: the model's generation_config adds no processor (lm.generate)
+        out = lm.generate(self.model, input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                          pad_token_id=self.pad, **sampling)[:, ids.shape[1]:]
         eos = self._eos_ids()
         rows = []
         for row in out.tolist():
@@ -257,11 +258,11 @@ class HFEngine:
         `logprobs` most likely tokens at each step, and "stop" or "length"."""
         ids, mask, _ = lm.left_pad(seqs, self.pad, self.device)
         torch.manual_seed(seed)
-        sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
+        # top_k 0 is off (None would take transformers' default of 50); only these settings apply
+        sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
                     if temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
-        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                  pad_token_id=self.pad, output_logits=True, return_dict_in_generate=True,
-                                  **sampling)
+        out = lm.generate(self.model, input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                          pad_token_id=self.pad, output_logits=True, return_dict_in_generate=True, **sampling)
         new = out.sequences[:, ids.shape[1]:]
         logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # [B, steps, V]
         eos = self._eos_ids()

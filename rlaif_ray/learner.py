@@ -63,16 +63,24 @@ def shard(module: torch.nn.Module, hf_model, mesh, param_dtype: torch.dtype | No
 
 class PolicyLearner:
     """`rl_cfg`: an RLConfig (or its dict). `dtype`: the compute precision (auto, float32,
-    bfloat16). `shard`: None = FSDP when torch.distributed runs with more than one rank."""
+    bfloat16). `shard`: None = FSDP when torch.distributed runs with more than one rank.
+    `temperature`, `top_k`, `top_p`: the generators' sampling settings (generation.*): the
+    policy's log-probs are those of the distribution the rollouts were sampled from
+    (lm.sampled_logprobs), so the on-policy importance ratio is 1."""
 
     def __init__(self, model_name: str, rl_cfg, temperature: float, device: str = "cpu", dtype: str = "auto",
-                 shard_model: bool | None = None):
+                 shard_model: bool | None = None, top_k: int = 0, top_p: float = 1.0):
         import torch.distributed as dist
 
         from .config import RLConfig
 
         self.rl = RLConfig.model_validate(rl_cfg) if isinstance(rl_cfg, dict) else rl_cfg
         self.model_name, self.temperature = model_name, temperature
+        # the policy: softmax(logits / T) cut to its top-k, then top-p set, renormalised (what
+        # the generator sampled from). The reference: softmax(logits / T) in full, a fixed
+        # distribution over every token, so KL(policy || reference) stays finite; cut to its
+        # own top-k/top-p set it would give 0 to tokens the trained policy samples.
+        self.sampling = dict(top_k=top_k, top_p=top_p)
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -134,7 +142,8 @@ class PolicyLearner:
         prompts = [r["prompt_token_ids"] for r in rows]
         responses = [r["response_token_ids"] for r in rows]
         with self._amp():
-            logp, mask, values = lm.response_logprobs(self.policy, prompts, responses, self.pad, self.temperature)
+            logp, mask, values = lm.response_logprobs(self.policy, prompts, responses, self.pad, self.temperature,
+                                                      **self.sampling)
             with torch.no_grad():
                 ref_logp, _, _ = lm.response_logprobs(self.ref, prompts, responses, self.pad, self.temperature)
         # rollouts whose label could not be read stay in the record but out of the loss
@@ -175,11 +184,12 @@ class PolicyLearner:
         }
 
     def logprobs(self, prompts: list[list[int]], responses: list[list[int]], reference: bool = False) -> list[list[float]]:
-        """Per-token log-probs of responses under the policy (or the reference) at the
-        learner's temperature, in its compute precision: what `step` sees (parity checks)."""
+        """Per-token log-probs of responses under the policy (its sampling distribution: T,
+        top-k, top-p) or the reference (at T), in the learner's compute precision: what
+        `step` sees (parity checks)."""
         with torch.no_grad(), self._amp():
             logp, mask, _ = lm.response_logprobs(self.ref if reference else self.policy, prompts, responses, self.pad,
-                                                 self.temperature)
+                                                 self.temperature, **({} if reference else self.sampling))
         return [row[:len(r)] for row, r in zip(logp.float().cpu().tolist(), responses)]
 
     def _agree_failed(self, failed: bool) -> bool:

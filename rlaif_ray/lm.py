@@ -1,6 +1,13 @@
 """Batched language-model primitives shared by the engines and the learner: left-padded
 inputs, response log-probs, sampling. Every tensor is built on the device it is given (the
-model's), never on the default device."""
+model's), never on the default device.
+
+Logits always come from the model's own forward (`head_logits`), so whatever a family does
+after its LM head (Gemma-2's final soft-capping, Cohere's logit_scale) applies everywhere;
+the head runs on the positions needed only. Sampling uses exactly the settings passed
+(`generate`): the model's generation_config.json adds no logits processor. The learner
+evaluates the distribution the sampler drew from (`sampled_logprobs`: temperature, then
+top-k, then top-p, as transformers and vLLM apply them)."""
 from __future__ import annotations
 
 import torch
@@ -44,38 +51,141 @@ def response_inputs(prompts: list[list[int]], responses: list[list[int]], pad_id
             torch.tensor(rmask, dtype=torch.float32, device=device), P)
 
 
+def head_logits(model, keep, hidden: bool = False, **inputs):
+    """Logits of the model's own forward (its LM head and whatever the model applies after it:
+    Gemma-2's final soft-capping, Cohere's logit_scale), computed at the kept positions only
+    (the vocabulary is large: no full-vocabulary logits for the others). `keep`: an int (the
+    last `keep` positions) or a 1-D index tensor, the same for every row (the model's
+    `logits_to_keep`: logits [B, K, V]); or a [B, K] tensor of positions per row (the head's
+    input is gathered per row by a pre-hook on the output embeddings). Returns (logits,
+    the last hidden states at those positions [B, K, H] if `hidden`, else None)."""
+    head = model.get_output_embeddings()
+    per_row = torch.is_tensor(keep) and keep.dim() == 2
+    seen = []
+
+    def pick(module, args):
+        if not args:
+            raise RuntimeError(f"{type(model).__name__} calls its output embeddings without a positional input")
+        h = args[0]
+        if per_row:
+            h = h[torch.arange(h.shape[0], device=h.device)[:, None], keep]
+        seen.append(h)
+        return (h, *args[1:])
+
+    handle = head.register_forward_pre_hook(pick) if (per_row or hidden) else None
+    try:
+        out = model(**inputs, logits_to_keep=0 if per_row else keep)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if handle is not None and len(seen) != 1:
+        raise RuntimeError(f"{type(model).__name__}: its forward ran the output embeddings {len(seen)} times, not once")
+    return out.logits, (seen[0] if hidden else None)
+
+
+SORT_ELEMENTS = 1 << 24  # top-p sorts the vocabulary: rows at a time, about this many elements per chunk
+
+
+def sampling_support(z: torch.Tensor, top_k: int, top_p: float, chosen: torch.Tensor | None = None) -> torch.Tensor:
+    """Which tokens temperature-scaled logits `z` [..., V] keep under top-k, then top-p on the
+    renormalised top-k distribution: bool [..., V]. The same rule as transformers'
+    TopKLogitsWarper/TopPLogitsWarper and vLLM's sampler (apply_top_k_top_p): top-k keeps every
+    token at least as large as the k-th largest; top-p sorts ascending and drops the tokens
+    whose cumulative probability is <= 1 - p, always keeping the most likely. `chosen` [...]:
+    tokens kept regardless (the sampled ones: a token at the boundary can fall on the other
+    side when the learner's logits differ from the sampler's by rounding, and must not get
+    probability 0)."""
+    V = z.shape[-1]
+    flat = z.detach().reshape(-1, V)
+    keep = torch.ones(flat.shape, dtype=torch.bool, device=z.device)
+    step = max(1, SORT_ELEMENTS // V)
+    with torch.no_grad():
+        for i in range(0, flat.shape[0], step):
+            x = flat[i:i + step]
+            remove = torch.zeros(x.shape, dtype=torch.bool, device=z.device)
+            if 0 < top_k < V:
+                remove = x < torch.topk(x, top_k, dim=-1).values[:, -1:]
+            if top_p < 1.0:
+                srt, idx = torch.sort(x.masked_fill(remove, float("-inf")), dim=-1)  # ascending
+                drop = srt.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+                drop[:, -1] = False
+                remove = remove | drop.scatter(-1, idx, drop)
+            keep[i:i + step] = ~remove
+    keep = keep.view(z.shape)
+    if chosen is not None:
+        keep.scatter_(-1, chosen.unsqueeze(-1), True)
+    return keep
+
+
+def sampled_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, top_k: int = 0,
+                     top_p: float = 1.0) -> torch.Tensor:
+    """log p(tokens) under the distribution a sampler with these settings draws from:
+    softmax(logits / T) restricted to its top-k, then top-p set (sampling_support) and
+    renormalised. logits [..., V] (float32), tokens [...]."""
+    z = logits / temperature
+    if top_k > 0 or top_p < 1.0:
+        z = z.masked_fill(~sampling_support(z, top_k, top_p, tokens), float("-inf"))
+    return torch.gather(F.log_softmax(z, dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 class ResponseScorer(torch.nn.Module):
     """A causal LM (and optional scalar value head on its trunk) as one module whose forward
-    returns the per-token log-probs of the response columns under softmax(logits / T).
+    returns the per-token log-probs of the response columns under the sampling distribution
+    (softmax(logits / T), restricted to its top-k / top-p set when those are on).
 
     One module so that FSDP can shard it with the LM's own parameters (embeddings, final
     norm, a tied LM head) and the value head in its root unit: calling `model.model` and
-    `model.lm_head` separately from outside would bypass the root's unshard hooks. The LM
-    head runs on response positions only (the vocabulary is large)."""
+    `model.lm_head` separately from outside would bypass the root's unshard hooks. The
+    logits come from the model's own forward (head_logits), on response positions only."""
 
     def __init__(self, model, value_head: torch.nn.Module | None = None):
         super().__init__()
         self.model, self.value_head = model, value_head
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, start: int, temperature: float):
-        hidden = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                                  use_cache=False).last_hidden_state
-        h = hidden[:, start - 1:-1]  # the state before each response token
-        logits = self.model.lm_head(h).float() / temperature
-        logp = torch.gather(F.log_softmax(logits, dim=-1), 2, ids[:, start:].unsqueeze(-1)).squeeze(-1)
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, start: int, temperature: float, top_k: int = 0,
+                top_p: float = 1.0):
+        # the states before each response token: positions start-1 .. T-2
+        keep = torch.arange(start - 1, ids.shape[1] - 1, device=ids.device)
+        logits, h = head_logits(self.model, keep, hidden=self.value_head is not None, input_ids=ids,
+                                attention_mask=mask, position_ids=positions(mask), use_cache=False)
+        logp = sampled_logprobs(logits.float(), ids[:, start:], temperature, top_k, top_p)
         values = self.value_head(h).float().squeeze(-1) if self.value_head is not None else None
         return logp, values
 
 
 def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                      temperature: float = 1.0, value_head=None):
-    """Per-token log pi(response_t | prompt, response_<t) under softmax(logits / T).
-    `model`: a causal LM or a ResponseScorer. Returns (logprobs [B, R], mask [B, R],
-    values [B, R] or None), on the model's device."""
+                      temperature: float = 1.0, value_head=None, top_k: int = 0, top_p: float = 1.0):
+    """Per-token log pi(response_t | prompt, response_<t) under the sampling distribution:
+    softmax(logits / T), restricted to the top-k, then top-p set and renormalised when
+    `top_k` > 0 or `top_p` < 1 (sampled_logprobs). `model`: a causal LM or a ResponseScorer.
+    Returns (logprobs [B, R], mask [B, R], values [B, R] or None), on the model's device."""
     scorer = model if isinstance(model, ResponseScorer) else ResponseScorer(model, value_head)
     ids, mask, rmask, P = response_inputs(prompts, responses, pad_id, model_device(scorer))
-    logp, values = scorer(ids, mask, P, temperature)
+    logp, values = scorer(ids, mask, P, temperature, top_k, top_p)
     return logp * rmask, rmask, values
+
+
+# the special-token ids of a model's generation config: all `generate` keeps of it
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def generate(model, **kwargs):
+    """`model.generate(**kwargs)` with exactly the settings in kwargs (and transformers' neutral
+    defaults for the rest): the sampling settings of the model's own generation_config.json
+    (a hub model's repetition_penalty, no_repeat_ngram_size, top_k, min_p, ...) are not
+    applied, as vLLM does not apply them to explicit SamplingParams. Recorded behaviour
+    log-probs are then those of the distribution the passed settings describe, which the
+    learner evaluates (sampled_logprobs). Swaps the model's generation_config for the call:
+    not for concurrent calls on one model (sampling seeds torch's global RNG anyway)."""
+    from transformers import GenerationConfig
+
+    own = model.generation_config
+    model.generation_config = GenerationConfig(
+        **{k: getattr(own, k) for k in _TOKEN_IDS if getattr(own, k, None) is not None})
+    try:
+        return model.generate(**kwargs)
+    finally:
+        model.generation_config = own
 
 
 @torch.no_grad()
@@ -86,10 +196,10 @@ def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, *, tempera
     from) and whether each hit max_new_tokens without EOS."""
     ids, mask, _ = left_pad(prompts, pad_id, model_device(model))
     torch.manual_seed(seed)
-    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
-                         temperature=temperature, top_p=top_p, top_k=top_k,
-                         max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
-                         output_scores=True, return_dict_in_generate=True, use_cache=True)
+    out = generate(model, input_ids=ids, attention_mask=mask, do_sample=True,
+                   temperature=temperature, top_p=top_p, top_k=top_k,
+                   max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+                   output_scores=True, return_dict_in_generate=True, use_cache=True)
     new = out.sequences[:, ids.shape[1]:]
     # scores are the processed logits (temperature/top-k/top-p applied) that were sampled from
     # one step at a time: stacking every step's full-vocabulary log-softmax costs GBs
@@ -111,5 +221,5 @@ def next_token_logprobs(model, seqs: list[list[int]], pad_id: int, lookback: int
     a left-padded batch: shape (batch, lookback, vocab); [:, -1] follows the whole sequence.
     The plain reference the engines' faster label paths are tested against."""
     ids, mask, pos = left_pad(seqs, pad_id, model_device(model))
-    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-    return F.log_softmax(model.lm_head(hidden[:, -lookback:]).float(), dim=-1)
+    logits, _ = head_logits(model, lookback, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+    return F.log_softmax(logits.float(), dim=-1)

@@ -50,8 +50,12 @@ class VLLMEngine:
                       enable_prefix_caching=True, seed=seed,
                       # behaviour log-probs of the distribution actually sampled from
                       # (after temperature/top-k/top-p), as the learner evaluates them
-                      # (the completions endpoint asks for raw_logprobs: the model's own)
+                      # (lm.sampled_logprobs; the completions endpoint asks for
+                      # raw_logprobs: the model's own)
                       logprobs_mode=logprobs_mode, disable_log_stats=True,
+                      # only the SamplingParams passed apply: no sampling defaults from the
+                      # model's generation_config.json (as lm.generate on the HF backend)
+                      generation_config="vllm",
                       # weight updates from the learner's group run inside each vLLM worker
                       worker_extension_cls="rlaif_ray.vllm_worker.WeightReceiver")
         if device == "cpu":
