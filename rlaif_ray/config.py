@@ -228,9 +228,16 @@ class RLConfig(_Strict):
     beta: float = Field(0.05, ge=0, le=1)  # objective (1 - beta) r - beta KL
     kl_estimator: Literal["k1", "k3"] = "k1"
     # value: REINFORCE with a learned value baseline (a scalar head on the policy trunk);
-    # group_mean: mean return of the other samples of the same prompt (no value model).
-    baseline: Literal["value", "group_mean"] = "group_mean"
+    # group_mean: mean return of the other usable samples of the same prompt (no value
+    # model); none: plain REINFORCE (b = 0), for ablations.
+    baseline: Literal["value", "group_mean", "none"] = "group_mean"
     value_coef: float = Field(0.5, ge=0)
+    # the value head's own AdamW lr; its bias starts at the first batch's mean return. AdamW
+    # moves each weight by about lr a step, so V by up to lr * |h|_1 (SmolLM2-135M: about 670):
+    # at the policy's 1e-5 V barely moved; 1e-4 (up to ~0.07 a step) took the value loss from
+    # 0.051 to 0.008-0.019 in 12 steps; 1e-3 oscillated (0.03 -> 0.16) and its trunk gradient
+    # moved the policy (benchmarks/value_baseline.py)
+    value_lr: float = Field(1e-4, gt=0, le=1)
     loss_agg: Literal["token_mean", "sequence_sum"] = "token_mean"
     # Versions of policy lag allowed between generation and training. 0 = synchronous.
     max_staleness: int = Field(1, ge=0)

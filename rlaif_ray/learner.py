@@ -40,6 +40,19 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if _is_dtensor(t) else t
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (possibly empty), or the tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def loss_normalisers(response_token_ids: list[list[int]], reward_ok: list[bool]) -> tuple[int, int]:
+    """(num_tokens, num_seqs) for `PolicyLearner.step` from the *whole* batch (every rank's
+    rows): the usable rows' response tokens and the usable rows. Rows whose reward could not
+    be read are out of the loss, so out of its denominators too (at least 1 each)."""
+    ok = [bool(u) for u in reward_ok]
+    return max(sum(len(t) for t, u in zip(response_token_ids, ok) if u), 1), max(sum(ok), 1)
+
+
 def _decoder_layers(model) -> list:
     """The transformer blocks of a HF causal LM (its `_no_split_modules` classes): FSDP's units."""
     names = set(getattr(model, "_no_split_modules", None) or [])
@@ -104,6 +117,8 @@ class PolicyLearner:
             torch.nn.init.zeros_(value_head.weight)
             torch.nn.init.zeros_(value_head.bias)
         self.policy = lm.ResponseScorer(policy, value_head)
+        # the value head's bias starts at the first batch's mean return (`_value_start_shift`)
+        self.value_started = value_head is None
         # the reference only runs forward: held in the compute dtype (bf16 on GPU)
         self.ref = lm.ResponseScorer(load_model(model_name, dtype_name(self.compute)).requires_grad_(False))
         self.tied = bool(getattr(policy.config, "tie_word_embeddings", False))
@@ -124,7 +139,16 @@ class PolicyLearner:
         cuda = self.device.type == "cuda"
         # CPU: foreach=False (the multi-tensor kernels allocate temporaries the size of every
         # parameter at once, a model-sized spike at each step). CUDA: the fused kernel.
-        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=self.rl.lr, weight_decay=self.rl.weight_decay,
+        # the value head is its own param group with its own lr (rl.value_lr): at the policy's
+        # lr it would barely move from its start
+        self.value_params = list(self.policy.value_head.parameters()) if value_head is not None else []
+        # the bias as the optimizer holds it (sharded: the DTensor, not FSDP's unsharded copy)
+        self.value_bias = self.policy.value_head.bias if value_head is not None else None
+        head = {id(p) for p in self.value_params}
+        groups = [{"params": [p for p in self.policy.parameters() if id(p) not in head], "lr": self.rl.lr}]
+        if self.value_params:
+            groups.append({"params": self.value_params, "lr": self.rl.value_lr})
+        self.opt = torch.optim.AdamW(groups, lr=self.rl.lr, weight_decay=self.rl.weight_decay,
                                      **(dict(fused=True) if cuda else dict(foreach=False)))
         self.steps = 0
 
@@ -135,8 +159,10 @@ class PolicyLearner:
 
     def step(self, rows: list[dict], num_tokens: int, num_seqs: int) -> dict:
         """One update on this rank's rows (SCORED fields). Losses are normalised by the global
-        batch (`num_tokens`, `num_seqs`), so gradients summed over ranks are the one-rank
-        gradient of the whole batch. Raises NonFiniteError (on every rank) before any change."""
+        batch (`num_tokens`, `num_seqs`: the usable tokens and rows of every rank's rows, as
+        `loss_normalisers` counts them), so gradients summed over ranks are the one-rank
+        gradient of the whole batch. Rows with `reward_ok` false stay out of the loss, the
+        baselines and the metrics. Raises NonFiniteError (on every rank) before any change."""
         t0 = time.perf_counter()
         dev, cfg = self.device, self.rl
         prompts = [r["prompt_token_ids"] for r in rows]
@@ -147,41 +173,76 @@ class PolicyLearner:
             with torch.no_grad():
                 ref_logp, _, _ = lm.response_logprobs(self.ref, prompts, responses, self.pad, self.temperature)
         # rollouts whose label could not be read stay in the record but out of the loss
-        mask = mask * torch.tensor([float(r["reward_ok"]) for r in rows], device=dev)[:, None]
+        usable = torch.tensor([bool(r["reward_ok"]) for r in rows], device=dev)
         behaviour = lm.pad_rows([r["behaviour_logprobs"] for r in rows], mask.shape[1], dev)
         reward = torch.tensor([r["reward"] for r in rows], dtype=torch.float32, device=dev)
-        kl = rl.kl_per_token(logp.detach(), ref_logp, cfg.kl_estimator) * mask
-        returns = rl.returns_to_go(reward, kl, mask, cfg.beta)
-        adv = rl.advantages(returns, mask, cfg.baseline, values, [r["prompt_id"] for r in rows])
-        ratio = rl.truncated_ratio(logp, behaviour, cfg.is_clip) * mask
-        agg = dict(mask=mask, how=cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
-        pg = rl.aggregate(rl.policy_loss(logp, adv, ratio, mask), **agg)
-        loss = pg
-        vl = torch.zeros((), device=dev)
-        if values is not None:
-            vl = rl.aggregate(rl.value_loss(values, returns, mask), **agg)
-            loss = loss + cfg.value_coef * vl
-        if self._agree_failed(not bool(torch.isfinite(loss) & torch.isfinite(reward).all())):  # all stop together
-            bad = [r["rollout_id"] for r, x in zip(rows, reward.tolist()) if x != x or abs(x) == float("inf")]
+        finite = bool(torch.isfinite(reward[usable]).all())  # an unusable row's reward is never read
+        shift = None
+        if values is not None and not self.value_started:
+            shift = self._value_start_shift(rl.return_sums(logp, ref_logp, reward, mask, usable, cfg.beta,
+                                                           cfg.kl_estimator))
+            if shift is not None:  # none usable: the next batch starts it
+                values = values + shift  # as if the bias had been there in this forward
+        out = rl.surrogate(logp, ref_logp, behaviour, reward, mask, usable=usable, values=values,
+                           group_ids=[r["prompt_id"] for r in rows], beta=cfg.beta, estimator=cfg.kl_estimator,
+                           baseline=cfg.baseline, is_clip=cfg.is_clip, how=cfg.loss_agg, value_coef=cfg.value_coef,
+                           num_tokens=num_tokens, num_seqs=num_seqs)
+        loss, mask, kl, ratio = out["loss"], out["mask"], out["kl"], out["ratio"]
+        if self._agree_failed(not (bool(torch.isfinite(loss)) and finite)):  # all stop together
+            bad = [r["rollout_id"] for r, x, u in zip(rows, reward.tolist(), usable.tolist())
+                   if u and (x != x or abs(x) == float("inf"))]
             raise NonFiniteError(f"non-finite loss or reward at learner rank {self.rank}; "
                                  f"non-finite rewards in rollouts {bad[:5]}; batch {rows[0].get('batch_index')}")
         self.opt.zero_grad(set_to_none=True)
         # FSDP averages gradients over ranks; the loss is already a share of the global batch,
         # so scale it back to get their sum
         (loss * self.world if self.sharded else loss).backward()
-        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm))
+        if shift is not None:  # the bias where this step's values put it (its gradient is the same)
+            with torch.no_grad():
+                _local(self.value_bias).add_(shift.to(self.value_bias.dtype))
+                # at the mean return with zero weights its gradient is exactly 0: what rounding
+                # leaves, AdamW's first step (g / (|g| + eps)) would blow up to a value_lr move
+                if self.value_bias.grad is not None:
+                    self.value_bias.grad.zero_()
+            self.value_started = True
+        # the value head is clipped on its own: its gradient (large while V is far from the
+        # returns) must not scale the policy's update down
+        head = {id(p) for p in self.value_params}
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if id(p) not in head],
+                                                         cfg.max_grad_norm))
+        value_grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.value_params, cfg.max_grad_norm)) \
+            if self.value_params else torch.zeros(())
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)  # no model-sized gradients held between steps
         if cfg.release_memory:
             trim_heap()
         self.steps += 1
-        tokens = mask.sum()
+        adv, z = out["advantages"] * mask, out["returns"] * mask
         return {
-            "loss_sum": float(loss.detach()), "pg_loss_sum": float(pg.detach()), "value_loss_sum": float(vl.detach()),
-            "kl_sum": float(kl.sum()), "ratio_sum": float(ratio.sum()), "tokens": float(tokens),
+            "loss_sum": float(loss.detach()), "pg_loss_sum": float(out["pg_loss"].detach()),
+            "kl_loss_sum": float(out["kl_loss"].detach()), "value_loss_sum": float(out["value_loss"].detach()),
+            "kl_sum": float(kl.sum()), "ratio_sum": float(ratio.sum()), "tokens": float(mask.sum()),
             "ratio_clipped": float(((torch.exp(logp.detach() - behaviour) > cfg.is_clip) & (mask > 0)).sum()),
-            "grad_norm": float(grad_norm), "rows": max(len(rows), 1), "step_s": time.perf_counter() - t0,
+            # sums over the usable tokens: the caller adds ranks' and divides by `tokens`
+            "adv_sum": float(adv.sum()), "adv_sq_sum": float(adv.pow(2).sum()),
+            "return_sum": float(z.sum()), "return_sq_sum": float(z.pow(2).sum()),
+            "grad_norm": float(grad_norm), "value_grad_norm": float(value_grad_norm),
+            # usable_rows: the denominator of per-row means (the KL); rows: every row received
+            "usable_rows": int(usable.sum()), "rows": max(len(rows), 1), "step_s": time.perf_counter() - t0,
         }
+
+    def _value_start_shift(self, sums: torch.Tensor) -> torch.Tensor | None:
+        """The value head's start: its bias moves to the batch's mean return over the usable
+        tokens (`sums` = [sum, count], added over ranks: a collective). Returns that move
+        (None when no token is usable), which `step` adds to the bias after the backward."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+        before = _full(self.value_bias.detach()).float().reshape(())
+        if float(sums[1]) == 0:
+            return None
+        return (sums[0] / sums[1] - before).detach()
 
     def logprobs(self, prompts: list[list[int]], responses: list[list[int]], reference: bool = False) -> list[list[float]]:
         """Per-token log-probs of responses under the policy (its sampling distribution: T,
@@ -293,6 +354,7 @@ class PolicyLearner:
         set_model_state_dict(self.policy, model_sd, options=self._options(broadcast_from_rank0=bcast, strict=True))
         set_optimizer_state_dict(self.policy, self.opt, optim_sd, options=self._options(broadcast_from_rank0=bcast))
         self.steps = int(meta.get("learner_steps", 0))
+        self.value_started = True  # the value head resumes where it was
 
 
 def _load_weights(path: Path) -> dict:

@@ -61,3 +61,80 @@ def test_the_learner_actor_gets_the_malloc_settings_and_the_job_env(ray_local, t
         finally:
             ray.kill(learner.workers[0])
             release("malloc", ["learner"])
+
+
+def _with_unusable_row(rows: list[dict]) -> list[dict]:
+    """`rows` plus a third sample of p0 whose label could not be read (its reward is junk)."""
+    bad = dict(rows[0], rollout_id="b0:p0:2", sample_index=2, response_token_ids=[14, 15], reward=5.0,
+               behaviour_logprobs=[-2.0, -2.0], reward_ok=False)
+    return rows[:2] + [bad] + rows[2:]
+
+
+@pytest.mark.parametrize("baseline", ["group_mean", "value"])
+def test_an_unusable_row_changes_nothing(tiny_model_path, baseline):
+    """A row with reward_ok false is out of the baseline, the loss, every denominator and the
+    metrics: the update equals the one without it (normalisers from loss_normalisers)."""
+    from rlaif_ray.config import RLConfig
+    from rlaif_ray.learner import PolicyLearner, loss_normalisers
+
+    rows = _batch().to_pylist()
+    out = []
+    for batch in (rows, _with_unusable_row(rows)):
+        learner = PolicyLearner(tiny_model_path, RLConfig(lr=1e-3, baseline=baseline, kl_estimator="k3"), 0.9)
+        counts = loss_normalisers([r["response_token_ids"] for r in batch], [r["reward_ok"] for r in batch])
+        stats = [learner.step(batch, *counts) for _ in range(2)]  # the second step has a nonzero KL
+        out.append((counts, stats, _weights(learner)))
+    (c0, s0, w0), (c1, s1, w1) = out
+    assert c0 == c1 == (10, 4)
+    for a, b in zip(s0, s1):
+        for key in ("loss_sum", "pg_loss_sum", "kl_loss_sum", "value_loss_sum", "kl_sum", "tokens", "usable_rows",
+                    "adv_sum", "adv_sq_sum", "ratio_sum", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+        assert b["rows"] == 5 and b["usable_rows"] == 4
+    assert s1[1]["kl_sum"] != 0
+    for k in w0:
+        np.testing.assert_allclose(w0[k], w1[k], atol=1e-6, err_msg=k)
+
+
+def test_the_value_head_has_its_own_lr_and_starts_at_the_mean_return(tiny_model_path, tmp_path):
+    from rlaif_ray.config import RLConfig
+    from rlaif_ray.learner import PolicyLearner, loss_normalisers
+
+    cfg = RLConfig(lr=1e-5, value_lr=1e-2, baseline="value", beta=0.1)
+    learner = PolicyLearner(tiny_model_path, cfg, 0.9)
+    trunk_group, head_group = learner.opt.param_groups
+    assert (trunk_group["lr"], head_group["lr"]) == (1e-5, 1e-2)
+    assert [id(p) for p in head_group["params"]] == [id(p) for p in learner.policy.value_head.parameters()]
+    assert not {id(p) for p in head_group["params"]} & {id(p) for p in trunk_group["params"]}
+    assert len(trunk_group["params"]) + 2 == len(list(learner.policy.parameters()))
+
+    rows = _with_unusable_row(_batch().to_pylist())
+    # step 0: the policy is the reference (KL 0), so the mean return over the usable tokens is
+    # (1 - beta) * their token-weighted mean reward; the junk reward of the unusable row is out
+    ok = [r for r in rows if r["reward_ok"]]
+    z = [(1 - 0.1) * r["reward"] for r in ok for _ in r["response_token_ids"]]
+    mean = sum(z) / len(z)
+    head = learner.policy.value_head
+    w_before = head.weight.detach().clone()
+    trunk_before = {k: v.detach().clone() for k, v in learner.named_weights()}
+    stats = learner.step(rows, *loss_normalisers([r["response_token_ids"] for r in rows],
+                                                 [r["reward_ok"] for r in rows]))
+    # the value loss of this first forward already sees V = mean return (the weight is 0)
+    assert stats["value_loss_sum"] == pytest.approx(sum((x - mean) ** 2 for x in z) / len(z), rel=1e-4)
+    # then one AdamW step: the bias stays at the mean (its gradient is 0 there), the head's
+    # weights move by value_lr, the trunk by at most lr
+    assert float(head.bias.detach()) == pytest.approx(mean, abs=1e-6)
+    assert float((head.weight.detach() - w_before).abs().max()) == pytest.approx(1e-2, rel=1e-2)
+    trunk_moved = max(float((v.detach() - trunk_before[k]).abs().max()) for k, v in learner.named_weights())
+    assert 0 < trunk_moved <= 1.01e-5
+    # a later batch does not restart it
+    shifted = [dict(r, reward=r["reward"] - 0.5) for r in rows]
+    bias1 = float(head.bias.detach())
+    learner.step(shifted, 10, 4)
+    assert abs(float(head.bias.detach()) - bias1) <= 1.01e-2
+    # a resumed learner keeps the saved head, with both param groups' lrs
+    learner.save(tmp_path / "c", {"step": 2})
+    resumed = PolicyLearner(tiny_model_path, cfg, 0.9)
+    resumed.load(tmp_path / "c")
+    assert resumed.value_started and float(resumed.policy.value_head.bias.detach()) == float(head.bias.detach())
+    assert [g["lr"] for g in resumed.opt.param_groups] == [1e-5, 1e-2]

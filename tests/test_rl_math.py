@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from rlaif_ray import rl
@@ -68,3 +69,57 @@ def test_aggregate_global_normalisation():
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     assert rl.aggregate(per, mask, "token_mean", num_tokens=6, num_seqs=4) == 1.0
     assert rl.aggregate(per, mask, "sequence_sum", num_tokens=6, num_seqs=4) == 1.5
+
+
+def test_group_mean_baseline_skips_unusable_rows():
+    """An unusable row (reward not read) is in no one's baseline, and gets none itself."""
+    v = torch.tensor([1.0, 0.0, 3.0, 7.0, 0.0])
+    usable = torch.tensor([True, False, True, True, False])
+    b = rl.group_mean_baseline(v, ["a", "a", "a", "b", "b"], usable)
+    # a: rows 0 and 2 see only each other (not row 1's 0); b: row 3 has no usable partner
+    assert torch.allclose(b, torch.tensor([3.0, 2.0, 1.0, 0.0, 7.0]))
+    z = torch.tensor([[1.0, 1.0], [0.0, 0.0], [3.0, 3.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]]) * usable[:3, None]
+    a = rl.advantages(z, mask, "group_mean", None, ["a", "a", "a"], usable[:3])
+    assert torch.allclose(a, torch.tensor([[-2.0, -2.0], [0.0, 0.0], [2.0, 0.0]]))
+
+
+def test_surrogate_leaves_unusable_rows_out():
+    """A row with reward_ok false changes neither the loss nor its gradient nor the metrics'
+    tensors of the other rows (given the usable counts as normalisers)."""
+    torch.manual_seed(0)
+    logp = -torch.rand(3, 4) - 0.1
+    ref = logp + 0.1 * torch.randn(3, 4)
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    reward = torch.tensor([0.5, float("nan"), -0.3])
+    usable = torch.tensor([True, False, True])
+    kw = dict(beta=0.1, estimator="k3", baseline="group_mean", how="token_mean", num_tokens=5.0, num_seqs=2)
+    x = logp.clone().requires_grad_(True)
+    out = rl.surrogate(x, ref, logp, reward, mask, usable=usable, group_ids=["p"] * 3, **kw)
+    out["loss"].backward()
+    keep = [0, 2]
+    y = logp[keep].clone().requires_grad_(True)
+    ref2 = rl.surrogate(y, ref[keep], logp[keep], reward[keep], mask[keep], group_ids=["p"] * 2, **kw)
+    ref2["loss"].backward()
+    assert torch.allclose(out["loss"], ref2["loss"])
+    assert torch.allclose(x.grad[keep], y.grad) and (x.grad[1] == 0).all()
+    assert torch.allclose(out["kl"][keep], ref2["kl"]) and (out["kl"][1] == 0).all()
+    assert float(out["mask"].sum()) == 5.0
+
+
+def test_surrogate_k3_has_a_pathwise_term_k1_none():
+    """k3 enters the loss as beta * k3 (gradient through log pi) besides the return; k1's
+    pathwise term has zero expectation and is left out. No baseline: A = Z."""
+    logp = torch.tensor([[-1.0, -0.5]], requires_grad=True)
+    ref = torch.tensor([[-1.2, -0.4]])
+    mask = torch.ones(1, 2)
+    kw = dict(beta=0.1, baseline="none", how="sequence_sum", num_tokens=2, num_seqs=1)
+    k1 = rl.surrogate(logp, ref, logp.detach(), torch.tensor([1.0]), mask, estimator="k1", **kw)
+    k3 = rl.surrogate(logp, ref, logp.detach(), torch.tensor([1.0]), mask, estimator="k3", **kw)
+    assert float(k1["kl_loss"]) == 0.0
+    k3_tokens = rl.kl_per_token(logp.detach(), ref, "k3")
+    assert float(k3["kl_loss"].detach()) == pytest.approx(0.1 * float(k3_tokens.sum()))
+    assert torch.allclose(k3["advantages"], k3["returns"])  # baseline none
+    (g,) = torch.autograd.grad(k3["kl_loss"], logp)
+    # d/dlogp of beta * (q - 1 - log q), q = ref / pi: beta * (1 - q)
+    assert torch.allclose(g, 0.1 * (1 - torch.exp(ref - logp.detach())))
