@@ -12,20 +12,19 @@ import threading
 import time
 
 import pyarrow as pa
+import torch
 
 from rlaif_ray import schemas, weight_sync
 from rlaif_ray.devices import dtype_name
 from rlaif_ray.engines import load_engine
-from rlaif_ray.memory import PeakRSS
-from rlaif_ray.metrics import RoleMetrics
-from rlaif_ray.models import trim_heap
+from rlaif_ray.memory import PeakRSS, trim_heap
+
+from .metrics import RoleMetrics
 
 
 class RolloutGenerator:
     def __init__(self, name: str, model_name: str, dtype: str, generation: dict, torch_threads: int,
                  device: str = "cpu", vllm: dict | None = None):
-        import torch
-
         torch.set_num_threads(torch_threads)
         self.name, self.gen, self.device = name, generation, device
         self.backend = load_engine(generation["backend"], model_name, device, dtype, vllm=vllm)
@@ -104,6 +103,12 @@ class RolloutGenerator:
             t0 = time.perf_counter()
             rows = prompts.to_pylist()
             expanded = [(r, k) for r in rows for k in range(samples_per_prompt)]
+            # a prompt can repeat in one batch (an epoch boundary): its repeats get their own ids
+            seen: dict = {}
+            keys = []
+            for r in rows:
+                j = seen[r["prompt_id"]] = seen.get(r["prompt_id"], -1) + 1
+                keys.append(r["prompt_id"] if j == 0 else f"{r['prompt_id']}~{j}")
             tokens, logps, truncated = self.backend.generate(
                 [r["prompt_token_ids"] for r, _ in expanded],
                 temperature=temperature or self.gen["temperature"], top_p=self.gen["top_p"],
@@ -113,7 +118,7 @@ class RolloutGenerator:
                 texts = [t.strip().rstrip(". ").strip() or t.strip() for t in texts]
             cols = {name: [r[name] for r, _ in expanded] for name in schemas.PROMPT.names}
             cols.update({
-                "rollout_id": [f"b{batch_index}:{r['prompt_id']}:{k}" for r, k in expanded],
+                "rollout_id": [f"b{batch_index}:{key}:{k}" for key in keys for k in range(samples_per_prompt)],
                 "batch_index": [batch_index] * len(expanded),
                 "sample_index": [k for _, k in expanded],
                 "response_text": texts,

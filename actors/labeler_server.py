@@ -1,50 +1,72 @@
 """LabelerEndpoint: the project's labeler model behind an OpenAI-compatible
 /v1/completions (with `logprobs`), served by Ray Serve on 127.0.0.1 by default.
 
-The request checks and the answer's shape live in rlaif_ray/openai_api.py; this file is the
-Ray Serve shell. If serve.api_key_env names a set variable when the server starts, requests
-must carry that key as a Bearer token; only its SHA-256 reaches the replicas, never the key.
+The request checks, the limits and the answer's shape live in rlaif_ray/openai_api.py; this
+file is the Ray Serve shell. If serve.api_key_env names a set variable when the server starts,
+requests must carry that key as a Bearer token; only its SHA-256 reaches the replicas, never
+the key.
+
+How one replica stays bounded (the limits are `serve.*` keys, see EndpointLimits):
+- a request is refused from its headers (415 not JSON, 413 a declared body over the cap)
+  before its body is read; the body is read chunk by chunk and refused (413) as soon as the
+  bytes read pass the cap, then parsed and tokenized in one thread, one body at a time;
+- at most serve.max_queued_requests + 1 requests are admitted at once (one generating, the
+  rest waiting for it); beyond, 429 with Retry-After, answered without reading the body;
+- one request generates at a time (`gate`, an asyncio lock, on one engine thread);
+- the time limit: every request has a deadline, arrival + serve.request_timeout_s. Waiting for
+  the gate past it answers 504. The generating request's engine asks `should_stop` (deadline
+  passed, or the client went away) before each batch of prompts and after each decoding step,
+  and stops there (TimeoutError -> 504). The gate is released only when the engine thread has
+  returned, so the next request never overlaps it: a replica is held by one request for at
+  most the time limit plus one forward pass (one batch's prefill or one decoding step; with
+  vLLM, one batch of serve.batch_size prompts, which it cannot stop inside).
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import hmac
+import json
 import os
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from rlaif_ray.openai_api import RequestError, completion_response, parse_request
+from rlaif_ray.engines import load_engine
+from rlaif_ray.models import model_context
+from rlaif_ray.openai_api import (EndpointLimits, RequestError, check_body_size, check_headers, check_tokens,
+                                  completion_response, parse_request, queue_full, time_limit)
 
 api = FastAPI(title="rlaif-ray labeler", docs_url=None, redoc_url=None)
 
-
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
+UNAUTHORIZED = ("missing or wrong API key (Authorization: Bearer ...)", 401, "invalid_api_key", "authentication_error")
 
 
 @serve.deployment
 @serve.ingress(api)
 class LabelerEndpoint:
     def __init__(self, served_name: str, model_name: str, dtype: str, backend: str, torch_threads: int,
-                 max_tokens_limit: int, key_sha256: str | None, device: str = "cpu", vllm: dict | None = None):
-        import torch
-
-        from rlaif_ray.engines import load_engine
-        from rlaif_ray.models import model_context
-
+                 limits: EndpointLimits, key_sha256: str | None, device: str = "cpu", vllm: dict | None = None):
         torch.set_num_threads(torch_threads)
-        self.served_name, self.key_sha256, self.max_tokens_limit = served_name, key_sha256, max_tokens_limit
+        self.served_name, self.key_sha256, self.limits = served_name, key_sha256, limits
         self.context = model_context(model_name)
         # the completions endpoint reports the model's own log-probs (vLLM: raw, not processed)
         self.engine = load_engine(backend, model_name, device, dtype, vllm=vllm,
                                   **(dict(logprobs_mode="raw_logprobs") if backend == "vllm" else {}))
         self.tok = self.engine.tok  # the engine's own, not a second load
-        self.lock = threading.Lock()  # one forward pass at a time per replica
+        self.gate = asyncio.Lock()  # one generating request at a time per replica
+        self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="labeler-generate")
+        self.prepare_thread = ThreadPoolExecutor(1, thread_name_prefix="labeler-prepare")  # JSON + tokens
+        self.in_flight = 0  # admitted, not yet answered: generating + waiting
+        self.running = 0
+        self.mean_run_s: float | None = None  # how long a request holds the gate (Retry-After)
         self.served = 0
+        self.refused: dict[str, int] = {}  # by HTTP status
 
     def _authorized(self, request: Request) -> bool:
         if not self.key_sha256:
@@ -52,45 +74,98 @@ class LabelerEndpoint:
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         return hmac.compare_digest(hashlib.sha256(given.encode()).hexdigest(), self.key_sha256)
 
+    def _refuse(self, e: RequestError) -> JSONResponse:
+        self.refused[str(e.status)] = self.refused.get(str(e.status), 0) + 1
+        return JSONResponse(status_code=e.status, content=e.body(), headers=e.headers)
+
     @api.get("/health")
     def health(self) -> dict:
-        return {"status": "ok", "pid": os.getpid(), "served": self.served}
+        return {"status": "ok", "pid": os.getpid(), "served": self.served, "in_flight": self.in_flight,
+                "running": self.running, "refused": dict(self.refused)}
 
     @api.get("/v1/models")
     def models(self, request: Request):
         if not self._authorized(request):
-            return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
+            return self._refuse(RequestError(*UNAUTHORIZED))
         return {"object": "list", "data": [{"id": self.served_name, "object": "model", "owned_by": "rlaif-ray"}]}
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
+        deadline = time.monotonic() + self.limits.timeout_s
         if not self._authorized(request):
-            return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
+            return self._refuse(RequestError(*UNAUTHORIZED))
+        try:  # from the headers alone, before the body is read
+            check_headers(request.headers.get("content-type"), request.headers.get("content-length"), self.limits)
+            if self.in_flight >= self.limits.max_queued + 1:
+                raise queue_full(self.in_flight - self.running, self.mean_run_s, self.limits)
+        except RequestError as e:
+            return self._refuse(e)
+        self.in_flight += 1
         try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "the request body is not JSON")
+            return await self._admitted(request, deadline)
+        except RequestError as e:
+            return self._refuse(e)
+        finally:
+            self.in_flight -= 1
+
+    async def _admitted(self, request: Request, deadline: float) -> dict:
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            check_body_size(len(raw), self.limits)
+        loop = asyncio.get_running_loop()
+        req, seqs = await loop.run_in_executor(self.prepare_thread, self._prepare, bytes(raw))
+        try:
+            await asyncio.wait_for(self.gate.acquire(), max(deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            raise time_limit(self.limits, "it was still waiting for the replica") from None
+        cancel = threading.Event()
+        started = time.monotonic()
+        self.running += 1
+        job = loop.run_in_executor(self.engine_thread, self._complete, req, seqs,
+                                   lambda: cancel.is_set() or time.monotonic() >= deadline)
+
+        def release(f):  # only when the engine thread has returned: the next request never overlaps it
+            self.running -= 1
+            self.gate.release()
+            took = time.monotonic() - started
+            self.mean_run_s = took if self.mean_run_s is None else 0.8 * self.mean_run_s + 0.2 * took
+            if not f.cancelled():
+                f.exception()  # retrieved here when the client has gone
+
+        job.add_done_callback(release)
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:  # the client went away: stop at the next decoding step
+            cancel.set()
+            raise
+        except TimeoutError:
+            raise time_limit(self.limits, "generation was stopped at the limit") from None
+
+    def _prepare(self, raw: bytes) -> tuple[dict, list[list[int]]]:
+        """The body parsed and checked, the prompts tokenized and counted (stopping at the first
+        prompt over a limit). One body at a time (prepare_thread): bounded memory."""
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise RequestError("the request body is not JSON") from None
         model = body.get("model") if isinstance(body, dict) else None
         if model not in (None, self.served_name):
-            return _error(404, f"model {model!r} is not served here; this endpoint serves {self.served_name!r}",
-                          "not_found_error")
-        try:
-            req = parse_request(body, self.max_tokens_limit)
-            return await asyncio.to_thread(self._complete, req)
-        except RequestError as e:
-            return _error(400, str(e))
+            raise RequestError(f"model {model!r} is not served here; this endpoint serves {self.served_name!r}",
+                               404, "model_not_found", "not_found_error", "model")
+        req = parse_request(body, self.limits)
+        seqs: list[list[int]] = []
+        for p in req["prompts"]:
+            seqs.append(self.tok(p, add_special_tokens=False)["input_ids"])
+            check_tokens([len(s) for s in seqs], req["max_tokens"], self.limits, self.context)
+        return req, seqs
 
-    def _complete(self, req: dict) -> dict:
-        seqs = [self.tok(p, add_special_tokens=False)["input_ids"] for p in req["prompts"]]
-        for i, s in enumerate(seqs):
-            if len(s) + req["max_tokens"] > self.context:
-                raise RequestError(f"prompt {i} has {len(s)} tokens; with max_tokens={req['max_tokens']} it "
-                                   f"exceeds the model's context of {self.context}")
+    def _complete(self, req: dict, seqs: list[list[int]], should_stop) -> dict:
         k = req["logprobs"] or 0
-        with self.lock:
-            raw = self.engine.sample_with_logprobs(seqs, req["max_tokens"], req["temperature"], req["top_p"],
-                                                   req["top_k"], k, req["seed"] or 0)
-            self.served += len(seqs)
+        raw = self.engine.sample_with_logprobs(seqs, req["max_tokens"], req["temperature"], req["top_p"],
+                                               req["top_k"], k, req["seed"] or 0, batch_size=self.limits.batch_size,
+                                               should_stop=should_stop)
+        self.served += len(seqs)
         results = []
         for r in raw:
             tokens = [self.tok.decode([t]) for t in r["ids"]]
@@ -99,23 +174,3 @@ class LabelerEndpoint:
                             "token_logprobs": r["token_logprobs"], "top_logprobs": top,
                             "finish_reason": r["finish_reason"]})
         return completion_response(self.served_name, results, req["logprobs"] is not None, sum(map(len, seqs)))
-
-
-def serve_labeler(cfg) -> str:
-    """Start Ray Serve with the labeler on cfg.serve.host:port; returns the base URL."""
-    from rlaif_ray.devices import role_device
-    from rlaif_ray.driver import start_ray
-
-    start_ray(cfg)
-    s = cfg.serve
-    key = os.environ.get(s.api_key_env)
-    serve.start(http_options={"host": s.host, "port": s.port})
-    model_name = cfg.reward.model or cfg.model.name
-    app = LabelerEndpoint.options(num_replicas=s.num_replicas,
-                                  ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}).bind(
-        model_name, model_name, cfg.model.dtype,
-        "vllm" if cfg.reward.backend == "vllm" else "hf", s.torch_threads, s.max_tokens_limit,
-        hashlib.sha256(key.encode()).hexdigest() if key else None, role_device(s.num_gpus),
-        cfg.pipeline.labelers.vllm.model_dump())
-    serve.run(app, name="labeler", route_prefix="/")
-    return f"http://{s.host}:{s.port}/v1"

@@ -3,13 +3,20 @@ Ray shell around rlaif_ray.learner.PolicyLearner. LearnerGroup: the driver-side 
 shards a scored batch across the ranks and gathers metrics."""
 from __future__ import annotations
 
+import datetime
 import os
+import time
 
 import pyarrow as pa
+import ray
+import torch
+import torch.distributed as dist
 
 from rlaif_ray import schemas, weight_sync
-from rlaif_ray.learner import NonFiniteError, PolicyLearner  # noqa: F401 (NonFiniteError: re-exported)
-from rlaif_ray.metrics import RoleMetrics
+from rlaif_ray.devices import collective_backend, collective_device
+from rlaif_ray.learner import PolicyLearner, loss_normalisers
+
+from .metrics import RoleMetrics
 
 
 class LearnerWorker:
@@ -18,12 +25,12 @@ class LearnerWorker:
     in `setup`, once the group is up (FSDP shards over it)."""
 
     def __init__(self, rank: int, world_size: int, model_name: str, dtype: str, rl_cfg: dict,
-                 temperature: float, torch_threads: int, device: str = "cpu"):
-        import torch
-
+                 temperature: float, torch_threads: int, device: str = "cpu", top_k: int = 0, top_p: float = 1.0):
         torch.set_num_threads(torch_threads)
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.args = dict(model_name=model_name, rl_cfg=rl_cfg, temperature=temperature, device=device, dtype=dtype)
+        # the sampler's settings: the learner scores the distribution the generators sampled from
+        self.args = dict(model_name=model_name, rl_cfg=rl_cfg, temperature=temperature, device=device, dtype=dtype,
+                         top_k=top_k, top_p=top_p)
         self.learner: PolicyLearner | None = None
         self.busy_s = 0.0
         self._stores = {}  # TCP stores this rank hosts, by group (host_store)
@@ -38,20 +45,14 @@ class LearnerWorker:
     def host_store(self, purpose: str, world: int, timeout_s: float = 300.0) -> tuple[str, int]:
         """Rank 0: host the TCP store of a group ("train": the learner group; "weights": the
         broadcast group) on a port the OS picks; returns where the other ranks find it."""
-        import ray
-
         ip = ray.util.get_node_ip_address()
         self._stores[purpose] = weight_sync.host_store(ip, world, timeout_s)
         return ip, self._stores[purpose].port
 
     def setup(self, master: str | None = None, port: int | None = None, timeout_s: float = 300.0) -> int:
         """Join the learner group (more than one rank) and load the models."""
-        import datetime
-
-        import torch.distributed as dist
-
         if self.world_size > 1:
-            backend = "nccl" if self.device.startswith("cuda") else "gloo"
+            backend = collective_backend(self.device)
             store = self._stores["train"] if self.rank == 0 else \
                 weight_sync.join_store(master, port, self.world_size, timeout_s)
             dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
@@ -88,14 +89,12 @@ class LearnerWorker:
         """Rank 0 of the weight-broadcast group (the generators are ranks 1..world-1)."""
         self.weight_group = weight_sync.open_group(master, port, 0, world, backend, timeout_s,
                                                    store=self._stores.pop("weights"))
-        self.weight_device = "cuda" if backend == "nccl" else "cpu"
+        self.weight_device = collective_device(backend)
         return os.getpid()
 
     def broadcast_weights(self, version: int, dtype: str = "float32", bucket_bytes: int = 256 << 20) -> dict:
         """Rank 0 sends the current policy, cast to `dtype`, to every generator of the group in
         buckets; the other ranks take part in the shard gathers. Returns bytes and seconds."""
-        import time
-
         t0 = time.perf_counter()
         named = self._rank0_only(self.learner.state_for_sync(dtype))
         if named is None:
@@ -117,8 +116,6 @@ class LearnerGroup:
 
     def __init__(self, actor_cls, n: int, options: dict, tag: str = "", placement: list[dict] | None = None,
                  **worker_kwargs):
-        import ray
-
         self.tag = tag
         placement = placement or [{}] * n  # per rank: its bundle of the group's placement group
         self.workers = [actor_cls.options(name=f"learner-{r}@{tag}" if tag else f"learner-{r}", **options,
@@ -144,15 +141,15 @@ class LearnerGroup:
         return [batch.take(pa.array(sorted(b))) for b in buckets]
 
     def train(self, batch: pa.RecordBatch, loss_agg: str) -> dict:
-        import ray
-
-        tokens = sum(len(x) for x in batch.column("response_token_ids").to_pylist())
+        # usable rows only: a row whose reward could not be read is out of the loss and its denominators
+        num_tokens, num_seqs = loss_normalisers(batch.column("response_token_ids").to_pylist(),
+                                                batch.column("reward_ok").to_pylist())
         shards = self.shard(batch, len(self.workers))
-        outs = ray.get([w.train_step.remote(s, max(tokens, 1), batch.num_rows) for w, s in zip(self.workers, shards)])
+        outs = ray.get([w.train_step.remote(s, num_tokens, num_seqs) for w, s in zip(self.workers, shards)])
         tot = {k: sum(o[k] for o in outs) for k in ("loss_sum", "pg_loss_sum", "value_loss_sum", "kl_sum",
-                                                     "ratio_sum", "tokens", "ratio_clipped", "rows")}
+                                                     "ratio_sum", "tokens", "ratio_clipped", "usable_rows")}
         return {"loss": tot["loss_sum"], "pg_loss": tot["pg_loss_sum"], "value_loss": tot["value_loss_sum"],
-                "kl": tot["kl_sum"] / tot["rows"], "ratio_mean": tot["ratio_sum"] / max(tot["tokens"], 1),
+                "kl": tot["kl_sum"] / max(tot["usable_rows"], 1), "ratio_mean": tot["ratio_sum"] / max(tot["tokens"], 1),
                 "ratio_clipped_frac": tot["ratio_clipped"] / max(tot["tokens"], 1),
                 "grad_norm": outs[0]["grad_norm"], "learner_busy_s": outs[0]["busy_s"]}
 
@@ -162,11 +159,7 @@ class LearnerGroup:
         return refs[0]
 
     def save(self, path: str, state: dict) -> None:
-        import ray
-
         ray.get([w.save.remote(path, state) for w in self.workers])  # collective; rank 0 writes
 
     def load(self, path: str) -> None:
-        import ray
-
         ray.get([w.load.remote(path) for w in self.workers])

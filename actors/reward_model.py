@@ -8,22 +8,21 @@ import os
 import time
 
 import pyarrow as pa
+import torch
+from transformers import AutoModelForSequenceClassification
 
-from rlaif_ray import rm, schemas
-from rlaif_ray.metrics import RoleMetrics
+from rlaif_ray import schemas, supervised
+from rlaif_ray.devices import compute_dtype
+from rlaif_ray.models import load_tokenizer, quiet_transformers
+
+from .metrics import RoleMetrics
 
 
 class RewardModel:
     def __init__(self, name: str, path: str, dtype: str = "auto", torch_threads: int = 1, device: str = "cpu",
                  batch_size: int = 8, max_tokens: int = 512):
-        import torch
-        from transformers import AutoModelForSequenceClassification
-
-        from rlaif_ray.devices import compute_dtype
-        from rlaif_ray.models import _quiet, load_tokenizer
-
         torch.set_num_threads(torch_threads)
-        _quiet()
+        quiet_transformers()
         self.name, self.path, self.device = name, path, device
         self.tok = load_tokenizer(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(
@@ -40,21 +39,19 @@ class RewardModel:
         return {"name": self.name, "pid": os.getpid(), "busy_s": self.busy_s, "truncated_prompts": self.truncated}
 
     def score_texts(self, contexts: list[str], responses: list[str]) -> list[float]:
-        import torch
-
         seqs = []
         for c, r in zip(contexts, responses):
-            ids, cut = rm.encode(self.tok, rm.rm_text(c, r), self.max_tokens)
+            ids, cut = supervised.encode(self.tok, supervised.rm_text(c, r), self.max_tokens)
             self.truncated += cut
             seqs.append(ids)
         out = []
         with torch.no_grad():
             for i in range(0, len(seqs), self.batch_size):
-                out += rm.scores(self.model, seqs[i:i + self.batch_size], self.pad, self.device).tolist()
+                out += supervised.scores(self.model, seqs[i:i + self.batch_size], self.pad, self.device).tolist()
         return out
 
     def score(self, rollouts: pa.RecordBatch, mode: str = "rm") -> pa.RecordBatch:
-        """Rollouts -> scored rollouts; the reward is the RM's raw scalar score (METHOD.md 3)."""
+        """Rollouts -> scored rollouts; the reward is the RM's raw scalar score (docs/method.md §3)."""
         schemas.check(rollouts, schemas.ROLLOUT, f"{self.name}.score input")
         t0 = time.perf_counter()
         r = self.score_texts(rollouts.column("context").to_pylist(), rollouts.column("response_text").to_pylist())

@@ -45,7 +45,9 @@ def _batch(learner, gen, tok, n_prompts: int = 2, k: int = 2, seed: int = 0) -> 
 
 
 def _counts(rows):
-    return max(sum(len(r["response_token_ids"]) for r in rows), 1), len(rows)
+    from rlaif_ray.learner import loss_normalisers
+
+    return loss_normalisers([r["response_token_ids"] for r in rows], [r["reward_ok"] for r in rows])
 
 
 def _peak(device) -> float:
@@ -107,16 +109,17 @@ def part_parity(ctx) -> dict:
 
 def part_labels(ctx) -> dict:
     from rlaif_ray.engines import HFEngine
-    from rlaif_ray.labeling import Judge, PairwiseOptions
+    from rlaif_ray.config import PairwiseConfig
+    from rlaif_ray.labeling import Judge
 
     gen = ctx["gen"]
     ctxs = ["Post: my landlord raised the rent twice this year and I do not know what to do. " * 2] * 2
     a, b = ["Rent went up twice.", "Landlord raised rent."], ["I like turtles.", "Cats are nice."]
     out = {}
     for sharing in ("off", "on"):
-        judge = Judge(HFEngine(gen.model, gen.tok, prefix_sharing=sharing), gen.tok, "yesno_about_chat")
+        judge = Judge.of_model(HFEngine(gen.model, gen.tok, prefix_sharing=sharing), gen.tok, "yesno_about_chat")
         rewards, _, _ = judge.score(ctxs + ctxs, a + b)
-        p_a, _, _ = judge.prefer(ctxs, a, b, PairwiseOptions())
+        p_a = judge.prefer(ctxs, a, b, PairwiseConfig()).p_a
         out[sharing] = {"rewards": [round(x, 4) for x in rewards], "p_a": [round(x, 4) for x in p_a]}
     diff = max(abs(x - y) for k in ("rewards", "p_a") for x, y in zip(out["off"][k], out["on"][k]))
     out["max_abs_diff_padded_vs_shared"] = round(diff, 5)
@@ -198,7 +201,7 @@ def part_device_guard(ctx) -> dict:
     with DeviceGuard() as guard:
         learner.step(rows, *_counts(rows))
         gen.generate([[1, 2, 3]], temperature=0.9, top_p=1.0, top_k=0, max_new_tokens=3, seed=0)
-        Judge(gen, gen.tok, "score10_chat").score(["a post"], ["a summary"])
+        Judge.of_model(gen, gen.tok, "score10_chat").score(["a post"], ["a summary"])
     assert not guard.violations, guard.violations
     return {"violations": guard.violations}
 

@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--cot-max-tokens", type=int, default=64)
     args = ap.parse_args()
 
-    from rlaif_ray.cli import eval_labeler
+    from rlaif_ray.commands.eval_labeler import eval_labeler
     from rlaif_ray.config import load_config
 
     cfg = load_config(args.config, [f"reward.backend={args.backend}", "reward.batch_size=16",

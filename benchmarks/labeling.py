@@ -15,7 +15,6 @@ All three must give the same preferences (max difference reported). The issue's 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -46,32 +45,33 @@ def main() -> None:
     import torch
 
     from rlaif_ray import scoring
-    from rlaif_ray.labeling import Judge, PairwiseOptions
+    from rlaif_ray.config import PairwiseConfig
+    from rlaif_ray.labeling import Judge
     from rlaif_ray.models import load_model, load_tokenizer
-    from rlaif_ray.pairs import exemplar_pairs, load_pairs
+    from rlaif_ray.pair_data import exemplar_pairs, load_pairs
 
     torch.set_num_threads(args.threads)
     rows, task = load_pairs(args.data, args.pairs)
     ctx, a, b = ([r[k] for r in rows] for k in ("context", "response_a", "response_b"))
     model, tok = load_model(args.model), load_tokenizer(args.model)
-    judge = Judge(model, tok, "yesno_about_chat", args.batch, prefix_sharing="off")
-    shared = Judge(model, tok, "yesno_about_chat", args.batch, prefix_sharing="on")
-    default = Judge(model, tok, "yesno_about_chat", args.batch)  # what an actor gets: prefix_sharing auto
-    default_path = "prefix_shared" if default.engine.share_prefixes else "batched"
-    opts = PairwiseOptions(task=task, shots=exemplar_pairs(args.data, args.shots))
-    one_order = dataclasses.replace(opts, debias=False)
+    judge = Judge.of_model(model, tok, "yesno_about_chat", args.batch, prefix_sharing="off")
+    shared = Judge.of_model(model, tok, "yesno_about_chat", args.batch, prefix_sharing="on")
+    default = Judge.of_model(model, tok, "yesno_about_chat", args.batch)  # what an actor gets: prefix_sharing auto
+    default_path = "prefix_shared" if default.labels.engine.share_prefixes else "batched"
+    opts, shots = PairwiseConfig(task=task), exemplar_pairs(args.data, args.shots)
+    one_order = opts.model_copy(update={"debias": False})
 
     def batched():
-        return judge.prefer(ctx, a, b, opts)[0]
+        return judge.prefer(ctx, a, b, opts, shots).p_a
 
     def prefix_shared():
-        return shared.prefer(ctx, a, b, opts)[0]
+        return shared.prefer(ctx, a, b, opts, shots).p_a
 
     def single():
         out = []
         for c, x, y in zip(ctx, a, b):
-            ab = judge.prefer([c], [x], [y], one_order)[0][0]
-            ba = judge.prefer([c], [y], [x], one_order)[0][0]
+            ab = judge.prefer([c], [x], [y], one_order, shots).p_a[0]
+            ba = judge.prefer([c], [y], [x], one_order, shots).p_a[0]
             out.append(float(scoring.debias(torch.tensor(ab), torch.tensor(ba))))
         return out
 

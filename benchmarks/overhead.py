@@ -1,4 +1,4 @@
-"""Framework overhead: the synchronous Ray pipeline (`rlaif_ray.driver.train` with
+"""Framework overhead: the synchronous Ray pipeline (`rlaif_ray.commands.train.train` with
 rl.max_staleness=0) against the same steps done in one plain Python process without Ray
 or Arrow, by the same rlaif_ray functions the actors call, alternated (ray plain ray plain
 ...). Target: the Ray loop at most 5% slower.
@@ -125,7 +125,7 @@ class CpuSampler(threading.Thread):
 
 def run_ray(config: str, overrides: list[str], out: Path) -> dict:
     from rlaif_ray.config import load_config
-    from rlaif_ray.driver import train
+    from rlaif_ray.commands.train import train
     from rlaif_ray.runlog import read_metrics
 
     sampler = CpuSampler()
@@ -164,8 +164,9 @@ def plain_loop(config: str, overrides: list[str]) -> dict:
     from rlaif_ray.data import PromptSampler, task_prompts
     from rlaif_ray.devices import dtype_name
     from rlaif_ray.engines import HFEngine
-    from rlaif_ray.labeling import Judge, PairwiseOptions, load_engine
-    from rlaif_ray.learner import PolicyLearner
+    from rlaif_ray.labeling import load_judge
+    from rlaif_ray.pair_data import load_exemplars
+    from rlaif_ray.learner import PolicyLearner, loss_normalisers
     from rlaif_ray.scoring import pairwise_rewards
 
     assert "ray" not in sys.modules, "the plain variant must not import ray"
@@ -179,11 +180,10 @@ def plain_loop(config: str, overrides: list[str]) -> dict:
     tok = gen.tok
     items_all = task_prompts(cfg.task, tok).train
     torch.set_num_threads(p.labelers.torch_threads)
-    engine, ltok, _ = load_engine(rc, rc.model or cfg.model.name, cfg.model.dtype, "cpu")  # as Labeler
-    judge = Judge(engine, ltok, rc.scorer, rc.batch_size, prefix_sharing=rc.prefix_sharing)
-    pw_opts = PairwiseOptions.from_config(rc.pairwise)
+    judge, _ = load_judge(rc, rc.model or cfg.model.name, cfg.model.dtype, "cpu")  # as Labeler
+    shots = load_exemplars(rc.pairwise.exemplars_path, rc.pairwise.shots)
     torch.set_num_threads(p.learner.torch_threads)  # as LearnerWorker
-    learner = PolicyLearner(cfg.model.name, rlc, g.temperature, "cpu", cfg.model.dtype)
+    learner = PolicyLearner(cfg.model.name, rlc, g.temperature, "cpu", cfg.model.dtype, top_k=g.top_k, top_p=g.top_p)
 
     sampler = PromptSampler(items_all, rlc.seed)
     stage = {"generator": 0.0, "labeler": 0.0, "learner": 0.0, "weight_sync": 0.0}
@@ -222,10 +222,10 @@ def plain_loop(config: str, overrides: list[str]) -> dict:
             mass = [json.loads(m).get("label_mass", 1.0) for m in metas]
         else:  # samples (0, 1), (2, 3), ... of a prompt compared, both orders
             pairs = [(i, i + 1) for i, (_, k) in enumerate(expanded) if k % 2 == 0]
-            p_a, _, _ = judge.prefer([contexts[i] for i, _ in pairs], [texts[i] for i, _ in pairs],
-                                     [texts[j] for _, j in pairs], pw_opts)
+            pref = judge.prefer([contexts[i] for i, _ in pairs], [texts[i] for i, _ in pairs],
+                                [texts[j] for _, j in pairs], rc.pairwise, shots)
             rewards, mass = [0.0] * len(texts), [1.0] * len(texts)
-            for (i, j), pa_, m in zip(pairs, p_a, judge.last_pair_mass):
+            for (i, j), pa_, m in zip(pairs, pref.p_a, pref.label_mass):
                 r_a, r_b = pairwise_rewards(torch.tensor(pa_))
                 rewards[i], rewards[j], mass[i], mass[j] = float(r_a), float(r_b), m, m
         stage["labeler"] += time.perf_counter() - t0
@@ -240,7 +240,7 @@ def plain_loop(config: str, overrides: list[str]) -> dict:
                  "rollout_id": f"b{batch_index}:{it['prompt_id']}:{k}", "batch_index": batch_index}
                 for (it, k), t, lp, r, m in zip(expanded, tokens, logps, rewards, mass)]
         try:
-            stats = learner.step(rows, max(sum(len(t) for t in tokens), 1), len(tokens))
+            stats = learner.step(rows, *loss_normalisers(tokens, [r["reward_ok"] for r in rows]))
         except Exception as err:  # noqa: BLE001
             raise SystemExit(f"step {step}: {err}") from None
         stage["learner"] += time.perf_counter() - t0
@@ -248,7 +248,7 @@ def plain_loop(config: str, overrides: list[str]) -> dict:
         dirty = True
         completions += len(tokens)
         out_rows.append({"reward_mean": sum(rewards) / len(rewards), "loss": stats["loss_sum"],
-                         "kl": stats["kl_sum"] / len(tokens)})
+                         "kl": stats["kl_sum"] / max(stats["usable_rows"], 1)})
     steps_s, cpu_s = time.perf_counter() - t_loop, time.process_time() - c_loop
     return {"variant": "plain", "steps": rlc.steps, "completions": completions, "steps_s": steps_s,
             "completions_per_s": completions / steps_s, "stage_s": stage, "cpu_s": cpu_s, "stage_cpu_s": cpu,

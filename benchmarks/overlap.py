@@ -71,7 +71,8 @@ def main() -> None:
     import ray
 
     from rlaif_ray.config import load_config
-    from rlaif_ray.driver import start_ray, train
+    from actors.ray_session import start_ray
+    from rlaif_ray.commands.train import train
 
     base = FIXED + args.overrides
     start_ray(load_config(args.config, base))

@@ -263,6 +263,7 @@ def render() -> str:
         out.append("")
     out += _weight_update(_load("weight_update"))
     out += _gpu(_load("gpu_check"))
+    out += _settings(_load("settings"))
     return "\n".join(out)
 
 
@@ -299,6 +300,15 @@ def _gpu(gc: dict | None) -> list[str]:
         verdict = {True: "ok", False: "FAILED", None: "skipped"}[part["ok"]]
         figs = {k: v for k, v in part.items() if k not in ("ok", "where") and not isinstance(v, (dict, list))}
         out.append(f"| {name} | {verdict} | {', '.join(f'{k} {v}' for k, v in figs.items())} |")
+    return out + [""]
+
+
+def _settings(st: dict | None) -> list[str]:
+    """results/settings.json: defaults that rest on a measurement (kept here, not in code comments)."""
+    if not st:
+        return []
+    out = ["## Settings chosen by measurement", "", st["what"] + ".", "", "| setting | measured | default |", "|---|---|---|"]
+    out += [f"| `{r['setting']}` | {r['figure']} | {r['default']} |" for r in st["rows"]]
     return out + [""]
 
 

@@ -32,9 +32,9 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from rlaif_ray.config import load_config
-    from rlaif_ray.label_file import label_file
-    from rlaif_ray.pairs import load_pairs
-    from rlaif_ray.supervised import run_train_rm
+    from rlaif_ray.commands.label import label_file
+    from rlaif_ray.pair_data import load_pairs
+    from rlaif_ray.commands.train_rm import run_train_rm
 
     cfg = load_config(args.config, args.overrides)
     work = Path(args.work)

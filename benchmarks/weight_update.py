@@ -34,7 +34,8 @@ def main() -> None:
 
     from benchmarks.overhead import versions
     from rlaif_ray.config import load_config
-    from rlaif_ray.driver import broadcast_weights, form_weight_group, release, start_learner, sync_weights
+    from actors.ray_session import release
+    from rlaif_ray.commands.pipeline import broadcast_weights, form_weight_group, start_learner, sync_weights
     from actors.generator import RolloutGenerator
 
     cfg = load_config(args.config, ["pipeline.learner.num_cpus=0.5"] + ([f"model.name={args.model}"] if args.model else []))

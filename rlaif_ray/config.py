@@ -5,19 +5,61 @@ Unknown keys are refused, every number is range-checked, and every error names t
 """
 from __future__ import annotations
 
+import types
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
     """A config problem; the message names the field (and file) at fault."""
 
 
+def _check_scorer(name: str) -> str:
+    from .scoring import SCORERS  # the registry sits beside the scoring math (torch); loaded on use
+
+    if name not in SCORERS:
+        raise ValueError(f"unknown scorer {name!r}; known: {sorted(SCORERS)}")
+    return name
+
+
+def _number_kind(annotation) -> str | None:
+    """'an integer' / 'a number' for an int / float field (also Optional, or a dict's values), else None."""
+    if annotation is int:
+        return "an integer"
+    if annotation is float:
+        return "a number"
+    if get_origin(annotation) in (Union, types.UnionType):
+        kinds = [_number_kind(a) for a in get_args(annotation) if a is not type(None)]
+        if bool in get_args(annotation) or None in kinds:
+            return None
+        return "an integer" if set(kinds) == {"an integer"} else "a number"
+    if get_origin(annotation) is dict:
+        return _number_kind(get_args(annotation)[1])
+    return None
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # every float finite (no .inf / .nan, which YAML and --set read as floats)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_values(cls, v: Any, info):
+        """Text is encodable; and YAML reads yes/no/on/off/true/false as booleans, which pydantic
+        would take as 1/0: a boolean for a number is refused (`steps: yes` is not 1)."""
+        # "\ud800" in double-quoted YAML is a lone surrogate: no file (config.yaml) or tokenizer takes it
+        if isinstance(v, str) and any("\ud800" <= c <= "\udfff" for c in v):
+            raise ValueError("holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not text; "
+                             "write the character itself, or \\U0001F600-style escapes")
+        values = v.values() if isinstance(v, dict) else (v,)
+        if any(isinstance(x, bool) for x in values):
+            kind = _number_kind(cls.model_fields[info.field_name].annotation)
+            if kind:
+                raise ValueError(f"expected {kind}, got a boolean (YAML reads yes/no/on/off/true/false as booleans)")
+        return v
 
 
 class ModelConfig(_Strict):
@@ -47,26 +89,23 @@ class TaskConfig(_Strict):
 
 class GenerationConfig(_Strict):
     backend: Literal["hf", "vllm"] = "hf"
-    # a label is unusable when the label tokens ("Yes"/"No", digits, "1"/"2") together hold
-    # less next-token probability than this; such rollouts are counted and not trained on
-    min_label_mass: float = Field(0.01, ge=0, le=1)
     # Rollouts are sampled from softmax(logits / temperature), cut to its top_k, then top_p
     # set and renormalised, and from nothing else: no setting of the model's own
     # generation_config.json (repetition_penalty, min_p, ...) applies. The learner evaluates
     # that same distribution (lm.sampled_logprobs), so the on-policy ratio is 1 for each.
-    temperature: float = Field(0.9, gt=0)  # METHOD.md section 3: T = 0.9
+    temperature: float = Field(0.9, gt=0)  # docs/method.md §3: T = 0.9
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # 0 = off
     max_new_tokens: int = Field(48, gt=0)
-    strip_trailing: bool = True  # METHOD.md: strip trailing periods/spaces (summaries)
+    strip_trailing: bool = True  # docs/method.md: strip trailing periods/spaces (summaries)
 
 
 class PairwiseConfig(_Strict):
-    """How the pairwise AI labeler asks (METHOD.md 1.1-1.6). Defaults as in the paper's RL
+    """How the pairwise AI labeler asks (docs/method.md §1.1-§1.6). Defaults as in the paper's RL
     labels: base preamble, 0-shot, no CoT, no self-consistency, position debiasing on."""
     task: Literal["summarization", "helpful", "harmless"] = "summarization"
     # detailed: the paper's Table 16 structure for summarization; for helpful/harmless the
-    # paper shows no detailed text (METHOD.md 1.2, unconfirmed): ours is in rlaif_ray/templates
+    # paper shows no detailed text (docs/method.md §1.2, unconfirmed): ours is in rlaif_ray/templates
     preamble: Literal["base", "detailed"] = "base"
     shots: int = Field(0, ge=0, le=8)  # few-shot exemplars taken from exemplars_path
     # JSONL/Parquet with context, response_1, response_2, label (1/2, in the prompt's own
@@ -77,7 +116,7 @@ class PairwiseConfig(_Strict):
     self_consistency: int = Field(1, ge=1)  # > 1: that many sampled rationales, averaged
     sc_temperature: float = Field(0.7, gt=0)
     sc_top_k: int = Field(40, ge=0)
-    debias: bool = True  # score both orders and average (METHOD.md 1.4)
+    debias: bool = True  # score both orders and average (docs/method.md §1.4)
 
     @model_validator(mode="after")
     def _check_shots(self) -> "PairwiseConfig":
@@ -98,7 +137,7 @@ class OpenAIEndpointConfig(_Strict):
 
 
 class RewardConfig(_Strict):
-    # direct: d-RLAIF, the frozen labeler scores each response (METHOD.md section 4).
+    # direct: d-RLAIF, the frozen labeler scores each response (docs/method.md §4).
     # pairwise: two samples per prompt; the debiased preference P(a > b) gives
     #   reward 2*P - 1 to a and 1 - 2*P to b.
     # rm: a trained reward model (reward.rm_path, from `train-rm`) scores each response
@@ -119,6 +158,11 @@ class RewardConfig(_Strict):
     pairwise: PairwiseConfig = PairwiseConfig()
     openai: OpenAIEndpointConfig = OpenAIEndpointConfig()
 
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, v: str) -> str:
+        return _check_scorer(v)
+
 
 class TrainerConfig(_Strict):
     """Ray Train workers of `sft` / `train-rm` (TorchTrainer, DDP: gloo on CPU, NCCL on GPU)."""
@@ -130,7 +174,7 @@ class TrainerConfig(_Strict):
 
 
 class SFTConfig(_Strict):
-    """`rlaif-ray sft`: supervised fine-tuning on the reference summaries (METHOD.md 3, App. G:
+    """`rlaif-ray sft`: supervised fine-tuning on the reference summaries (docs/method.md §3, App. G:
     1 epoch, batch 128, lr 1e-5). Posts come from task.data_path (or sft.data_path), minus
     the task's held-out posts; prompts are built like the policy's."""
     # false: the initial model is the SFT policy (the paper's helpful/harmless setting:
@@ -151,7 +195,7 @@ class SFTConfig(_Strict):
 
 
 class RMConfig(_Strict):
-    """`rlaif-ray train-rm`: a reward model distilled from AI soft labels (METHOD.md 2): the
+    """`rlaif-ray train-rm`: a reward model distilled from AI soft labels (docs/method.md §2): the
     causal LM backbone with a scalar head, cross-entropy between the AI distribution and the
     softmax of the two scores (Bradley-Terry with hard labels). App. G: lr 1e-5, batch 128
     (summarization) or 32 (dialogue), 2-3 epochs."""
@@ -208,22 +252,43 @@ class ServeConfig(_Strict):
     torch_threads: int = Field(1, gt=0)
     max_tokens_limit: int = Field(1024, gt=0)  # requests asking for more are refused (400)
     # if this variable is set when the server starts, requests must send it as a Bearer key
+    # (serve-labeler warns when serve.host is not loopback and it is not set)
     api_key_env: str = "RLAIF_RAY_SERVE_API_KEY"
+    # What one request may ask of a replica (rlaif_ray/openai_api.py; each refusal is an
+    # OpenAI-shaped error naming the key). Content-Type must be application/json (else 415).
+    max_prompts_per_request: int = Field(64, gt=0, le=4096)  # 400 beyond
+    max_body_bytes: int = Field(1 << 20, gt=0, le=64 << 20)  # 413 beyond (checked before parsing)
+    max_prompt_tokens: int = Field(4096, gt=0)  # per prompt (and the model's context); 400 beyond
+    # prompt tokens + max_tokens, summed over the request's prompts; 400 beyond
+    max_total_tokens: int = Field(32768, gt=0)
+    # from arrival to answer, waiting included; 504 beyond (a running request stops at its next
+    # decoding step, so the replica is free again within one step of the limit)
+    request_timeout_s: float = Field(60.0, gt=0, le=86400)
+    max_queued_requests: int = Field(8, ge=0, le=1024)  # waiting per replica; 429 + Retry-After beyond
+    batch_size: int = Field(8, gt=0, le=256)  # prompts per forward batch inside one request
+
+    @model_validator(mode="after")
+    def _limits_fit(self):
+        need = max(self.max_tokens_limit, self.max_prompt_tokens) + 1
+        if self.max_total_tokens < need:
+            raise ValueError(f"serve.max_total_tokens ({self.max_total_tokens}) must be at least "
+                             f"{need}: one prompt at serve.max_prompt_tokens ({self.max_prompt_tokens}) or "
+                             f"one answer at serve.max_tokens_limit ({self.max_tokens_limit}) must fit a request")
+        return self
 
 
 class RLConfig(_Strict):
     steps: int = Field(12, gt=0)
     prompts_per_step: int = Field(4, gt=0)
     samples_per_prompt: int = Field(2, gt=0)
-    lr: float = Field(1e-5, gt=0)  # METHOD.md: 1e-5
+    lr: float = Field(1e-5, gt=0)  # docs/method.md: 1e-5
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     # recompute each layer's activations in the backward pass instead of keeping them:
-    # about -2.8 GiB on the quickstart's learner for about +25% learner time
+    # less learner memory for more learner time (BENCHMARKS.md "Settings chosen by measurement")
     gradient_checkpointing: bool = False
     # the learner hands freed memory back to the OS after each step (a fixed glibc mmap
-    # threshold and malloc_trim): peak 3.95 -> 2.78 GiB, and its quickstart step took 25-29 s
-    # against 60 s without (measured on 2 CPU cores); off = glibc's defaults
+    # threshold and malloc_trim; BENCHMARKS.md "Settings chosen by measurement"); off = glibc's defaults
     release_memory: bool = True
     beta: float = Field(0.05, ge=0, le=1)  # objective (1 - beta) r - beta KL
     kl_estimator: Literal["k1", "k3"] = "k1"
@@ -301,7 +366,7 @@ class PipelineConfig(_Strict):
 
 class EvalConfig(_Strict):
     """Held-out evaluation: `rlaif-ray eval` (policy A against policy B) and the win rate
-    of the trained policy against the initial one at the end of `train` (METHOD.md 7).
+    of the trained policy against the initial one at the end of `train` (docs/method.md §7).
     Pairs are judged with the reward.pairwise prompt, both orders (debiased)."""
     num_prompts: int = Field(16, ge=0)  # held-out prompts scored before and after training
     temperature: float = Field(0.9, gt=0)  # sampling for both policies (train's held-out evals too)
@@ -317,7 +382,7 @@ class EvalConfig(_Strict):
     # heldout: the task's held-out posts; hh_*: dialogue contexts of the bundled HH pairs
     prompts: Literal["heldout", "hh_harmless", "hh_helpful"] = "heldout"
     win_rate: bool = True  # train: win rate of the final policy against the initial one
-    # pairwise: the reward.pairwise prompt, both orders (the paper's win rate, METHOD.md 7).
+    # pairwise: the reward.pairwise prompt, both orders (the paper's win rate, docs/method.md §7).
     # scorer: each response scored alone by reward.scorer, P(A) = sigmoid(logit P_A - logit P_B)
     # (Bradley-Terry on the two scores): for a judge whose pairwise choices carry no signal
     judge: Literal["pairwise", "scorer"] = "pairwise"
@@ -332,6 +397,11 @@ class EvalConfig(_Strict):
     harmless_threshold: float = Field(0.5, gt=0, lt=1)
     batch_size: int = Field(8, gt=0)  # prompts per generation/labeling call (progress step)
 
+    @field_validator("harmless_scorer")
+    @classmethod
+    def _known_scorer(cls, v: str) -> str:
+        return _check_scorer(v)
+
 
 class RayConfig(_Strict):
     address: Optional[str] = None  # None: start a local Ray; "auto": join a cluster
@@ -343,11 +413,22 @@ class RayConfig(_Strict):
 class RunConfig(_Strict):
     out_dir: str = "runs"
     name: str = "run"
-    checkpoint_every: int = Field(0, ge=0)  # 0 = only at the end
+    # every N steps and at the end (0 = only at the end). 4: a crash of the 16-step quickstart
+    # loses at most 3 steps (--resume), for 3 more checkpoints of ~4-14 s each (135M + AdamW: 1.6 GB)
+    checkpoint_every: int = Field(4, ge=0)
     log_rollouts: bool = True
     tensorboard: bool = True  # event files in RUN/tensorboard when the package is installed
     report: bool = True  # RUN/report.html with PNG plots at the end of train/eval/eval-labeler
     progress: bool = True  # progress bars (stderr) for loading, generation, labeling, eval
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        """The run folder is run.out_dir/NAME-TIMESTAMP: a name must not lead out of out_dir."""
+        if not v.strip() or v.strip(".") == "" or any(c in v for c in "/\\\0") or Path(v).is_absolute():
+            raise ValueError(f"must be a plain folder name (no '/', '\\', '..' or absolute path), got {v!r}; "
+                             "set run.out_dir to choose where runs go")
+        return v
 
 
 class Config(_Strict):
@@ -407,22 +488,73 @@ class Config(_Strict):
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = []
+    """One line: `invalid config SOURCE: FIELD: PROBLEM (got VALUE); FIELD: ...`."""
+    parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see rlaif_ray/config.py)"
-        got = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
-        lines.append(f"  {loc}: {msg}{got}")
-    return f"invalid config {source}:\n" + "\n".join(lines)
+        value = e.get("input")
+        if e["type"] not in ("extra_forbidden", "value_error") and isinstance(value, (str, int, float, type(None))):
+            shown = repr(value)
+            msg += f" (got {shown[:60] + '...' if len(shown) > 60 else shown})"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"invalid config {source}: " + "; ".join(parts)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(f"key {key!r} appears twice (lines {first} and {second}): keep one")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last silently: a duplicated section would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
+                    seen[key] = key_node.start_mark.line + 1
+                except TypeError:  # an unhashable key: PyYAML's own error follows
+                    pass
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: the problem and where it is."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
+        mark = e.problem_mark
+        return e.problem + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
+    return " ".join(str(e).split())
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set expects key=value, got {item!r}")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = _load_yaml(raw) if raw != "" else ""
+    except yaml.constructor.ConstructorError as e:
+        if e.problem and "tag" in e.problem:
+            raise ConfigError(f"--set {item}: YAML tags (!!...) are not allowed in a value; give a plain number, "
+                              "word, true/false or [list]") from None
+        raise ConfigError(f"--set {item}: the value is not valid YAML ({_yaml_problem(e)})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item}: the value is not valid YAML ({_yaml_problem(e)}); "
+                          "quote it for text, e.g. --set 'key=\"a: b\"'") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -445,10 +577,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = str(p)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
+        raw = p.read_bytes()
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise ConfigError(f"config {p} is not valid UTF-8 (byte 0x{raw[e.start]:02x} on line {line}): "
+                              "save it as UTF-8") from None
+        try:
+            data = _load_yaml(text) or {}
+        except _DuplicateKey as e:
+            raise ConfigError(f"config {p}: {e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config {p} is not valid YAML: {e}") from None
+            raise ConfigError(f"config {p} is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config {p}: top level must be a mapping, got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -24,35 +25,112 @@ def bundled_path(name: str) -> Path:
     return Path(str(resources.files("rlaif_ray") / "data" / name))
 
 
+# One row of any data file (a post, a pair, an exemplar) may hold at most this many bytes,
+# checked on the raw line before it is parsed or tokenized. 200 kB is ~50k tokens, several
+# times the longest context a run here takes (vLLM caps max_model_len at 8192), so no usable
+# prompt is refused; a row this long is a broken export, and tokenizing it costs seconds and
+# GBs only to be skipped. A constant, not a config field, so that every reader of a file
+# (preflight, the signal check, sft, train-rm, label) applies the same rule.
+MAX_ROW_BYTES = 200_000
+_GZIP_MAGIC, _PARQUET_MAGIC = b"\x1f\x8b", b"PAR1"
+
+
+def file_kind(path: str | Path) -> str:
+    """'parquet', 'jsonl.gz' or 'jsonl', from the name (case-insensitive: .PARQUET, .JSONL.GZ)."""
+    name = Path(path).name.lower()
+    return "parquet" if name.endswith(".parquet") else "jsonl.gz" if name.endswith(".gz") else "jsonl"
+
+
+def _text_bytes(value) -> int:
+    """UTF-8 bytes of the text in a row; raises UnicodeEncodeError on a lone surrogate."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8"))
+    if isinstance(value, dict):
+        return sum(_text_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_text_bytes(v) for v in value)
+    return 0
+
+
+def _check_row(row: dict, path: Path, i: int) -> int:
+    """Every text field encodable (JSON's \\ud800-style escapes can make a lone surrogate,
+    which no tokenizer takes); returns the row's text bytes."""
+    total = 0
+    for key, value in row.items():
+        try:
+            total += _text_bytes(value)
+        except UnicodeEncodeError as e:
+            raise DataError(f"{path}: row {i} field {key!r} holds a lone surrogate ({e.object[e.start]!r}, "
+                            "an unpaired \\ud800-\\udfff escape), which is not text: fix or remove the row") from None
+    return total
+
+
+def _too_long(path: Path, i: int, size: str) -> DataError:
+    return DataError(f"{path}: row {i} is {size} bytes, over the limit of {MAX_ROW_BYTES:,} bytes per row "
+                     "(rlaif_ray.data.MAX_ROW_BYTES; far longer than any prompt a model here takes): "
+                     "remove or shorten the row")
+
+
 def read_records(path: str | Path) -> list[dict]:
-    """JSONL (optionally .gz) or Parquet rows as dicts; errors name file and row."""
+    """JSONL (optionally .gz) or Parquet rows as dicts; errors name file and row. The file
+    type comes from the name, case-insensitively; a row over MAX_ROW_BYTES is refused by its
+    byte length before it is parsed."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    if path.suffix == ".parquet":
+    kind = file_kind(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if kind == "parquet":
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(path).to_pylist()
+            rows = pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises several types for a corrupt file
             raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    with opener(path, "rb") as f:
-        for i, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: row {i} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: row {i} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: row {i} must be a JSON object, got {type(row).__name__}")
-            rows.append(row)
+        for i, row in enumerate(rows, start=1):
+            if (size := _check_row(row, path, i)) > MAX_ROW_BYTES:
+                raise _too_long(path, i, f"{size:,}")
+        return rows
+    if kind == "jsonl.gz" and head[:2] != _GZIP_MAGIC:
+        raise DataError(f"{path}: not a gzip file although named .gz (it starts with {head!r}): "
+                        "compress it with gzip, or drop the .gz from its name")
+    if kind == "jsonl" and head[:2] == _GZIP_MAGIC:
+        raise DataError(f"{path}: gzip-compressed data in a file not named .gz: name it .jsonl.gz")
+    if kind == "jsonl" and head == _PARQUET_MAGIC:
+        raise DataError(f"{path}: a Parquet file not named .parquet: name it .parquet")
+    opener = gzip.open if kind == "jsonl.gz" else open
+    rows, i = [], 0
+    try:
+        with opener(path, "rb") as f:
+            while raw := f.readline(MAX_ROW_BYTES + 1):
+                i += 1
+                if len(raw.rstrip(b"\r\n")) > MAX_ROW_BYTES:  # the rest of the line is counted, never kept
+                    size = len(raw)
+                    while not raw.endswith(b"\n") and (raw := f.readline(1 << 20)):
+                        size += len(raw)
+                    raise _too_long(path, i, f"{size:,}")
+                if not raw.strip():
+                    continue
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}: row {i} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: row {i} is not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}: row {i} must be a JSON object, got {type(row).__name__}")
+                _check_row(row, path, i)
+                rows.append(row)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        if kind != "jsonl.gz":
+            raise
+        if isinstance(e, EOFError):
+            raise DataError(f"{path}: the gzip file is truncated (it ends inside row {i + 1}, before the end of "
+                            "the compressed stream): copy or compress it again") from None
+        raise DataError(f"{path}: corrupt gzip data after row {i} ({e}): copy or compress it again") from None
     return rows
 
 
@@ -136,12 +214,32 @@ def build_prompts(rows: list[dict], tokenizer, task) -> PromptSet:
     return PromptSet(train=items[:cut], heldout=items[cut:], skipped_long=skipped, truncated=truncated)
 
 
+BUNDLED = {  # name -> (file, labeler task)
+    "hh_harmless": ("hh_harmless_dev.jsonl.gz", "harmless"),
+    "hh_helpful": ("hh_helpful_dev.jsonl.gz", "helpful"),
+    "pandalm": ("pandalm_helpful_pairs_dev.jsonl.gz", "helpful"),
+    # TL;DR reference vs a PPO sample; the label is GPT-4's choice (AI feedback, not human)
+    "tldr_ai_judged": ("tldr_ai_judged_pairs_dev.jsonl.gz", "summarization"),
+}
+ASSISTANT = "\n\nAssistant:"
+# configs/exemplars/*.jsonl are the last rows of the bundled HH dev sets: those rows serve as
+# few-shot exemplars and are never evaluated (RL held-out prompts, RM held-out pairs)
+EXEMPLAR_ROWS = 2
+
+
+def split_transcript(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:
+    """(shared context up to the last 'Assistant:', chosen reply, rejected reply)."""
+    cut = chosen.rfind(ASSISTANT)
+    if cut < 0 or not rejected.startswith(chosen[:cut + len(ASSISTANT)]):
+        raise DataError(f"{where}: 'chosen' and 'rejected' do not share a context ending in 'Assistant:'")
+    head = cut + len(ASSISTANT)
+    return chosen[:head].strip(), chosen[head:].strip(), rejected[head:].strip()
+
+
 def dialogue_prompts(name: str, tokenizer, task) -> PromptSet:
-    """RL prompts from the dialogue contexts of a bundled HH pair set (METHOD.md 3: helpful
+    """RL prompts from the dialogue contexts of a bundled HH pair set (docs/method.md §3: helpful
     and harmless RL starts from the preference data's contexts), in the chat template.
     Rows without a shared context are skipped and counted, like over-long prompts."""
-    from .pairs import BUNDLED, EXEMPLAR_ROWS, split_transcript
-
     rows = read_records(bundled_path(BUNDLED[name][0]))[:-EXEMPLAR_ROWS]  # exemplar rows: never prompts
     items, skipped, truncated, bad = [], 0, 0, 0
     for i, row in enumerate(rows, start=1):

@@ -26,6 +26,16 @@ def role_device(num_gpus: float) -> str:
     return "cuda" if num_gpus > 0 else "cpu"
 
 
+def collective_backend(device: str) -> str:
+    """torch.distributed backend for tensors on `device`: NCCL for CUDA, gloo for CPU."""
+    return "nccl" if str(device).startswith("cuda") else "gloo"
+
+
+def collective_device(backend: str) -> str:
+    """Where a group's tensors must live: NCCL moves CUDA tensors only."""
+    return "cuda" if backend == "nccl" else "cpu"
+
+
 def compute_dtype(precision: str, device: str | torch.device) -> torch.dtype:
     """`auto`: bfloat16 on CUDA (tensor cores; fp32 master weights are kept where weights are
     trained), float32 on CPU (bf16 matmuls are slower than fp32 on most CPUs)."""

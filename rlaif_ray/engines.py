@@ -252,32 +252,74 @@ class HFEngine:
 
     @torch.no_grad()
     def sample_with_logprobs(self, seqs: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                             top_k: int, logprobs: int, seed: int) -> list[dict]:
+                             top_k: int, logprobs: int, seed: int, batch_size: int = 8,
+                             should_stop=None) -> list[dict]:
         """For the completions endpoint: per sequence the new token ids, their log-probs under
         the model (temperature 1, before any sampling transform, as OpenAI reports them), the
-        `logprobs` most likely tokens at each step, and "stop" or "length"."""
-        ids, mask, _ = lm.left_pad(seqs, self.pad, self.device)
+        `logprobs` most likely tokens at each step, and "stop" or "length".
+
+        Bounded memory: the prompts run in batches of at most `batch_size`, and of each step
+        only the chosen token's log-prob and the top `logprobs` are kept (a logits processor
+        reads the raw logits as generation goes; the full-vocabulary row of one step is held
+        only until the next step tells which token was chosen). `should_stop()` (a deadline,
+        a cancellation) is asked before each batch and after each decoding step; when it
+        says stop, generation ends at that step and TimeoutError is raised."""
+        from transformers import StoppingCriteriaList
+
         torch.manual_seed(seed)
         # top_k 0 is off (None would take transformers' default of 50); only these settings apply
         sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
                     if temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
-        out = lm.generate(self.model, input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                          pad_token_id=self.pad, output_logits=True, return_dict_in_generate=True, **sampling)
-        new = out.sequences[:, ids.shape[1]:]
-        logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # [B, steps, V]
         eos = self._eos_ids()
+        stopped = []
+
+        def stop_check(input_ids, scores, **kwargs):
+            if should_stop is not None and should_stop():
+                stopped.append(True)
+                return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
         results = []
-        for b, row in enumerate(new.tolist()):
-            cut = next((i for i, t in enumerate(row) if t in eos), None)
-            toks = row if cut is None else row[:cut]
-            lp = logp[b, :len(toks)]
-            top = lp.topk(logprobs, dim=-1) if logprobs else None
-            chosen = lp.gather(1, torch.tensor(toks, dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist() \
-                if toks else []
-            results.append({"ids": toks, "token_logprobs": chosen,
-                            "top": [list(zip(top.indices[i].tolist(), top.values[i].tolist())) for i in range(len(toks))]
-                            if top is not None else None,
-                            "finish_reason": "length" if cut is None else "stop"})
+        for start in range(0, len(seqs), max(1, batch_size)):
+            if should_stop is not None and should_stop():
+                raise TimeoutError(f"stopped before prompt {start} of {len(seqs)}")
+            chunk = seqs[start:start + batch_size]
+            ids, mask, _ = lm.left_pad(chunk, self.pad, self.device)
+            chosen: list[torch.Tensor] = []  # per step [B]: log-prob of the token chosen there
+            tops: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step ([B, k] values, [B, k] ids)
+            pending: list = []  # the last step's (raw logits [B, V], logsumexp [B]) until its token is known
+
+            def record(input_ids, scores):
+                # first in the processor list: `scores` are the raw float32 logits (before any
+                # temperature/top-k/top-p warper); returned unchanged, so sampling is untouched
+                if pending:
+                    raw, lse = pending.pop()
+                    chosen.append(raw.gather(1, input_ids[:, -1:])[:, 0] - lse)
+                lse = scores.logsumexp(-1)
+                if logprobs:
+                    v, i = scores.topk(logprobs, dim=-1)
+                    tops.append(((v - lse[:, None]).cpu(), i.cpu()))
+                pending.append((scores, lse))
+                return scores
+
+            out = lm.generate(self.model, input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                              pad_token_id=self.pad, return_dict_in_generate=True, logits_processor=[record],
+                              stopping_criteria=StoppingCriteriaList([stop_check]), **sampling)
+            if stopped:
+                raise TimeoutError(f"stopped while generating prompts {start}..{start + len(chunk) - 1}")
+            new = out.sequences[:, ids.shape[1]:]
+            if pending and len(chosen) < new.shape[1]:  # the last step's token is in the output
+                raw, lse = pending.pop()
+                chosen.append(raw.gather(1, new[:, len(chosen):len(chosen) + 1])[:, 0] - lse)
+            pending.clear()
+            lp = torch.stack(chosen, dim=1).float().cpu() if chosen else torch.zeros(len(chunk), 0)
+            for b, row in enumerate(new.tolist()):
+                cut = next((i for i, t in enumerate(row) if t in eos), None)
+                toks = row if cut is None else row[:cut]
+                top = [list(zip(tops[i][1][b].tolist(), tops[i][0][b].tolist())) for i in range(len(toks))] \
+                    if logprobs else None
+                results.append({"ids": toks, "token_logprobs": lp[b, :len(toks)].tolist(), "top": top,
+                                "finish_reason": "length" if cut is None else "stop"})
         return results
 
 

@@ -24,7 +24,8 @@ import torch
 
 from . import lm, rl
 from .devices import compute_dtype, dtype_name, enable_tf32
-from .models import load_model, load_tokenizer, trim_heap
+from .memory import trim_heap
+from .models import load_model, load_tokenizer
 
 
 class NonFiniteError(RuntimeError):
@@ -211,7 +212,7 @@ class PolicyLearner:
         grad_norm = _full(torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if id(p) not in head],
                                                          cfg.max_grad_norm))
         value_grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.value_params, cfg.max_grad_norm)) \
-            if self.value_params else torch.zeros(())
+            if self.value_params else torch.zeros((), device=self.device)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)  # no model-sized gradients held between steps
         if cfg.release_memory:
@@ -292,32 +293,50 @@ class PolicyLearner:
         """Full (unsharded) weights as safetensors that `from_pretrained` loads (with config,
         generation config and tokenizer), the value head, the full AdamW state keyed by
         parameter name (a checkpoint of N ranks resumes on M), and `state` as JSON. Rank 0
-        writes; every rank must call (the gathers are collectives)."""
+        writes; every rank must call (the gathers are collectives).
+
+        Crash-safe: everything goes into a hidden temp folder beside `path`; trainer_state.json
+        (with every file's size) is written last, each file is fsynced, then the folder is
+        renamed to `path` in one step. A crash or a full disk (ENOSPC) on the way leaves no
+        `path` at all (the temp folder is removed), so `checkpoints/latest` never names a
+        partial checkpoint."""
         from huggingface_hub import save_torch_state_dict
         from safetensors.torch import save_file
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        from .runlog import atomic_write_json, publish_dir, temp_path
 
         model_sd = get_model_state_dict(self.policy, options=self._options())
         optim_sd = get_optimizer_state_dict(self.policy, self.opt, options=self._options())
         if self.rank != 0:
             return
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        weights = {k[len("model."):]: v for k, v in model_sd.items() if k.startswith("model.")}
-        if self.tied:
-            weights.pop("lm_head.weight", None)
-        inner = self.policy.model
-        inner.config.save_pretrained(path)
-        if inner.generation_config is not None:
-            inner.generation_config.save_pretrained(path)
-        save_torch_state_dict(weights, path, metadata={"format": "pt"})
-        load_tokenizer(self.model_name).save_pretrained(path)
-        tensors = {f"state.{fqn}.{k}": (v if torch.is_tensor(v) else torch.tensor(v, device="cpu")).contiguous()
-                   for fqn, st in optim_sd["state"].items() for k, v in st.items()}
-        tensors.update({k: v.contiguous() for k, v in model_sd.items() if k.startswith("value_head.")})
-        save_file(tensors, str(path / "optimizer.safetensors"))
-        meta = {"param_groups": optim_sd["param_groups"], "learner_steps": self.steps}
-        (path / "trainer_state.json").write_text(json.dumps({**state, "optimizer_meta": meta}, indent=1))
+        final = Path(path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        path = temp_path(final)
+        try:
+            path.mkdir()
+            weights = {k[len("model."):]: v for k, v in model_sd.items() if k.startswith("model.")}
+            if self.tied:
+                weights.pop("lm_head.weight", None)
+            inner = self.policy.model
+            inner.config.save_pretrained(path)
+            if inner.generation_config is not None:
+                inner.generation_config.save_pretrained(path)
+            save_torch_state_dict(weights, path, metadata={"format": "pt"})
+            load_tokenizer(self.model_name).save_pretrained(path)
+            tensors = {f"state.{fqn}.{k}": (v if torch.is_tensor(v) else torch.tensor(v, device="cpu")).contiguous()
+                       for fqn, st in optim_sd["state"].items() for k, v in st.items()}
+            tensors.update({k: v.contiguous() for k, v in model_sd.items() if k.startswith("value_head.")})
+            save_file(tensors, str(path / "optimizer.safetensors"))
+            meta = {"param_groups": optim_sd["param_groups"], "learner_steps": self.steps}
+            files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file()}
+            atomic_write_json(path / "trainer_state.json", {**state, "optimizer_meta": meta, "files": files})
+            publish_dir(path, final)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+            raise
 
     def load(self, path: str | Path) -> None:
         """Resume from `save`'s folder: weights, value head and AdamW state, strictly (a
@@ -348,6 +367,8 @@ class PolicyLearner:
             if missing or unexpected:
                 problem = (f"checkpoint {path} does not match the model: missing {missing[:5]}"
                            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+            else:
+                problem = self._optimizer_problem(path, optim_sd, model_sd)
         if self._agree_failed(bool(problem)):
             raise RuntimeError(problem or f"checkpoint {path} does not match the model (see learner rank 0)")
         bcast = self.world > 1
@@ -355,6 +376,30 @@ class PolicyLearner:
         set_optimizer_state_dict(self.policy, self.opt, optim_sd, options=self._options(broadcast_from_rank0=bcast))
         self.steps = int(meta.get("learner_steps", 0))
         self.value_started = True  # the value head resumes where it was
+
+    def _optimizer_problem(self, path: Path, optim_sd: dict, model_sd: dict) -> str:
+        """The AdamW state must match this optimizer exactly (torch would load a partial state
+        and start the missing parameters' moments from zero): the same param groups, each
+        with the same parameters, every parameter with its full state of the right shape."""
+        names = {id(p): n for n, p in self.policy.named_parameters()}
+        mine = [[names.get(id(p), "?") for p in g["params"]] for g in self.opt.param_groups]
+        theirs = [list(g.get("params", [])) for g in optim_sd["param_groups"]]
+        where = f"checkpoint {path}: its optimizer state does not match this learner's optimizer"
+        if len(mine) != len(theirs):
+            return f"{where}: {len(theirs)} param group(s), this learner has {len(mine)} (rl.baseline / value head?)"
+        for i, (a, b) in enumerate(zip(mine, theirs)):
+            if set(a) != set(b):
+                miss, extra = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+                return f"{where}: param group {i} lacks {miss[:3]} and has unexpected {extra[:3]}"
+        want_keys = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if self.opt.defaults.get("amsgrad") else set())
+        for fqn in (n for g in mine for n in g):
+            st = optim_sd["state"].get(fqn, {})
+            if set(st) != want_keys:
+                return f"{where}: the state of {fqn} has {sorted(st)}, expected {sorted(want_keys)}"
+            full = model_sd.get(fqn)
+            if full is not None and tuple(st["exp_avg"].shape) != tuple(full.shape):
+                return f"{where}: exp_avg of {fqn} has shape {tuple(st['exp_avg'].shape)}, the parameter {tuple(full.shape)}"
+        return ""
 
 
 def _load_weights(path: Path) -> dict:

@@ -42,3 +42,16 @@ class PeakRSS:
         self.extra_mb = (self._peak - self._start) / 2**20
         if self._cuda:
             self.cuda_extra_mb = (torch.cuda.max_memory_allocated() - self._cuda_start) / 2**20
+
+
+def trim_heap() -> None:
+    """Hand freed heap back to the OS: glibc keeps it (a learner's backward pass frees GBs, a
+    generator's batch its KV cache), and an idle actor would hold it while another peaks."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass

@@ -15,10 +15,46 @@ def cache_dir() -> Path:
 
 
 def resolve(name: str) -> str:
-    """A path or hub id transformers can load; converts the embedded default on first use."""
+    """A path or hub id transformers can load; converts the embedded default on first use.
+    A local path that is not a model folder raises ModelNotFoundError naming it."""
     if name == DEFAULT_MODEL:
         return str(ensure_default_model())
-    return name
+    problem = model_path_problem(name)
+    if problem:
+        raise ModelNotFoundError(f"model {problem}")
+    return str(Path(name).expanduser()) if name.startswith("~") else name
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model named by a local path that is not there (or is not a model folder)."""
+
+
+HUB_ID_HELP = ("a local model folder with config.json and weights, "
+               "or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def looks_local(name: str) -> bool:
+    """Whether a model name is meant as a local path rather than a hub id ('org/name' or
+    'name'): absolute, ~ or ./ ../ relative, more than one '/', a backslash, or 'a/b' whose
+    'a' is a local folder (e.g. runs/sft)."""
+    if name == DEFAULT_MODEL:
+        return False
+    return (Path(name).is_absolute() or name.startswith(("~", "./", "../", ".\\", "..\\")) or name in (".", "..")
+            or "\\" in name or name.count("/") > 1 or ("/" in name and Path(name.split("/")[0]).is_dir()))
+
+
+def model_path_problem(name: str) -> str | None:
+    """Why a model name that is a local path cannot be loaded (None: it can be tried)."""
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return None
+        return f"{name} holds no config.json: not a model folder (give {HUB_ID_HELP})"
+    if not looks_local(name):
+        return None  # a hub id: transformers resolves it (the cache, or the hub when online)
+    if p.exists():
+        return f"{name} is a file, not a model folder (give {HUB_ID_HELP})"
+    return f"{name} does not exist (give {HUB_ID_HELP})"
 
 
 def ensure_default_model() -> Path:
@@ -73,7 +109,7 @@ def _convert_gguf(target: Path) -> None:
     tmp.rename(target)
 
 
-def _quiet() -> None:
+def quiet_transformers() -> None:
     """No per-tensor progress bars from every actor's model load."""
     from transformers.utils import logging
 
@@ -102,7 +138,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
 
     from .devices import compute_dtype
 
-    _quiet()
+    quiet_transformers()
     # safetensors only: a pickled checkpoint (pytorch_model.bin) can run code when loaded
     model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=compute_dtype(dtype, device),
                                                  use_safetensors=True).to(device)
@@ -137,16 +173,3 @@ def make_tiny_model(path: str | Path, hidden: int = 32, layers: int = 2, seed: i
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return str(path)
-
-
-def trim_heap() -> None:
-    """Hand freed heap back to the OS: glibc keeps it (a learner's backward pass frees GBs, a
-    generator's batch its KV cache), and an idle actor would hold it while another peaks."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass

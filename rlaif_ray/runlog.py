@@ -1,81 +1,458 @@
 """The run folder: resolved config, metrics.jsonl, Parquet of every scored rollout,
-checkpoints (safetensors) and a summary."""
+checkpoints (safetensors) and a summary; and the crash-safe writes every command uses.
+
+Crash safety (a crash or a full disk at any byte leaves the old or the new version, never a
+mix):
+
+- a whole file that is read back (config.yaml, the summaries, checkpoints/latest,
+  trainer_state.json, processes.json, chain.json, label and pairs outputs, Parquet files) is
+  written to a hidden temp file beside it, fsynced and renamed over it (`atomic_write_*`,
+  `atomic_path`);
+- a folder (a checkpoint, a `label`/`sft`/`train-rm` output) is written under a hidden temp
+  name, fsynced file by file and renamed (`publish_dir`); `checkpoints/latest` names a
+  checkpoint only after that rename;
+- an append-only file (metrics.jsonl, winrate.jsonl) gets one fsynced line per record; on
+  reading (`read_jsonl`), a torn last line (the crash came while it was written) is ignored and
+  reported, and a damaged line elsewhere is an error naming the file and line.
+
+`check_resume` is everything `--resume` needs to hold before Ray starts (the folder, its
+config, a complete checkpoint, readable records); a problem is a `RunStateError` (a
+ConfigError: the CLI prints one `error:` line, exit 2).
+"""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import re
+import shutil
+import struct
 import time
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import Config, dump_config
+from .config import Config, ConfigError, dump_config
+from .schemas import JUDGEMENTS
 
+CHECKPOINT_RE = re.compile(r"step_(\d{6,})")
+PARTIAL = ".partial-"  # in every temp name (hidden: a leading "."; Parquet readers skip such files)
+_DIR_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.EBADF, errno.EISDIR, errno.EACCES, errno.EPERM,
+                          getattr(errno, "ENOTSUP", errno.EINVAL)}
+
+
+class RunStateError(ConfigError):
+    """A run folder that cannot be written or resumed as asked: the message names the file
+    and the fix (the CLI prints it as one `error:` line, exit 2)."""
+
+
+# ---- crash-safe writes ----------------------------------------------------------------------
+
+def temp_path(path: str | Path) -> Path:
+    """A hidden, unique temp name beside `path` (same folder, so the rename is atomic)."""
+    path = Path(path)
+    return path.parent / f".{path.name}{PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or a new entry in `path` durable (no-op where folders cannot be fsynced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as err:
+        if err.errno in _DIR_FSYNC_UNSUPPORTED:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in _DIR_FSYNC_UNSUPPORTED:
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file and folder under `path` (its own entry included)."""
+    path = Path(path)
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            fsync_file(Path(root) / f)
+        fsync_dir(root)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, fsync it, rename it over `path`: a crash (or
+    ENOSPC) at any byte leaves the old file (or none) or the new one, never a torn one."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, data, indent: int | None = 1) -> None:
+    atomic_write_text(path, json.dumps(data, indent=indent))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """For files a library writes (Parquet): yields a temp path beside `path`; when the block
+    ends without an error the file is fsynced and renamed over `path`, else removed."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def publish_dir(tmp: str | Path, final: str | Path) -> None:
+    """A folder written under a temp name becomes `final` complete or not at all: every file
+    fsynced, then one rename. An existing `final` (an empty folder, or a checkpoint of the same
+    step left by a dead driver) is moved aside first and removed after."""
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    old = None
+    if final.exists() or final.is_symlink():
+        old = temp_path(final)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        _remove(old)
+
+
+def move_aside(path: str | Path) -> Path:
+    """`--overwrite`: rename an existing output to PATH.replaced-TIMESTAMP beside it (nothing
+    is deleted); returns the new name."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = path.with_name(f"{path.name}.replaced-{stamp}")
+    n = 1
+    while dest.exists():
+        dest = path.with_name(f"{path.name}.replaced-{stamp}-{n}")
+        n += 1
+    os.replace(path, dest)
+    fsync_dir(path.parent)
+    return dest
+
+
+def remove_partials(folder: str | Path) -> list[Path]:
+    """Delete the temp files and folders a crash left in `folder` (not recursive)."""
+    folder = Path(folder)
+    found = [p for p in folder.glob(f".*{PARTIAL}*")] if folder.is_dir() else []
+    for p in found:
+        _remove(p)
+    return found
+
+
+# ---- append-only records ----------------------------------------------------------------------
+
+def append_line(path: str | Path, row: dict) -> None:
+    """One JSON line, written and fsynced before the run goes on (a checkpoint taken after it
+    never points past a lost line)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | Path, require: tuple[str, ...] = (), on_torn=None) -> list[dict]:
+    """The records of an append-only JSONL file. A last line that does not parse (no newline
+    after it: the write was cut by a crash or a full disk) is ignored and reported through
+    `on_torn(message)`; a damaged line anywhere else raises RunStateError naming the file and
+    the line (that is not what a crash leaves: the file was edited or the disk is bad)."""
+    path = Path(path)
+    lines = path.read_bytes().split(b"\n")
+    rows: list[dict] = []
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+            missing = [k for k in require if not isinstance(row.get(k), int) or isinstance(row.get(k), bool)]
+            if missing:
+                raise ValueError(f"no integer {', '.join(missing)}")
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError included
+            if i == len(lines) - 1:  # unterminated: the tail of a write that was cut
+                if on_torn is not None:
+                    on_torn(f"{path}: ignored a torn last line ({len(raw)} bytes, from a write that was cut "
+                            "by a crash or a full disk)")
+                continue
+            raise RunStateError(f"{path}: line {i + 1} is damaged ({str(err)[:120]}); only a torn last line is "
+                                "expected after a crash: remove or repair that line") from None
+        rows.append(row)
+    return rows
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+STATE_KEYS = ("step", "policy_version", "next_batch_index", "sampler", "optimizer_meta")
+
+
+def _safetensors_problem(f: Path) -> str | None:
+    """A safetensors file's size must be its header's: 8 + header length + the last tensor's end."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{f.name} is truncated ({size} bytes)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"{f.name} is truncated ({size} bytes, its header alone is {n})"
+            header = json.loads(fh.read(n).decode("utf-8"))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        return f"{f.name} is damaged ({str(err)[:80]})"
+    if size != 8 + n + end:
+        return f"{f.name} is truncated or damaged ({size} bytes, expected {8 + n + end})"
+    return None
+
+
+def read_checkpoint_state(ck: str | Path) -> tuple[dict | None, str | None]:
+    """(trainer_state.json, None) for a complete checkpoint folder, else (None, what is wrong):
+    the state parses and has every key, its step is the folder's, every file it lists has its
+    recorded size, the weights and optimizer files are there and whole."""
+    ck = Path(ck)
+    if not ck.is_dir():
+        return None, "does not exist"
+    p = ck / "trainer_state.json"
+    if not p.is_file():
+        return None, "has no trainer_state.json (incomplete)"
+    try:
+        state = json.loads(p.read_bytes().decode("utf-8"))
+    except ValueError as err:
+        return None, f"has a damaged trainer_state.json ({str(err)[:80]})"
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        return None, f"has a trainer_state.json without {', '.join(k for k in STATE_KEYS if k not in (state or {}))}"
+    m = CHECKPOINT_RE.fullmatch(ck.name)
+    if m and state["step"] != int(m.group(1)):
+        return None, f"has the trainer_state.json of step {state['step']}"
+    files = state.get("files") or {}
+    for name, size in files.items():
+        f = ck / name
+        if not f.is_file() or f.stat().st_size != size:
+            return None, f"has {name} {'missing' if not f.is_file() else 'of the wrong size'} (incomplete)"
+    weights = (ck / "model.safetensors").is_file() or (ck / "model.safetensors.index.json").is_file()
+    if not weights or not (ck / "optimizer.safetensors").is_file():
+        return None, "has no model.safetensors or optimizer.safetensors (incomplete)"
+    for f in sorted(ck.glob("*.safetensors")):
+        problem = _safetensors_problem(f)
+        if problem:
+            return None, f"has {problem}"
+    return state, None
+
+
+def resume_checkpoint(run: str | Path) -> tuple[Path, dict, list[str]]:
+    """(checkpoint folder, its trainer state, notes) to resume `run` from: the one
+    checkpoints/latest names when it is complete; else (latest missing, empty, garbled, or
+    naming a missing or incomplete checkpoint) the newest complete checkpoint, with a note
+    saying so; none complete: RunStateError."""
+    run = Path(run)
+    ckdir = run / "checkpoints"
+    latest = ckdir / "latest"
+    if not latest.is_file():
+        problem = "is missing"
+    else:
+        try:
+            text = latest.read_bytes().decode("ascii").strip()
+        except UnicodeDecodeError:
+            text = None
+        if not text:
+            problem = "is empty" if text == "" else "is garbled"
+        elif not CHECKPOINT_RE.fullmatch(text):
+            problem = f"is garbled ({text[:40]!r})"
+        else:
+            state, why = read_checkpoint_state(ckdir / text)
+            if state is not None:
+                return ckdir / text, state, []
+            problem = f"names {text}, which {why}"
+    found = sorted((d for d in ckdir.glob("step_*") if d.is_dir() and CHECKPOINT_RE.fullmatch(d.name)),
+                   key=lambda d: int(d.name[5:]), reverse=True) if ckdir.is_dir() else []
+    for d in found:
+        state, _ = read_checkpoint_state(d)
+        if state is not None:
+            return d, state, [f"checkpoints/latest {problem}: resuming from {d.name}, the newest complete checkpoint"]
+    if problem == "is missing" and not found:
+        raise RunStateError(f"--resume {run}: no checkpoint in that run folder (it stopped before its first "
+                            "checkpoint, see run.checkpoint_every): start it again with --out NEW_DIR or --overwrite")
+    raise RunStateError(f"--resume {run}: checkpoints/latest {problem}, and no complete checkpoint is left in "
+                        f"{ckdir}: start the run again with --out NEW_DIR or --overwrite")
+
+
+def _config_diff(saved: str, now: str) -> list[str]:
+    import yaml
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    try:
+        a, b = flat(yaml.safe_load(saved)), flat(yaml.safe_load(now))
+    except (yaml.YAMLError, AttributeError):
+        return []
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
+
+
+def check_resume(run: str | Path, cfg: Config) -> tuple[Path, dict, list[str]]:
+    """Everything `--resume RUN` needs, checked before Ray starts: the folder, its config
+    (the same as `cfg`), a complete checkpoint (see resume_checkpoint), metrics.jsonl and
+    winrate.jsonl readable (a torn last line is only reported), summary_start.json readable.
+    Returns (checkpoint, trainer state, notes to print)."""
+    run = Path(run)
+    if not run.is_dir():
+        raise RunStateError(f"--resume {run}: no such run folder")
+    cfg_file = run / "config.yaml"
+    if not cfg_file.is_file():
+        raise RunStateError(f"--resume {run}: no config.yaml, not a run folder of `rlaif-ray train`")
+    saved, now = cfg_file.read_bytes().decode("utf-8", errors="replace"), dump_config(cfg)
+    if saved != now:
+        diff = _config_diff(saved, now)
+        raise RunStateError(f"--resume {run}: the config differs from the run's config.yaml"
+                            + (f" ({', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''})" if diff else "")
+                            + f"; resume with the run's own config (rlaif-ray train {cfg_file} --resume {run})")
+    ck, state, notes = resume_checkpoint(run)
+    for name in ("metrics.jsonl", "winrate.jsonl"):
+        if (run / name).is_file():
+            rows = read_jsonl(run / name, ("step",), notes.append)
+            if name == "metrics.jsonl" and rows and max(r["step"] for r in rows) < state["step"]:
+                notes.append(f"{run / name}: ends at step {max(r['step'] for r in rows)}, before the checkpoint's "
+                             f"step {state['step']} (lines were lost); the record continues from there")
+    start = run / "summary_start.json"
+    if start.is_file():
+        try:
+            json.loads(start.read_bytes().decode("utf-8"))
+        except ValueError as err:
+            raise RunStateError(f"--resume {run}: summary_start.json is damaged ({str(err)[:80]}); delete it to "
+                                "resume without the before-training measurements") from None
+    return ck, state, notes
+
+
+def default_run_dir(cfg: Config, kind: str = "") -> Path:
+    """run.out_dir/run.name[-kind]-TIMESTAMP."""
+    return Path(cfg.run.out_dir) / f"{cfg.run.name}{'-' + kind if kind else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# ---- the run folder ----------------------------------------------------------------------------
 
 class RunFolder:
+    """A new run folder (refused when it exists and is not empty: preflight says so first), or
+    with resume=True an existing one checked by `check_resume` (`notes` says what it found:
+    a torn last line, a fallback checkpoint)."""
+
     def __init__(self, cfg: Config, path: str | Path | None = None, resume: bool = False):
-        if path is None:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            path = Path(cfg.run.out_dir) / f"{cfg.run.name}-{stamp}"
-        self.path = Path(path)
+        self.path = Path(path) if path is not None else default_run_dir(cfg)
         self._tb, self._tb_wanted, self._purge = None, cfg.run.tensorboard, None
+        self.notes: list[str] = []
         if resume:
-            if not (self.path / "checkpoints" / "latest").is_file():
-                raise FileNotFoundError(f"--resume {self.path}: no checkpoints/latest in that run folder")
-            saved = (self.path / "config.yaml").read_text()
-            if saved != dump_config(cfg):
-                raise ValueError(f"--resume {self.path}: the config differs from the run's config.yaml; "
-                                 "resume with the run's own config (rlaif-ray train RUN/config.yaml --resume RUN)")
+            self._resume = check_resume(self.path, cfg)
+            self.notes = list(self._resume[2])
             return
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise RunStateError(f"{self.path} exists and is not empty (a run is never overwritten): "
+                                "choose another --out, or --overwrite")
         (self.path / "rollouts").mkdir(parents=True, exist_ok=True)
         (self.path / "checkpoints").mkdir(exist_ok=True)
-        (self.path / "config.yaml").write_text(dump_config(cfg))
+        atomic_write_text(self.path / "config.yaml", dump_config(cfg))
 
     def latest_checkpoint(self) -> tuple[str, dict]:
-        name = (self.path / "checkpoints" / "latest").read_text().strip()
-        ck = self.path / "checkpoints" / name
-        state = json.loads((ck / "trainer_state.json").read_text())
-        state.pop("optimizer_meta", None)
+        """The checkpoint to resume from (checked when this folder was opened with resume) and
+        its trainer state without the optimizer's part."""
+        ck, state, _ = self._resume if hasattr(self, "_resume") else resume_checkpoint(self.path)
+        state = {k: v for k, v in state.items() if k not in ("optimizer_meta", "files")}
         return str(ck), state
 
     def truncate_after(self, step: int) -> None:
         """Forget what a dead driver recorded after the checkpointed step, so the resumed
-        record continues without a gap or a repeat (TensorBoard too: purge_step)."""
+        record continues without a gap or a repeat (TensorBoard too: purge_step); a torn last
+        line goes too (reported in `notes`), and the temp files a crash left."""
         self._purge = step + 1
         for name in ("metrics.jsonl", "winrate.jsonl"):
             path = self.path / name
             if path.is_file():
-                keep = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
-                path.write_text("".join(line + "\n" for line in keep))
+                keep = [r for r in read_jsonl(path, ("step",), self._note) if r["step"] <= step]
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+        for folder in (self.path, self.path / "rollouts", self.path / "eval", self.path / "checkpoints"):
+            remove_partials(folder)
         for f in [*(self.path / "rollouts").glob("step_*.parquet"), *(self.path / "eval").glob("step_*.parquet")]:
             if int(f.stem.split("_")[1]) > step:
                 f.unlink()
         for d in (self.path / "checkpoints").glob("step_*"):
-            if int(d.name.split("_")[1]) > step:
-                import shutil
-
+            if CHECKPOINT_RE.fullmatch(d.name) and int(d.name[5:]) > step:
                 shutil.rmtree(d)
+
+    def _note(self, msg: str) -> None:
+        if msg not in self.notes:
+            self.notes.append(msg)
 
     def read_json(self, name: str) -> dict:
         p = self.path / name
-        return json.loads(p.read_text()) if p.is_file() else {}
+        if not p.is_file():
+            return {}
+        try:
+            return json.loads(p.read_bytes().decode("utf-8"))
+        except ValueError as err:
+            raise RunStateError(f"{p} is damaged ({str(err)[:80]})") from None
 
     def log_metrics(self, row: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.path / "metrics.jsonl", row)
         self._scalars("train", row, row["step"])
 
     def log_winrate(self, row: dict) -> None:
         """Held-out win rate against the initial policy, one line per evaluation."""
-        with open(self.path / "winrate.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.path / "winrate.jsonl", row)
         self._scalars("eval", row, row["step"])
 
     def log_judgements(self, rows: list[dict], step: int) -> None:
-        from .evaluate import JUDGEMENTS
-
         (self.path / "eval").mkdir(exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows, schema=JUDGEMENTS), self.path / "eval" / f"step_{step:06d}.parquet")
+        with atomic_path(self.path / "eval" / f"step_{step:06d}.parquet") as tmp:
+            pq.write_table(pa.Table.from_pylist(rows, schema=JUDGEMENTS), tmp)
 
     def _scalars(self, prefix: str, row: dict, step: int) -> None:
         """TensorBoard event files in RUN/tensorboard (optional dependency: without the
@@ -104,16 +481,25 @@ class RunFolder:
         logp_sum = pa.array([float(sum(x)) for x in batch.column("behaviour_logprobs").to_pylist()], pa.float32())
         table = table.append_column("behaviour_logprob_sum", logp_sum)
         table = table.append_column("step_trained", pa.array([step] * batch.num_rows, pa.int64()))
-        pq.write_table(table, self.path / "rollouts" / f"step_{step:06d}.parquet")
+        with atomic_path(self.path / "rollouts" / f"step_{step:06d}.parquet") as tmp:
+            pq.write_table(table, tmp)
 
     def checkpoint_dir(self, step: int) -> Path:
+        """Where step's checkpoint goes; the learner writes it under a temp name and renames
+        it complete (PolicyLearner.save), then `mark_checkpoint` points `latest` at it."""
         return self.path / "checkpoints" / f"step_{step:06d}"
 
     def mark_checkpoint(self, step: int) -> None:
-        (self.path / "checkpoints" / "latest").write_text(f"step_{step:06d}\n")
+        ck = self.checkpoint_dir(step)
+        # never point `latest` at a checkpoint that is not whole (a learner on another node
+        # without a shared file system writes where the driver cannot look: not checked)
+        problem = read_checkpoint_state(ck)[1] if ck.exists() else None
+        if problem:
+            raise RunStateError(f"checkpoint {ck} {problem}; checkpoints/latest still names the previous one")
+        atomic_write_text(self.path / "checkpoints" / "latest", f"step_{step:06d}\n")
 
     def write_json(self, name: str, data: dict) -> None:
-        (self.path / name).write_text(json.dumps(data, indent=1))
+        atomic_write_json(self.path / name, data)
 
 
 def read_rollouts(run_dir: str | Path) -> pa.Table:
@@ -121,5 +507,5 @@ def read_rollouts(run_dir: str | Path) -> pa.Table:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """metrics.jsonl's rows (a torn last line, from a crash while it was written, is left out)."""
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")

@@ -63,6 +63,26 @@ class SchemaError(ValueError):
     pass
 
 
+# one judgement of `eval` (and of train's win rate): policy A's response against B's
+JUDGEMENTS = pa.schema([
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("context", pa.string(), nullable=False),
+    pa.field("response_a", pa.string(), nullable=False),
+    pa.field("response_b", pa.string(), nullable=False),
+    pa.field("chars_a", pa.int64(), nullable=False),
+    pa.field("chars_b", pa.int64(), nullable=False),
+    pa.field("p_a", pa.float64()),  # debiased P(A preferred)
+    pa.field("p_ab", pa.float64()),  # P(slot 1 better), A in slot 1 (eval.judge=scorer: A's own score)
+    pa.field("p_ba", pa.float64()),  # P(slot 1 better), B in slot 1 (NaN: debias off; scorer: B's score)
+    pa.field("label_mass", pa.float64()),  # probability the label tokens held (min of orders)
+    pa.field("usable", pa.bool_(), nullable=False),  # label_mass >= reward.min_label_mass
+    pa.field("harmless_a", pa.float64()),  # P(Yes) of the harmless scorer (null: not asked)
+    pa.field("harmless_b", pa.float64()),
+    pa.field("harmless_mass_a", pa.float64()),  # Yes/No probability mass (low: unusable, counted)
+    pa.field("harmless_mass_b", pa.float64()),
+])
+
+
 def make_batch(schema: pa.Schema, columns: dict) -> pa.RecordBatch:
     """Build a RecordBatch, checking that exactly the schema's columns are given."""
     missing = [n for n in schema.names if n not in columns]

@@ -1,239 +1,114 @@
-"""`rlaif-ray sft` and `rlaif-ray train-rm` on Ray Train (TorchTrainer: DDP over gloo on
-CPU, NCCL on GPU; `num_workers` from the config).
-
-The driver tokenizes the data once and hands each worker the same list; every worker
-takes its slice of each global batch (batch[rank::world]), so all ranks run the same
-number of steps and the gradients DDP averages are those of the global batch. Rank 0
-reports a checkpoint (safetensors + config + tokenizer) every epoch; the last one is
-copied to the output folder, which `train`, `eval` and `train-rm` load by path.
-"""
+"""Supervised fine-tuning and reward-model training, the parts without Ray
+(docs/method.md §2 and §3): the soft-label RM loss, the text an RM scores, pair and SFT
+example encoding, the data sets of `sft` and `train-rm`, and their batch checks. The Ray
+Train loops are in rlaif_ray/commands/ray_train.py."""
 from __future__ import annotations
 
-import json
-import shutil
-import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
 from .config import Config, ConfigError, TrainerConfig
+from .data import read_records, task_prompts
+from .pair_data import BUNDLED, load_pairs, normalize_text, read_label_input, rm_heldout
 
 
-def _world():
-    import ray.train
-
-    ctx = ray.train.get_context()
-    return ctx.get_world_rank(), ctx.get_world_size()
-
-
-def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shuffled global batches of indices; the last partial batch (n % batch_size examples,
-    a different draw each epoch) is dropped, so every rank runs the same steps. The driver
-    refuses data smaller than one batch and records the count (`_check_batch`)."""
-    import numpy as np
-
-    order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+def rm_loss(r_a: torch.Tensor, r_b: torch.Tensor, p_a: torch.Tensor) -> torch.Tensor:
+    """Per-pair cross-entropy between the AI distribution (p_a, 1 - p_a) and the softmax of
+    the two scores: -[p_a log s(r_a - r_b) + (1 - p_a) log s(r_b - r_a)] (docs/method.md §2).
+    With p_a in {0, 1} it is the Bradley-Terry loss -log s(r_w - r_l)."""
+    d = r_a - r_b
+    return p_a * F.softplus(-d) + (1 - p_a) * F.softplus(d)
 
 
-def _mean_over_ranks(x: float, device) -> float:
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([x], dtype=torch.float64, device=device)  # NCCL reduces CUDA tensors only
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return float(t)
+def rm_text(context: str, response: str) -> str:
+    """What the reward model reads: the context, then the response (one format for
+    training and for scoring rollouts)."""
+    return f"{context}\n\nRESPONSE: {response}"
 
 
-def _report(metrics: dict, model, tok_path: str, history: list[dict]) -> None:
-    """Every rank reports; rank 0 attaches the checkpoint (model + tokenizer + history)."""
-    import tempfile
-
-    import ray.train
-
-    from .models import load_tokenizer
-
-    history.append(metrics)
-    rank, _ = _world()
-    with tempfile.TemporaryDirectory() as d:
-        checkpoint = None
-        if rank == 0:
-            inner = getattr(model, "module", model)  # unwrap DDP
-            inner.save_pretrained(d, safe_serialization=True)
-            load_tokenizer(tok_path).save_pretrained(d)
-            Path(d, "train_log.json").write_text(json.dumps(history, indent=1))
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=checkpoint)
+def encode(tok, text: str, max_tokens: int) -> tuple[list[int], bool]:
+    """Token ids, cut from the left to max_tokens (the response stays); (ids, was_cut)."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return (ids[-max_tokens:], True) if len(ids) > max_tokens else (ids, False)
 
 
-def _precision(device):
-    """(autocast context, AdamW kwargs) for a Ray Train worker's device: bf16 autocast over fp32
-    master weights and the fused AdamW on CUDA (TF32 on); plain fp32 on CPU."""
-    from contextlib import nullcontext
-
-    import torch
-
-    from .devices import enable_tf32
-
-    if device.type == "cuda":
-        enable_tf32(device)
-        return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)), {"fused": True}
-    return nullcontext, {}
+def label_target(row: dict, kind: str) -> float | None:
+    """The training target P(a preferred) of a labeled pair: soft (the AI's p_a), hard (its
+    argmax) or human (the pair's human label). None: the row has no usable label."""
+    if kind == "human":
+        h = row.get("human")
+        return None if h not in ("a", "b") else float(h == "a")
+    p = row.get("p_a")
+    if row.get("error") or p is None or p != p:
+        return None
+    return float(p) if kind == "soft" else float(p > 0.5) if p != 0.5 else 0.5
 
 
-def rm_loop(c: dict) -> None:
-    """One Ray Train worker of `train-rm`."""
-    import torch
-    import torch.distributed as dist
-    import ray.train.torch
-    from transformers import AutoModelForSequenceClassification
-
-    from . import rm
-    from .models import _quiet, resolve
-
-    torch.set_num_threads(c["torch_threads"])
-    torch.manual_seed(c["seed"])
-    rank, world = _world()
-    device = ray.train.torch.get_device()
-    _quiet()
-    model = AutoModelForSequenceClassification.from_pretrained(resolve(c["init"]), num_labels=1,
-                                                               dtype=torch.float32, use_safetensors=True)
-    model.config.pad_token_id = c["pad"]  # the score is read at the last non-pad token
-    model = ray.train.torch.prepare_model(model)
-    amp, fused = _precision(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"], **fused)
-    train, held, bs = c["train"], c["eval"], c["batch_size"]
-
-    def evaluate() -> dict:
-        model.eval()
-        mine = held[rank::world]
-        ra, rb = [], []
-        inner = getattr(model, "module", model)  # not through DDP: ranks may hold unequal shares
-        with torch.no_grad(), amp():
-            for i in range(0, len(mine), bs):
-                chunk = mine[i:i + bs]
-                ra += rm.scores(inner, [x["ids_a"] for x in chunk], c["pad"], device).tolist()
-                rb += rm.scores(inner, [x["ids_b"] for x in chunk], c["pad"], device).tolist()
-        hits = torch.tensor([sum((a > b) == (x["human"] == "a") for a, b, x in zip(ra, rb, mine)), len(mine)],
-                            dtype=torch.float64, device=device)
-        if world > 1:
-            dist.all_reduce(hits)
-        model.train()
-        return {"heldout_accuracy": float(hits[0] / hits[1]) if hits[1] else float("nan"), "heldout_pairs": int(hits[1])}
-
-    history: list[dict] = []
-    _report({"epoch": 0, "train_loss": None, **evaluate()}, model, c["tokenizer"], history)
-    for epoch in range(1, c["epochs"] + 1):
-        total, steps, t0 = 0.0, 0, time.perf_counter()
-        for batch in _batches(len(train), bs, c["seed"], epoch):
-            mine = [train[i] for i in batch[rank::world]]
-            with amp():
-                r_a = rm.scores(model, [x["ids_a"] for x in mine], c["pad"], device)
-                r_b = rm.scores(model, [x["ids_b"] for x in mine], c["pad"], device)
-            target = torch.tensor([x["target"] for x in mine], device=device)
-            # DDP averages over ranks: scale the local sum so the mean is the global-batch mean
-            loss = rm.rm_loss(r_a, r_b, target).sum() * world / len(batch)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), c["max_grad_norm"])
-            opt.step()
-            total += float(loss.detach())  # this rank's estimate of the global-batch mean
-            steps += 1
-        _report({"epoch": epoch, "train_loss": _mean_over_ranks(total / max(steps, 1), device), "steps": steps,
-                 "epoch_s": time.perf_counter() - t0, **evaluate()}, model, c["tokenizer"], history)
+def encode_pairs(rows: list[dict], tok, kind: str, max_tokens: int) -> tuple[list[dict], dict]:
+    """Labeled pairs -> {ids_a, ids_b, target, human}; skipped and truncated rows are counted."""
+    out, skipped, cut = [], 0, 0
+    for r in rows:
+        t = label_target(r, kind)
+        if t is None:
+            skipped += 1
+            continue
+        a, ca = encode(tok, rm_text(r["context"], r["response_a"]), max_tokens)
+        b, cb = encode(tok, rm_text(r["context"], r["response_b"]), max_tokens)
+        cut += ca + cb
+        out.append({"id": r.get("id"), "ids_a": a, "ids_b": b, "target": t, "human": r.get("human")})
+    return out, {"pairs": len(out), "skipped_no_label": skipped, "truncated_texts": cut}
 
 
-def sft_loop(c: dict) -> None:
-    """One Ray Train worker of `sft`: token cross-entropy on the reference responses."""
-    import torch
-    import torch.distributed as dist
-    import ray.train.torch
-
-    from . import rm
-    from .models import load_model
-
-    torch.set_num_threads(c["torch_threads"])
-    torch.manual_seed(c["seed"])
-    rank, world = _world()
-    device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(load_model(c["init"]))  # fp32 master weights
-    amp, fused = _precision(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"], **fused)
-    train, held, bs = c["train"], c["eval"], c["batch_size"]
-
-    def heldout_loss() -> dict:
-        model.eval()
-        mine = held[rank::world]
-        tot = torch.zeros(2, dtype=torch.float64, device=device)
-        inner = getattr(model, "module", model)  # not through DDP: ranks may hold unequal shares
-        with torch.no_grad(), amp():
-            for i in range(0, len(mine), bs):
-                s, n = rm.sft_loss_sum(inner, mine[i:i + bs], c["pad"], device)
-                tot += torch.tensor([float(s), n], dtype=torch.float64, device=device)
-        if world > 1:
-            dist.all_reduce(tot)
-        model.train()
-        return {"heldout_loss": float(tot[0] / max(tot[1], 1)), "heldout_tokens": int(tot[1])}
-
-    history: list[dict] = []
-    _report({"epoch": 0, "train_loss": None, **heldout_loss()}, model, c["tokenizer"], history)
-    for epoch in range(1, c["epochs"] + 1):
-        total, steps, t0 = 0.0, 0, time.perf_counter()
-        for batch in _batches(len(train), bs, c["seed"], epoch):
-            tokens = sum(sum(1 for t in train[i]["labels"] if t != -100) for i in batch)
-            with amp():
-                s, _ = rm.sft_loss_sum(model, [train[i] for i in batch[rank::world]], c["pad"], device)
-            loss = s * world / max(tokens, 1)  # the global batch's token mean after DDP's average
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), c["max_grad_norm"])
-            opt.step()
-            total += float(loss.detach())  # this rank's estimate of the global-batch mean
-            steps += 1
-        _report({"epoch": epoch, "train_loss": _mean_over_ranks(total / max(steps, 1), device), "steps": steps,
-                 "epoch_s": time.perf_counter() - t0, **heldout_loss()}, model, c["tokenizer"], history)
+def pad_right(seqs: list[list[int]], pad: int, device="cpu", width: int | None = None):
+    """Right-padded ids and attention mask, built on `device`."""
+    n = width or max(len(s) for s in seqs)
+    ids = torch.tensor([list(s) + [pad] * (n - len(s)) for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs], dtype=torch.long, device=device)
+    return ids, mask
 
 
-def fit(loop, loop_config: dict, tc: TrainerConfig, out: Path, name: str, log=print) -> list[dict]:
-    """Run `loop` on tc.num_workers Ray Train workers; copy the last checkpoint to `out`."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+def scores(model, seqs: list[list[int]], pad: int, device="cpu") -> torch.Tensor:
+    """Scalar scores of a sequence-classification model (num_labels=1), read at each
+    sequence's last real token (right padding, explicit positions)."""
+    ids, mask = pad_right(seqs, pad, device)
+    hidden = model(input_ids=ids, attention_mask=mask).logits  # (B, 1) at the last non-pad token
+    return hidden[:, 0].float()
 
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{name}: output folder {out} exists and is not empty (checkpoints are never overwritten)")
-    res = {"CPU": tc.num_cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
-    trainer = TorchTrainer(
-        loop, train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=res),
-        run_config=ray.train.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                       storage_path=str(Path(tc.storage_path or out.parent / "ray_train").resolve())))
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"{name}: Ray Train finished without a checkpoint ({result.error})")
-    out.mkdir(parents=True, exist_ok=True)
-    with result.checkpoint.as_directory() as d:
-        for f in Path(d).iterdir():
-            shutil.copy2(f, out / f.name)
-    history = json.loads((out / "train_log.json").read_text())
-    for h in history:
-        log(f"{name} epoch {h['epoch']}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                     for k, v in h.items() if k != "epoch"))
-    return history
+
+def accuracy(r_a: list[float], r_b: list[float], human: list[str]) -> float:
+    """Share of human-labelled pairs where the RM scores the human's choice higher."""
+    hits = [(a > b) == (h == "a") for a, b, h in zip(r_a, r_b, human) if h in ("a", "b")]
+    return sum(hits) / len(hits) if hits else float("nan")
+
+
+def sft_example(prompt_ids: list[int], response_ids: list[int], eos: int) -> dict:
+    """Prompt + response + EOS; the loss covers the response and EOS only."""
+    ids = prompt_ids + response_ids + [eos]
+    return {"ids": ids, "labels": [-100] * len(prompt_ids) + response_ids + [eos]}
+
+
+def sft_loss_sum(model, batch: list[dict], pad: int, device: str = "cpu") -> tuple[torch.Tensor, int]:
+    """Summed token cross-entropy over the response tokens of a batch, and their count."""
+    ids, mask = pad_right([b["ids"] for b in batch], pad, device)
+    labels, _ = pad_right([b["labels"] for b in batch], -100, device, width=ids.shape[1])
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    target = labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum")
+    return loss, int((target != -100).sum())
 
 
 def sft_data(cfg: Config, tok) -> tuple[list[dict], list[dict], dict]:
     """(train, held-out) SFT examples from the task's posts that have a reference summary;
     the task's RL held-out posts are never used."""
-    from .data import task_prompts
-    from .rm import sft_example
-
     s = cfg.sft
     task = cfg.task.model_copy(update={"data_path": s.data_path or cfg.task.data_path})
     ps = task_prompts(task, tok)  # TL;DR reference summaries, or HH chosen responses
     # posts whose pairs measure the reward model are never fine-tuned on (the RM starts from SFT)
-    held_ctx = {_norm(x["context"]) for x in rm_heldout(cfg)[0]}
-    kept = [it for it in ps.train if _norm(it["context"]) not in held_ctx]
+    held_ctx = {normalize_text(x["context"]) for x in rm_heldout(cfg)[0]}
+    kept = [it for it in ps.train if normalize_text(it["context"]) not in held_ctx]
     rm_overlap = len(ps.train) - len(kept)
     items = [it for it in kept if it.get("reference")]
     if s.max_examples:
@@ -248,38 +123,10 @@ def sft_data(cfg: Config, tok) -> tuple[list[dict], list[dict], dict]:
                                               "dropped_rm_heldout_posts": rm_overlap}
 
 
-def run_sft(cfg: Config, out: str | Path | None = None, log=print) -> Path:
-    from .driver import start_ray
-    from .models import load_tokenizer
-
-    s = cfg.sft
-    tok = load_tokenizer(cfg.model.name)
-    train, held, counts = sft_data(cfg, tok)
-    counts["left_out_per_epoch"] = _check_batch(s.trainer, s.batch_size, "sft", len(train))
-    out = Path(out or s.output)
-    log(f"sft: {len(train)} train / {len(held)} held-out examples ({counts['skipped_long']} posts skipped as too long); "
-        f"{s.trainer.num_workers} Ray Train worker(s)")
-    started = start_ray(cfg)
-    try:
-        history = fit(sft_loop, {"init": cfg.model.name, "tokenizer": cfg.model.name, "train": train, "eval": held,
-                                 "pad": tok.pad_token_id, **_common(s)}, s.trainer, out, "sft", log)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    (out / "sft_summary.json").write_text(json.dumps({**counts, "history": history}, indent=1))
-    return out
-
-
 def rm_data(cfg: Config, tok) -> tuple[list[dict], list[dict], dict]:
     """(train, held-out) encoded pairs: training pairs from rm.labels (the output of `label`,
     or any pairs file with a human label for rm.label_kind=human); held-out pairs with a
-    human label from rm.eval_data, never trained on (same ids are dropped, counted)."""
-    from .data import read_records
-    from .pairs import BUNDLED, load_pairs, read_label_input
-    from .rm import encode_pairs
-
+    human label from rm.eval_data, never trained on (same contexts are dropped, counted)."""
     r = cfg.rm
     if not r.labels:
         raise ConfigError("rm.labels: the output folder of `rlaif-ray label` (or a pairs file with human labels)")
@@ -287,8 +134,6 @@ def rm_data(cfg: Config, tok) -> tuple[list[dict], list[dict], dict]:
     if r.labels in BUNDLED:  # the set's own human labels (RLHF baseline); bad rows kept with an error
         rows = [{"error": None, **x} for x in load_pairs(r.labels, keep_bad=True)[0]]
     elif path.is_dir():
-        import pyarrow.parquet as pq
-
         rows = pq.read_table(path).to_pylist()
     elif path.is_file():
         rows = read_label_input(str(path)) if r.label_kind == "human" else read_records(path)
@@ -296,9 +141,9 @@ def rm_data(cfg: Config, tok) -> tuple[list[dict], list[dict], dict]:
         raise ConfigError(f"rm.labels: {path} not found")
     held_rows, unusable_held = rm_heldout(cfg)
     # a training pair on a held-out context (the same post or dialogue) would leak: dropped, counted
-    held_ctx = {_norm(x["context"]) for x in held_rows}
-    overlap = sum(1 for x in rows if _norm(x.get("context") or "") in held_ctx)
-    rows = [x for x in rows if _norm(x.get("context") or "") not in held_ctx][:r.max_pairs]
+    held_ctx = {normalize_text(x["context"]) for x in held_rows}
+    overlap = sum(1 for x in rows if normalize_text(x.get("context") or "") in held_ctx)
+    rows = [x for x in rows if normalize_text(x.get("context") or "") not in held_ctx][:r.max_pairs]
     train, counts = encode_pairs(rows, tok, r.label_kind, r.max_tokens)
     held, hcounts = encode_pairs(held_rows, tok, "human", r.max_tokens)
     counts.update({"dropped_heldout_overlap": overlap, "heldout_pairs": len(held),
@@ -309,60 +154,7 @@ def rm_data(cfg: Config, tok) -> tuple[list[dict], list[dict], dict]:
     return train, held, counts
 
 
-def _norm(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def rm_heldout(cfg: Config) -> tuple[list[dict], int]:
-    """The RM's held-out human-labelled pairs: the last rm.eval_n usable rows of rm.eval_data
-    (a bundled set, minus its exemplar rows; or a file), and how many rows were unusable."""
-    from .pairs import BUNDLED, EXEMPLAR_ROWS, load_pairs, read_label_input
-
-    r = cfg.rm
-    if r.eval_data in BUNDLED:
-        rows = load_pairs(r.eval_data, keep_bad=True, skip_last=EXEMPLAR_ROWS if r.eval_data.startswith("hh_") else 0)[0]
-    elif Path(r.eval_data).is_file():
-        rows = read_label_input(r.eval_data)
-    else:
-        raise ConfigError(f"rm.eval_data: {r.eval_data} is neither a bundled pair set nor a file")
-    ok = [{**x, "error": None} for x in rows if not x.get("error") and x.get("human") in ("a", "b")]
-    return ok[-r.eval_n:], len(rows) - len(ok)
-
-
-def run_train_rm(cfg: Config, out: str | Path | None = None, log=print) -> Path:
-    from .driver import start_ray
-    from .models import load_tokenizer
-
-    r = cfg.rm
-    init = r.init or cfg.model.name
-    tok = load_tokenizer(init)
-    train, held, counts = rm_data(cfg, tok)
-    counts["left_out_per_epoch"] = _check_batch(r.trainer, r.batch_size, "rm", len(train))
-    out = Path(out or r.output)
-    log(f"train-rm: {counts['pairs']} {r.label_kind}-labelled pairs ({counts['skipped_no_label']} without a usable "
-        f"label, {counts['truncated_texts']} texts cut to {r.max_tokens} tokens), {len(held)} held-out human pairs; "
-        f"init {init}; {r.trainer.num_workers} Ray Train worker(s)")
-    started = start_ray(cfg)
-    try:
-        history = fit(rm_loop, {"init": init, "tokenizer": init, "train": train, "eval": held,
-                                "pad": tok.pad_token_id, **_common(r)}, r.trainer, out, "train-rm", log)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    (out / "rm_summary.json").write_text(json.dumps({**counts, "label_kind": r.label_kind, "init": init,
-                                                     "history": history}, indent=1))
-    return out
-
-
-def _common(section) -> dict:
-    return {"epochs": section.epochs, "lr": section.lr, "weight_decay": section.weight_decay,
-            "batch_size": section.batch_size, "max_grad_norm": section.max_grad_norm, "seed": section.seed,
-            "torch_threads": section.trainer.torch_threads}
-
-
-def _check_batch(tc: TrainerConfig, batch_size: int, name: str, n: int) -> int:
+def check_batch(tc: TrainerConfig, batch_size: int, name: str, n: int) -> int:
     """Refuses layouts that cannot train; returns the examples left out of each epoch."""
     if batch_size % tc.num_workers:
         raise ConfigError(f"{name}.batch_size={batch_size} does not divide across "

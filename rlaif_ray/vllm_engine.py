@@ -115,21 +115,28 @@ class VLLMEngine:
         return [list(o.outputs[0].token_ids) for o in self.llm.generate(self._prompts(seqs), params, use_tqdm=False)]
 
     def sample_with_logprobs(self, seqs: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                             top_k: int, logprobs: int, seed: int) -> list[dict]:
-        """The completions endpoint's contract (see HFEngine.sample_with_logprobs)."""
+                             top_k: int, logprobs: int, seed: int, batch_size: int = 8,
+                             should_stop=None) -> list[dict]:
+        """The completions endpoint's contract (see HFEngine.sample_with_logprobs). vLLM keeps
+        only the top `logprobs` (and the chosen token) per step; the prompts go in batches of
+        `batch_size`, and `should_stop()` is asked before each batch (vLLM's offline generate
+        cannot be stopped inside a batch): TimeoutError when it says stop."""
         params = self._vllm.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k or 0,
                                            max_tokens=max_new_tokens, logprobs=max(logprobs, 0), seed=seed)
         results = []
-        for o in self.llm.generate(self._prompts(seqs), params, use_tqdm=False):
-            c = o.outputs[0]
-            ids = list(c.token_ids)
-            if ids and ids[-1] == self.tok.eos_token_id:
-                ids = ids[:-1]
-            steps = c.logprobs[:len(ids)]
-            top = [sorted(((t, float(v.logprob)) for t, v in step.items()), key=lambda x: -x[1])[:logprobs]
-                   for step in steps] if logprobs else None
-            results.append({"ids": ids, "token_logprobs": [float(step[t].logprob) for step, t in zip(steps, ids)],
-                            "top": top, "finish_reason": "length" if c.finish_reason == "length" else "stop"})
+        for start in range(0, len(seqs), max(1, batch_size)):
+            if should_stop is not None and should_stop():
+                raise TimeoutError(f"stopped before prompt {start} of {len(seqs)}")
+            for o in self.llm.generate(self._prompts(seqs[start:start + batch_size]), params, use_tqdm=False):
+                c = o.outputs[0]
+                ids = list(c.token_ids)
+                if ids and ids[-1] == self.tok.eos_token_id:
+                    ids = ids[:-1]
+                steps = c.logprobs[:len(ids)]
+                top = [sorted(((t, float(v.logprob)) for t, v in step.items()), key=lambda x: -x[1])[:logprobs]
+                       for step in steps] if logprobs else None
+                results.append({"ids": ids, "token_logprobs": [float(step[t].logprob) for step, t in zip(steps, ids)],
+                                "top": top, "finish_reason": "length" if c.finish_reason == "length" else "stop"})
         return results
 
     def continuation_logprobs(self, prompt: list[int], continuation: list[int]) -> list[float]:

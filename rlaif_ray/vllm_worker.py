@@ -10,6 +10,9 @@ holds at most one bucket beyond its model. Imported by vLLM by qualified name on
 """
 from __future__ import annotations
 
+from rlaif_ray import weight_sync
+from rlaif_ray.devices import collective_device
+
 
 class WeightReceiver:
     """Mixed into vLLM's Worker: `self.device` and `self.model_runner` are the worker's."""
@@ -17,18 +20,14 @@ class WeightReceiver:
     def rlaif_join_weight_group(self, master: str, port: int, first_rank: int, world: int, backend: str,
                                 timeout_s: float) -> int:
         """Join the weight group as rank first_rank + this worker's rank in its engine."""
-        from rlaif_ray import weight_sync
-
         rank = first_rank + int(getattr(self, "rank", 0))
         self._rlaif_group = weight_sync.open_group(master, port, rank, world, backend, timeout_s)
-        self._rlaif_device = "cuda" if backend == "nccl" else "cpu"
+        self._rlaif_device = collective_device(backend)
         return rank
 
     def rlaif_receive_weights(self, tensor_spec: list, version: int, who: str, bucket_bytes: int,
                               tied_lm_head: bool) -> int:
         """Receive one policy version bucket by bucket and reload it in place."""
-        from rlaif_ray import weight_sync
-
         def load(stream):  # the version is checked before this starts: a refused one never touches the model
             self.model_runner.reload_weights(weights_iterator=with_tied_head(stream, tied_lm_head),
                                              is_checkpoint_format=True)

@@ -1,4 +1,4 @@
-"""Win rate, length-controlled win rate and harmless rate (METHOD.md section 7), as small
+"""Win rate, length-controlled win rate and harmless rate (docs/method.md §7), as small
 pure functions on lists of numbers: what `rlaif-ray eval` and the end-of-train evaluation
 report, tested on known counts and synthetic data in tests/test_winrate.py."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from .signal import wilson_interval
+from .stats import wilson_interval
 
 
 def outcomes(p_a: list[float], tie_margin: float = 0.0) -> list[float]:
@@ -62,7 +62,7 @@ def fit_logistic(x: list[float], y: list[float], l2: float = 1e-4, iters: int = 
 
 
 def length_feature(len_a: list[float], len_b: list[float], kind: str = "ratio") -> list[float]:
-    """The regressor: the length ratio A/B in characters (METHOD.md App. J), or its log."""
+    """The regressor: the length ratio A/B in characters (docs/method.md App. J), or its log."""
     out = []
     for a, b in zip(len_a, len_b):
         if b <= 0 or a <= 0:

@@ -57,7 +57,7 @@ def chain_cfg(model, tmp_path, **sections):
 @pytest.fixture(scope="module")
 def trained_rm(ray_local, tiny_model_path, tmp_path_factory):
     """A reward model trained by `train-rm` on 2 Ray Train workers from 240 AI-labelled pairs."""
-    from rlaif_ray.supervised import run_train_rm
+    from rlaif_ray.commands.train_rm import run_train_rm
 
     tmp = tmp_path_factory.mktemp("rm")
     labels = tmp / "labels"
@@ -82,7 +82,7 @@ def test_train_rm_on_two_workers_learns_the_ai_preference(trained_rm):
 
 def test_reward_model_actor_scores_rollouts_in_the_rl_loop(ray_local, tiny_model_path, trained_rm, tmp_path):
     from actors.reward_model import RewardModel
-    from rlaif_ray.driver import train
+    from rlaif_ray.commands.train import train
     from rlaif_ray.runlog import read_rollouts
 
     cfg = chain_cfg(tiny_model_path, tmp_path, reward={"source": "rm", "rm_path": str(trained_rm)},
@@ -104,7 +104,7 @@ def test_reward_model_actor_scores_rollouts_in_the_rl_loop(ray_local, tiny_model
 
 def test_sft_lowers_heldout_loss(ray_local, tiny_model_path, tmp_path):
     from rlaif_ray.models import load_model
-    from rlaif_ray.supervised import run_sft
+    from rlaif_ray.commands.sft import run_sft
 
     out = run_sft(chain_cfg(tiny_model_path, tmp_path), tmp_path / "sft", log=lambda *_: None)
     hist = json.loads((out / "sft_summary.json").read_text())["history"]
@@ -134,7 +134,7 @@ def test_reward_model_data_keeps_held_out_contexts_out(tiny_model_path, tokenize
 
 def test_batch_that_does_not_divide_across_workers_is_refused(tiny_model_path, tmp_path):
     from rlaif_ray.config import ConfigError
-    from rlaif_ray.supervised import run_sft
+    from rlaif_ray.commands.sft import run_sft
 
     cfg = chain_cfg(tiny_model_path, tmp_path, sft={"batch_size": 7})
     with pytest.raises(ConfigError, match=r"sft.batch_size=7 does not divide across sft.trainer.num_workers=2"):
@@ -142,7 +142,7 @@ def test_batch_that_does_not_divide_across_workers_is_refused(tiny_model_path, t
 
 
 def test_run_executes_the_whole_chain(ray_local, tiny_model_path, tmp_path):
-    from rlaif_ray.chain import run_chain
+    from rlaif_ray.commands.run_chain import run_chain
 
     cfg = chain_cfg(tiny_model_path, tmp_path, reward={"source": "pairwise"},
                     sft={"epochs": 1, "max_examples": 24}, rm={"epochs": 1, "eval_data": "hh_helpful", "eval_n": 8})
@@ -172,7 +172,7 @@ def test_every_config_validates_and_runs_one_step(name, ray_local, tiny_model_pa
     from pathlib import Path
 
     from rlaif_ray.config import load_config
-    from rlaif_ray.driver import train
+    from rlaif_ray.commands.train import train
     from rlaif_ray.runlog import read_metrics
 
     path = Path(__file__).parent.parent / "configs" / name

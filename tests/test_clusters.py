@@ -65,7 +65,7 @@ GPU_CONFIGS = sorted((ROOT / "configs" / "gpu").glob("*.yaml"))
 
 @pytest.mark.parametrize("config", GPU_CONFIGS, ids=[c.name for c in GPU_CONFIGS])
 def test_every_gpu_config_passes_check_on_every_cluster_it_is_meant_for(config, capsys):
-    from rlaif_ray.cli import main
+    from rlaif_ray.commands.cli import main
 
     clusters = _meant_for(config)
     assert clusters and all((CLUSTERS / c).is_file() for c in clusters)
@@ -78,7 +78,7 @@ def test_every_gpu_config_passes_check_on_every_cluster_it_is_meant_for(config, 
 
 
 def test_check_refuses_a_layout_the_cluster_cannot_hold(capsys):
-    from rlaif_ray.cli import main
+    from rlaif_ray.commands.cli import main
 
     big = ROOT / "configs" / "gpu" / "tldr-d-rlaif-64gpu.yaml"
     assert main(["check", str(big), "--cluster", str(CLUSTERS / "kuberay-rayjob.yaml")]) == 2
@@ -88,7 +88,7 @@ def test_check_refuses_a_layout_the_cluster_cannot_hold(capsys):
 
 
 def test_check_refuses_rl_actors_on_the_head(tmp_path, capsys):
-    from rlaif_ray.cli import main
+    from rlaif_ray.commands.cli import main
 
     raw = yaml.safe_load((CLUSTERS / "aws-gpu.yaml").read_text())
     raw["available_node_types"]["head"]["resources"] = {"CPU": 8}

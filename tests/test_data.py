@@ -73,3 +73,90 @@ def test_sampler_is_deterministic_and_resumable():
     b.load_state(state)
     assert [x["i"] for x in b.next(6)] == rest
     assert sorted(first + rest[:2]) == list(range(7))  # an epoch is a permutation
+
+
+# --- issue 20 item 4: file types, gzip, surrogates and the row cap ---
+
+ROW = {"subreddit": "a", "title": "t", "post": "p"}
+
+
+def _gz(path, rows):
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_file_type_is_recognised_case_insensitively(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([ROW]), tmp_path / "p.PARQUET")
+    (tmp_path / "p.JSONL").write_text(json.dumps(ROW) + "\n")
+    _gz(tmp_path / "p.JSONL.GZ", [ROW, ROW])
+    _gz(tmp_path / "p.Jsonl.Gz", [ROW])
+    names = ("p.PARQUET", "p.JSONL", "p.JSONL.GZ", "p.Jsonl.Gz")
+    assert [len(data.load_tldr(tmp_path / n)) for n in names] == [1, 1, 2, 1]
+    kinds = [data.file_kind(n) for n in ("a.Parquet", "a.JSONL.GZ", "a.json", "a")]
+    assert kinds == ["parquet", "jsonl.gz", "jsonl", "jsonl"]
+
+
+def test_misnamed_files_say_what_they_are(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "plain.jsonl.gz").write_text(json.dumps(ROW) + "\n")
+    with pytest.raises(data.DataError, match=r"plain.jsonl.gz: not a gzip file although named .gz"):
+        data.load_tldr(tmp_path / "plain.jsonl.gz")
+    _gz(tmp_path / "packed.jsonl", [ROW])
+    with pytest.raises(data.DataError, match="gzip-compressed data in a file not named .gz: name it .jsonl.gz"):
+        data.load_tldr(tmp_path / "packed.jsonl")
+    pq.write_table(pa.Table.from_pylist([ROW]), tmp_path / "table.jsonl")
+    with pytest.raises(data.DataError, match="a Parquet file not named .parquet"):
+        data.load_tldr(tmp_path / "table.jsonl")
+
+
+def test_truncated_or_corrupt_gzip_names_the_file(tmp_path):
+    whole = _gz(tmp_path / "whole.jsonl.gz", [dict(ROW, post=f"post {i} " * 30) for i in range(40)]).read_bytes()
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(data.DataError, match=r"cut.jsonl.gz: the gzip file is truncated \(it ends inside row \d+"):
+        data.load_tldr(tmp_path / "cut.jsonl.gz")
+    (tmp_path / "noise.jsonl.gz").write_bytes(whole[:20] + b"\x00" * 50 + whole[70:])
+    with pytest.raises(data.DataError, match="noise.jsonl.gz: corrupt gzip data"):
+        data.load_tldr(tmp_path / "noise.jsonl.gz")
+
+
+def test_a_lone_surrogate_names_row_and_field(tmp_path):
+    p = tmp_path / "s.jsonl"
+    p.write_text(json.dumps(ROW) + "\n" + '{"subreddit": "a", "title": "t", "post": "x \\udc00 y"}\n')
+    with pytest.raises(data.DataError, match=r"s.jsonl: row 2 field 'post' holds a lone surrogate"):
+        data.load_tldr(p)
+    p.write_text('{"subreddit": "a", "title": "t", "post": "a pair is fine: \\ud83d\\ude00"}\n')
+    assert data.load_tldr(p)[0]["post"].endswith("\U0001F600")
+
+
+def test_a_row_over_the_cap_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    big = dict(ROW, post="word " * 400_000)  # 2 MB
+    p = tmp_path / "big.jsonl"
+    p.write_text(json.dumps(ROW) + "\n" + json.dumps(big) + "\n")
+    size = len(json.dumps(big)) + 1
+    monkeypatch.setattr(data.json, "loads", lambda text, _real=json.loads: _real(text) if len(text) < 1000
+                        else pytest.fail("an over-long row was parsed"))
+    with pytest.raises(data.DataError, match=rf"big.jsonl: row 2 is {size:,} bytes, over the limit of 200,000"):
+        data.load_tldr(p)
+    with pytest.raises(data.DataError, match="row 2 is"):
+        data.load_tldr(_gz(tmp_path / "big.jsonl.gz", [ROW, big]))
+    monkeypatch.undo()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([ROW, big]), tmp_path / "big.parquet")
+    with pytest.raises(data.DataError, match="big.parquet: row 2 is 2,000,002 bytes"):
+        data.load_tldr(tmp_path / "big.parquet")
+    ok = dict(ROW, post="x" * (data.MAX_ROW_BYTES - len(json.dumps(dict(ROW, post="")))))  # exactly at the cap
+    (tmp_path / "edge.jsonl").write_text(json.dumps(ok) + "\n")
+    assert len(data.load_tldr(tmp_path / "edge.jsonl")) == 1
+
+
+def test_bundled_files_are_under_the_row_cap():
+    for name in ("tldr_posts_dev.jsonl.gz", *(f for f, _ in data.BUNDLED.values())):
+        assert data.read_records(data.bundled_path(name))

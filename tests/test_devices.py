@@ -38,19 +38,20 @@ def test_learner_step_builds_every_tensor_on_its_device(tiny_model_path, baselin
 
 
 def test_engines_judge_and_supervised_losses_build_every_tensor_on_their_device(tiny_model_path):
-    from rlaif_ray import rm
+    from rlaif_ray import supervised as rm
     from rlaif_ray.devices import DeviceGuard
     from rlaif_ray.engines import HFEngine
-    from rlaif_ray.labeling import Judge, PairwiseOptions
+    from rlaif_ray.config import PairwiseConfig
+    from rlaif_ray.labeling import Judge
 
     with DeviceGuard() as guard:
         for sharing in ("on", "off"):
             eng = HFEngine(tiny_model_path, prefix_sharing=sharing)
             eng.generate([[1, 2, 3], [4, 5]], temperature=0.9, top_p=1.0, top_k=0, max_new_tokens=4, seed=0)
-            judge = Judge(eng, eng.tok, "yesno_about_chat")
+            judge = Judge.of_model(eng, eng.tok, "yesno_about_chat")
             judge.score(["a post about cats", "a post about dogs"], ["cats", "dogs"])
             judge.score(["a post about cats"], ["cats"], scorer="score10_chat")
-            judge.prefer(["a long post " * 12, "another long post " * 12], ["a", "b"], ["c", "d"], PairwiseOptions())
+            judge.prefer(["a long post " * 12, "another long post " * 12], ["a", "b"], ["c", "d"], PairwiseConfig())
         eng.complete([[1, 2, 3]], 3, 0.0, 0, 0)
         eng.sample_with_logprobs([[1, 2, 3]], 3, 0.0, 1.0, 0, 2, 0)
         eng.continuation_logprobs([1, 2], [3, 4])

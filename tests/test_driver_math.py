@@ -1,6 +1,7 @@
 import pytest
 
-from rlaif_ray.driver import paired_change, split
+from rlaif_ray.commands.pipeline import split
+from rlaif_ray.stats import paired_change
 
 
 def test_paired_change():

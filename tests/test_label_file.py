@@ -5,9 +5,10 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from rlaif_ray.cli import GRID
+from rlaif_ray.labeler_eval import GRID
 from rlaif_ray.config import ConfigError, load_config
-from rlaif_ray.pairs import load_pairs, parse_variant, read_label_input
+from rlaif_ray.labeler_eval import parse_variant
+from rlaif_ray.pair_data import load_pairs, read_label_input
 
 
 def _write_pairs(path, rows):
@@ -35,7 +36,7 @@ def test_eval_labeler_grid_is_the_issue_grid():
 
 
 def test_label_command_with_a_pool_of_two(ray_local, tiny_model_path, tmp_path):
-    from rlaif_ray.label_file import label_file
+    from rlaif_ray.commands.label import label_file
 
     hh, _ = load_pairs("hh_harmless", 12)
     tldr, _ = load_pairs("tldr_ai_judged", 12)
@@ -71,7 +72,7 @@ def test_label_command_unusable_labels_and_cot(ray_local, tiny_model_path, tmp_p
     """A random model puts almost no mass on "1"/"2": with min_label_mass 0.5 every row is
     kept with an 'unusable label' error. With CoT and 2 self-consistency samples each row
     carries its rationales (per sample, both orders)."""
-    from rlaif_ray.label_file import label_file
+    from rlaif_ray.commands.label import label_file
 
     src = _write_pairs(tmp_path / "pairs.jsonl", load_pairs("hh_helpful", 4)[0])
     base = [f"model.name={tiny_model_path}", "reward.pairwise.task=helpful", "label.pool_size=1",

@@ -9,7 +9,7 @@ from rlaif_ray import lm, prompts
 
 
 def _seqs(tokenizer, shots: int, n: int, extra: str | None = None):
-    from rlaif_ray.pairs import exemplar_pairs, load_pairs
+    from rlaif_ray.pair_data import exemplar_pairs, load_pairs
 
     rows, task = load_pairs("hh_helpful", n)
     ex = exemplar_pairs("hh_helpful", shots)

@@ -46,7 +46,8 @@ def test_the_learner_actor_gets_the_malloc_settings_and_the_job_env(ray_local, t
     import ray
 
     from rlaif_ray.config import config_from_dict
-    from rlaif_ray.driver import release, start_learner
+    from actors.ray_session import release
+    from rlaif_ray.commands.pipeline import start_learner
 
     names = ["MALLOC_MMAP_THRESHOLD_", "HF_HUB_OFFLINE", "OMP_NUM_THREADS"]
     for release_memory, want in ((True, "65536"), (False, None)):

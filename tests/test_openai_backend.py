@@ -29,17 +29,17 @@ def test_judge_reads_both_spellings_in_one_pass(tiny_model, tokenizer):
     two separate forward passes."""
     from rlaif_ray.labeling import Judge
 
-    judge = Judge(tiny_model, tokenizer, "yesno_about_chat")
+    judge = Judge.of_model(tiny_model, tokenizer, "yesno_about_chat")
     texts = [prompts.build("helpful", "Human: hi", "Hello! How can I help?", "Go away."),
              prompts.build("summarization", "A long post.", "Short.", "Other.")]
-    got = judge._label_logprobs(texts)
+    got = judge.labels.pair(texts)
     pad = tokenizer.pad_token_id
     for b, text in enumerate(texts):
         seq = tokenizer(text, add_special_tokens=False)["input_ids"]
         first = lm.next_token_logprobs(tiny_model, [seq], pad, 1)[0, -1]
-        spaced = lm.next_token_logprobs(tiny_model, [seq + [judge.label_prefix]], pad, 1)[0, -1]
-        for j, digit in enumerate(judge.prefixed):
-            want = torch.logaddexp(first[digit], first[judge.label_prefix] + spaced[digit])
+        spaced = lm.next_token_logprobs(tiny_model, [seq + [judge.labels.label_prefix]], pad, 1)[0, -1]
+        for j, digit in enumerate(judge.labels.prefixed):
+            want = torch.logaddexp(first[digit], first[judge.labels.label_prefix] + spaced[digit])
             assert got[b, j].item() == pytest.approx(want.item(), abs=1e-4)
 
 
@@ -161,13 +161,14 @@ def test_openai_backend_against_serve_labeler(ray_local, monkeypatch, tmp_path):
     import pyarrow.parquet as pq
     from ray import serve
 
-    from actors.labeler_server import serve_labeler
+    from rlaif_ray.commands.serve_labeler import serve_labeler
     from rlaif_ray.config import load_config
-    from rlaif_ray.label_file import label_file
+    from rlaif_ray.commands.label import label_file
     from rlaif_ray.engines import HFEngine
-    from rlaif_ray.labeling import Judge, PairwiseOptions
+    from rlaif_ray.config import PairwiseConfig
+    from rlaif_ray.labeling import EndpointLabels, Judge
     from rlaif_ray.models import DEFAULT_MODEL, load_model, load_tokenizer
-    from rlaif_ray.pairs import load_pairs
+    from rlaif_ray.pair_data import load_pairs
 
     port = _free_port()
     serve_args = [f"serve.port={port}", "serve.num_cpus=0.5", "serve.api_key_env=TEST_SERVE_KEY"]
@@ -190,13 +191,15 @@ def test_openai_backend_against_serve_labeler(ray_local, monkeypatch, tmp_path):
         greedy = HFEngine(model, tok).complete(seqs[:2], 6, 0.0, 0, 0)
         assert eng.complete_text(texts[:2], 6, 0.0, 0, 0) == [tok.decode(g, skip_special_tokens=True) for g in greedy]
 
-        judge = Judge(eng, None, "yesno_about_chat", batch_size=4)
-        p_a, p_ab, p_ba = judge.prefer([r["context"] for r in rows], [r["response_a"] for r in rows],
-                                       [r["response_b"] for r in rows], PairwiseOptions(task=task))
-        assert all(0 < p < 1 for p in p_a + p_ab + p_ba) and min(judge.last_pair_mass) > 0
-        p_cot, _, _ = judge.prefer([rows[0]["context"]], [rows[0]["response_a"]], [rows[0]["response_b"]],
-                                   PairwiseOptions(task=task, cot=True, cot_max_tokens=8))
-        assert len(judge.last_rationales) == 1 and len(judge.last_rationales[0]) == 2 and 0 <= p_cot[0] <= 1
+        judge = Judge(EndpointLabels(eng), "yesno_about_chat", batch_size=4)
+        pref = judge.prefer([r["context"] for r in rows], [r["response_a"] for r in rows],
+                            [r["response_b"] for r in rows], PairwiseConfig(task=task))
+        p_a, p_ab, p_ba = pref.p_a, pref.p_ab, pref.p_ba
+        assert all(0 < p < 1 for p in p_a + p_ab + p_ba) and min(pref.label_mass) > 0
+        cot = judge.prefer([rows[0]["context"]], [rows[0]["response_a"]], [rows[0]["response_b"]],
+                           PairwiseConfig(task=task, cot=True, cot_max_tokens=8))
+        p_cot = cot.p_a
+        assert len(cot.rationales[0]) == 1 and len(cot.rationales[0][0]) == 2 and 0 <= p_cot[0] <= 1
 
         too_long = {"id": "too-long", "context": "word " * 9000, "response_a": "a", "response_b": "b"}
         src = tmp_path / "pairs.jsonl"

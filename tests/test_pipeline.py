@@ -29,7 +29,7 @@ def tiny_cfg(model_path, out_dir, **sections):
 
 
 def test_overlapped_run_accounts_for_every_rollout(ray_local, tiny_model_path, tmp_path):
-    from rlaif_ray.driver import train
+    from rlaif_ray.commands.train import train
 
     cfg = tiny_cfg(tiny_model_path, tmp_path, eval={"every": 2})
     run = train(cfg, tmp_path / "run", log=lambda *_: None)
@@ -78,7 +78,7 @@ def test_synchronous_run_is_on_policy(ray_local, tiny_model_path, tmp_path, weig
     every generator with exactly the learner's weights."""
     import ray
 
-    from rlaif_ray.driver import train
+    from rlaif_ray.commands.train import train
 
     cfg = tiny_cfg(tiny_model_path, tmp_path, rl={"max_staleness": 0, "steps": 3},
                    eval={"num_prompts": 0, "signal_posts": 0},
@@ -94,7 +94,8 @@ def test_actors_exchange_arrow_and_weights_reach_generators(ray_local, tiny_mode
     import ray
 
     from rlaif_ray.data import build_prompts, load_tldr, prompt_batch
-    from rlaif_ray.driver import release, start_actors, sync_weights
+    from actors.ray_session import release
+    from rlaif_ray.commands.pipeline import start_actors, sync_weights
     from rlaif_ray.models import load_tokenizer
 
     cfg = tiny_cfg(tiny_model_path, tmp_path, reward={"source": "pairwise"})
@@ -130,7 +131,7 @@ def test_actors_exchange_arrow_and_weights_reach_generators(ray_local, tiny_mode
 def test_weight_sync_timeout_names_the_actor(ray_local):
     import ray
 
-    from rlaif_ray.driver import WeightSyncTimeout, sync_weights
+    from rlaif_ray.commands.pipeline import WeightSyncTimeout, sync_weights
 
     class _DeafGenerator:  # defined here so Ray ships it by value to the worker
         def set_weights(self, weights, version):
@@ -151,7 +152,8 @@ def test_two_learner_workers_match_one(ray_local, tiny_model_path, tmp_path):
 
     from actors.learner import LearnerGroup, LearnerWorker
     from rlaif_ray.data import build_prompts, load_tldr, prompt_batch
-    from rlaif_ray.driver import release, start_actors
+    from actors.ray_session import release
+    from rlaif_ray.commands.pipeline import start_actors
     from rlaif_ray.models import load_tokenizer
 
     cfg = tiny_cfg(tiny_model_path, tmp_path, pipeline={"learner": {"num_cpus": 0.25}})
@@ -181,8 +183,9 @@ def test_broadcast_group_checks_versions_and_placement(ray_local, tiny_model_pat
     import numpy as np
     import ray
 
-    from rlaif_ray.driver import (WeightVersionError, broadcast_weights, form_weight_group, release, start_actors,
-                                  sync_weights)
+    from actors.ray_session import release
+    from rlaif_ray.commands.pipeline import broadcast_weights, form_weight_group, start_actors, sync_weights
+    from rlaif_ray.weight_sync import WeightVersionError
 
     cfg = tiny_cfg(tiny_model_path, tmp_path, pipeline={"learner": {"num_cpus": 0.25}, "labelers": {"num_cpus": 0.25},
                                                         "generators": {"num_actors": 2, "num_cpus": 0.25}})
@@ -221,7 +224,8 @@ def test_a_broadcast_that_times_out_names_the_member_and_a_new_group_works(ray_l
     stuck broadcast fail at the group's own timeout (no hang), and a re-formed group works."""
     import ray
 
-    from rlaif_ray.driver import WeightSyncTimeout, broadcast_weights, form_weight_group, release, start_actors
+    from actors.ray_session import release
+    from rlaif_ray.commands.pipeline import WeightSyncTimeout, broadcast_weights, form_weight_group, start_actors
 
     cfg = tiny_cfg(tiny_model_path, tmp_path, pipeline={"learner": {"num_cpus": 0.25}, "labelers": {"num_cpus": 0.25},
                                                         "generators": {"num_actors": 2, "num_cpus": 0.25}})
@@ -248,7 +252,7 @@ def test_an_impossible_layout_is_refused_before_any_actor_starts(ray_local, tiny
     import ray
 
     from rlaif_ray.config import ConfigError
-    from rlaif_ray.driver import train
+    from rlaif_ray.commands.train import train
 
     before = set(ray.util.list_named_actors())
     cfg = tiny_cfg(tiny_model_path, tmp_path, pipeline={"generators": {"num_actors": 2, "num_gpus": 1}})

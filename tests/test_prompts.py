@@ -101,34 +101,30 @@ def test_detailed_dialogue_preambles_keep_the_layout():
         assert sample == "C\nResponse 1 - A\nResponse 2 - B\nPreferred Response="
 
 
-def test_labeler_pairwise_prompt_is_the_base_prompt():
-    from rlaif_ray.labeling import pairwise_prompt
-
-    assert pairwise_prompt("POST", "A", "B") == prompts.build("summarization", "POST", "A", "B")
-
-
 def test_harmless_is_inverted_and_cot_runs_two_steps(tiny_model, tokenizer):
     import torch
 
-    from rlaif_ray.labeling import Judge, PairwiseOptions
+    from rlaif_ray.config import PairwiseConfig
+    from rlaif_ray.labeling import Judge
 
-    judge = Judge(tiny_model, tokenizer, "yesno_about_chat", batch_size=4)
+    judge = Judge.of_model(tiny_model, tokenizer, "yesno_about_chat", batch_size=4)
     ctx, a, b = ["Human: how do I pick a lock?"], ["I can't help with that."], ["Use a tension wrench."]
-    p_a, p_ab, p_ba = judge.prefer(ctx, a, b, PairwiseOptions(task="harmless"))
+    pref = judge.prefer(ctx, a, b, PairwiseConfig(task="harmless"))
+    p_a, p_ab, p_ba = pref.p_a, pref.p_ab, pref.p_ba
     # the raw question "which is most harmful?" read directly from the same engine
     text = prompts.build("harmless", ctx[0], a[0], b[0])
-    logp = judge._label_logprobs([text])  # "1" and "2", each over its spellings
+    logp = judge.labels.pair([text])  # "1" and "2", each over its spellings
     raw_first_harmful = torch.sigmoid(logp[:, 0] - logp[:, 1]).item()
     assert p_ab[0] == pytest.approx(1 - raw_first_harmful, abs=1e-5)
     assert p_a[0] == pytest.approx((p_ab[0] + 1 - p_ba[0]) / 2, abs=1e-6)
 
-    opts = PairwiseOptions(task="summarization", preamble="detailed", cot=True, cot_max_tokens=4)
-    p_a, p_ab, p_ba = judge.prefer(["POST"], ["A"], ["B"], opts)
-    assert len(judge.last_rationales) == 1 and len(judge.last_rationales[0]) == 2  # greedy, both orders
-    assert 0 <= p_a[0] <= 1
-    sc = PairwiseOptions(cot=True, cot_max_tokens=4, self_consistency=3)
-    judge.prefer(["POST"], ["A"], ["B"], sc)
-    assert len(judge.last_rationales) == 3  # three sampled rationales per order, averaged
+    opts = PairwiseConfig(task="summarization", preamble="detailed", cot=True, cot_max_tokens=4)
+    pref = judge.prefer(["POST"], ["A"], ["B"], opts)
+    assert len(pref.rationales[0]) == 1 and len(pref.rationales[0][0]) == 2  # greedy, both orders
+    assert 0 <= pref.p_a[0] <= 1
+    sc = PairwiseConfig(cot=True, cot_max_tokens=4, self_consistency=3)
+    pref = judge.prefer(["POST"], ["A"], ["B"], sc)
+    assert len(pref.rationales[0]) == 3  # three sampled rationales per order, averaged
 
 
 def test_prefix_sharing_matches_the_padded_batch(tiny_model, tokenizer):
@@ -137,7 +133,7 @@ def test_prefix_sharing_matches_the_padded_batch(tiny_model, tokenizer):
     """The KV-cache path (root once, each pair's shared context once, tails one by one)
     reads the same log-probs as one left-padded batch, lookback 2 included."""
     from rlaif_ray.engines import HFEngine
-    from rlaif_ray.pairs import exemplar_pairs, load_pairs
+    from rlaif_ray.pair_data import exemplar_pairs, load_pairs
 
     rows, task = load_pairs("hh_helpful", 3)
     shots = exemplar_pairs("hh_helpful", 1)

@@ -12,7 +12,7 @@ def test_two_steps_on_the_bundled_model(ray_local, tmp_path):
     from pathlib import Path
 
     from rlaif_ray.config import load_config
-    from rlaif_ray.driver import train
+    from rlaif_ray.commands.train import train
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "quickstart.yaml", [

@@ -34,7 +34,7 @@ def _metrics_lines(run: Path) -> int:
 
 @pytest.mark.parametrize("role", ["generator-0", "labeler-0", "learner-0"])
 def test_killed_actor_loses_and_repeats_nothing(ray_local, tiny_model_path, tmp_path, role):
-    from rlaif_ray.driver import train
+    from rlaif_ray.commands.train import train
 
     steps = 24
     cfg = tiny_cfg(tiny_model_path, tmp_path, rl={"steps": steps, "max_staleness": 1},
@@ -64,7 +64,7 @@ def test_resumed_run_continues_like_an_uninterrupted_one(ray_local, tiny_model_p
     uninterrupted run of the same seed (max_staleness 0, so every batch is on-policy)."""
     from safetensors.numpy import load_file
 
-    from rlaif_ray.driver import train
+    from rlaif_ray.commands.train import train
 
     cfg = tiny_cfg(tiny_model_path, tmp_path, rl={"steps": 5, "max_staleness": 0},
                    generation={"max_new_tokens": 16}, eval={"num_prompts": 0, "signal_posts": 0},
@@ -74,14 +74,26 @@ def test_resumed_run_continues_like_an_uninterrupted_one(ray_local, tiny_model_p
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(dump_config(cfg))
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "rlaif_ray.cli", "train", str(cfg_file), "--out", str(cut)],
+    proc = subprocess.Popen([sys.executable, "-m", "rlaif_ray.commands.cli", "train", str(cfg_file), "--out", str(cut)],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for(lambda: (cut / "checkpoints" / "latest").is_file(), timeout=600, what="first checkpoint")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
         proc.wait()
-    resumed = train(cfg, log=lambda *_: None, resume=cut)
+    # what a crash at a bad byte also leaves (tests/test_crash_safety.py cuts every file): a torn
+    # metrics line, an empty `latest`, a checkpoint half-written under its temp name
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "reward_me')
+    (cut / "checkpoints" / "latest").write_text("")
+    partial = cut / "checkpoints" / ".step_000099.partial-1-x"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\0" * 100)
+    lines: list[str] = []
+    resumed = train(cfg, log=lines.append, resume=cut)
+    notes = [x for x in lines if x.startswith("note: ")]
+    assert any("torn last line" in x for x in notes) and any("checkpoints/latest is empty" in x for x in notes), notes
+    assert not partial.exists()
 
     a, b = read_metrics(full), read_metrics(resumed)
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5] and [m["policy_version"] for m in b] == [1, 2, 3, 4, 5]
@@ -98,19 +110,58 @@ def test_resumed_run_continues_like_an_uninterrupted_one(ray_local, tiny_model_p
             np.testing.assert_allclose(wa[k], wb[k], atol=1e-5, err_msg=f"{name}:{k}")
 
 
+# The bad-input corpus: every tests/bad_inputs/*.yaml is a config run through the CLI
+# (`main`, in this process). Its first lines are `# KEY: VALUE` headers:
+#   # expect: TEXT      required: words the one `error: ...` line must hold
+#   # command: ARGS     optional: the command and its flags; the config path goes right after
+#                       the command name (default: train --out /nonexistent/should-not-be-created)
+#   # set: KEY=VALUE    optional, repeatable: passed verbatim as --set KEY=VALUE
+# A data file a case needs sits beside it (tests/bad_inputs/NAME.jsonl, .jsonl.gz, .PARQUET)
+# and is named in the config relative to the repository root. Each case must end with exit
+# code 2, exactly one line `error: ...` (the last line of stderr), no traceback, and no Ray.
 CORPUS = sorted((ROOT / "tests" / "bad_inputs").glob("*.yaml"))
+DEFAULT_ARGS = ["train", "--out", "/nonexistent/should-not-be-created"]
+
+
+def corpus_case(path: Path) -> tuple[list[str], str]:
+    """(the CLI arguments, the expected words) of one corpus file, from its header lines."""
+    head: dict[str, list[str]] = {}
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():  # a case may be non-UTF-8
+        if not line.startswith("# ") or ":" not in line:
+            break
+        key, _, value = line[2:].partition(":")
+        head.setdefault(key.strip(), []).append(value.strip())
+    assert set(head) <= {"expect", "command", "set"} and len(head.get("expect", [])) == 1, f"{path.name}: bad header"
+    command = head["command"][0].split() if "command" in head else DEFAULT_ARGS
+    args = [command[0], str(path.relative_to(ROOT)), *command[1:]]
+    for item in head.get("set", []):
+        args += ["--set", item]
+    return args, head["expect"][0]
 
 
 @pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
 def test_bad_input_corpus(path, capsys, monkeypatch):
-    """Each bad config or data file stops before any actor starts, with one clear message."""
-    from rlaif_ray.cli import main
+    """Each bad config, data file or argument stops before Ray starts, with one clear line."""
+    import ray
+
+    import actors.ray_session
+    from rlaif_ray.commands.cli import main
+
+    def no_ray(*_, **__):
+        raise AssertionError("Ray was started for a bad input")
 
     monkeypatch.chdir(ROOT)
-    expect = path.read_text().splitlines()[0].removeprefix("# expect: ")
-    code = main(["train", str(path.relative_to(ROOT)), "--out", "/nonexistent/should-not-be-created"])
+    monkeypatch.delenv("RLAIF_RAY_DEBUG", raising=False)
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(actors.ray_session, "start_ray", no_ray)
+    was_up = ray.is_initialized()  # the session's ray_local fixture may have started one
+    args, expect = corpus_case(path)
+    code = main(args)
     err = capsys.readouterr().err
-    assert code == 2 and expect in err, err
+    lines = err.strip().splitlines()
+    assert code == 2 and lines and lines[-1].startswith("error: ") and expect in lines[-1], err
+    assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in err, err
+    assert ray.is_initialized() == was_up
     assert not Path("/nonexistent/should-not-be-created").exists()
 
 
@@ -167,7 +218,7 @@ def test_unusable_labels_are_counted_and_not_trained(ray_local, tiny_model_path,
 
     from safetensors.numpy import load_file
 
-    from rlaif_ray.driver import train
+    from rlaif_ray.commands.train import train
 
     cfg = tiny_cfg(tiny_model_path, tmp_path, reward={"min_label_mass": 0.5}, rl={"steps": 2},
                    eval={"num_prompts": 0, "signal_posts": 0}, run={"checkpoint_every": 0})

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from rlaif_ray import scoring
-from rlaif_ray.signal import signal_from_scores, wilson_interval
+from rlaif_ray.labeler_eval import signal_from_scores
+from rlaif_ray.stats import wilson_interval
 
 
 def test_score_distribution_and_expectation():
@@ -63,18 +64,19 @@ def test_judge_on_tiny_model(tiny_model, tokenizer):
 
     ctx = ["SUBREDDIT: r/a\nTITLE: t\nPOST: hello there"] * 3
     for name in ("score10_raw", "yesno_about_chat"):
-        j = Judge(tiny_model, tokenizer, name, batch_size=2)
+        j = Judge.of_model(tiny_model, tokenizer, name, batch_size=2)
         r, raw, meta = j.score(ctx, ["one", "two words", "three words here"])
         assert len(r) == 3 and all(-1 <= x <= 1 for x in r)
         assert json.loads(meta[0])["scorer"] == name
         # batching must not change scores (left padding + position ids)
-        r1, _, _ = Judge(tiny_model, tokenizer, name, batch_size=1).score(ctx, ["one", "two words", "three words here"])
+        r1, _, _ = Judge.of_model(tiny_model, tokenizer, name, batch_size=1).score(ctx, ["one", "two words", "three words here"])
         assert r == pytest.approx(r1, abs=1e-4)
-    p_a, p_ab, p_ba = Judge(tiny_model, tokenizer, "yesno_about_chat").prefer(ctx[:2], ["x", "y"], ["y", "x"])
+    pref = Judge.of_model(tiny_model, tokenizer, "yesno_about_chat").prefer(ctx[:2], ["x", "y"], ["y", "x"])
+    p_a, p_ab, p_ba = pref.p_a, pref.p_ab, pref.p_ba
     # swapping a and b swaps the raw orders, so the debiased preferences are complementary
     assert p_a[0] == pytest.approx(1 - p_a[1], abs=1e-4)
     with pytest.raises(ValueError, match="reward.scorer"):
-        Judge(tiny_model, tokenizer, "nope")
+        Judge.of_model(tiny_model, tokenizer, "nope")
 
 
 def test_signal_math():

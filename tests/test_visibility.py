@@ -28,8 +28,9 @@ def test_every_role_emits_metrics_to_the_ray_endpoint(ray_local, tiny_model_path
     import ray
 
     from rlaif_ray.data import build_prompts, load_tldr, prompt_batch
-    from rlaif_ray.driver import release, start_actors
-    from rlaif_ray.metrics import RoleMetrics
+    from actors.ray_session import release
+    from rlaif_ray.commands.pipeline import start_actors
+    from actors.metrics import RoleMetrics
     from rlaif_ray.models import load_tokenizer
 
     cfg = tiny_cfg(tiny_model_path, tmp_path)
@@ -125,7 +126,8 @@ def test_eval_report_renders_with_its_plots(tmp_path):
     import pyarrow.parquet as pq
 
     from rlaif_ray.config import EvalConfig
-    from rlaif_ray.evaluate import JUDGEMENTS, summarize
+    from rlaif_ray.judgements import summarize_judgements as summarize
+    from rlaif_ray.schemas import JUDGEMENTS
     from rlaif_ray.report import eval_report
 
     rng = np.random.default_rng(1)

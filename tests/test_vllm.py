@@ -92,7 +92,7 @@ def test_train_with_vllm_generators(ray_local, tmp_path, sync):
     from pathlib import Path
 
     from rlaif_ray.config import load_config
-    from rlaif_ray.driver import train
+    from rlaif_ray.commands.train import train
     from rlaif_ray.runlog import read_metrics, read_rollouts
 
     root = Path(__file__).resolve().parents[1]
@@ -122,17 +122,18 @@ def test_vllm_labeler_matches_hf_labeler(ray_local):
     hf = make.remote("labeler-hf", {**reward, "backend": "hf"}, "smollm2-135m-instruct")
     vl = make.remote("labeler-vllm", {**reward, "backend": "vllm"}, "smollm2-135m-instruct")
     try:
-        a, b = ray.get([hf.score_texts.remote(contexts, own), vl.score_texts.remote(contexts, own)])
+        a, b = [x["reward"] for x in ray.get([hf.judge_alone.remote(contexts, own), vl.judge_alone.remote(contexts, own)])]
         np.testing.assert_allclose(b, a, atol=0.1)  # bf16 engine vs fp32 model
-        pa_hf, ab_hf, _ = ray.get(hf.prefer.remote(contexts, own, other))
-        pa_vl, ab_vl, _ = ray.get(vl.prefer.remote(contexts, own, other))
+        p_hf, p_vl = ray.get([hf.compare.remote(contexts, own, other), vl.compare.remote(contexts, own, other)])
+        pa_hf, ab_hf, pa_vl, ab_vl = p_hf.p_a, p_hf.p_ab, p_vl.p_a, p_vl.p_ab
         np.testing.assert_allclose(pa_vl, pa_hf, atol=0.1)
         np.testing.assert_allclose(ab_vl, ab_hf, atol=0.1)
         # chain-of-thought through the vLLM engine: a greedy rationale per order, then the label
         cot = {"cot": True, "cot_max_tokens": 8}
-        p_cot, _, _ = ray.get(vl.prefer.remote(contexts[:2], own[:2], other[:2], cot))
-        rationales = ray.get(vl.last_rationales.remote())
-        assert len(rationales) == 1 and len(rationales[0]) == 4 and all(0 <= p <= 1 for p in p_cot)
+        pref = ray.get(vl.compare.remote(contexts[:2], own[:2], other[:2], cot))
+        p_cot, rationales = pref.p_a, pref.rationales  # per pair: per sample, [order ab, order ba]
+        assert len(rationales) == 2 and all(len(r) == 1 and len(r[0]) == 2 for r in rationales)
+        assert all(0 <= p <= 1 for p in p_cot)
     finally:
         ray.kill(hf)
         ray.kill(vl)

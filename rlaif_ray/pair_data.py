@@ -1,33 +1,15 @@
-"""Response-pair data for the AI labeler (HH-format transcripts) and the alignment and
-position-bias metrics of METHOD.md section 7."""
+"""Response-pair data: the bundled human-labelled sets (HH-format transcripts, PandaLM,
+TL;DR), few-shot exemplars, the input rows of `label`, and the reward model's held-out
+pairs."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, bundled_path, read_records
-from .signal import wilson_interval
-
-BUNDLED = {  # name -> (file, labeler task)
-    "hh_harmless": ("hh_harmless_dev.jsonl.gz", "harmless"),
-    "hh_helpful": ("hh_helpful_dev.jsonl.gz", "helpful"),
-    "pandalm": ("pandalm_helpful_pairs_dev.jsonl.gz", "helpful"),
-    # TL;DR reference vs a PPO sample; the label is GPT-4's choice (AI feedback, not human)
-    "tldr_ai_judged": ("tldr_ai_judged_pairs_dev.jsonl.gz", "summarization"),
-}
-ASSISTANT = "\n\nAssistant:"
-# configs/exemplars/*.jsonl are the last rows of the bundled HH dev sets: those rows serve as
-# few-shot exemplars and are never evaluated (RL held-out prompts, RM held-out pairs)
-EXEMPLAR_ROWS = 2
-
-
-def split_transcript(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:
-    """(shared context up to the last 'Assistant:', chosen reply, rejected reply)."""
-    cut = chosen.rfind(ASSISTANT)
-    if cut < 0 or not rejected.startswith(chosen[:cut + len(ASSISTANT)]):
-        raise DataError(f"{where}: 'chosen' and 'rejected' do not share a context ending in 'Assistant:'")
-    head = cut + len(ASSISTANT)
-    return chosen[:head].strip(), chosen[head:].strip(), rejected[head:].strip()
-
+from .config import Config, ConfigError
+from .data import BUNDLED, EXEMPLAR_ROWS, DataError, bundled_path, post_block, read_records, split_transcript
+from .prompts import Exemplar
 
 def load_pairs(name: str, n: int | None = None, seed: int = 0, skip_last: int = 0,
                keep_bad: bool = False) -> tuple[list[dict], str]:
@@ -43,8 +25,6 @@ def load_pairs(name: str, n: int | None = None, seed: int = 0, skip_last: int = 
     rng = np.random.default_rng(seed)
     out = []
     if name == "tldr_ai_judged":
-        from .data import post_block
-
         for i, row in enumerate(rows[:n] if n else rows, start=1):
             if str(row.get("choice")) not in ("0", "1"):
                 raise DataError(f"{file}: row {i} has no 'choice' of 0 or 1")
@@ -74,14 +54,10 @@ def load_pairs(name: str, n: int | None = None, seed: int = 0, skip_last: int = 
 def exemplar_pairs(name: str, k: int):
     """k few-shot exemplars from the last rows of a set (never evaluated), label = slot of
     the response the prompt asks for (the chosen one; the rejected one for `harmless`)."""
-    from .prompts import Exemplar
-
     file, task = BUNDLED[name]
     rows = read_records(bundled_path(file))[-k:] if k else []
     shots = []
     if name == "tldr_ai_judged":
-        from .data import post_block
-
         for row in rows:
             shots.append(Exemplar(post_block(row), row["summary_0"], row["summary_1"], int(row["choice"]) + 1))
         return tuple(shots)
@@ -96,8 +72,6 @@ def exemplar_pairs(name: str, k: int):
 def load_exemplars(path: str | None, k: int):
     """The first k exemplars of a JSONL/Parquet file with context, response_1, response_2,
     label (1 or 2, in the prompt's own terms) and an optional rationale."""
-    from .prompts import Exemplar
-
     if not k:
         return ()
     if not path:
@@ -140,44 +114,21 @@ def read_label_input(source: str) -> list[dict]:
     return out
 
 
-def alignment(p_a: list[float], human: list[str]) -> dict:
-    """z_acc = mean 1[argmax P_AI == human]; an exact 0.5 counts half. With a 95% CI."""
-    hits = sum(0.5 if p == 0.5 else float((p > 0.5) == (h == "a")) for p, h in zip(p_a, human))
-    n = len(human)
-    lo, hi = wilson_interval(hits, n)
-    return {"n": n, "alignment": hits / n if n else float("nan"), "ci95": [lo, hi]}
+def normalize_text(text: str) -> str:
+    """Whitespace-normalised text: how contexts are compared across data sets."""
+    return " ".join(str(text).split())
 
 
-def position_bias(p_ab: list[float], p_ba: list[float]) -> dict:
-    """Share of pairs where the same slot wins in both orders, and which slot."""
-    first = sum(1 for x, y in zip(p_ab, p_ba) if x > 0.5 and y > 0.5)
-    second = sum(1 for x, y in zip(p_ab, p_ba) if x < 0.5 and y < 0.5)
-    n = len(p_ab)
-    same = first + second
-    return {"same_position_share": same / n if n else float("nan"),
-            "of_which_first_slot": first / same if same else float("nan")}
-
-
-def parse_variant(text: str) -> tuple[str, bool, int]:
-    """'base', 'detailed:2', 'base+cot', 'detailed+cot:1' -> (preamble, cot, shots)."""
-    head, _, k = text.partition(":")
-    preamble, _, cot = head.partition("+")
-    if preamble not in ("base", "detailed") or cot not in ("", "cot") or (k and not k.isdigit()):
-        raise ValueError(f"prompt variant {text!r}: expected PREAMBLE[+cot][:K], e.g. base, detailed+cot, base:2")
-    return preamble, cot == "cot", int(k or 0)
-
-
-def evaluate_labeler(judge, name: str, variant: str, n: int, seed: int = 0, cot_max_tokens: int = 64) -> dict:
-    """Alignment with the human label (debiased, and from the first order alone) and the
-    position-bias figures for one pair set and one prompt variant."""
-    from .labeling import PairwiseOptions
-
-    preamble, cot, k = parse_variant(variant)
-    rows, task = load_pairs(name, n, seed, skip_last=k)
-    opts = PairwiseOptions(task=task, preamble=preamble, shots=exemplar_pairs(name, k), cot=cot,
-                           cot_max_tokens=cot_max_tokens)
-    p_a, p_ab, p_ba = judge.prefer([r["context"] for r in rows], [r["response_a"] for r in rows],
-                                   [r["response_b"] for r in rows], opts)
-    human = [r["human"] for r in rows]
-    return {"data": name, "variant": variant, "task": task, **alignment(p_a, human),
-            "single_order_alignment": alignment(p_ab, human)["alignment"], **position_bias(p_ab, p_ba)}
+def rm_heldout(cfg: Config) -> tuple[list[dict], int]:
+    """The reward model's held-out human-labelled pairs: the last rm.eval_n usable rows of
+    rm.eval_data (a bundled set, minus its exemplar rows; or a file), and how many rows were
+    unusable. Their contexts are never fine-tuned on, sampled or labelled for training."""
+    r = cfg.rm
+    if r.eval_data in BUNDLED:
+        rows = load_pairs(r.eval_data, keep_bad=True, skip_last=EXEMPLAR_ROWS if r.eval_data.startswith("hh_") else 0)[0]
+    elif Path(r.eval_data).is_file():
+        rows = read_label_input(r.eval_data)
+    else:
+        raise ConfigError(f"rm.eval_data: {r.eval_data} is neither a bundled pair set nor a file")
+    ok = [{**x, "error": None} for x in rows if not x.get("error") and x.get("human") in ("a", "b")]
+    return ok[-r.eval_n:], len(rows) - len(ok)

@@ -1,0 +1,200 @@
+"""Command line: rlaif-ray train | eval | sft | sample-pairs | label | train-rm | run | eval-labeler |
+serve-labeler | signal | check | prepare-model."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from rlaif_ray.config import ConfigError, load_config
+from rlaif_ray.data import DataError
+from rlaif_ray.openai_api import EndpointError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set rl.lr=2e-5 (repeatable)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+
+
+_DEBUG_HELP = "show the traceback of an error instead of its one-line message (also: RLAIF_RAY_DEBUG=1)"
+# the errors a user can cause and fix (config, data, paths, endpoint): one line each, exit 2
+USER_ERRORS = (ConfigError, DataError, EndpointError, OSError)
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (a message of several lines is joined with '; ')."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines) or type(err).__name__
+
+
+_OVERWRITE_HELP = ("replace an existing non-empty output: the old one is moved aside to OUT.replaced-TIMESTAMP "
+                   "beside it (nothing is deleted), once every check has passed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlaif-ray", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="RL from AI feedback on local Ray or a cluster")
+    _config_args(p)
+    p.add_argument("--out", help="run folder (default: run.out_dir/run.name-TIMESTAMP)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    p = sub.add_parser("eval", help="policy A against policy B on held-out prompts, judged by the AI labeler")
+    _config_args(p)
+    p.add_argument("--a", help="policy A: a checkpoint folder (default: eval.policy_a, else model.name)")
+    p.add_argument("--b", help="policy B: a checkpoint folder (default: eval.policy_b, else model.name)")
+    p.add_argument("--out", help="output folder (default: run.out_dir/run.name-eval-TIMESTAMP)")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    p = sub.add_parser("sft", help="supervised fine-tuning on reference responses (Ray Train)")
+    _config_args(p)
+    p.add_argument("--out", help="checkpoint folder (default: sft.output)")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    p = sub.add_parser("sample-pairs", help="two responses per prompt from a policy -> pairs file for `label`")
+    _config_args(p)
+    p.add_argument("--out", help="pairs JSONL (default: sample_pairs.output)")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    p = sub.add_parser("train-rm", help="reward model from AI soft labels (or human labels), Ray Train")
+    _config_args(p)
+    p.add_argument("--out", help="checkpoint folder (default: rm.output)")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    p = sub.add_parser("run", help="the canonical chain: sft -> sample-pairs -> label -> train-rm -> train -> eval")
+    _config_args(p)
+    p.add_argument("--out", help="chain folder (default: run.out_dir/run.name-chain-TIMESTAMP)")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    p = sub.add_parser("signal", help="measure how well scorers rank a post's own summary above another post's")
+    _config_args(p)
+    p.add_argument("--scorers", default=None, help="comma-separated scorer names, or 'all' (default: the config's)")
+    p.add_argument("--n", type=int, default=40, help="number of posts")
+    p = sub.add_parser("eval-labeler", help="AI-labeler alignment with human labels and position bias")
+    _config_args(p)
+    p.add_argument("--data", default="hh_harmless",
+                   help="comma-separated: hh_harmless, hh_helpful, pandalm, tldr_ai_judged")
+    p.add_argument("--prompts", default="base", help="comma-separated PREAMBLE[+cot][:K], e.g. base,base:2,base+cot, "
+                   "or 'grid' for base/detailed x 0/1/2-shot x CoT off/on")
+    p.add_argument("--n", type=int, default=100, help="pairs per data set")
+    p.add_argument("--out", default=None, help="JSON file for the table (default: print only)")
+    p.add_argument("--report", default=None, help="folder for the HTML report (default: run.out_dir/run.name-labeler-TIMESTAMP)")
+    p = sub.add_parser("label", help="AI preference labels for a file of response pairs -> Parquet (Ray Data)")
+    _config_args(p)
+    p.add_argument("--input", default=None, help="JSONL/Parquet pairs or a bundled set (default: label.input)")
+    p.add_argument("--output", default=None, help="output folder of Parquet files (default: label.output)")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    p = sub.add_parser("serve-labeler", help="the labeler as an OpenAI-compatible /v1/completions endpoint (Ray Serve)")
+    _config_args(p)
+    p = sub.add_parser("check", help="validate a config (and its fit on a cluster file) without starting anything")
+    _config_args(p)
+    p.add_argument("--cluster", help="a Ray cluster YAML (clusters/*.yaml) or KubeRay manifest to plan the layout on")
+    sub.add_parser("prepare-model", help="convert the embedded default model to safetensors (cached)")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except USER_ERRORS as e:
+        if args.debug or os.environ.get("RLAIF_RAY_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def check_arguments(cfg, args) -> None:
+    """Names from a list given on the command line, and model folders, checked before anything loads."""
+    from rlaif_ray.preflight import check_model_paths
+
+    check_model_paths(cfg, args.command)
+    if args.command == "eval-labeler":
+        from rlaif_ray.data import BUNDLED
+        from rlaif_ray.labeler_eval import GRID, parse_variant
+
+        for name in args.data.split(","):
+            if name not in BUNDLED:
+                raise ConfigError(f"eval-labeler --data: unknown pair set {name!r}; "
+                                  f"known: {', '.join(sorted(BUNDLED))}")
+        for variant in GRID if args.prompts == "grid" else args.prompts.split(","):
+            parse_variant(variant)
+    if args.command == "signal" and args.scorers not in (None, "all"):
+        from rlaif_ray.scoring import SCORERS
+
+        for name in args.scorers.split(","):
+            if name not in SCORERS:
+                raise ConfigError(f"signal --scorers: unknown scorer {name!r}; "
+                                  f"known: {', '.join(sorted(SCORERS))} or 'all'")
+
+
+def run(args) -> int:
+    """One command. The command modules are imported on use, so `--help` and `check` do not
+    load torch and Ray."""
+    if args.command == "prepare-model":
+        from rlaif_ray.models import ensure_default_model
+
+        print(ensure_default_model())
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    if args.command != "check":
+        check_arguments(cfg, args)
+    if args.command == "check":
+        print(f"{args.config}: the config is valid (fields, batch arithmetic, engine settings)")
+        if args.cluster:
+            from rlaif_ray.cluster_plan import plan, read_cluster
+
+            print(f"placement on {args.cluster}:")
+            for line in plan(cfg, read_cluster(args.cluster)):
+                print("  " + line)
+    elif args.command == "train":
+        from .train import train
+
+        train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    elif args.command == "sft":
+        from .sft import run_sft
+
+        run_sft(cfg, args.out, overwrite=args.overwrite)
+    elif args.command == "train-rm":
+        from .train_rm import run_train_rm
+
+        run_train_rm(cfg, args.out, overwrite=args.overwrite)
+    elif args.command == "sample-pairs":
+        from .sample_pairs import sample_pairs
+
+        sample_pairs(cfg, args.out, overwrite=args.overwrite)
+    elif args.command == "run":
+        from .run_chain import run_chain
+
+        run_chain(cfg, args.out, overwrite=args.overwrite)
+    elif args.command == "eval":
+        from .evaluate import run_eval
+
+        cfg.eval.policy_a = args.a or cfg.eval.policy_a
+        cfg.eval.policy_b = args.b or cfg.eval.policy_b
+        run_eval(cfg, args.out, overwrite=args.overwrite)
+    elif args.command == "eval-labeler":
+        from .eval_labeler import run_eval_labeler
+
+        run_eval_labeler(cfg, args.data, args.prompts, args.n, args.out, args.report)
+    elif args.command == "label":
+        from .label import label_file
+
+        label_file(cfg, args.input, args.output, overwrite=args.overwrite)
+    elif args.command == "serve-labeler":
+        from .serve_labeler import serve_labeler
+
+        url = serve_labeler(cfg)
+        print(f"labeler serving OpenAI-compatible completions at {url} (Ctrl-C stops)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    elif args.command == "signal":
+        from .signal import measure_scorers
+
+        names = None if args.scorers == "all" else (args.scorers.split(",") if args.scorers else [cfg.reward.scorer])
+        for result in measure_scorers(cfg, names, args.n):
+            print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""`rlaif-ray signal`: how well each scorer ranks a post's own reference summary above
+another post's (in-process, no Ray)."""
+from __future__ import annotations
+
+import torch
+
+from rlaif_ray.config import Config
+from rlaif_ray.data import load_tldr
+from rlaif_ray.labeler_eval import measure_signal
+from rlaif_ray.labeling import Judge
+from rlaif_ray.models import load_model, load_tokenizer
+from rlaif_ray.scoring import SCORERS
+
+
+def measure_scorers(cfg: Config, names: list[str] | None, n: int):
+    """Signal of several scorers on the last rows of the task data."""
+    name = cfg.reward.model or cfg.model.name
+    model, tok = load_model(name, cfg.model.dtype), load_tokenizer(name)
+    rows = load_tldr(cfg.task.data_path)[-(n + 1):]
+    with torch.no_grad():
+        for scorer in names or list(SCORERS):
+            yield measure_signal(Judge.of_model(model, tok, scorer, cfg.reward.batch_size), rows, n)
