@@ -263,6 +263,8 @@ def render() -> str:
         out.append("")
     out += _weight_update(_load("weight_update"))
     out += _gpu(_load("gpu_check"))
+    out += _endpoint_load(_load("endpoint_load"))
+    out += _value_baseline(_load("value_baseline"))
     out += _settings(_load("settings"))
     return "\n".join(out)
 
@@ -300,6 +302,40 @@ def _gpu(gc: dict | None) -> list[str]:
         verdict = {True: "ok", False: "FAILED", None: "skipped"}[part["ok"]]
         figs = {k: v for k, v in part.items() if k not in ("ok", "where") and not isinstance(v, (dict, list))}
         out.append(f"| {name} | {verdict} | {', '.join(f'{k} {v}' for k, v in figs.items())} |")
+    return out + [""]
+
+
+def _endpoint_load(el: dict | None) -> list[str]:
+    """results/endpoint_load.json (benchmarks/endpoint_load.py): serve-labeler under hostile load."""
+    if not el:
+        return []
+    m, lim = el["machine"], el["limits"]
+    out = ["## Labeler endpoint under load (`python -m benchmarks.endpoint_load`)", "",
+           f"{el['what']}; {el['model']}; {m['cpus']} cores, load average before {m['load_avg_before'][0]:.2f}, "
+           f"after {m['load_avg_after'][0]:.2f} (shared machine). Limits: {lim}. Traffic phase {el['traffic_s']} s.", "",
+           "| requests | sent | answers |", "|---|---|---|"]
+    for kind, n in el["sent"].items():
+        codes = ", ".join(f"{c} x {k}" for c, k in el["status"].get(kind, {}).items())
+        out.append(f"| {kind} | {n} | {codes} |")
+    v, rss = el["valid_200"], el["replica_rss_mb"]
+    out += ["", f"Valid requests answered 200: {v['count']}, latency p50 {v['p50_s']} s, p95 {v['p95_s']} s, "
+            f"max {v['max_s']} s. Replica RSS {rss['before']:.0f} MB before, {rss['peak_during']:.0f} MB peak during, "
+            f"{rss['after']:.0f} MB after.", ""]
+    return out
+
+
+def _value_baseline(vb: dict | None) -> list[str]:
+    """results/value_baseline.json (benchmarks/value_baseline.py): does the value head learn?"""
+    if not vb:
+        return []
+    out = ["## Value baseline (`python -m benchmarks.value_baseline`)", "",
+           f"{vb['model']}, {vb['batches']} fixed batches of {vb['rows']} rollouts cycled for {vb['steps']} steps; "
+           f"{vb['note']}. Figures at steps 0 / mid / last.", "",
+           "| rl.value_lr | value loss | E[A^2] value baseline | E[A^2] no baseline | Var(A) value | Var(A) none |",
+           "|---|---|---|---|---|---|"]
+    for lr, r in vb["summary"].items():
+        out.append(f"| {lr} | {r['value_loss']} | {r['adv_sq_value']} | {r['adv_sq_none']} | {r['adv_var_value']} | "
+                   f"{r['adv_var_none']} |")
     return out + [""]
 
 

@@ -13,6 +13,11 @@ from rlaif_ray.data import DataError
 from rlaif_ray.openai_api import EndpointError
 
 
+def _out_args(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--out", help=help)
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="experiment YAML (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -48,24 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     _config_args(p)
     p.add_argument("--a", help="policy A: a checkpoint folder (default: eval.policy_a, else model.name)")
     p.add_argument("--b", help="policy B: a checkpoint folder (default: eval.policy_b, else model.name)")
-    p.add_argument("--out", help="output folder (default: run.out_dir/run.name-eval-TIMESTAMP)")
-    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    _out_args(p, "output folder (default: run.out_dir/run.name-eval-TIMESTAMP)")
     p = sub.add_parser("sft", help="supervised fine-tuning on reference responses (Ray Train)")
     _config_args(p)
-    p.add_argument("--out", help="checkpoint folder (default: sft.output)")
-    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    _out_args(p, "checkpoint folder (default: sft.output)")
     p = sub.add_parser("sample-pairs", help="two responses per prompt from a policy -> pairs file for `label`")
     _config_args(p)
-    p.add_argument("--out", help="pairs JSONL (default: sample_pairs.output)")
-    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    _out_args(p, "pairs JSONL (default: sample_pairs.output)")
     p = sub.add_parser("train-rm", help="reward model from AI soft labels (or human labels), Ray Train")
     _config_args(p)
-    p.add_argument("--out", help="checkpoint folder (default: rm.output)")
-    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    _out_args(p, "checkpoint folder (default: rm.output)")
     p = sub.add_parser("run", help="the canonical chain: sft -> sample-pairs -> label -> train-rm -> train -> eval")
     _config_args(p)
-    p.add_argument("--out", help="chain folder (default: run.out_dir/run.name-chain-TIMESTAMP)")
-    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    _out_args(p, "chain folder (default: run.out_dir/run.name-chain-TIMESTAMP)")
     p = sub.add_parser("signal", help="measure how well scorers rank a post's own summary above another post's")
     _config_args(p)
     p.add_argument("--scorers", default=None, help="comma-separated scorer names, or 'all' (default: the config's)")
