@@ -10,7 +10,8 @@ import time
 import pyarrow as pa
 import torch
 
-from rlaif_ray import schemas, scoring
+from rlaif_ray import lm, schemas, scoring
+from rlaif_ray.engines import HFEngine
 from rlaif_ray.config import RewardConfig
 from rlaif_ray.labeler_eval import measure_signal
 from rlaif_ray.labeling import Preferences, load_judge
@@ -39,8 +40,12 @@ class Labeler:
         return {"name": self.name, "pid": os.getpid(), "busy_s": self.busy_s, "unusable_labels": self.unusable,
                 "endpoint_retries": 0, "labels_outside_top_k": 0, **self.judge.labels.counters()}
 
-    def score(self, rollouts: pa.RecordBatch, mode: str = "direct") -> pa.RecordBatch:
-        """Rollouts -> scored rollouts (the SCORED schema)."""
+    def score(self, rollouts: pa.RecordBatch, mode: str = "direct",
+              reference_temperature: float | None = None) -> pa.RecordBatch:
+        """Rollouts -> scored rollouts (the SCORED schema). `reference_temperature`: also the
+        reference policy's log-probs of the responses at that temperature (rl.reference:
+        labeler; this labeler holds the initial policy's weights), so the learner skips its
+        reference forward."""
         schemas.check(rollouts, schemas.ROLLOUT, f"{self.name}.score input")
         t0 = time.perf_counter()
         contexts = rollouts.column("context").to_pylist()
@@ -54,10 +59,25 @@ class Labeler:
             raise ValueError(f"reward.source: unknown mode {mode!r}")
         ok = [json.loads(m).get("label_mass", 1.0) >= self.min_label_mass for m in metas]
         self.unusable += ok.count(False)
+        ref = self._reference(rollouts, reference_temperature) if reference_temperature is not None \
+            else [None] * rollouts.num_rows
         out = schemas.extend(rollouts, schemas.SCORED, {"reward": rewards, "raw_score": raws, "reward_meta": metas,
-                                                        "reward_ok": ok})
+                                                        "reward_ok": ok, "reference_logprobs": ref})
         self._account(len(rewards), ok.count(False), t0)
         return out
+
+    @torch.no_grad()
+    def _reference(self, rollouts: pa.RecordBatch, temperature: float) -> list[list[float]]:
+        """Per-token log pi_ref(response) at `temperature` (the full softmax, as the learner's
+        reference), each prompt once for its samples (lm.grouped_logprobs)."""
+        engine = getattr(self.judge.labels, "engine", None)
+        if not isinstance(engine, HFEngine):
+            raise ValueError("rl.reference=labeler needs reward.backend=hf (the labeler's model in this process)")
+        prompts = rollouts.column("prompt_token_ids").to_pylist()
+        responses = rollouts.column("response_token_ids").to_pylist()
+        fn = lm.grouped_logprobs if lm.supports_shared_prompts(engine.model) else lm.response_logprobs
+        logp, _, _ = fn(engine.model, prompts, responses, engine.pad, temperature)
+        return [row[:len(r)] for row, r in zip(logp.float().cpu().tolist(), responses)]
 
     def _pairwise(self, rollouts, contexts, responses):
         """Samples (0,1), (2,3), ... of each prompt are compared; both orders, one batch. Pairs

@@ -25,12 +25,13 @@ class LearnerWorker:
     in `setup`, once the group is up (FSDP shards over it)."""
 
     def __init__(self, rank: int, world_size: int, model_name: str, dtype: str, rl_cfg: dict,
-                 temperature: float, torch_threads: int, device: str = "cpu", top_k: int = 0, top_p: float = 1.0):
+                 temperature: float, torch_threads: int, device: str = "cpu", top_k: int = 0, top_p: float = 1.0,
+                 reference: bool = True):
         torch.set_num_threads(torch_threads)
         self.rank, self.world_size, self.device = rank, world_size, device
         # the sampler's settings: the learner scores the distribution the generators sampled from
         self.args = dict(model_name=model_name, rl_cfg=rl_cfg, temperature=temperature, device=device, dtype=dtype,
-                         top_k=top_k, top_p=top_p)
+                         top_k=top_k, top_p=top_p, reference=reference)
         self.learner: PolicyLearner | None = None
         self.busy_s = 0.0
         self._stores = {}  # TCP stores this rank hosts, by group (host_store)
@@ -60,9 +61,10 @@ class LearnerWorker:
         self.learner = PolicyLearner(**self.args)
         return os.getpid()
 
-    def train_step(self, shard: pa.RecordBatch, num_tokens: int, num_seqs: int) -> dict:
+    def train_step(self, shard: pa.RecordBatch, num_tokens: int, num_seqs: int, beta: float | None = None) -> dict:
+        """One PolicyLearner.step; `beta` (None: rl.beta) is this step's KL weight."""
         schemas.check(shard, schemas.SCORED, f"learner rank {self.rank} input")
-        out = self.learner.step(shard.to_pylist(), num_tokens, num_seqs)
+        out = self.learner.step(shard.to_pylist(), num_tokens, num_seqs, beta=beta)
         self.busy_s += out["step_s"]
         self.metrics.observe("learner_step_s", out["step_s"])
         return {**out, "busy_s": self.busy_s}
@@ -140,15 +142,19 @@ class LearnerGroup:
                              "(set rl.prompts_per_step >= pipeline.learner.num_actors)")
         return [batch.take(pa.array(sorted(b))) for b in buckets]
 
-    def train(self, batch: pa.RecordBatch, loss_agg: str) -> dict:
+    def train(self, batch: pa.RecordBatch, loss_agg: str, beta: float | None = None) -> dict:
+        """One step of every rank on its shard, at KL weight `beta` (None: rl.beta). `kl` is
+        the KL per sequence (mean over usable rows of the summed per-token estimate);
+        `kl_sum`, `tokens`, `usable_rows` are the sums over ranks it comes from."""
         # usable rows only: a row whose reward could not be read is out of the loss and its denominators
         num_tokens, num_seqs = loss_normalisers(batch.column("response_token_ids").to_pylist(),
                                                 batch.column("reward_ok").to_pylist())
         shards = self.shard(batch, len(self.workers))
-        outs = ray.get([w.train_step.remote(s, num_tokens, num_seqs) for w, s in zip(self.workers, shards)])
+        outs = ray.get([w.train_step.remote(s, num_tokens, num_seqs, beta) for w, s in zip(self.workers, shards)])
         tot = {k: sum(o[k] for o in outs) for k in ("loss_sum", "pg_loss_sum", "value_loss_sum", "kl_sum",
                                                      "ratio_sum", "tokens", "ratio_clipped", "usable_rows")}
         return {"loss": tot["loss_sum"], "pg_loss": tot["pg_loss_sum"], "value_loss": tot["value_loss_sum"],
+                "kl_sum": tot["kl_sum"], "tokens": tot["tokens"], "usable_rows": tot["usable_rows"],
                 "kl": tot["kl_sum"] / max(tot["usable_rows"], 1), "ratio_mean": tot["ratio_sum"] / max(tot["tokens"], 1),
                 "ratio_clipped_frac": tot["ratio_clipped"] / max(tot["tokens"], 1),
                 "grad_norm": outs[0]["grad_norm"], "learner_busy_s": outs[0]["busy_s"]}

@@ -50,14 +50,18 @@ class RewardModel:
                 out += supervised.scores(self.model, seqs[i:i + self.batch_size], self.pad, self.device).tolist()
         return out
 
-    def score(self, rollouts: pa.RecordBatch, mode: str = "rm") -> pa.RecordBatch:
-        """Rollouts -> scored rollouts; the reward is the RM's raw scalar score (docs/method.md §3)."""
+    def score(self, rollouts: pa.RecordBatch, mode: str = "rm", reference_temperature: float | None = None) -> pa.RecordBatch:
+        """Rollouts -> scored rollouts; the reward is the RM's raw scalar score (docs/method.md §3).
+        A reward model is not the reference policy: the learner computes the reference."""
+        if reference_temperature is not None:
+            raise ValueError("rl.reference=labeler needs an AI labeler holding the policy's model, not a reward model")
         schemas.check(rollouts, schemas.ROLLOUT, f"{self.name}.score input")
         t0 = time.perf_counter()
         r = self.score_texts(rollouts.column("context").to_pylist(), rollouts.column("response_text").to_pylist())
         meta = json.dumps({"mode": "rm", "rm": self.path, "labeler": self.name})
         out = schemas.extend(rollouts, schemas.SCORED, {"reward": r, "raw_score": r, "reward_meta": [meta] * len(r),
-                                                        "reward_ok": [True] * len(r)})
+                                                        "reward_ok": [True] * len(r),
+                                                        "reference_logprobs": [None] * len(r)})
         dt = time.perf_counter() - t0
         self.busy_s += dt
         self.metrics.inc("labels", len(r))

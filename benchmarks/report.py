@@ -180,6 +180,7 @@ def render() -> str:
     oh = _load("overhead")
     if oh:
         out += _overhead(oh)
+    out += _trl_compare(_load("trl_compare"))
     gen = _load("generation")
     if gen:
         out += ["## Generation throughput and weight updates", "",
@@ -267,6 +268,53 @@ def render() -> str:
     out += _value_baseline(_load("value_baseline"))
     out += _settings(_load("settings"))
     return "\n".join(out)
+
+
+def _trl_compare(tc: dict | None) -> list[str]:
+    """results/trl_compare.json (benchmarks/trl_compare.py): rlaif-ray against TRL's GRPOTrainer."""
+    if not tc:
+        return []
+    s, med, ratio = tc["settings"], tc["medians"], tc.get("ratios_over_trl", {})
+    ta = s.get("trl_args") or {}
+    fmt = lambda x, f=".3f": "-" if x is None else format(x, f)  # noqa: E731
+    out = ["## rlaif-ray vs TRL (`python -m benchmarks.trl_compare`)", "",
+           f"{tc['what']}: {tc['rounds']} round(s) of {', '.join(tc['order'])}, each run in its own process tree under "
+           f"the memory sampler (every second); {_setting(tc)}.", "",
+           f"The same on both sides: model {s['model']}; {s['prompts_per_step']} prompts x {s['samples_per_prompt']} "
+           f"samples = {s['prompts_per_step'] * s['samples_per_prompt']} completions a step, up to "
+           f"{s['max_new_tokens']} new tokens at temperature {s['temperature']}; lr {s['lr']:g}, beta {s['beta']}, "
+           f"{s['steps']} steps, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, seed "
+           f"{s['seed']}; the d-RLAIF 1-10 reward (`{s['scorer']}`) read from a frozen copy of the same model, "
+           f"with rlaif-ray's judge code on both sides. Prompts: rlaif-ray's own (task.max_prompt_tokens="
+           f"{s['max_prompt_tokens']}, on_long_prompt={s['on_long_prompt']}; mean {fmt(s.get('prompt_tokens_mean'), '.0f')} "
+           f"tokens) in its sampler's order, handed to TRL as the same chat strings (same token ids after TRL's "
+           f"tokenization: {s.get('trl_prompts_same_token_ids', '?')}). TRL: one process, {s['trl_torch_threads']} "
+           f"torch threads, loss `{ta.get('loss_type', '?')}`, scale_rewards `{ta.get('scale_rewards', '?')}`, lr "
+           f"schedule `{ta.get('lr_scheduler_type', '?')}`, optimizer `{ta.get('optim', '?')}`. Timed: {tc['timed']}.", "",
+           "| system | completions/s (median) | after step 1 | peak memory, sum of PSS (GiB) | CPU-s per completion | "
+           "completions/s / TRL's | memory / TRL's | CPU-s / TRL's |", "|---|---|---|---|---|---|---|---|"]
+    bold = lambda r, k: f"**{r[k]:.2f}**" if k in r else "-"  # noqa: E731
+    for name in tc["order"]:
+        m, r = med[name], ratio.get(name, {})
+        out.append(f"| {tc['systems'][name]} | {fmt(m['completions_per_s'])} | {fmt(m['completions_per_s_after_step1'])} "
+                   f"| {fmt(m['peak_pss_gib'], '.2f')} | {fmt(m.get('cpu_s_per_completion'), '.1f')} "
+                   f"| {bold(r, 'completions_per_s')} | {bold(r, 'peak_pss_gib')} | {bold(r, 'cpu_s_per_completion')} |")
+    out += ["", "CPU-s per completion: user + system CPU seconds of every process of the run over the same timed "
+            "window, per completion: less sensitive than wall time to other work sharing the cores."]
+    pr = tc.get("per_round_ratios_over_trl") or {}
+    if pr:
+        out += ["", "Per round, rlaif-ray / TRL (completions/s, memory): " + "; ".join(
+            f"{name} " + ", ".join(f"{x['completions_per_s']:.2f} / {x['peak_pss_gib']:.2f}" for x in xs)
+            for name, xs in pr.items()) + "."]
+    out += ["", "Each run: the timed loop, the peak sum of PSS, and the machine's 1-minute load average before the run "
+            "and while it ran (mean, max; the run's own processes count in it):", "",
+            "| round | system | loop s | completions/s | CPU-s per completion | peak PSS GiB | load before "
+            "| load during (mean, max) |", "|---|---|---|---|---|---|---|---|"]
+    out += [f"| {r['round']} | {r['system']} | {r['loop_s']:.1f} | {r['completions_per_s']:.3f} "
+            f"| {fmt(r.get('cpu_s_per_completion'), '.1f')} | {r['peak_pss_gib']:.2f} | {r['load_before'][0]:.2f} "
+            f"| {fmt(r['load1_during_mean'], '.2f')}, {fmt(r['load1_during_max'], '.2f')} |" for r in tc["runs"]]
+    out += [""] + [f"- {n}" for n in tc.get("notes", [])]
+    return out + [""]
 
 
 def _weight_update(wu: dict | None) -> list[str]:

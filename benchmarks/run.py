@@ -1,7 +1,9 @@
 """`make bench`: every benchmark (each figure from at least 3 alternated pairs or rounds,
 medians), then BENCHMARKS.md regenerated from benchmarks/results/*.json. Takes about an
 hour on 2 cores (the quickstart runs under the memory sampler are the longest). The
-labeler alignment grid is separate (`make bench-labeler`, about 2 hours)."""
+labeler alignment grid is separate (`make bench-labeler`, about 2 hours). Where `trl` imports
+(`pip install -c constraints-cpu.txt -e '.[trl]'`), also rlaif-ray against TRL's GRPOTrainer
+(benchmarks/trl_compare.py: 2 rounds of 2-3 systems x 10 steps, about an hour more)."""
 from __future__ import annotations
 
 import subprocess
@@ -24,4 +26,8 @@ if __name__ == "__main__":
     run("-m", "benchmarks.labeling", "--pairs", "16", "--rounds", "3", "--shots", "2")
     run("-m", "benchmarks.weight_update", "--buckets", "16,64,256", "--repeats", "3")
     run("-m", "benchmarks.demo")  # the full quickstart under the memory sampler: results/memory.json too
+    if subprocess.run([sys.executable, "-c", "import trl"], capture_output=True).returncode == 0:  # the optional extra
+        run("-m", "benchmarks.trl_compare", "--rounds", "2")
+    else:
+        print("trl does not import: skipping benchmarks.trl_compare (pip install -e '.[trl]')", flush=True)
     run("-m", "benchmarks.report")

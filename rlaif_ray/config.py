@@ -287,10 +287,26 @@ class RLConfig(_Strict):
     # recompute each layer's activations in the backward pass instead of keeping them:
     # less learner memory for more learner time (BENCHMARKS.md "Settings chosen by measurement")
     gradient_checkpointing: bool = False
+    # each distinct prompt through the policy and the reference once for all its samples (one
+    # packed sequence per prompt with a block attention mask: lm.PromptGroups); off = one full
+    # sequence per sample. Same log-probs to float rounding (tests/test_shared_prompts.py)
+    shared_prompts: bool = True
+    # where log pi_ref is computed: the learner, or the labelers when they hold the initial
+    # policy's model (reward.backend hf, no other reward.model), while the batch waits for the
+    # learner (a column of the batch). auto: the labelers when they can and batches overlap
+    # (rl.max_staleness > 0: the learner is the bottleneck, the labelers have idle time)
+    reference: Literal["auto", "learner", "labeler"] = "auto"
     # the learner hands freed memory back to the OS after each step (a fixed glibc mmap
     # threshold and malloc_trim; BENCHMARKS.md "Settings chosen by measurement"); off = glibc's defaults
     release_memory: bool = True
     beta: float = Field(0.05, ge=0, le=1)  # objective (1 - beta) r - beta KL
+    # fixed: beta throughout. adaptive: beta is the starting value, steered after every step
+    # toward a KL per sequence of kl_target (Ziegler et al. 2019, TRL's AdaptiveKLController;
+    # rl.adaptive_kl_beta): e = clip(KL / kl_target - 1, +-0.2), beta / (1 - beta) scaled by
+    # 1 + e * completions / kl_horizon. Saved in checkpoints (trainer_state.json kl_beta)
+    kl_control: Literal["fixed", "adaptive"] = "fixed"
+    kl_target: float = Field(6.0, gt=0)  # KL per sequence to steer toward, in nats (TRL's default 6)
+    kl_horizon: int = Field(10000, gt=0)  # completions (TRL's default 10000)
     kl_estimator: Literal["k1", "k3"] = "k1"
     # value: REINFORCE with a learned value baseline (a scalar head on the policy trunk);
     # group_mean: mean return of the other usable samples of the same prompt (no value
@@ -309,6 +325,20 @@ class RLConfig(_Strict):
     # Truncated importance ratio pi/mu (from recorded behaviour log-probs) for lagged batches.
     is_clip: float = Field(2.0, gt=0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _kl_control_fits(self):
+        if self.kl_control != "adaptive":
+            return self
+        if not 0 < self.beta < 1:
+            raise ValueError(f"rl.kl_control=adaptive needs 0 < rl.beta < 1 (got {self.beta:g}): the controller "
+                             "scales beta / (1 - beta), which cannot move from 0 nor be formed at 1")
+        n = self.prompts_per_step * self.samples_per_prompt
+        if self.kl_horizon < n:
+            raise ValueError(f"rl.kl_horizon={self.kl_horizon} is shorter than one step's {n} completions "
+                             "(rl.prompts_per_step * rl.samples_per_prompt): a step could move beta by more than "
+                             f"20%; use at least {n} (TRL's default is 10000)")
+        return self
 
 
 class VLLMConfig(_Strict):
@@ -334,8 +364,20 @@ class RoleResources(_Strict):
     # custom Ray resources per actor, to place a role on a node type of a heterogeneous
     # cluster (clusters/*.yaml declare e.g. {"rollout": 1} on GPU rollout nodes)
     resources: dict[str, float] = {}
-    torch_threads: int = Field(1, gt=0)
+    # torch intra-op (and OpenMP) threads per actor: a number, or auto: as many as fit the
+    # cores this run's Ray is given beside the pools that compute at the same time
+    # (rlaif_ray/threads.py: overlapped, all three pools; synchronous, one stage at a time),
+    # resolved to a number when the config loads (the run's config.yaml records it)
+    torch_threads: Union[int, Literal["auto"]] = 1
     max_restarts: int = Field(2, ge=0)
+
+    @field_validator("torch_threads", mode="before")
+    @classmethod
+    def _threads(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ValueError(f"expected a whole number of threads (1 or more) or 'auto', got {v!r}")
+
     # a placement group of num_actors bundles with this Ray strategy; None = the role's
     # default: learner PACK (its FSDP ranks communicate every step), generators and labelers
     # SPREAD (independent; spreading keeps one node's loss from taking a whole pool);
@@ -457,6 +499,10 @@ class Config(_Strict):
             raise ValueError(
                 "rl.baseline=group_mean needs rl.samples_per_prompt >= 2 "
                 f"(got {self.rl.samples_per_prompt}); use rl.baseline=value for one sample")
+        if self.rl.reference == "labeler" and not labelers_hold_reference(self):
+            raise ValueError("rl.reference=labeler needs labelers that hold the initial policy's model: reward.source "
+                             f"direct or pairwise (got {self.reward.source}), reward.backend hf (got {self.reward.backend}) "
+                             f"and no other reward.model (got {self.reward.model!r})")
         if self.reward.source == "rm" and not self.reward.rm_path:
             raise ValueError("reward.source=rm needs reward.rm_path (a folder written by `rlaif-ray train-rm`)")
         for role, backend in (("generators", self.generation.backend), ("labelers", self.reward.backend)):
@@ -485,6 +531,36 @@ class Config(_Strict):
                 raise ValueError(f"rl.prompts_per_step={n} does not divide across pipeline.{role}.num_actors={k}: "
                                  f"use a multiple of {k} (e.g. {n + k - n % k})")
         return self
+
+    @model_validator(mode="after")
+    def _resolve_auto_threads(self) -> "Config":
+        """pipeline.*.torch_threads: auto -> a number (threads.auto_threads) for the cores a
+        local Ray is given (ray.num_cpus, at most this machine's), or on a cluster each
+        actor's own CPUs. Set without re-validation: the numbers are valid by construction."""
+        from .threads import POOLS, auto_threads, local_cores, on_cluster
+
+        roles = {k: getattr(self.pipeline, k) for k in POOLS}
+        if not any(r.torch_threads == "auto" for r in roles.values()):
+            return self
+        cores = None if on_cluster(self.ray.address) else local_cores(self.ray.num_cpus)
+        threads = auto_threads({k: (r.num_actors, r.num_cpus, r.torch_threads) for k, r in roles.items()},
+                               cores, self.rl.max_staleness > 0)
+        update = {k: r.model_copy(update={"torch_threads": threads[k]}) for k, r in roles.items()}
+        object.__setattr__(self, "pipeline", self.pipeline.model_copy(update=update))
+        return self
+
+
+def labelers_hold_reference(cfg: "Config") -> bool:
+    """Whether the labelers run the initial policy's model in-process (the reference policy)."""
+    return cfg.reward.source in ("direct", "pairwise") and cfg.reward.backend == "hf" \
+        and cfg.reward.model in (None, cfg.model.name)
+
+
+def reference_on_labelers(cfg: "Config") -> bool:
+    """rl.reference resolved: labeler, or auto where the labelers hold the model and batches overlap."""
+    if cfg.rl.reference == "auto":
+        return labelers_hold_reference(cfg) and cfg.rl.max_staleness > 0
+    return cfg.rl.reference == "labeler"
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -1,12 +1,13 @@
 """How far can the AI labeler be trusted? Its agreement with human labels and its position
-bias on bundled pair sets (`eval-labeler`, docs/method.md §7), and the signal check: does
-a scorer rank a post's own reference summary above another post's (`train`, `signal`)."""
+bias on bundled pair sets or the user's own file of labelled pairs (`eval-labeler`,
+docs/method.md §7), and the signal check: does a scorer rank a post's own reference summary
+above another post's (`train`, `signal`)."""
 from __future__ import annotations
 
 from .config import ConfigError, PairwiseConfig
-from .data import post_block
+from .data import DataError, post_block
 from .labeling import Judge
-from .pair_data import exemplar_pairs, load_pairs
+from .pair_data import PairFile, exemplar_pairs, file_exemplars, file_pairs, load_pairs
 from .stats import alignment, position_bias, wilson_interval
 
 # base/detailed x CoT off/on x 0/1/2-shot
@@ -23,14 +24,27 @@ def parse_variant(text: str) -> tuple[str, bool, int]:
     return preamble, cot == "cot", int(k or 0)
 
 
-def evaluate_labeler(judge: Judge, name: str, variant: str, n: int, seed: int, cot_max_tokens: int) -> dict:
+def evaluate_labeler(judge: Judge, name: str, variant: str, n: int, seed: int, cot_max_tokens: int,
+                     source: PairFile | None = None, task: str | None = None) -> dict:
     """Alignment with the human label (debiased, and from the first order alone) and the
-    position-bias figures (read on the labeler's raw answer) for one pair set and variant."""
+    position-bias figures (read on the labeler's raw answer) for one pair set and variant:
+    a bundled set `name` (its own labeler task), or `source`, a user's pair file shown as
+    `name` and asked as `task`. Either way k-shot exemplars are the set's last k usable rows,
+    which are not evaluated."""
     preamble, cot, k = parse_variant(variant)
-    rows, task = load_pairs(name, n, seed, skip_last=k)
+    if source is None:
+        rows, task = load_pairs(name, n, seed, skip_last=k)
+        shots = exemplar_pairs(name, k)
+    else:
+        if task is None:
+            raise ValueError("evaluate_labeler: a pair file needs its labeler task")
+        if len(source.rows) <= k:
+            raise DataError(f"{source.path}: prompt variant {variant!r} takes {k} exemplars from the last usable "
+                            f"rows and needs at least one more to evaluate; the file has {len(source.rows)}")
+        rows, shots = file_pairs(source, n, seed, skip_last=k), file_exemplars(source, task, k)
     pw = PairwiseConfig(task=task, preamble=preamble, cot=cot, cot_max_tokens=cot_max_tokens)
     pref = judge.prefer([r["context"] for r in rows], [r["response_a"] for r in rows],
-                        [r["response_b"] for r in rows], pw, exemplar_pairs(name, k))
+                        [r["response_b"] for r in rows], pw, shots)
     human = [r["human"] for r in rows]
     return {"data": name, "variant": variant, "task": task, **alignment(pref.p_a, human),
             "single_order_alignment": alignment(pref.p_ab, human)["alignment"],

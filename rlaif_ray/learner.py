@@ -83,7 +83,7 @@ class PolicyLearner:
     (lm.sampled_logprobs), so the on-policy importance ratio is 1."""
 
     def __init__(self, model_name: str, rl_cfg, temperature: float, device: str = "cpu", dtype: str = "auto",
-                 shard_model: bool | None = None, top_k: int = 0, top_p: float = 1.0):
+                 shard_model: bool | None = None, top_k: int = 0, top_p: float = 1.0, reference: bool = True):
         import torch.distributed as dist
 
         from .config import RLConfig
@@ -120,21 +120,20 @@ class PolicyLearner:
         self.policy = lm.ResponseScorer(policy, value_head)
         # the value head's bias starts at the first batch's mean return (`_value_start_shift`)
         self.value_started = value_head is None
-        # the reference only runs forward: held in the compute dtype (bf16 on GPU)
-        self.ref = lm.ResponseScorer(load_model(model_name, dtype_name(self.compute)).requires_grad_(False))
+        self._ref = None  # the reference policy, loaded now or (reference=False) when first needed
         self.tied = bool(getattr(policy.config, "tie_word_embeddings", False))
         self.pad = policy.config.pad_token_id if policy.config.pad_token_id is not None else policy.config.eos_token_id
+        self.mesh = None
         if self.sharded:
             from torch.distributed.device_mesh import init_device_mesh
 
-            mesh = init_device_mesh(self.device.type, (self.world,))
-            shard(self.policy, policy, mesh, self.compute if self.compute != torch.float32 else None)
-            shard(self.ref, self.ref.model, mesh, None)
+            self.mesh = init_device_mesh(self.device.type, (self.world,))
+            shard(self.policy, policy, self.mesh, self.compute if self.compute != torch.float32 else None)
         else:
             self.policy.to(self.device)
-            self.ref.to(self.device)
         self.policy.train()
-        self.ref.eval()
+        if reference:
+            self._load_reference()
         # unsharded bf16 compute: autocast (fp32 weights, bf16 matmuls); sharded: FSDP casts
         self.autocast = (not self.sharded) and self.compute != torch.float32
         cuda = self.device.type == "cuda"
@@ -153,39 +152,63 @@ class PolicyLearner:
                                      **(dict(fused=True) if cuda else dict(foreach=False)))
         self.steps = 0
 
+    def _load_reference(self) -> "lm.ResponseScorer":
+        """The frozen reference policy; it only runs forward: held in the compute dtype (bf16
+        on GPU). With `reference=False` (rl.reference: labeler, the batches carry its log-probs)
+        it is loaded only if a batch comes without them: a policy-sized copy saved otherwise.
+        Sharded, every rank loads it in the same step (a collective)."""
+        if self._ref is None:
+            ref = lm.ResponseScorer(load_model(self.model_name, dtype_name(self.compute)).requires_grad_(False))
+            if self.sharded:
+                shard(ref, ref.model, self.mesh, None)
+            else:
+                ref.to(self.device)
+            self._ref = ref.eval()
+        return self._ref
+
+    @property
+    def ref(self) -> "lm.ResponseScorer":
+        return self._load_reference()
+
     # ---- the update --------------------------------------------------------------------
 
     def _amp(self):
         return torch.autocast(self.device.type, dtype=self.compute) if self.autocast else nullcontext()
 
-    def step(self, rows: list[dict], num_tokens: int, num_seqs: int) -> dict:
+    def step(self, rows: list[dict], num_tokens: int, num_seqs: int, beta: float | None = None) -> dict:
         """One update on this rank's rows (SCORED fields). Losses are normalised by the global
         batch (`num_tokens`, `num_seqs`: the usable tokens and rows of every rank's rows, as
         `loss_normalisers` counts them), so gradients summed over ranks are the one-rank
         gradient of the whole batch. Rows with `reward_ok` false stay out of the loss, the
-        baselines and the metrics. Raises NonFiniteError (on every rank) before any change."""
+        baselines and the metrics. `beta`: this step's KL weight in place of rl.beta (the
+        adaptive KL controller's, rl.kl_control). Raises NonFiniteError (on every rank)
+        before any change."""
         t0 = time.perf_counter()
         dev, cfg = self.device, self.rl
         prompts = [r["prompt_token_ids"] for r in rows]
         responses = [r["response_token_ids"] for r in rows]
         with self._amp():
-            logp, mask, values = lm.response_logprobs(self.policy, prompts, responses, self.pad, self.temperature,
-                                                      **self.sampling)
-            with torch.no_grad():
-                ref_logp, _, _ = lm.response_logprobs(self.ref, prompts, responses, self.pad, self.temperature)
+            logp, mask, values = self._logprobs(self.policy, prompts, responses, **self.sampling)
+            if rows and all(r.get("reference_logprobs") is not None for r in rows):
+                # computed off the learner by a reference actor while the batch waited (pipeline.reference)
+                ref_logp = lm.pad_rows([r["reference_logprobs"] for r in rows], mask.shape[1], dev) * mask
+            else:
+                with torch.no_grad():
+                    ref_logp, _, _ = self._logprobs(self.ref, prompts, responses)
         # rollouts whose label could not be read stay in the record but out of the loss
         usable = torch.tensor([bool(r["reward_ok"]) for r in rows], device=dev)
         behaviour = lm.pad_rows([r["behaviour_logprobs"] for r in rows], mask.shape[1], dev)
         reward = torch.tensor([r["reward"] for r in rows], dtype=torch.float32, device=dev)
         finite = bool(torch.isfinite(reward[usable]).all())  # an unusable row's reward is never read
+        beta = cfg.beta if beta is None else beta
         shift = None
         if values is not None and not self.value_started:
-            shift = self._value_start_shift(rl.return_sums(logp, ref_logp, reward, mask, usable, cfg.beta,
+            shift = self._value_start_shift(rl.return_sums(logp, ref_logp, reward, mask, usable, beta,
                                                            cfg.kl_estimator))
             if shift is not None:  # none usable: the next batch starts it
                 values = values + shift  # as if the bias had been there in this forward
         out = rl.surrogate(logp, ref_logp, behaviour, reward, mask, usable=usable, values=values,
-                           group_ids=[r["prompt_id"] for r in rows], beta=cfg.beta, estimator=cfg.kl_estimator,
+                           group_ids=[r["prompt_id"] for r in rows], beta=beta, estimator=cfg.kl_estimator,
                            baseline=cfg.baseline, is_clip=cfg.is_clip, how=cfg.loss_agg, value_coef=cfg.value_coef,
                            num_tokens=num_tokens, num_seqs=num_seqs)
         loss, mask, kl, ratio = out["loss"], out["mask"], out["kl"], out["ratio"]
@@ -250,9 +273,17 @@ class PolicyLearner:
         top-k, top-p) or the reference (at T), in the learner's compute precision: what
         `step` sees (parity checks)."""
         with torch.no_grad(), self._amp():
-            logp, mask, _ = lm.response_logprobs(self.ref if reference else self.policy, prompts, responses, self.pad,
-                                                 self.temperature, **({} if reference else self.sampling))
+            logp, mask, _ = self._logprobs(self.ref if reference else self.policy, prompts, responses,
+                                           **({} if reference else self.sampling))
         return [row[:len(r)] for row, r in zip(logp.float().cpu().tolist(), responses)]
+
+    def _logprobs(self, scorer, prompts, responses, top_k: int = 0, top_p: float = 1.0):
+        """Response log-probs at the sampling temperature: each distinct prompt computed once
+        for all its samples when rl.shared_prompts is on and the model's attention takes a
+        block mask (lm.grouped_logprobs), else one full sequence per sample."""
+        if self.rl.shared_prompts and lm.supports_shared_prompts(scorer.model) and len(set(map(tuple, prompts))) < len(prompts):
+            return lm.grouped_logprobs(scorer, prompts, responses, self.pad, self.temperature, top_k, top_p)
+        return lm.response_logprobs(scorer, prompts, responses, self.pad, self.temperature, top_k=top_k, top_p=top_p)
 
     def _agree_failed(self, failed: bool) -> bool:
         """Whether any rank failed (every rank learns it, so all stop together)."""

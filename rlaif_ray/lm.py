@@ -142,13 +142,20 @@ class ResponseScorer(torch.nn.Module):
         super().__init__()
         self.model, self.value_head = model, value_head
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, start: int, temperature: float, top_k: int = 0,
-                top_p: float = 1.0):
-        # the states before each response token: positions start-1 .. T-2
-        keep = torch.arange(start - 1, ids.shape[1] - 1, device=ids.device)
-        logits, h = head_logits(self.model, keep, hidden=self.value_head is not None, input_ids=ids,
-                                attention_mask=mask, position_ids=positions(mask), use_cache=False)
-        logp = sampled_logprobs(logits.float(), ids[:, start:], temperature, top_k, top_p)
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, start: int | None, temperature: float,
+                top_k: int = 0, top_p: float = 1.0, groups: "PromptGroups | None" = None):
+        if groups is not None:  # prompts shared by their responses (PromptGroups): [G, K] outputs
+            allowed = attention_mask_4d(self.model, groups.attention, next(self.model.parameters()).dtype)
+            logits, h = head_logits(self.model, groups.keep, hidden=self.value_head is not None, input_ids=ids,
+                                    attention_mask=allowed, position_ids=groups.positions, use_cache=False)
+            tokens = groups.targets
+        else:
+            # the states before each response token: positions start-1 .. T-2
+            keep = torch.arange(start - 1, ids.shape[1] - 1, device=ids.device)
+            logits, h = head_logits(self.model, keep, hidden=self.value_head is not None, input_ids=ids,
+                                    attention_mask=mask, position_ids=positions(mask), use_cache=False)
+            tokens = ids[:, start:]
+        logp = sampled_logprobs(logits.float(), tokens, temperature, top_k, top_p)
         values = self.value_head(h).float().squeeze(-1) if self.value_head is not None else None
         return logp, values
 
@@ -190,16 +197,19 @@ def generate(model, **kwargs):
 
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, *, temperature: float,
-           top_p: float, top_k: int, max_new_tokens: int, seed: int):
-    """Sample one continuation per prompt. Returns token lists (up to and including EOS),
+           top_p: float, top_k: int, max_new_tokens: int, seed: int, share_prompts: bool = True):
+    """Sample one continuation per prompt (`share_prompts`: rows with the same prompt, the k
+    samples of one prompt, prefill it once: prefill_shared). Returns token lists (up to and including EOS),
     the behaviour log-prob of each sampled token (of the distribution actually sampled
     from) and whether each hit max_new_tokens without EOS."""
     ids, mask, _ = left_pad(prompts, pad_id, model_device(model))
+    past = prefill_shared(model, prompts, pad_id) if share_prompts else None
     torch.manual_seed(seed)
     out = generate(model, input_ids=ids, attention_mask=mask, do_sample=True,
                    temperature=temperature, top_p=top_p, top_k=top_k,
                    max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
-                   output_scores=True, return_dict_in_generate=True, use_cache=True)
+                   output_scores=True, return_dict_in_generate=True, use_cache=True,
+                   **({"past_key_values": past} if past is not None else {}))
     new = out.sequences[:, ids.shape[1]:]
     # scores are the processed logits (temperature/top-k/top-p applied) that were sampled from
     # one step at a time: stacking every step's full-vocabulary log-softmax costs GBs
@@ -216,6 +226,28 @@ def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, *, tempera
 
 
 @torch.no_grad()
+def prefill_shared(model, prompts: list[list[int]], pad_id: int):
+    """A KV cache of every prompt but its last token, computed once per distinct prompt and
+    repeated for the rows that share it; None when no prompt repeats. `generate` continues
+    from it with the full left-padded prompts (the cache covers all columns but the last, so
+    generate runs the last prompt token and samples): the k samples of a prompt cost one
+    prefill, not k. Left padding to the same width keeps each row's columns and positions
+    where the unshared batch has them."""
+    from transformers import DynamicCache
+
+    distinct: dict = {}
+    rows = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    if len(distinct) == len(prompts) or min(len(p) for p in prompts) < 2:
+        return None
+    unique = [list(p)[:-1] for p in distinct]
+    ids, mask, pos = left_pad(unique, pad_id, model_device(model))
+    cache = DynamicCache()
+    model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    cache.batch_select_indices(torch.tensor(rows, device=ids.device))
+    return cache
+
+
+@torch.no_grad()
 def next_token_logprobs(model, seqs: list[list[int]], pad_id: int, lookback: int = 1) -> torch.Tensor:
     """Log-softmax of the next-token distribution at each of the last `lookback` positions of
     a left-padded batch: shape (batch, lookback, vocab); [:, -1] follows the whole sequence.
@@ -223,3 +255,97 @@ def next_token_logprobs(model, seqs: list[list[int]], pad_id: int, lookback: int
     ids, mask, pos = left_pad(seqs, pad_id, model_device(model))
     logits, _ = head_logits(model, lookback, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
     return F.log_softmax(logits.float(), dim=-1)
+
+
+# ---- shared prompts: each prompt through the model once for all its responses ----------
+
+
+class PromptGroups:
+    """Rows that share a prompt packed into one sequence each, prompt first and then its
+    responses one after another: [p, r_1, r_2, ..., r_k] (the Prefix Grouper layout, arXiv
+    2506.05433). A block attention mask lets every response token see the prompt and the
+    earlier tokens of its own response only, and each response's positions continue from the
+    prompt's end, so every response token gets exactly the context it had when sampled. The
+    prompt's activations are computed once per group instead of once per sample (the prompt
+    is most of the tokens), and with gradients its backward runs once too.
+
+    `index` [B, R] maps each row's response tokens to their place in the flat [G * K] output
+    (K: the most response tokens in a group); `mask` [B, R] marks real tokens."""
+
+    def __init__(self, prompts: list[list[int]], responses: list[list[int]], pad_id: int, device):
+        groups: dict = {}
+        for b, p in enumerate(prompts):
+            groups.setdefault(tuple(p), []).append(b)
+        members = list(groups.values())
+        lengths = [len(prompts[m[0]]) + sum(len(responses[b]) for b in m) for m in members]
+        L = max(lengths)
+        K = max(max(sum(len(responses[b]) for b in m) for m in members), 1)
+        R = max(max(len(r) for r in responses), 1)
+        G = len(members)
+        ids = torch.full((G, L), pad_id, dtype=torch.long)
+        pos = torch.zeros((G, L), dtype=torch.long)
+        segment = torch.full((G, L), -2, dtype=torch.long)  # -1 prompt, i >= 0 response i, -2 padding
+        keep = torch.zeros((G, K), dtype=torch.long)  # the position whose output predicts each token
+        targets = torch.full((G, K), pad_id, dtype=torch.long)
+        index = torch.zeros((len(prompts), R), dtype=torch.long)
+        for g, m in enumerate(members):
+            p = prompts[m[0]]
+            P = len(p)
+            ids[g, :P] = torch.tensor(p, dtype=torch.long)
+            pos[g, :P] = torch.arange(P)
+            segment[g, :P] = -1
+            at, k = P, 0
+            for i, b in enumerate(m):
+                r = responses[b]
+                n = len(r)
+                if n:
+                    ids[g, at:at + n] = torch.tensor(r, dtype=torch.long)
+                    pos[g, at:at + n] = torch.arange(P, P + n)
+                    segment[g, at:at + n] = i
+                    # token t of the response follows the prompt's last token (t = 0) or its own t - 1
+                    keep[g, k:k + n] = torch.tensor([P - 1] + list(range(at, at + n - 1)))
+                    targets[g, k:k + n] = torch.tensor(r, dtype=torch.long)
+                    index[b, :n] = g * K + torch.arange(k, k + n)
+                at, k = at + n, k + n
+        q, kv = segment[:, :, None], segment[:, None, :]
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        # a key is visible when it is not after the query and is in the prompt or the query's own segment
+        see = causal & ((kv == -1) | (kv == q)) & (q != -2)
+        see |= torch.eye(L, dtype=torch.bool)  # padding sees itself: no all-masked row (NaN in softmax)
+        self.ids, self.positions, self.keep, self.targets = ids.to(device), pos.to(device), keep.to(device), targets.to(device)
+        self.attention = see[:, None].to(device)  # [G, 1, L, L], True = attend
+        self.index = index.to(device)
+        self.mask = pad_rows([[1.0] * len(r) for r in responses], R, device)
+        self.num_groups, self.tokens = G, sum(lengths)
+
+    def rows(self, flat: torch.Tensor) -> torch.Tensor:
+        """[G, K] per-token values back to the rows' [B, R] layout (0 on padding)."""
+        return flat.reshape(-1)[self.index] * self.mask
+
+
+def attention_mask_4d(model, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The block mask as the model's attention takes a prepared 4D mask: boolean for SDPA
+    (True = attend), additive (0 / most negative) for eager attention."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl == "sdpa":
+        return allowed
+    if impl == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    raise ValueError(f"shared-prompt forward needs sdpa or eager attention, not {impl!r}")
+
+
+def supports_shared_prompts(model) -> bool:
+    """Whether `model` takes a custom 4D attention mask (SDPA or eager attention; flash
+    attention kernels take no arbitrary mask)."""
+    return (getattr(model.config, "_attn_implementation", None) or "eager") in ("sdpa", "eager")
+
+
+def grouped_logprobs(scorer, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """`response_logprobs` with each distinct prompt computed once for all its responses
+    (PromptGroups): the same (logprobs [B, R], mask [B, R], values or None) to float
+    rounding, from G * (P + k R) tokens instead of B * (P + R)."""
+    scorer = scorer if isinstance(scorer, ResponseScorer) else ResponseScorer(scorer)
+    grp = PromptGroups(prompts, responses, pad_id, model_device(scorer))
+    logp, values = scorer(grp.ids, None, None, temperature, top_k, top_p, groups=grp)
+    return grp.rows(logp), grp.mask, (grp.rows(values) if values is not None else None)

@@ -4,27 +4,36 @@ or any actor starts (rules on the config alone are pydantic validators in config
 `preflight(cfg, command, out=...)` re-validates the config (a config edited in code after
 loading is checked again), checks the output (never overwritten: see `check_output`) or the
 run folder to resume (`runlog.check_resume`), then what that command needs, and returns what
-it loaded on the way (`train`: the task's prompts; `eval`: the two policies). With
-`overwrite=True` an existing output is moved aside to OUT.replaced-TIMESTAMP, the last thing
-it does, once every check has passed (nothing is deleted)."""
+it loaded on the way (`train`: the task's prompts; `eval`: the two policies; `eval-labeler`:
+the user's pair files, read and checked whole). `train` also logs a warning when the
+pipeline's torch threads oversubscribe the cores (layout.thread_warnings; a slower run, not
+a wrong one, so not an error). With `overwrite=True` an existing output is moved aside to
+OUT.replaced-TIMESTAMP, the last thing it does, once every check has passed (nothing is
+deleted)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from .config import Config, ConfigError, config_from_dict
-from .data import task_prompts
+from .data import BUNDLED, DataError, task_prompts
 from .judgements import harmless_on
+from .layout import thread_warnings
 from .models import is_checkpoint, load_tokenizer, model_context, model_path_problem
-from .pair_data import load_exemplars
+from .pair_data import load_exemplars, looks_like_file, read_pair_file
 from .runlog import check_resume, move_aside
 
 COMMANDS = ("train", "eval", "sft", "train-rm", "sample-pairs", "label", "eval-labeler", "serve-labeler", "signal",
             "run")
-FILE_OUTPUTS = ("sample-pairs", "eval-labeler")  # the output is one file; every other command's is a folder
+# the output is one file (eval-labeler's --out; its --report is a folder); every other command's is a folder
+FILE_OUTPUTS = ("sample-pairs", "eval-labeler")
 
 
 def preflight(cfg: Config, command: str, out: str | Path | None = None, *, overwrite: bool = False,
-              resume: str | Path | None = None, log=print):
+              resume: str | Path | None = None, log=print, report: str | Path | None = None,
+              pair_data: list[str] | None = None, shots: int = 0):
+    """`report` (eval-labeler): the report folder, checked like `out` (a folder);
+    `pair_data` (eval-labeler --data): bundled names and pair files, each file read and
+    checked whole (returned as {entry: PairFile}) with `shots` exemplars taken from its end."""
     if command not in COMMANDS:
         raise ValueError(f"preflight: unknown command {command!r}")
     config_from_dict(cfg.model_dump(), "(as given)")  # validators again: raises ConfigError naming the field
@@ -35,19 +44,50 @@ def preflight(cfg: Config, command: str, out: str | Path | None = None, *, overw
             raise ConfigError(f"--resume {resume} writes into that run folder: drop --out {out}")
         check_resume(resume, cfg)  # the folder, its config, a complete checkpoint, readable records
         out = None
-    replace = check_output(out, command, overwrite) if out is not None else None
+    replace = [check_output(out, command, overwrite) if out is not None else None,
+               check_output(report, command, overwrite, folder=True, flag="--report") if report is not None else None]
     result = _checks(cfg, command)
-    if replace is not None:  # every check passed: only now is the old output moved aside
-        log(f"--overwrite: moved the existing {replace} to {move_aside(replace)} (delete it when no longer needed)")
+    if command == "eval-labeler":
+        result = pair_sources(pair_data or [], shots)
+    if command == "train":
+        for line in thread_warnings(cfg):
+            log(f"warning: {line}")
+    for old in replace:  # every check passed: only now is an old output moved aside
+        if old is not None:
+            log(f"--overwrite: moved the existing {old} to {move_aside(old)} (delete it when no longer needed)")
     return result
 
 
-def check_output(out: str | Path, command: str, overwrite: bool = False) -> Path | None:
+def pair_sources(entries: list[str], shots: int = 0) -> dict:
+    """eval-labeler --data: each entry a bundled pair set or a file of human-labelled pairs
+    (pair_data.read_pair_file: a missing file, an unknown format or a row missing a field
+    stops here, naming the file, row and field); {entry: PairFile} for the files."""
+    out = {}
+    for entry in entries:
+        if entry in BUNDLED:
+            continue
+        if not looks_like_file(entry):
+            raise ConfigError(f"eval-labeler --data: unknown pair set {entry!r}; known: {', '.join(sorted(BUNDLED))}, "
+                              "or a JSONL/Parquet file of human-labelled pairs (a path: .jsonl, .jsonl.gz, .parquet)")
+        if not Path(entry).is_file():
+            raise ConfigError(f"eval-labeler --data {entry}: no such file")
+        pf = read_pair_file(entry)
+        if len(pf.rows) <= shots:
+            raise DataError(f"{entry}: {len(pf.rows)} usable pairs; a {shots}-shot prompt variant takes its exemplars "
+                            "from the last usable rows and needs at least one more to evaluate")
+        out[entry] = pf
+    return out
+
+
+def check_output(out: str | Path, command: str, overwrite: bool = False, folder: bool | None = None,
+                 flag: str = "--out") -> Path | None:
     """A run is never overwritten: an existing non-empty output folder (or an existing output
     file) is refused, unless `overwrite`, in which case it is returned (preflight moves it
-    aside once every other check has passed). An empty folder is used as it is."""
+    aside once every other check has passed). An empty folder is used as it is. `folder`:
+    whether this output is a folder (default: every command's but FILE_OUTPUTS'); `flag`:
+    the option that names it, in the message."""
     out = Path(out)
-    is_file_output = command in FILE_OUTPUTS
+    is_file_output = command in FILE_OUTPUTS if folder is None else not folder
     if not (out.exists() or out.is_symlink()):
         return None
     if not is_file_output and out.is_dir() and not any(out.iterdir()):
@@ -57,7 +97,7 @@ def check_output(out: str | Path, command: str, overwrite: bool = False) -> Path
     kind = ("is a folder, not a file" if out.is_dir() else "exists") if is_file_output else (
         "exists and is not empty" if out.is_dir() else "exists and is a file, not a folder")
     hint = f", --resume {out} to continue it," if command == "train" and (out / "checkpoints").is_dir() else ""
-    raise ConfigError(f"{command}: output {out} {kind} (outputs are never overwritten): choose another --out"
+    raise ConfigError(f"{command}: output {out} {kind} (outputs are never overwritten): choose another {flag}"
                       f"{hint} or pass --overwrite to move the old one aside to {out.name}.replaced-TIMESTAMP")
 
 

@@ -29,8 +29,9 @@ def _lines(path: Path) -> list[dict]:
 
 
 def page(title: str, headline: list[tuple[str, str]], plots: list[tuple[str, Path]], config_text: str,
-         notes: list[str] | None = None) -> str:
-    """One HTML page; the PNGs are embedded as data URIs so the file stands alone."""
+         notes: list[str] | None = None, top: str = "", middle: str = "") -> str:
+    """One HTML page; the PNGs are embedded as data URIs so the file stands alone. `top`
+    (HTML) goes right under the title, `middle` between the headline and the plots."""
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in headline)
     figs = "".join(
         f'<figure><img alt="{html.escape(cap)}" src="data:image/png;base64,'
@@ -41,13 +42,86 @@ def page(title: str, headline: list[tuple[str, str]], plots: list[tuple[str, Pat
 <style>body{{font-family:sans-serif;margin:24px;max-width:1400px}} table{{border-collapse:collapse}}
 th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}} figure{{display:inline-block;margin:8px}}
 img{{max-width:640px}} pre{{background:#f4f4f4;padding:8px;overflow:auto;max-height:400px}}
-.note{{color:#555}}</style></head><body><h1>{html.escape(title)}</h1>
-<table>{rows}</table>{note}<h2>Plots</h2>{figs}
+.note{{color:#555}} .verdict{{border:3px solid;padding:8px 14px;margin:0 0 16px;font-size:1.1em}}
+.hacking{{border-color:#d62728;background:#fde8e8}} .clean{{border-color:#2ca02c;background:#eaf6ea}}
+.unknown{{border-color:#999;background:#f4f4f4}} td.better{{background:#eaf6ea}} td.worse{{background:#fde8e8}}
+table.examples td{{vertical-align:top;max-width:260px;font-size:0.9em}}</style></head><body>
+<h1>{html.escape(title)}</h1>{top}
+<table>{rows}</table>{note}{middle}<h2>Plots</h2>{figs}
 <h2>Config</h2><pre>{html.escape(config_text)}</pre></body></html>"""
 
 
 def _pct(ci) -> str:
     return f"{ci[0]:.1%}-{ci[1]:.1%}"
+
+
+def _num(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def verdict_box(verdict: dict | None) -> str:
+    """The reward-hacking verdict (measures.hacking_verdict), first thing on the page."""
+    if not verdict:
+        return ('<div class="verdict unknown"><b>Reward hacking: not checked</b> (no held-out evaluation '
+                'before and after training in this run)</div>')
+    if verdict["hacking"]:
+        return (f'<div class="verdict hacking"><b>REWARD HACKING SUSPECTED</b>: {html.escape(verdict["reason"])}</div>')
+    return f'<div class="verdict clean"><b>No sign of reward hacking</b>: {html.escape(verdict["reason"])}</div>'
+
+
+def measures_table(comp: dict, summary: dict, win: dict | None) -> str:
+    """The training reward's change, the win rate against the initial policy and the
+    independent measures in one table, each with its 95% interval (docs/method.md §7.6)."""
+    from rlaif_ray.measures import DECIMALS, MEASURES, direction
+
+    verdict = comp.get("hacking") or {}
+    worse, better = set(verdict.get("worse", [])), set(verdict.get("better", []))
+
+    def row(label, before, after, change, judged, name=None):
+        cls = f' class="{"worse" if name in worse else "better" if name in better else ""}"' if name else ""
+        return (f"<tr><th>{html.escape(label)}</th><td>{before}</td><td>{after}</td><td{cls}>{change}</td>"
+                f"<td>{html.escape(judged)}</td></tr>")
+
+    rc = comp.get("reward_change") or summary.get("heldout_change")
+    b, a = summary.get("heldout_before", {}), summary.get("heldout_after", {})
+    rows = []
+    if rc:
+        rising = direction(rc["mean"], rc.get("ci95_halfwidth"))
+        rows.append(row("held-out reward (the training judge)", _num(b.get("reward_mean"), "+.4f"),
+                        _num(a.get("reward_mean", comp.get("heldout_reward")), "+.4f"),
+                        f"{rc['mean']:+.4f} +- {_num(rc.get('ci95_halfwidth'), '.4f')}",
+                        "what training optimises: " + {1: "rose", -1: "fell", 0: "within its interval"}[rising]))
+    if win and "win_rate" in win:
+        rows.append(row("win rate vs initial (pairwise judge)", "50% by definition", f"{win['win_rate']:.1%}",
+                        f"95% CI {_pct(win['ci95'])}, n={win['n']}", "independent: higher is better", "win_rate"))
+    for name, m in comp.get("independent", {}).items():
+        label, higher = MEASURES.get(name, (name, None))
+        d = DECIMALS.get(name, 3)
+        rows.append(row(label, f"{m['before']:.{d}f}", f"{m['after']:.{d}f}",
+                        f"{m['change']:+.{d}f} +- {_num(m['ci95_halfwidth'], f'.{d}f')}",
+                        "independent: " + {True: "higher is better", False: "lower is better",
+                                           None: "neither better nor worse"}[higher], name))
+    return ("<h2>Reward against measures that are not the reward</h2><table><tr><th>measure</th><th>initial policy"
+            "</th><th>final policy</th><th>change (paired 95% CI)</th><th>reading</th></tr>" + "".join(rows) +
+            "</table><p class=note>Held-out prompts, the same seed before and after. A change counts when its "
+            "interval is clear of zero (green: better, red: worse); ROUGE is against the human-written reference.</p>")
+
+
+def examples_table(examples: list[dict], prompt_chars: int = 300) -> str:
+    """Held-out examples side by side: what the reward came to favour, in the responses' words."""
+    if not examples:
+        return ""
+    esc = html.escape
+    rows = "".join(
+        f"<tr><td>{esc(e['prompt'][:prompt_chars] + ('...' if len(e['prompt']) > prompt_chars else ''))}</td>"
+        f"<td>{esc(e.get('reference') or '')}</td><td>{esc(e['initial'])}</td><td>{esc(e['final'])}</td>"
+        f"<td>{_num(e['reward_initial'], '+.3f')} -> {_num(e['reward_final'], '+.3f')}</td>"
+        f"<td>{_num(e['rougeL_initial'], '.3f')} -> {_num(e['rougeL_final'], '.3f')}</td></tr>"
+        for e in examples)
+    return ("<h2>Held-out examples, initial and final policy</h2><table class=examples><tr><th>prompt (shortened)"
+            "</th><th>human reference</th><th>initial response</th><th>final response</th><th>reward</th>"
+            "<th>ROUGE-L F1</th></tr>" + rows + "</table><p class=note>The largest reward gains first, then the "
+            "largest ROUGE-L drops.</p>")
 
 
 def train_report(run: str | Path) -> Path:
@@ -75,6 +149,11 @@ def train_report(run: str | Path) -> Path:
     if m:
         series("Mean reward per batch", ["reward_mean"], "reward", "reward.png")
         series("KL to the reference policy", ["kl"], "KL (per sequence)", "kl.png")
+        # written by runs with KL control (docs/method.md §3); older runs have only `kl`
+        if any("kl_per_token" in r for r in m):
+            series("KL to the reference policy, per token", ["kl_per_token"], "KL (per token)", "kl_per_token.png")
+        if any("kl_beta" in r for r in m):
+            series("KL coefficient beta", ["kl_beta"], "beta", "kl_beta.png")
         series("Loss", ["loss", "pg_loss", "value_loss"], "loss", "loss.png")
         series("Policy lag of each trained batch", ["staleness"], "versions", "staleness.png")
         series("Throughput of the loop", ["completions_per_s"], "completions / s", "throughput.png")
@@ -93,6 +172,25 @@ def train_report(run: str | Path) -> Path:
         ax.set_title("Held-out win rate against the initial policy")
         ax.legend()
         plots.append(("Held-out win rate against the initial policy", _save(fig, run / "plots" / "winrate.png")))
+    evals = [r for r in wr if r.get("independent") and r.get("reward_change")]
+    if evals:  # the reward's change beside the independent ones, per evaluation: do they agree?
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        x = [r["step"] for r in evals]
+        for key, label, color in (("reward", "held-out reward", "#d62728"), ("rougeL", "ROUGE-L F1", "#1f77b4"),
+                                  ("rouge1", "ROUGE-1 F1", "#9467bd"), ("commentary", "commentary share", "#ff7f0e")):
+            c = [r["reward_change"] if key == "reward" else r["independent"].get(key) for r in evals]
+            if all(v is None for v in c):
+                continue
+            y = [v["mean" if key == "reward" else "change"] if v else None for v in c]
+            err = [(v or {}).get("ci95_halfwidth") or 0.0 for v in c]
+            ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=3, color=color, label=label)
+        ax.axhline(0.0, color=COLORS["ref"], ls="--", lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("change from the initial policy")
+        ax.set_title("Held-out changes (paired 95% CI)")
+        ax.legend(fontsize=8)
+        plots.append(("Held-out changes from the initial policy: reward and independent measures",
+                      _save(fig, run / "plots" / "independent.png")))
     busy, loop = summary.get("stage_busy_s", {}), summary.get("loop_s")
     if busy and loop:
         fig, ax = plt.subplots(figsize=(6, 3.4))
@@ -119,8 +217,13 @@ def train_report(run: str | Path) -> Path:
     if summary.get("recoveries"):
         head.append(("recoveries", str(len(summary["recoveries"]))))
     cfg = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
+    # the verdict first: from the end of the run, else the last evaluation during it
+    comp = summary if "hacking" in summary else next((r for r in reversed(wr) if "hacking" in r), {})
+    win = summary.get("win_rate") or (wr[-1] if wr else None)
+    top = verdict_box(comp.get("hacking")) + (measures_table(comp, summary, win) if comp else "")
     out = run / "report.html"
-    out.write_text(page(f"rlaif-ray train: {run.name}", head, plots, cfg))
+    out.write_text(page(f"rlaif-ray train: {run.name}", head, plots, cfg, top=top,
+                        middle=examples_table(summary.get("heldout_examples", []))))
     return out
 
 
@@ -224,6 +327,9 @@ def labeler_report(table: dict, folder: str | Path, config_text: str = "") -> Pa
     if rows:
         best = max(rows, key=lambda r: r["alignment"])
         head.append(("best cell", f"{best['data']} {best['variant']}: {best['alignment']:.1%} (95% CI {_pct(best['ci95'])})"))
+    for name, f in (table.get("files") or {}).items():  # the user's pair files (eval-labeler --data FILE)
+        head.append((name, f"{f['usable']} of {f['rows']} rows usable, {f['skipped']} skipped "
+                           f"(listed in table.json); labeler task {f['task']}"))
     out = folder / "report.html"
     out.write_text(page("rlaif-ray eval-labeler", head, plots, config_text))
     return out

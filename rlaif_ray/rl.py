@@ -17,12 +17,49 @@ with the KL of whole responses, KL(pi || pi_ref) = E_pi[sum_t kl_t]. Its gradien
   estimator and baseline against -grad J by enumerating a tiny policy's sequences).
 
 `surrogate` composes these into the loss the learner differentiates.
+
+beta is fixed (rl.kl_control: fixed) or steered between steps by `adaptive_kl_beta`
+(rl.kl_control: adaptive), the proportional controller of Ziegler et al. 2019 (TRL's
+AdaptiveKLController): after each step, with the step's measured KL per sequence,
+    e = clip(KL / kl_target - 1, -0.2, 0.2),    c <- c * (1 + e * n / kl_horizon),
+n the completions the KL was measured on. c is Ziegler's coefficient, the KL's weight
+relative to the reward's: here c = beta / (1 - beta), since (1 - beta) r - beta KL =
+(1 - beta) (r - c KL); so beta stays inside (0, 1), and its relative change is (1 - beta)
+times c's (for beta = 0.05, 95% of the multiplicative update applied to beta itself).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 BASELINES = ("none", "value", "group_mean")
+KL_ERROR_CLIP = 0.2  # Ziegler et al. 2019: the proportional error is clipped to +-20%
+
+
+def adaptive_kl_beta(beta: float, kl: float, target: float, horizon: float, n_steps: float) -> float:
+    """The next beta of the adaptive KL controller (Ziegler et al. 2019; TRL's
+    AdaptiveKLController): `kl` the KL per sequence measured at `beta` on `n_steps`
+    completions, `target` the KL per sequence to steer toward, `horizon` the completions
+    over which a sustained error of +-20% changes the coefficient by a factor of e^(+-0.2).
+    With e = clip(kl / target - 1, -0.2, 0.2) the coefficient c = beta / (1 - beta) (the
+    KL's weight relative to the reward's, see the module docstring) becomes
+    c * (1 + e * n_steps / horizon): KL above target raises beta, below lowers it, at target
+    leaves it. Needs 0 < beta < 1 and n_steps <= horizon (RLConfig checks both)."""
+    if not 0 < beta < 1:
+        raise ValueError(f"adaptive KL control needs 0 < beta < 1 (got {beta})")
+    if not (target > 0 and horizon > 0 and 0 <= n_steps <= horizon):
+        raise ValueError(f"adaptive KL control needs target > 0 and 0 <= n_steps <= horizon "
+                         f"(got target {target}, n_steps {n_steps}, horizon {horizon})")
+    if kl != kl:  # NaN: no measurement, no move
+        return beta
+    error = min(max(kl / target - 1, -KL_ERROR_CLIP), KL_ERROR_CLIP)
+    mult = 1 + error * n_steps / horizon
+    if mult == 1:  # at target, or nothing measured: beta itself (not its round trip through c)
+        return beta
+    c = beta / (1 - beta) * mult
+    # strictly inside (0, 1) even where c / (1 + c) rounds to an end, so the next update can run
+    return min(max(c / (1 + c), math.nextafter(0.0, 1.0)), math.nextafter(1.0, 0.0))
 
 
 def kl_per_token(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: str = "k1") -> torch.Tensor:

@@ -37,6 +37,9 @@ SCORED = pa.schema(list(ROLLOUT) + [
     # False when the judge put too little probability on the label tokens to read a label
     # (reward.min_label_mass): kept in the record, counted, left out of the loss
     pa.field("reward_ok", pa.bool_(), nullable=False),
+    # log pi_ref of each response token at the sampling temperature, when a labeler holding the
+    # reference model computed it while the batch waited (rl.reference); null: the learner does
+    pa.field("reference_logprobs", pa.list_(pa.float32())),
 ])
 
 # `rlaif-ray label`: response pairs in, soft AI preference labels out

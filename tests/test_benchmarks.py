@@ -167,3 +167,25 @@ def test_report_renders_every_section(results, overlap, overhead, scaling, gener
                     "## Generation throughput", "## Peak memory", "## Weight updates", "## GPU"):
         assert heading in text
     assert not re.search(r"\bnan\b", text, re.IGNORECASE)
+
+
+@pytest.mark.skipif(not __import__("importlib.util").util.find_spec("trl"), reason="trl not installed (.[trl] extra)")
+def test_trl_compare(tiny_model_path, tmp_path):
+    """rlaif-ray (HF generator) and TRL's GRPOTrainer, one step each on the tiny model."""
+    results = tmp_path / "results"
+    bench("trl_compare", "--systems", "rlaif-hf,trl", "--rounds", "1", "--steps", "1", "--new-tokens", "4",
+          "--model", tiny_model_path, "--set", "task.heldout_size=8", "--out", str(results / "trl_compare.json"))
+    r = json.loads((results / "trl_compare.json").read_text())
+    check_common(r)
+    assert r["versions"]["trl"] and [x["system"] for x in r["runs"]] == ["rlaif-hf", "trl"]
+    for x in r["runs"]:
+        assert x["steps"] == 1 and x["completions"] == 8 and positive(x["completions_per_s"])
+        assert positive(x["peak_pss_gib"]) and positive(x["cpu_s_per_completion"]) and len(x["load_before"]) == 3
+    assert r["runs"][0]["processes_at_peak"] > 3  # Ray's daemons and actors are in the sum
+    ratio = r["ratios_over_trl"]["rlaif-hf"]
+    assert positive(ratio["completions_per_s"]) and positive(ratio["peak_pss_gib"])
+    n, total = map(int, r["settings"]["trl_prompts_same_token_ids"].split("/"))
+    assert total == 4 and n == total  # TRL gets rlaif-ray's prompts, token for token
+    out = tmp_path / "BENCHMARKS.md"
+    bench("report", "--results", str(results), "--out", str(out))
+    assert "## rlaif-ray vs TRL" in out.read_text() and not re.search(r"\bnan\b", out.read_text(), re.IGNORECASE)

@@ -61,12 +61,15 @@ def test_killed_actor_loses_and_repeats_nothing(ray_local, tiny_model_path, tmp_
 
 def test_resumed_run_continues_like_an_uninterrupted_one(ray_local, tiny_model_path, tmp_path):
     """Kill a `train` subprocess after its step-2 checkpoint, resume it, and compare with an
-    uninterrupted run of the same seed (max_staleness 0, so every batch is on-policy)."""
+    uninterrupted run of the same seed (max_staleness 0, so every batch is on-policy). The KL
+    weight is adaptive (a horizon of one step, so it moves every step): the resumed run takes
+    the controller's beta back from the checkpoint."""
     from safetensors.numpy import load_file
 
     from rlaif_ray.commands.train import train
 
-    cfg = tiny_cfg(tiny_model_path, tmp_path, rl={"steps": 5, "max_staleness": 0},
+    cfg = tiny_cfg(tiny_model_path, tmp_path, rl={"steps": 5, "max_staleness": 0, "kl_control": "adaptive",
+                                                  "kl_horizon": 4},
                    generation={"max_new_tokens": 16}, eval={"num_prompts": 0, "signal_posts": 0},
                    run={"checkpoint_every": 2, "out_dir": str(tmp_path)}, ray={"num_cpus": 2})
     full = train(cfg, tmp_path / "full", log=lambda *_: None)
@@ -100,6 +103,11 @@ def test_resumed_run_continues_like_an_uninterrupted_one(ray_local, tiny_model_p
     for ma, mb in zip(a, b):  # CPU float nondeterminism only: same seeds, weights, optimizer state
         for key in ("reward_mean", "loss", "kl", "response_len"):
             assert mb[key] == pytest.approx(ma[key], abs=1e-4), (ma["step"], key)
+        assert mb["kl_beta"] == pytest.approx(ma["kl_beta"], rel=1e-6), ma["step"]
+    assert a[0]["kl_beta"] == 0.05 and len({m["kl_beta"] for m in a}) == 5  # it moved every step
+    for run in (full, cut):
+        saved = json.loads((run / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+        assert saved["kl_beta"] == pytest.approx(a[2]["kl_beta"], rel=1e-6)  # the beta step 3 trains with
     ids_a = read_rollouts(full).column("rollout_id").to_pylist()
     ids_b = read_rollouts(resumed).column("rollout_id").to_pylist()
     assert sorted(ids_a) == sorted(ids_b) and len(set(ids_b)) == len(ids_b)

@@ -73,11 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("eval-labeler", help="AI-labeler alignment with human labels and position bias")
     _config_args(p)
     p.add_argument("--data", default="hh_harmless",
-                   help="comma-separated: hh_harmless, hh_helpful, pandalm, tldr_ai_judged")
+                   help="comma-separated bundled sets (hh_harmless, hh_helpful, pandalm, tldr_ai_judged) and/or "
+                   "files of human-labelled pairs (.jsonl, .jsonl.gz, .parquet), each row either chosen/rejected "
+                   "(HH transcripts) or context/response_1/response_2/label (label 1 or 2: the preferred response)")
+    p.add_argument("--task", choices=("summarization", "helpful", "harmless"), default=None,
+                   help="labeler task for --data files (default: reward.pairwise.task; bundled sets have their own)")
     p.add_argument("--prompts", default="base", help="comma-separated PREAMBLE[+cot][:K], e.g. base,base:2,base+cot, "
                    "or 'grid' for base/detailed x 0/1/2-shot x CoT off/on")
     p.add_argument("--n", type=int, default=100, help="pairs per data set")
-    p.add_argument("--out", default=None, help="JSON file for the table (default: print only)")
+    _out_args(p, "JSON file for the table (default: print only)")
     p.add_argument("--report", default=None, help="folder for the HTML report (default: run.out_dir/run.name-labeler-TIMESTAMP)")
     p = sub.add_parser("label", help="AI preference labels for a file of response pairs -> Parquet (Ray Data)")
     _config_args(p)
@@ -108,11 +112,13 @@ def check_arguments(cfg, args) -> None:
     if args.command == "eval-labeler":
         from rlaif_ray.data import BUNDLED
         from rlaif_ray.labeler_eval import GRID, parse_variant
+        from rlaif_ray.pair_data import looks_like_file
 
-        for name in args.data.split(","):
-            if name not in BUNDLED:
+        for name in args.data.split(","):  # a file is read and checked by the preflight
+            if name not in BUNDLED and not looks_like_file(name):
                 raise ConfigError(f"eval-labeler --data: unknown pair set {name!r}; "
-                                  f"known: {', '.join(sorted(BUNDLED))}")
+                                  f"known: {', '.join(sorted(BUNDLED))}, or a JSONL/Parquet file of human-labelled "
+                                  "pairs (a path: .jsonl, .jsonl.gz, .parquet)")
         for variant in GRID if args.prompts == "grid" else args.prompts.split(","):
             parse_variant(variant)
     if args.command == "signal" and args.scorers not in (None, "all"):
@@ -137,6 +143,10 @@ def run(args) -> int:
         check_arguments(cfg, args)
     if args.command == "check":
         print(f"{args.config}: the config is valid (fields, batch arithmetic, engine settings)")
+        from rlaif_ray.layout import thread_warnings
+
+        for line in thread_warnings(cfg):  # as train's preflight warns
+            print(f"warning: {line}")
         if args.cluster:
             from rlaif_ray.cluster_plan import plan, read_cluster
 
@@ -172,7 +182,8 @@ def run(args) -> int:
     elif args.command == "eval-labeler":
         from .eval_labeler import run_eval_labeler
 
-        run_eval_labeler(cfg, args.data, args.prompts, args.n, args.out, args.report)
+        run_eval_labeler(cfg, args.data, args.prompts, args.n, args.out, args.report, overwrite=args.overwrite,
+                         task=args.task)
     elif args.command == "label":
         from .label import label_file
 

@@ -25,9 +25,10 @@ from actors.metrics import RoleMetrics
 from actors.ray_session import actor_died, actor_options, gather, learner_malloc_env, place, release
 from actors.reward_model import RewardModel
 from rlaif_ray import schemas
-from rlaif_ray.config import Config
+from rlaif_ray.config import Config, reference_on_labelers
 from rlaif_ray.data import prompt_batch
 from rlaif_ray.devices import collective_backend, role_device
+from rlaif_ray.rl import adaptive_kl_beta
 from rlaif_ray.weight_sync import WeightVersionError
 
 
@@ -90,7 +91,8 @@ def start_learner(cfg: Config, tag: str = "") -> LearnerGroup:
     return LearnerGroup(ray.remote(LearnerWorker), role.num_actors, options, tag,
                         place("learner", role, tag, cfg.pipeline.batch_timeout_s), model_name=cfg.model.name, dtype=cfg.model.dtype, rl_cfg=cfg.rl.model_dump(),
                         temperature=cfg.generation.temperature, top_k=cfg.generation.top_k,
-                        top_p=cfg.generation.top_p, torch_threads=role.torch_threads, device=role_device(role.num_gpus))
+                        top_p=cfg.generation.top_p, torch_threads=role.torch_threads, device=role_device(role.num_gpus),
+                        reference=not reference_on_labelers(cfg))
 
 
 def start_actors(cfg: Config, tag: str = ""):
@@ -183,7 +185,9 @@ class Rollouts:
     def _launch(self, i, shard, gen_args, mode):
         rollouts = self.pipe.gens[i].generate.remote(prompt_batch(shard), *gen_args)
         self.pipe.generating.append(rollouts)
-        return self.pipe.labelers[i % len(self.pipe.labelers)].score.remote(rollouts, mode)
+        # training batches: the labeler also computes the reference log-probs (rl.reference)
+        ref_t = self.pipe.reference_temperature if self.index >= 0 else None
+        return self.pipe.labelers[i % len(self.pipe.labelers)].score.remote(rollouts, mode, ref_t)
 
     def get(self, timeout: float) -> "schemas.pa.RecordBatch":
         out = []
@@ -222,6 +226,11 @@ class Pipeline:
         infos = gather([a.info.remote() for a in self.actors()], "loading models", cfg.run.progress, unit="actor")
         self.weight_dtype = infos[0]["weight_dtype"]  # generators come first: the dtype they hold weights in
         self.version = 0  # the policy version the learner holds and the generators get next
+        # the KL weight of the next step: rl.beta throughout, or (rl.kl_control: adaptive) where
+        # the controller moved it after each step; checkpoints keep it (trainer_state.json kl_beta)
+        self.beta = cfg.rl.beta
+        # rl.reference: the labelers compute log pi_ref at the sampling temperature (None: the learner)
+        self.reference_temperature = cfg.generation.temperature if reference_on_labelers(cfg) else None
         p = cfg.pipeline
         gpus = p.learner.num_gpus > 0 and p.generators.num_gpus > 0
         self.broadcast = p.weight_sync == "broadcast" or (p.weight_sync == "auto" and gpus)
@@ -230,7 +239,7 @@ class Pipeline:
         self.recoveries: list[dict] = []
         self.checkpoint: str | None = None  # last checkpoint written
         self.metrics = RoleMetrics("driver", tag)  # queue depth, lag, reward, KL on the dashboard
-        self.replay: list = []  # batches trained since that checkpoint
+        self.replay: list = []  # (batch, beta) trained since that checkpoint
         self.generating: list = []  # generate calls launched (a broadcast waits for them to finish)
         self.inflight: deque = deque()  # (sampler state before the batch, Rollouts), oldest first
         self.launched = 0  # batches launched so far (the next batch's index)
@@ -271,32 +280,49 @@ class Pipeline:
         return sampler.state(), self.launched
 
     def train(self, batch) -> dict:
-        """One learner step, then the new version to every generator. A dead learner rank is
-        replaced (rebuild_learner) and the step retried; the batch joins `replay` until the
-        next checkpoint."""
+        """One learner step at KL weight `self.beta` (returned as stats["beta"]), then the new
+        version to every generator and, with rl.kl_control adaptive, the next step's beta from
+        this step's KL per sequence. A dead learner rank is replaced (rebuild_learner) and the
+        step retried; the batch joins `replay` (with its beta) until the next checkpoint."""
+        beta = self.beta
         for attempt in range(self.cfg.pipeline.learner.max_restarts + 1):
             try:
-                stats = self.learner.train(batch, self.cfg.rl.loss_agg)
-                self.replay.append(batch)
+                stats = self.learner.train(batch, self.cfg.rl.loss_agg, beta)
+                self.replay.append((batch, beta))
                 break
             except Exception as err:  # noqa: BLE001
                 if not actor_died(err) or attempt == self.cfg.pipeline.learner.max_restarts:
                     raise
                 self.rebuild_learner(err)
         self.publish(self.version + 1)
-        return stats
+        self.beta = self.next_beta(beta, stats)
+        return {**stats, "beta": beta}
+
+    def next_beta(self, beta: float, stats: dict) -> float:
+        """The KL weight after a step at `beta` that measured `stats`: unchanged for
+        rl.kl_control fixed (or a step without usable rows), else the adaptive controller's
+        (rl.adaptive_kl_beta) on the step's KL per sequence over its usable rows."""
+        rl = self.cfg.rl
+        if rl.kl_control != "adaptive" or not stats.get("usable_rows"):
+            return beta
+        return adaptive_kl_beta(beta, stats["kl_sum"] / stats["usable_rows"], rl.kl_target, rl.kl_horizon,
+                                stats["usable_rows"])
 
     def save(self, path: str, step: int, sampler) -> None:
         state, index = self.resume_point(sampler)
         self.learner.save(path, {"step": step, "policy_version": self.version, "next_batch_index": index,
-                                 "sampler": state})
+                                 "sampler": state, "kl_beta": self.beta})
         self.checkpoint, self.replay = path, []
 
     def resume(self, checkpoint: str, state: dict) -> None:
-        """Continue after a checkpoint: its weights and optimizer, its version, its data position."""
+        """Continue after a checkpoint: its weights and optimizer, its version, its data
+        position, and (rl.kl_control adaptive) the controller's beta; a checkpoint written
+        before kl_beta was saved starts the controller again from rl.beta."""
         self.learner.load(checkpoint)
         self.checkpoint, self.replay = checkpoint, []
         self.launched = state["next_batch_index"]
+        if self.cfg.rl.kl_control == "adaptive":
+            self.beta = float(state.get("kl_beta", self.cfg.rl.beta))
         self.publish(state["policy_version"])
 
     # -- recovery and weight sync --
@@ -393,8 +419,8 @@ class Pipeline:
         self.learner = start_learner(self.cfg, f"{self.tag}-r{len(self.recoveries) + 1}")
         if self.checkpoint:
             self.learner.load(self.checkpoint)
-        for old in self.replay:
-            self.learner.train(old, self.cfg.rl.loss_agg)
+        for old, beta in self.replay:  # each at the beta it was trained with
+            self.learner.train(old, self.cfg.rl.loss_agg, beta)
         self.recoveries.append({"learner": True, "error": type(err).__name__, "replayed": len(self.replay),
                                 "restore_s": time.perf_counter() - t0})
         self.regroup = self.broadcast  # the new rank 0 is not in the weight group yet

@@ -18,6 +18,7 @@ from rlaif_ray.config import Config
 from rlaif_ray.data import PromptSampler, load_tldr
 from rlaif_ray.judgements import harmless_on
 from rlaif_ray.learner import NonFiniteError
+from rlaif_ray.measures import DECIMALS, MEASURES, compare_heldout, means, pick_examples, task_measures
 from rlaif_ray.preflight import preflight
 from rlaif_ray.report import train_report
 from rlaif_ray.runlog import RunFolder, RunStateError, default_run_dir
@@ -84,7 +85,8 @@ def rl_loop(pipe: Pipeline, run: RunFolder, sampler: PromptSampler, first_step: 
         if cfg.run.log_rollouts:
             run.log_rollouts(batch, step)
         pipe.log(f"step {step:3d}/{cfg.rl.steps} | v{pipe.version} | reward {row['reward_mean']:+.4f} "
-                 f"| kl {row['kl']:+.4f} | loss {row['loss']:+.4f} | {row['completions_per_s']:.2f} compl/s "
+                 f"| kl {row['kl_per_seq']:+.4f}/seq {row['kl_per_token']:+.5f}/tok | beta {row['kl_beta']:.4g} "
+                 f"| loss {row['loss']:+.4f} | {row['completions_per_s']:.2f} compl/s "
                  f"| staleness {lag} | len {row['response_len']:.1f}")
         if step == cfg.rl.steps or (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0):
             checkpoint(pipe, run, step, sampler)
@@ -115,11 +117,17 @@ def checkpoint(pipe: Pipeline, run: RunFolder, step: int, sampler: PromptSampler
 
 
 def metrics_row(step, version, index, lag, batch, stats, waited, elapsed, rate) -> dict:
-    """One line of metrics.jsonl."""
+    """One line of metrics.jsonl. The KL to the reference (rl.kl_estimator), over the usable
+    rows: `kl_per_seq` the mean over rows of the summed per-token estimate (what
+    rl.kl_target steers; `kl` is the same number, kept for older readers), `kl_per_token`
+    the mean over their tokens; `kl_beta` the KL weight this step trained with."""
     rewards = batch.column("reward").to_pylist()
     lengths = [len(t) for t in batch.column("response_token_ids").to_pylist()]
     return {"step": step, "policy_version": version, "batch_index": index, "staleness": lag,
-            "reward_mean": sum(rewards) / len(rewards), "kl": stats["kl"], "loss": stats["loss"],
+            "reward_mean": sum(rewards) / len(rewards), "kl": stats["kl"],
+            "kl_per_seq": stats["kl_sum"] / max(stats["usable_rows"], 1),
+            "kl_per_token": stats["kl_sum"] / max(stats["tokens"], 1), "kl_beta": stats["beta"],
+            "loss": stats["loss"],
             "pg_loss": stats["pg_loss"], "value_loss": stats["value_loss"],
             "ratio_mean": stats["ratio_mean"], "ratio_clipped_frac": stats["ratio_clipped_frac"],
             "grad_norm": stats["grad_norm"], "response_len": sum(lengths) / len(lengths),
@@ -151,6 +159,12 @@ def before_training(pipe: Pipeline, run: RunFolder, eval_items: list, prompts, r
         summary["heldout_before"] = heldout_rewards(pipe, eval_items)
         log(f"held-out reward before training: {summary['heldout_before']['reward_mean']:+.4f} "
             f"(mean length {summary['heldout_before']['length_tokens']:.1f} tokens)")
+        # measures that are not the reward, to be paired with the same prompts later (docs/method.md §7.6)
+        summary["independent_before"] = means(eval_items, summary["heldout_before"]["responses"],
+                                              task_measures(cfg.task.name))
+        log("held-out measures before training: " + ", ".join(
+            f"{MEASURES[k][0]} {v:.{DECIMALS.get(k, 3)}f}" for k, v in summary["independent_before"].items()
+            if v is not None))
     run.write_json("summary_start.json", summary)
     return summary
 
@@ -180,7 +194,13 @@ def after_training(pipe: Pipeline, run: RunFolder, summary: dict, eval_items: li
             f"final {a['reward_mean']:+.4f} ({delta:+.4f} +- {half:.4f}, paired 95% CI); "
             f"length {b['length_tokens']:.1f} -> {a['length_tokens']:.1f} tokens")
         if cfg.eval.win_rate:  # did it learn? the final policy against the initial one
-            summary["win_rate"] = win_rate_vs_initial(pipe, eval_items, b, a, cfg.rl.steps, run)
+            summary["win_rate"] = row = win_rate_vs_initial(pipe, eval_items, b, a, cfg.rl.steps, run)
+            comp = {k: row[k] for k in ("reward_change", "independent", "hacking")}
+        else:
+            comp = compare_heldout(eval_items, b, a, None, task_measures(cfg.task.name))
+            log_comparison(log, cfg.rl.steps, b, a, comp, None)
+        summary["independent"], summary["hacking"] = comp["independent"], comp["hacking"]
+        summary["heldout_examples"] = pick_examples(eval_items, b, a)
     final = ray.get([a.info.remote() for a in pipe.actors()])
     summary["stage_busy_s"] = {i["name"]: i["busy_s"] for i in final}
     summary["processes"] = {i["name"]: i["pid"] for i in final}  # after any restart
@@ -212,16 +232,42 @@ def win_rate_vs_initial(pipe: Pipeline, items, before: dict, now: dict, step: in
                           [before["responses"][i] for i in ids], pipe.cfg, harmless_on(pipe.cfg),
                           desc=f"step {step} win rate:")
     run.log_judgements(rows, step)
-    if "win_rate" not in s:
-        return {"step": step, "n": 0, "unusable_labels": s["unusable_labels"]}
+    names = task_measures(pipe.cfg.task.name)
+    if "win_rate" not in s:  # no usable label: the measures that need no judge still stand
+        comp = compare_heldout(items, before, now, None, names)
+        log_comparison(pipe.log, step, before, now, comp, f"none ({s['unusable_labels']} unusable labels)")
+        return {"step": step, "n": 0, "unusable_labels": s["unusable_labels"], **comp}
     w, lc = s["win_rate"], s["length_controlled"]
     row = {"step": step, "win_rate": w["win_rate"], "ci95": w["ci95"], "n": w["n"], "ties": w["ties"],
            "length_controlled": lc["value"], "length_controlled_ci95": lc.get("ci95"),
            "soft_win_rate": s["soft_win_rate"]["mean"], "unusable_labels": s["unusable_labels"],
            "mean_chars": s["mean_chars"], **({"harmless": s["harmless"]} if "harmless" in s else {})}
+    # beside the win rate: the reward's own change and the measures that are not the reward
+    # (docs/method.md §7.6), flat values for TensorBoard and the paired changes in full
+    comp = compare_heldout(items, before, now, row, names)
+    row.update({"heldout_reward": now["reward_mean"], **{k: m["after"] for k, m in comp["independent"].items()},
+                **comp})
     run.log_winrate(row)
     pipe.metrics.set("eval_win_rate", w["win_rate"])
-    pipe.log(f"step {step}: held-out win rate against the initial policy {w['win_rate']:.1%} "
-             f"(95% CI {w['ci95'][0]:.1%}-{w['ci95'][1]:.1%}, n={w['n']}); length-controlled {lc['value']:.1%}; "
-             f"mean chars {s['mean_chars']['a']:.0f} vs {s['mean_chars']['b']:.0f}")
+    log_comparison(pipe.log, step, before, now, comp,
+                   f"{w['win_rate']:.1%} (95% CI {w['ci95'][0]:.1%}-{w['ci95'][1]:.1%}, n={w['n']}); "
+                   f"length-controlled {lc['value']:.1%}; "
+                   f"mean chars {s['mean_chars']['a']:.0f} vs {s['mean_chars']['b']:.0f}")
     return row
+
+
+def log_comparison(log, step: int, before: dict, now: dict, comp: dict, win_rate: str | None) -> None:
+    """One block: the training reward's change next to the win rate and the independent
+    measures, so that a disagreement shows at a glance; a loud line when it looks like hacking."""
+    rc = comp["reward_change"]
+    log(f"step {step}: held-out, initial policy -> now ({now['n']} prompts, paired 95% CIs)")
+    log(f"  {'held-out reward (training judge)':<34} {before['reward_mean']:+.4f} -> {now['reward_mean']:+.4f}  "
+        f"{rc['mean']:+.4f} +- {rc['ci95_halfwidth'] if rc['ci95_halfwidth'] is not None else float('nan'):.4f}")
+    if win_rate:
+        log(f"  {'win rate vs initial (pairwise)':<34} {win_rate}")
+    for name, m in comp["independent"].items():
+        half = m["ci95_halfwidth"] if m["ci95_halfwidth"] is not None else float("nan")
+        d = DECIMALS.get(name, 3)
+        log(f"  {MEASURES[name][0]:<34} {m['before']:.{d}f} -> {m['after']:.{d}f}  {m['change']:+.{d}f} +- {half:.{d}f}")
+    v = comp["hacking"]
+    log(f"REWARD HACKING SUSPECTED: {v['reason']}" if v["hacking"] else f"  no sign of reward hacking: {v['reason']}")

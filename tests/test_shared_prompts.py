@@ -1,0 +1,191 @@
+"""Shared-prompt computation (rl.shared_prompts, lm.PromptGroups): each prompt through the
+model once for all its samples gives the log-probs, values and the updated weights of one
+full sequence per sample, to float rounding."""
+import numpy as np
+import pytest
+import torch
+
+from rlaif_ray import lm
+
+
+def _rows(seed: int = 0, lengths=(7, 3, 9, 1, 5, 8, 2)):
+    """Two prompts of different lengths with 4 and 3 samples of mixed lengths, interleaved (the
+    groups need not be contiguous), plus a prompt with one sample."""
+    g = torch.Generator().manual_seed(seed)
+    p1, p2, p3 = (torch.randint(100, 5000, (n,), generator=g).tolist() for n in (23, 11, 6))
+    prompts = [p1, p2, p1, p2, p1, p3, p1, p2][:len(lengths) + 1]
+    responses = [torch.randint(100, 5000, (n,), generator=g).tolist() for n in lengths + (4,)]
+    return prompts, responses
+
+
+def test_groups_layout():
+    grp = lm.PromptGroups([[1, 2, 3], [9], [1, 2, 3]], [[4, 5], [8, 7, 6], [6]], pad_id=0, device="cpu")
+    assert grp.num_groups == 2
+    assert grp.ids.tolist() == [[1, 2, 3, 4, 5, 6], [9, 8, 7, 6, 0, 0]]
+    # each response's positions continue from its prompt's end
+    assert grp.positions[0].tolist() == [0, 1, 2, 3, 4, 3]
+    # token 0 of a response is predicted from the prompt's last token, the others from their own previous token
+    assert grp.keep[0].tolist() == [2, 3, 2]
+    assert grp.targets[0].tolist() == [4, 5, 6]
+    see = grp.attention[0, 0]
+    assert see[5].tolist() == [True, True, True, False, False, True]  # the second response does not see the first
+    assert see[4].tolist() == [True, True, True, True, True, False]
+    assert grp.rows(torch.arange(6.0).reshape(2, 3)).tolist() == [[0, 1, 0], [3, 4, 5], [2, 0, 0]]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("sampling", [dict(), dict(top_k=20, top_p=0.8)])
+def test_same_logprobs_and_gradients_as_full_sequences(tiny_model_path, attn, sampling):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation=attn)
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    scorer = lm.ResponseScorer(model, head)
+    prompts, responses = _rows()
+    out = []
+    for fn in (lm.response_logprobs, lm.grouped_logprobs):
+        scorer.zero_grad()
+        kw = dict(top_k=sampling.get("top_k", 0), top_p=sampling.get("top_p", 1.0))
+        logp, mask, values = fn(scorer, prompts, responses, 0, 0.9, **kw)
+        (logp.sum() + values.pow(2).mul(mask).sum()).backward()
+        out.append((logp.detach(), mask, values.detach(), {k: p.grad.clone() for k, p in scorer.named_parameters()}))
+    (a, ma, va, ga), (b, mb, vb, gb) = out
+    assert torch.equal(ma, mb)
+    torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(vb * mb, va * ma, atol=2e-5, rtol=1e-5)
+    for k in ga:
+        torch.testing.assert_close(gb[k], ga[k], atol=1e-4, rtol=1e-3, msg=k)
+
+
+def _scored(prompts, responses):
+    rewards = [0.7, -0.2, 0.1, -0.6, 0.4, 0.3, -0.1, 0.2]
+    ids = {}
+    return [{"prompt_id": f"p{ids.setdefault(tuple(p), len(ids))}", "prompt_token_ids": p, "response_token_ids": r,
+             "behaviour_logprobs": [-2.0] * len(r), "reward": rewards[i], "reward_ok": i != 3,
+             "rollout_id": f"b0:{i}", "batch_index": 0} for i, (p, r) in enumerate(zip(prompts, responses))]
+
+
+@pytest.mark.parametrize("checkpointing,baseline", [(False, "group_mean"), (True, "group_mean"), (False, "value")])
+def test_the_same_update_as_full_sequences(tiny_model_path, checkpointing, baseline):
+    """Two learner steps (the second with AdamW state) give the same weights and stats."""
+    from rlaif_ray.config import RLConfig
+    from rlaif_ray.learner import PolicyLearner, loss_normalisers
+
+    rows = _scored(*_rows())
+    norm = loss_normalisers([r["response_token_ids"] for r in rows], [r["reward_ok"] for r in rows])
+    out = []
+    for shared in (False, True):
+        cfg = RLConfig(lr=1e-3, shared_prompts=shared, gradient_checkpointing=checkpointing, baseline=baseline,
+                       kl_estimator="k3")
+        learner = PolicyLearner(tiny_model_path, cfg, 0.9)
+        stats = [learner.step(rows, *norm) for _ in range(2)]
+        out.append((stats, {k: v.detach().numpy().copy() for k, v in learner.state_for_sync("float32")}))
+    (s0, w0), (s1, w1) = out
+    for key in ("loss_sum", "kl_sum", "adv_sum", "return_sum"):
+        assert [s[key] for s in s1] == pytest.approx([s[key] for s in s0], abs=1e-5, rel=1e-4), key
+    for k in w0:
+        np.testing.assert_allclose(w1[k], w0[k], atol=1e-6, rtol=1e-5, err_msg=k)
+    untrained = {k: v.detach().numpy() for k, v in PolicyLearner(tiny_model_path, RLConfig(), 0.9).state_for_sync("float32")}
+    assert any(not np.allclose(w1[k], v) for k, v in untrained.items())  # it trained
+
+
+def test_reference_logprobs_from_the_batch_are_used(tiny_model_path):
+    """A batch that carries reference log-probs (computed off the learner) gives the update
+    the learner's own reference forward gives."""
+    from rlaif_ray.config import RLConfig
+    from rlaif_ray.learner import PolicyLearner, loss_normalisers
+
+    prompts, responses = _rows()
+    rows = _scored(prompts, responses)
+    norm = loss_normalisers(responses, [r["reward_ok"] for r in rows])
+    plain = PolicyLearner(tiny_model_path, RLConfig(lr=1e-3), 0.9)
+    ref = plain.logprobs(prompts, responses, reference=True)
+    carried = PolicyLearner(tiny_model_path, RLConfig(lr=1e-3), 0.9)
+    a = plain.step(rows, *norm)
+    b = carried.step([dict(r, reference_logprobs=lp) for r, lp in zip(rows, ref)], *norm)
+    assert b["kl_sum"] == pytest.approx(a["kl_sum"], abs=1e-5)
+    assert b["loss_sum"] == pytest.approx(a["loss_sum"], abs=1e-6)
+
+
+def test_generation_prefills_each_prompt_once(tiny_model, tokenizer):
+    """The k samples of a prompt share one prefill (lm.prefill_shared): the same tokens and
+    behaviour log-probs as one prefill per row, with the same seed."""
+    prompts, _ = _rows()
+    assert lm.prefill_shared(tiny_model, [prompts[0], prompts[1]], tokenizer.pad_token_id) is None  # nothing repeats
+    cache = lm.prefill_shared(tiny_model, prompts, tokenizer.pad_token_id)
+    assert cache.get_seq_length() == max(len(p) for p in prompts) - 1
+    kw = dict(temperature=0.9, top_p=1.0, top_k=0, max_new_tokens=12, seed=5)
+    a = lm.sample(tiny_model, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, share_prompts=False, **kw)
+    b = lm.sample(tiny_model, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, share_prompts=True, **kw)
+    assert b[0] == a[0] and b[2] == a[2]
+    for x, y in zip(a[1], b[1]):
+        np.testing.assert_allclose(y, x, atol=1e-4)
+
+
+def test_the_direct_scorer_runs_the_post_once_for_its_samples(tiny_model, tokenizer):
+    """d-RLAIF scoring of k samples of one post: the post (the prompts' shared prefix) goes
+    through the model once, then each sample's tail (HFEngine._shared), with the label
+    log-probs of one row at a time."""
+    from rlaif_ray.data import load_tldr, post_block
+    from rlaif_ray.engines import HFEngine
+    from rlaif_ray.scoring import SCORERS, scorer_prompt
+
+    post = post_block(load_tldr()[0])
+    summaries = ["I lost my job and my dog ran away.", "A story about a long week.",
+                 "My landlord raised the rent again and I do not know what to do.", "Too long."]
+    texts = [scorer_prompt(SCORERS["score10_chat"], post, s, tokenizer) for s in summaries]
+    seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    engine = HFEngine(tiny_model, tokenizer, prefix_sharing="on")
+    engine._root = None
+    seen = []
+    hook = engine.model.model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw.get("input_ids") if kw.get("input_ids") is not None else a[0]).numel()),
+        with_kwargs=True)
+    try:
+        shared = engine.label_logprobs(seqs, [tokenizer.convert_tokens_to_ids("1")], 2)
+    finally:
+        hook.remove()
+    plain = engine._padded(seqs, 2, torch.tensor([tokenizer.convert_tokens_to_ids("1")]))
+    torch.testing.assert_close(shared, plain, atol=1e-4, rtol=1e-4)
+    prefix = min(next(i for i, (x, y) in enumerate(zip(seqs[0], s)) if x != y) for s in seqs[1:])
+    assert prefix > 0.7 * len(seqs[0])  # the post is most of each prompt
+    tails = sum(len(s) - prefix for s in seqs)
+    assert sum(seen) <= prefix + tails + 4 * len(summaries)  # not sum(len(s)): the post ran once
+
+
+def test_the_labeler_computes_the_reference_logprobs_the_learner_would(ray_local, tiny_model_path, tmp_path):
+    """rl.reference: labeler (auto with overlapped batches and a labeler holding the policy's
+    model): training batches arrive with a reference_logprobs column equal to the learner's
+    own reference forward; evaluation batches without it; the learner then loads no reference."""
+    import ray
+
+    from rlaif_ray.commands.pipeline import Pipeline, Rollouts
+    from rlaif_ray.config import ConfigError, config_from_dict, reference_on_labelers
+    from rlaif_ray.data import build_prompts, load_tldr
+    from rlaif_ray.learner import PolicyLearner
+    from rlaif_ray.models import load_tokenizer
+    from tests.test_pipeline import tiny_cfg
+
+    cfg = tiny_cfg(tiny_model_path, tmp_path)
+    assert reference_on_labelers(cfg)  # auto: max_staleness 1, hf labeler on the policy's model
+    assert not reference_on_labelers(tiny_cfg(tiny_model_path, tmp_path, rl={"max_staleness": 0}))
+    with pytest.raises((ConfigError, ValueError), match="rl.reference=labeler"):
+        config_from_dict({"rl": {"reference": "labeler"}, "reward": {"backend": "vllm"}})
+    pipe = Pipeline(cfg, "refcol")
+    try:
+        items = build_prompts(load_tldr()[:200], load_tokenizer(tiny_model_path), cfg.task).train[:2]
+        batch = Rollouts(pipe, items, 0, 2, 0, "direct").get(120)
+        heldout = Rollouts(pipe, items, -1, 1, 0, "direct").get(120)
+        assert heldout.column("reference_logprobs").null_count == heldout.num_rows
+        got = batch.column("reference_logprobs").to_pylist()
+        prompts = batch.column("prompt_token_ids").to_pylist()
+        responses = batch.column("response_token_ids").to_pylist()
+        want = PolicyLearner(tiny_model_path, cfg.rl, cfg.generation.temperature).logprobs(prompts, responses, True)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, atol=1e-4)
+        assert not ray.get(pipe.learner.workers[0].__ray_call__.remote(lambda w: w.learner._ref is not None))
+        pipe.train(batch)  # trains from the column, without loading a reference
+        assert not ray.get(pipe.learner.workers[0].__ray_call__.remote(lambda w: w.learner._ref is not None))
+    finally:
+        pipe.kill()
