@@ -38,6 +38,13 @@ CANDIDATES = {
     "good-fixed-lr1e-5": ["reward.scorer=yesno_good_chat", "rl.kl_control=fixed", "rl.lr=1e-5"],
     "accurate-adaptive-kl2": ["reward.scorer=yesno_accurate_chat", "rl.kl_control=adaptive", "rl.kl_target=2",
                               "rl.kl_horizon=64", "rl.lr=3e-5"],
+    # a horizon of one step's completions: beta moves up to 20% a step (64 moved it 2.5%: too slow for 16 steps)
+    "about-adaptive-kl2-h8-lr1e-5": ["reward.scorer=yesno_about_chat", "rl.kl_control=adaptive", "rl.kl_target=2",
+                                     "rl.kl_horizon=8", "rl.lr=1e-5"],
+    "good-adaptive-kl2-h8-lr1e-5": ["reward.scorer=yesno_good_chat", "rl.kl_control=adaptive", "rl.kl_target=2",
+                                    "rl.kl_horizon=8", "rl.lr=1e-5"],
+    "good-adaptive-kl2-h8-lr3e-5": ["reward.scorer=yesno_good_chat", "rl.kl_control=adaptive", "rl.kl_target=2",
+                                    "rl.kl_horizon=8", "rl.lr=3e-5"],
 }
 
 

@@ -236,6 +236,7 @@ def render() -> str:
     if demo:
         out += ["## Quickstart (`make demo`)", "", f"{demo['note']}", "",
                 "| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in demo["figures"].items()] + [""]
+    out += _search(_load("quickstart_search"))
     wr = _load("quickstart_winrate")
     if wr:
         out += ["## Quickstart: did it learn? (held-out win rate against the initial policy)", "", wr["note"], "",
@@ -268,6 +269,40 @@ def render() -> str:
     out += _value_baseline(_load("value_baseline"))
     out += _settings(_load("settings"))
     return "\n".join(out)
+
+
+def _search(qs: dict | None) -> list[str]:
+    """results/quickstart_search.json (benchmarks/quickstart_search.py): quickstart settings
+    ranked by measures that are not the training reward."""
+    if not qs:
+        return []
+
+    def change(m: dict | None, d: int = 3) -> str:
+        if not m:
+            return "-"
+        half = m.get("ci95_halfwidth")
+        return f"{m['before']:.{d}f} -> {m['after']:.{d}f} ({m['change']:+.{d}f} +- {half:.{d}f})" if half is not None \
+            else f"{m['before']:.{d}f} -> {m['after']:.{d}f}"
+
+    out = ["## Quickstart settings searched by independent measures (`python -m benchmarks.quickstart_search`)", "",
+           f"Each row is a full `rlaif-ray train {qs['config']}` run with the overrides shown (the same seeds), one after "
+           f"another on {qs['cpus']} cores ({qs['time']}). Held-out prompts before -> after training with paired 95% "
+           "CIs: ROUGE-L F1 against the human TL;DR, the share of responses that begin like commentary (lower is "
+           "better), the debiased pairwise win rate of the final policy against the initial one (Wilson 95% CI), and "
+           "the training judge's own reward change, which ranks nothing (docs/method.md §7.6). Wall time is the whole "
+           "`rlaif-ray train` command, other work on the machine included (see the load).", "",
+           "| setting | overrides | training reward change | ROUGE-L F1 | ROUGE-1 F1 | commentary share | win rate vs initial "
+           "| final KL/seq | hacking? | wall s (load before) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in qs["rows"]:
+        ind, rc, w, h = r.get("independent") or {}, r.get("reward_change") or {}, r.get("win_rate") or {}, r.get("hacking") or {}
+        wr = f"{w['win_rate']:.1%} ({w['ci95'][0]:.1%}-{w['ci95'][1]:.1%}, n={w['n']})" if w.get("win_rate") is not None else "-"
+        rch = f"{rc['mean']:+.3f} +- {rc['ci95_halfwidth']:.3f}" if rc else "-"
+        kl = f"{r['final_kl_per_seq']:.2f}" if r.get("final_kl_per_seq") is not None else "-"
+        out.append(f"| {r['name']} | `{' '.join(r['overrides'])}` | {rch} | {change(ind.get('rougeL'))} "
+                   f"| {change(ind.get('rouge1'))} | {change(ind.get('commentary'))} | {wr} | {kl} "
+                   f"| {'**yes**: ' + h.get('reason', '') if h.get('hacking') else 'no'} "
+                   f"| {r['wall_s']:.0f} ({r['load_before'][0]:.2f}) |")
+    return out + [""]
 
 
 def _trl_compare(tc: dict | None) -> list[str]:
