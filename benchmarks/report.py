@@ -298,10 +298,13 @@ def _search(qs: dict | None) -> list[str]:
         wr = f"{w['win_rate']:.1%} ({w['ci95'][0]:.1%}-{w['ci95'][1]:.1%}, n={w['n']})" if w.get("win_rate") is not None else "-"
         rch = f"{rc['mean']:+.3f} +- {rc['ci95_halfwidth']:.3f}" if rc else "-"
         kl = f"{r['final_kl_per_seq']:.2f}" if r.get("final_kl_per_seq") is not None else "-"
+        load = f"{r['load_before'][0]:.2f}" if r.get("load_before") else "?"
         out.append(f"| {r['name']} | `{' '.join(r['overrides'])}` | {rch} | {change(ind.get('rougeL'))} "
                    f"| {change(ind.get('rouge1'))} | {change(ind.get('commentary'))} | {wr} | {kl} "
                    f"| {'**yes**: ' + h.get('reason', '') if h.get('hacking') else 'no'} "
-                   f"| {r['wall_s']:.0f} ({r['load_before'][0]:.2f}) |")
+                   f"| {r['wall_s']:.0f} ({load}) |")
+    out += [f"- {r['name']}: {r['note']}" + (f"; {r['wall_note']}" if r.get("wall_note") else "")
+            for r in qs["rows"] if r.get("note")]
     return out + [""]
 
 

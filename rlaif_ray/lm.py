@@ -282,39 +282,37 @@ class PromptGroups:
         K = max(max(sum(len(responses[b]) for b in m) for m in members), 1)
         R = max(max(len(r) for r in responses), 1)
         G = len(members)
-        ids = torch.full((G, L), pad_id, dtype=torch.long)
-        pos = torch.zeros((G, L), dtype=torch.long)
-        segment = torch.full((G, L), -2, dtype=torch.long)  # -1 prompt, i >= 0 response i, -2 padding
-        keep = torch.zeros((G, K), dtype=torch.long)  # the position whose output predicts each token
-        targets = torch.full((G, K), pad_id, dtype=torch.long)
-        index = torch.zeros((len(prompts), R), dtype=torch.long)
+        # plain lists first, then one tensor each, built on the model's device
+        ids, pos = [[pad_id] * L for _ in range(G)], [[0] * L for _ in range(G)]
+        segment = [[-2] * L for _ in range(G)]  # -1 prompt, i >= 0 response i, -2 padding
+        keep = [[0] * K for _ in range(G)]  # the position whose output predicts each token
+        targets = [[pad_id] * K for _ in range(G)]
+        index = [[0] * R for _ in prompts]
         for g, m in enumerate(members):
-            p = prompts[m[0]]
+            p = list(prompts[m[0]])
             P = len(p)
-            ids[g, :P] = torch.tensor(p, dtype=torch.long)
-            pos[g, :P] = torch.arange(P)
-            segment[g, :P] = -1
+            ids[g][:P], pos[g][:P], segment[g][:P] = p, list(range(P)), [-1] * P
             at, k = P, 0
             for i, b in enumerate(m):
-                r = responses[b]
+                r = list(responses[b])
                 n = len(r)
                 if n:
-                    ids[g, at:at + n] = torch.tensor(r, dtype=torch.long)
-                    pos[g, at:at + n] = torch.arange(P, P + n)
-                    segment[g, at:at + n] = i
+                    ids[g][at:at + n], pos[g][at:at + n], segment[g][at:at + n] = r, list(range(P, P + n)), [i] * n
                     # token t of the response follows the prompt's last token (t = 0) or its own t - 1
-                    keep[g, k:k + n] = torch.tensor([P - 1] + list(range(at, at + n - 1)))
-                    targets[g, k:k + n] = torch.tensor(r, dtype=torch.long)
-                    index[b, :n] = g * K + torch.arange(k, k + n)
+                    keep[g][k:k + n] = [P - 1] + list(range(at, at + n - 1))
+                    targets[g][k:k + n] = r
+                    index[b][:n] = [g * K + j for j in range(k, k + n)]
                 at, k = at + n, k + n
-        q, kv = segment[:, :, None], segment[:, None, :]
-        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        seg = as_long(segment)
+        q, kv = seg[:, :, None], seg[:, None, :]
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
         # a key is visible when it is not after the query and is in the prompt or the query's own segment
         see = causal & ((kv == -1) | (kv == q)) & (q != -2)
-        see |= torch.eye(L, dtype=torch.bool)  # padding sees itself: no all-masked row (NaN in softmax)
-        self.ids, self.positions, self.keep, self.targets = ids.to(device), pos.to(device), keep.to(device), targets.to(device)
-        self.attention = see[:, None].to(device)  # [G, 1, L, L], True = attend
-        self.index = index.to(device)
+        see |= torch.eye(L, dtype=torch.bool, device=device)  # padding sees itself: no all-masked row (NaN in softmax)
+        self.ids, self.positions, self.keep, self.targets = as_long(ids), as_long(pos), as_long(keep), as_long(targets)
+        self.attention = see[:, None]  # [G, 1, L, L], True = attend
+        self.index = as_long(index)
         self.mask = pad_rows([[1.0] * len(r) for r in responses], R, device)
         self.num_groups, self.tokens = G, sum(lengths)
 
