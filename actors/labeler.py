@@ -75,8 +75,7 @@ class Labeler:
             raise ValueError("rl.reference=labeler needs reward.backend=hf (the labeler's model in this process)")
         prompts = rollouts.column("prompt_token_ids").to_pylist()
         responses = rollouts.column("response_token_ids").to_pylist()
-        fn = lm.grouped_logprobs if lm.supports_shared_prompts(engine.model) else lm.response_logprobs
-        logp, _, _ = fn(engine.model, prompts, responses, engine.pad, temperature)
+        logp, _, _ = lm.shared_prompt_logprobs(engine.model, prompts, responses, engine.pad, temperature)
         return [row[:len(r)] for row, r in zip(logp.float().cpu().tolist(), responses)]
 
     def _pairwise(self, rollouts, contexts, responses):

@@ -281,9 +281,8 @@ class PolicyLearner:
         """Response log-probs at the sampling temperature: each distinct prompt computed once
         for all its samples when rl.shared_prompts is on and the model's attention takes a
         block mask (lm.grouped_logprobs), else one full sequence per sample."""
-        if self.rl.shared_prompts and lm.supports_shared_prompts(scorer.model) and len(set(map(tuple, prompts))) < len(prompts):
-            return lm.grouped_logprobs(scorer, prompts, responses, self.pad, self.temperature, top_k, top_p)
-        return lm.response_logprobs(scorer, prompts, responses, self.pad, self.temperature, top_k=top_k, top_p=top_p)
+        return lm.shared_prompt_logprobs(scorer, prompts, responses, self.pad, self.temperature, top_k, top_p,
+                                         share=self.rl.shared_prompts)
 
     def _agree_failed(self, failed: bool) -> bool:
         """Whether any rank failed (every rank learns it, so all stop together)."""

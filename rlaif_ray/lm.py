@@ -338,6 +338,16 @@ def supports_shared_prompts(model) -> bool:
     return (getattr(model.config, "_attn_implementation", None) or "eager") in ("sdpa", "eager")
 
 
+def shared_prompt_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, share: bool = True):
+    """`grouped_logprobs` where it pays and works (`share`, a prompt repeats, the attention takes
+    a block mask), else `response_logprobs`: the same result either way."""
+    inner = model.model if isinstance(model, ResponseScorer) else model
+    if share and supports_shared_prompts(inner) and len(set(map(tuple, prompts))) < len(prompts):
+        return grouped_logprobs(model, prompts, responses, pad_id, temperature, top_k, top_p)
+    return response_logprobs(model, prompts, responses, pad_id, temperature, top_k=top_k, top_p=top_p)
+
+
 def grouped_logprobs(scorer, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
     """`response_logprobs` with each distinct prompt computed once for all its responses

@@ -125,7 +125,7 @@ def metrics_row(step, version, index, lag, batch, stats, waited, elapsed, rate) 
     lengths = [len(t) for t in batch.column("response_token_ids").to_pylist()]
     return {"step": step, "policy_version": version, "batch_index": index, "staleness": lag,
             "reward_mean": sum(rewards) / len(rewards), "kl": stats["kl"],
-            "kl_per_seq": stats["kl_sum"] / max(stats["usable_rows"], 1),
+            "kl_per_seq": stats["kl"],
             "kl_per_token": stats["kl_sum"] / max(stats["tokens"], 1), "kl_beta": stats["beta"],
             "loss": stats["loss"],
             "pg_loss": stats["pg_loss"], "value_loss": stats["value_loss"],
