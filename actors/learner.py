@@ -15,6 +15,7 @@ import torch.distributed as dist
 from rlaif_ray import schemas, weight_sync
 from rlaif_ray.devices import collective_backend, collective_device
 from rlaif_ray.learner import PolicyLearner, loss_normalisers
+from rlaif_ray.memory import allocator
 
 from .metrics import RoleMetrics
 
@@ -38,7 +39,7 @@ class LearnerWorker:
         self.metrics = RoleMetrics("learner", f"learner-{rank}")
 
     def info(self) -> dict:
-        return {"name": f"learner-{self.rank}", "pid": os.getpid(), "busy_s": self.busy_s}
+        return {"name": f"learner-{self.rank}", "pid": os.getpid(), "busy_s": self.busy_s, "allocator": allocator()}
 
     def env(self, names: list[str]) -> dict:
         return {k: os.environ.get(k) for k in names}

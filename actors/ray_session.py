@@ -60,12 +60,25 @@ def thread_env(role: RoleResources) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(role.torch_threads)}
 
 
+# glibc with a fixed mmap threshold: freed activations go back to the OS at once, and every
+# new one is page-faulted in again (a learner step about a third slower than glibc's default)
+GLIBC_LEARNER = (("MALLOC_MMAP_THRESHOLD_", "65536"), ("MALLOC_TRIM_THRESHOLD_", "1048576"), ("MALLOC_ARENA_MAX", "2"))
+
+
 def learner_malloc_env() -> dict[str, str]:
-    """The learner only: a fixed glibc mmap threshold hands the backward pass's freed
-    activations back to the OS (BENCHMARKS.md "Settings chosen by measurement"); the other roles are slower
-    with it. A value already in the environment wins."""
-    return {k: os.environ.get(k, v) for k, v in
-            (("MALLOC_MMAP_THRESHOLD_", "65536"), ("MALLOC_TRIM_THRESHOLD_", "1048576"), ("MALLOC_ARENA_MAX", "2"))}
+    """The learner only (rl.release_memory): its allocator. jemalloc where Ray ships one
+    (rlaif_ray.memory.bundled_jemalloc, preloaded), which reuses a step's freed activations
+    as fast as glibc's default and stays within about 0.1 GiB of the live peak, where glibc's
+    default heap grows about 1 GiB over it; else glibc with a fixed mmap threshold (as low
+    a peak, a third slower). BENCHMARKS.md "Settings chosen by measurement". The generators
+    are slower on jemalloc (their KV cache grows by concatenation) and keep glibc. A value
+    already in the environment wins (an LD_PRELOAD of the user's own keeps theirs)."""
+    from rlaif_ray.memory import bundled_jemalloc
+
+    jemalloc = bundled_jemalloc()
+    if jemalloc and "LD_PRELOAD" not in os.environ:
+        return {"LD_PRELOAD": jemalloc}
+    return {k: os.environ.get(k, v) for k, v in GLIBC_LEARNER}
 
 
 def place(name: str, role: RoleResources, tag: str, timeout: float) -> list[dict]:

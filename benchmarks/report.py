@@ -181,6 +181,8 @@ def render() -> str:
     if oh:
         out += _overhead(oh)
     out += _trl_compare(_load("trl_compare"))
+    out += _quickstart_speed(_load("quickstart_speed"))
+    out += _learner_malloc(_load("learner_malloc"))
     gen = _load("generation")
     if gen:
         out += ["## Generation throughput and weight updates", "",
@@ -352,6 +354,42 @@ def _trl_compare(tc: dict | None) -> list[str]:
             f"| {fmt(r.get('cpu_s_per_completion'), '.1f')} | {r['peak_pss_gib']:.2f} | {r['load_before'][0]:.2f} "
             f"| {fmt(r['load1_during_mean'], '.2f')}, {fmt(r['load1_during_max'], '.2f')} |" for r in tc["runs"]]
     out += [""] + [f"- {n}" for n in tc.get("notes", [])]
+    return out + [""]
+
+
+def _quickstart_speed(qs: dict | None) -> list[str]:
+    """results/quickstart_speed.json (benchmarks/quickstart_speed.py): the quickstart's loop
+    before and after issue 22's work."""
+    if not qs:
+        return []
+    med, ratio, first = qs["medians"], qs["ratios_over_before"], qs["first_step_reward"]
+    out = ["## Quickstart loop, before and after (`python -m benchmarks.quickstart_speed`)", "",
+           f"{qs['what']}: {qs['rounds']} round(s) of {qs['steps']} steps each, {', '.join(qs['variants'])} one after "
+           f"another, each under the memory sampler; {_setting(qs)}. Overrides on every run: "
+           f"{' '.join(qs['overrides'])}. Timed: the loop (metrics.jsonl's elapsed_s at the last step).", "",
+           "| variant | what runs | completions/s (median) | after step 1 | peak PSS GiB | CPU-s per completion "
+           "| completions/s / before | first-step mean reward |", "|---|---|---|---|---|---|---|---|"]
+    for v, label in qs["variants"].items():
+        m, r = med[v], ratio.get(v, {})
+        out.append(f"| {v} | {label} | {m['completions_per_s']:.3f} | {m['completions_per_s_after_step1']:.3f} "
+                   f"| {m['peak_pss_gib']:.2f} | {m['cpu_s_per_completion']:.1f} "
+                   f"| {'**%.2f**' % r['completions_per_s'] if r else '-'} | {', '.join(f'{x:+.4f}' for x in first[v])} |")
+    out += ["", f"First-step mean reward identical in every run: **{'yes' if qs['first_step_identical'] else 'no'}** "
+            "(same prompts, samples and judge: the changes compute the same thing)."]
+    return out + [""]
+
+
+def _learner_malloc(lm_: dict | None) -> list[str]:
+    """results/learner_malloc.json (benchmarks/learner_malloc.py): the learner's allocator."""
+    if not lm_:
+        return []
+    out = ["## Learner allocator (`python -m benchmarks.learner_malloc`)", "",
+           f"{lm_['what']}: {lm_['rounds']} round(s), {lm_['steps']} timed steps after a warm-up, "
+           f"{lm_['threads']} torch threads; the TRL comparison's batch (4 prompts of up to 400 tokens x 2 responses "
+           f"of 48 tokens, gradient checkpointing, reference log-probs in the batch); {_setting(lm_)}.", "",
+           "| allocator | step s (median) | peak RSS GiB | RSS after the step's trim GiB |", "|---|---|---|---|"]
+    out += [f"| {n} | {m['step_s_median']:.2f} | {m['peak_rss_gib']:.2f} | {m['rss_after_gib']:.2f} |"
+            for n, m in lm_["medians"].items()]
     return out + [""]
 
 

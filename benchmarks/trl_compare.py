@@ -52,11 +52,18 @@ SHARED = ["task.max_prompt_tokens=400", "task.on_long_prompt=truncate", "generat
           # nothing but the training loop: no evaluation, no logs of rollouts, no intermediate checkpoints
           "eval.num_prompts=0", "eval.signal_posts=0", "eval.win_rate=false", "run.log_rollouts=false",
           "run.report=false", "run.tensorboard=false", "run.progress=false", "run.checkpoint_every=0"]
+# vLLM's CPU KV cache sized to the run: a full 8192-token context at fp32 needs 0.36 GiB (30
+# layers x K,V x 3 heads x 64 x 4 bytes a token), a step's 8 x 448 tokens 0.16 GiB; the default
+# (1 GiB) is sized for held-out evaluation batches, which this benchmark does not run
+VLLM_KV = ["pipeline.generators.vllm.kv_cache_gib=0.5"]
 SYSTEMS = {
     "rlaif-hf": ("rlaif-ray, HF generator, max_staleness 1", ["generation.backend=hf", "rl.max_staleness=1"]),
-    "rlaif-vllm": ("rlaif-ray, vLLM generator, max_staleness 1", ["generation.backend=vllm", "rl.max_staleness=1"]),
+    "rlaif-vllm": ("rlaif-ray, vLLM generator, max_staleness 1", ["generation.backend=vllm", "rl.max_staleness=1",
+                                                                  *VLLM_KV]),
     # the bundled configs' mode on 2 cores: the stages take turns, each on both cores (rlaif_ray/threads.py)
     "rlaif-hf-sync": ("rlaif-ray, HF generator, max_staleness 0", ["generation.backend=hf", "rl.max_staleness=0"]),
+    "rlaif-vllm-sync": ("rlaif-ray, vLLM generator, max_staleness 0",
+                        ["generation.backend=vllm", "rl.max_staleness=0", *VLLM_KV]),
     "trl": ("TRL {trl} `GRPOTrainer`, one process, {threads} torch threads", []),
 }
 TIMED = ("from the start of the training loop (models loaded, nothing generated yet) to the end of the last "
@@ -65,6 +72,11 @@ TIMED = ("from the start of the training loop (models loaded, nothing generated 
          "on_train_begin to the last on_step_end. *after step 1*: from the end of step 1 to the end of the last step")
 
 NOTES = [
+    "rlaif-ray runs its defaults for this machine otherwise: the reference log-probs computed by the labeler, which "
+    "holds the same frozen model (rl.reference auto), so the learner holds no reference copy; the learner on the "
+    "jemalloc Ray ships (rl.release_memory); the vLLM generators' CPU KV cache set to 0.5 GiB "
+    "(pipeline.generators.vllm.kv_cache_gib; a full 8192-token context needs 0.36 GiB, the default 1 GiB is sized "
+    "for held-out evaluation batches)",
     "TRL runs as installed, with three things set to match rlaif-ray: fp32 (TRL defaults to bf16=True), a constant lr "
     "(its default decays linearly to 0), and scale_rewards none (a group-mean baseline; its default divides by the "
     "group's std); its loss stays its default (dapo, one policy-gradient iteration per batch, so no old-policy "
@@ -180,15 +192,16 @@ def trl_child(config: str, overrides: list[str], threads: int, result: Path) -> 
 # ---------------------------------------------------------------- the driver: each run under the sampler
 
 
-def measured(argv: list[str], log: Path, every: float = 1.0) -> tuple[dict, CpuSampler]:
+def measured(argv: list[str], log: Path, every: float = 1.0, cwd: Path = ROOT,
+             env: dict | None = None) -> tuple[dict, CpuSampler]:
     """Run `argv` (its output to `log`); peak sums of PSS and RSS over its process tree,
     sampled every `every` s (benchmarks.peak_memory's sampler), and the load average; and
     the CPU seconds of the tree (benchmarks.overhead's sampler, read with `cpu_seconds`)."""
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-           "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false")}
+           "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"), **(env or {})}
     load_before, t0 = os.getloadavg(), time.time()
     with open(log, "w") as f:
-        child = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        child = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=env)
     root = psutil.Process(child.pid)
     cpu = CpuSampler()
     cpu.start()
@@ -221,13 +234,16 @@ def cpu_seconds(cpu: CpuSampler, t0: float, t1: float, completions: int) -> dict
     return {"loop_cpu_s": total, "cpu_s_per_completion": total / completions}
 
 
-def run_rlaif(config: str, overrides: list[str], tmp: Path, tag: str) -> dict:
+def run_rlaif(config: str, overrides: list[str], tmp: Path, tag: str, code: Path | None = None) -> dict:
+    """One `rlaif-ray train` under the sampler. `code`: another checkout of rlaif-ray to run
+    (its own packages first on the path, its folder the working directory), else this one."""
     from rlaif_ray.runlog import read_metrics
 
     out = tmp / tag
-    cli = str(Path(sys.executable).parent / "rlaif-ray")
-    argv = [cli, "train", config, "--out", str(out), *[x for o in overrides for x in ("--set", o)]]
-    mem, cpu = measured(argv, tmp / f"{tag}.log")
+    argv = [sys.executable, "-c", "import sys; from rlaif_ray.commands.cli import main; sys.exit(main())", "train",
+            config, "--out", str(out), *[x for o in overrides for x in ("--set", o)]]
+    where = {} if code is None else {"cwd": code, "env": {"PYTHONPATH": str(code)}}
+    mem, cpu = measured(argv, tmp / f"{tag}.log", **where)
     rows = read_metrics(out)
     s = json.loads((out / "summary.json").read_text())
     completions, loop_s = sum(r["completions"] for r in rows), rows[-1]["elapsed_s"]
@@ -273,7 +289,7 @@ def main() -> None:
         trl_child(args.config, args.overrides, args.threads, Path(args.child_trl))
         return
     systems = args.systems.split(",") if args.systems else \
-        [s for s in SYSTEMS if s != "rlaif-vllm" or have("vllm")]
+        [s for s in SYSTEMS if not s.startswith("rlaif-vllm") or have("vllm")]
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         raise SystemExit(f"unknown systems {sorted(unknown)}; known: {', '.join(SYSTEMS)}")

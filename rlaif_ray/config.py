@@ -293,11 +293,14 @@ class RLConfig(_Strict):
     shared_prompts: bool = True
     # where log pi_ref is computed: the learner, or the labelers when they hold the initial
     # policy's model (reward.backend hf, no other reward.model), while the batch waits for the
-    # learner (a column of the batch). auto: the labelers when they can and batches overlap
-    # (rl.max_staleness > 0: the learner is the bottleneck, the labelers have idle time)
+    # learner (a column of the batch). auto: the labelers whenever they can. Overlapped
+    # (rl.max_staleness > 0) the learner is the bottleneck and the labelers have idle time;
+    # synchronous the same forward moves, and the learner holds no second model copy
     reference: Literal["auto", "learner", "labeler"] = "auto"
-    # the learner hands freed memory back to the OS after each step (a fixed glibc mmap
-    # threshold and malloc_trim; BENCHMARKS.md "Settings chosen by measurement"); off = glibc's defaults
+    # the learner keeps its memory near the live peak and hands freed memory back after each
+    # step: on the jemalloc Ray ships (purged after the step), else glibc with a fixed mmap
+    # threshold and malloc_trim (actors.ray_session.learner_malloc_env; BENCHMARKS.md
+    # "Learner allocator"); off = glibc's defaults (faster by a few %, about 1 GiB more at peak)
     release_memory: bool = True
     beta: float = Field(0.05, ge=0, le=1)  # objective (1 - beta) r - beta KL
     # fixed: beta throughout. adaptive: beta is the starting value, steered after every step
@@ -557,9 +560,9 @@ def labelers_hold_reference(cfg: "Config") -> bool:
 
 
 def reference_on_labelers(cfg: "Config") -> bool:
-    """rl.reference resolved: labeler, or auto where the labelers hold the model and batches overlap."""
+    """rl.reference resolved: labeler, or auto where the labelers hold the model."""
     if cfg.rl.reference == "auto":
-        return labelers_hold_reference(cfg) and cfg.rl.max_staleness > 0
+        return labelers_hold_reference(cfg)
     return cfg.rl.reference == "labeler"
 
 

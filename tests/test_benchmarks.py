@@ -103,9 +103,9 @@ def test_overhead(overhead):
 
     # the plain loop switches to the learner actor's malloc settings before its step
     from benchmarks.overhead import LEARNER
-    from actors.ray_session import learner_malloc_env
+    from actors.ray_session import GLIBC_LEARNER
 
-    env = learner_malloc_env()
+    env = dict(GLIBC_LEARNER)
     assert LEARNER == (int(env["MALLOC_MMAP_THRESHOLD_"]), int(env["MALLOC_TRIM_THRESHOLD_"]))
 
 

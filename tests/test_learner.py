@@ -1,4 +1,5 @@
 """The learner rank on its own (no Ray): memory options leave the update unchanged."""
+import os
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -49,19 +50,55 @@ def test_the_learner_actor_gets_the_malloc_settings_and_the_job_env(ray_local, t
     from actors.ray_session import release
     from rlaif_ray.commands.pipeline import start_learner
 
-    names = ["MALLOC_MMAP_THRESHOLD_", "HF_HUB_OFFLINE", "OMP_NUM_THREADS"]
-    for release_memory, want in ((True, "65536"), (False, None)):
+    from rlaif_ray.memory import bundled_jemalloc
+
+    jemalloc = bundled_jemalloc()  # Ray's Linux wheels ship one: the learner runs on it
+    names = ["LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "HF_HUB_OFFLINE", "OMP_NUM_THREADS"]
+    for release_memory in (True, False):
         cfg = config_from_dict({"model": {"name": tiny_model_path},
                                 "rl": {"prompts_per_step": 2, "release_memory": release_memory},
                                 "pipeline": {"learner": {"num_cpus": 0.25, "torch_threads": 2}}})
         learner = start_learner(cfg, "malloc")
         try:
             env = ray.get(learner.workers[0].env.remote(names))
+            info = ray.get(learner.workers[0].info.remote())
             # OpenMP gets the role's torch threads (Ray would give a 0.25-CPU actor 1)
-            assert env == {"MALLOC_MMAP_THRESHOLD_": want, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+            assert env["HF_HUB_OFFLINE"] == "1" and env["OMP_NUM_THREADS"] == "2"
+            if not release_memory:  # glibc's defaults
+                assert env["LD_PRELOAD"] is None and env["MALLOC_MMAP_THRESHOLD_"] is None
+                assert info["allocator"] == "system"
+            elif jemalloc and "LD_PRELOAD" not in os.environ:
+                assert env["LD_PRELOAD"] == jemalloc and info["allocator"] == "jemalloc"
+            else:  # the glibc fallback
+                assert env["MALLOC_MMAP_THRESHOLD_"] == "65536"
         finally:
             ray.kill(learner.workers[0])
             release("malloc", ["learner"])
+
+
+def test_trim_heap_purges_jemalloc_in_a_learner_process(tmp_path):
+    """Under the preloaded jemalloc, trim_heap hands a freed 400 MB back to the OS (glibc's
+    malloc_trim would not reach jemalloc's arenas)."""
+    import subprocess
+    import sys
+
+    from rlaif_ray.memory import bundled_jemalloc
+
+    jemalloc = bundled_jemalloc()
+    if jemalloc is None:
+        pytest.skip("this Ray ships no jemalloc (not Linux)")
+    code = ("import psutil, torch\n"
+            "from rlaif_ray.memory import allocator, trim_heap\n"
+            "rss = lambda: psutil.Process().memory_info().rss / 2**20\n"
+            "xs = [torch.ones(1 << 20) for _ in range(100)]\n"  # 100 x 4 MiB, under jemalloc's huge size
+            "held = rss(); del xs\n"
+            "before = rss(); trim_heap(); after = rss()\n"
+            "print(allocator(), round(held), round(before), round(after))\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LD_PRELOAD": jemalloc},
+                         capture_output=True, text=True, check=True).stdout.split()
+    name, held, before, after = out[0], *map(int, out[1:])
+    assert name == "jemalloc"
+    assert after < held - 300, (held, before, after)
 
 
 def _with_unusable_row(rows: list[dict]) -> list[dict]:

@@ -155,8 +155,7 @@ def test_the_direct_scorer_runs_the_post_once_for_its_samples(tiny_model, tokeni
 
 
 def test_the_labeler_computes_the_reference_logprobs_the_learner_would(ray_local, tiny_model_path, tmp_path):
-    """rl.reference: labeler (auto with overlapped batches and a labeler holding the policy's
-    model): training batches arrive with a reference_logprobs column equal to the learner's
+    """rl.reference: labeler (auto with a labeler holding the policy's model): training batches arrive with a reference_logprobs column equal to the learner's
     own reference forward; evaluation batches without it; the learner then loads no reference."""
     import ray
 
@@ -168,8 +167,9 @@ def test_the_labeler_computes_the_reference_logprobs_the_learner_would(ray_local
     from tests.test_pipeline import tiny_cfg
 
     cfg = tiny_cfg(tiny_model_path, tmp_path)
-    assert reference_on_labelers(cfg)  # auto: max_staleness 1, hf labeler on the policy's model
-    assert not reference_on_labelers(tiny_cfg(tiny_model_path, tmp_path, rl={"max_staleness": 0}))
+    assert reference_on_labelers(cfg)  # auto: hf labeler on the policy's model, overlapped or not
+    assert reference_on_labelers(tiny_cfg(tiny_model_path, tmp_path, rl={"max_staleness": 0}))
+    assert not reference_on_labelers(tiny_cfg(tiny_model_path, tmp_path, rl={"reference": "learner"}))
     with pytest.raises((ConfigError, ValueError), match="rl.reference=labeler"):
         config_from_dict({"rl": {"reference": "labeler"}, "reward": {"backend": "vllm"}})
     pipe = Pipeline(cfg, "refcol")
