@@ -98,7 +98,9 @@ def main() -> None:
             if out.returncode != 0:
                 raise SystemExit(f"{name}: {out.stderr[-3000:]}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            runs.append({"variant": name, "round": i, "env": env, **r, "step_s_median": statistics.median(r["step_s"])})
+            # the library's place inside the ray package, not this machine's path
+            shown = {k: (v.split("site-packages/")[-1] if k == "LD_PRELOAD" else v) for k, v in env.items()}
+            runs.append({"variant": name, "round": i, "env": shown, **r, "step_s_median": statistics.median(r["step_s"])})
             print(json.dumps({k: runs[-1][k] for k in ("variant", "allocator", "step_s_median", "peak_rss_gib")}),
                   flush=True)
     names = list(variants())
