@@ -56,8 +56,21 @@ def mallopt(mmap_threshold: int, trim_threshold: int) -> None:
         libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
 
 
+def cpu() -> str | None:
+    """The CPU's model and widest vector unit: this project's 2-core machines vary (the same
+    learner step, benchmarks.learner_malloc, took 12 s on an AVX-512 one and 20 s on an AVX2 one)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or None
+    field = lambda key: next((x.split(":", 1)[1].strip() for x in lines if x.startswith(key)), "")  # noqa: E731
+    flags = field("flags").split()
+    simd = next((s for s in ("avx512_bf16", "avx512f", "avx2") if s in flags), "no avx2")
+    return f"{field('model name') or platform.machine()} (family {field('cpu family')}, model {field('model')}, {simd})"
+
+
 def versions() -> dict:
-    out = {"python": platform.python_version()}
+    out = {"cpu": cpu(), "python": platform.python_version()}
     for pkg in ("torch", "ray", "transformers", "pyarrow"):
         try:
             out[pkg] = md.version(pkg)
