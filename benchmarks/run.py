@@ -1,6 +1,6 @@
 """`make bench`: every benchmark (each figure from at least 3 alternated pairs or rounds,
 medians), then BENCHMARKS.md regenerated from benchmarks/results/*.json. Takes about an
-hour on 2 cores (the quickstart runs under the memory sampler are the longest). The
+hour and a half on 2 cores (the quickstart runs under the memory sampler are the longest). The
 labeler alignment grid is separate (`make bench-labeler`, about 2 hours). Where `trl` imports
 (`pip install -c constraints-cpu.txt -e '.[trl]'`), also rlaif-ray against TRL's GRPOTrainer
 (benchmarks/trl_compare.py: 2 rounds of 2-3 systems x 10 steps, about an hour more)."""
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+
+from benchmarks.quickstart_speed import BEFORE
 
 QUICK = ["configs/quickstart.yaml", "--pairs", "3", "--set", "rl.steps=4"]
 
@@ -26,6 +28,12 @@ if __name__ == "__main__":
     run("-m", "benchmarks.labeling", "--pairs", "16", "--rounds", "3", "--shots", "2")
     run("-m", "benchmarks.weight_update", "--buckets", "16,64,256", "--repeats", "3")
     run("-m", "benchmarks.demo")  # the full quickstart under the memory sampler: results/memory.json too
+    run("-m", "benchmarks.learner_malloc", "--rounds", "2")
+    # the quickstart before issue 22's work against this checkout: needs that revision (not in a shallow clone)
+    if subprocess.run(["git", "cat-file", "-e", f"{BEFORE}^{{commit}}"], capture_output=True).returncode == 0:
+        run("-m", "benchmarks.quickstart_speed", "--steps", "6")
+    else:
+        print(f"revision {BEFORE} is not in this clone: skipping benchmarks.quickstart_speed", flush=True)
     if subprocess.run([sys.executable, "-c", "import trl"], capture_output=True).returncode == 0:  # the optional extra
         run("-m", "benchmarks.trl_compare", "--rounds", "2")
     else:

@@ -189,3 +189,41 @@ def test_trl_compare(tiny_model_path, tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     bench("report", "--results", str(results), "--out", str(out))
     assert "## rlaif-ray vs TRL" in out.read_text() and not re.search(r"\bnan\b", out.read_text(), re.IGNORECASE)
+
+
+def test_learner_malloc(tiny_model_path, tmp_path):
+    """Every allocator variant runs the learner step in its own process, and the process
+    really runs on the allocator it was given."""
+    out = tmp_path / "learner_malloc.json"
+    bench("learner_malloc", "--rounds", "1", "--steps", "1", "--set", f"model.name={tiny_model_path}",
+          "--set", "generation.max_new_tokens=4", "--out", str(out))
+    r = json.loads(out.read_text())
+    check_common(r)
+    assert [x["variant"] for x in r["runs"]] == list(r["medians"])
+    for x in r["runs"]:
+        assert len(x["step_s"]) == 1 and positive(x["step_s_median"]) and positive(x["peak_rss_gib"])
+        assert x["allocator"] == ("jemalloc" if "LD_PRELOAD" in x["env"] else "system")
+        assert all(not v.startswith("/") for v in x["env"].values())  # no machine paths in results
+        assert len(x["prompt_tokens"]) == 4 and max(x["prompt_tokens"]) <= 400
+
+
+@pytest.mark.skipif(subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0,
+                    reason="not a git checkout: the benchmark runs a git worktree of the earlier revision")
+def test_quickstart_speed(tiny_model_path, tmp_path):
+    """Before/after runs in one go; against the committed HEAD as `before` (a shallow clone
+    has no older revision), every variant computes the same first step."""
+    out = tmp_path / "quickstart_speed.json"
+    sets = [f"model.name={tiny_model_path}", "generation.max_new_tokens=4", "rl.samples_per_prompt=2",
+            "reward.min_label_mass=0", "task.heldout_size=8"]
+    bench("quickstart_speed", "--before", "HEAD", "--steps", "1", *[x for s in sets for x in ("--set", s)],
+          "--out", str(out))
+    r = json.loads(out.read_text())
+    check_common(r)
+    assert [x["variant"] for x in r["runs"]] == ["before", "after-same-settings", "after-bundled"]
+    for x in r["runs"]:
+        assert x["steps"] == 1 and positive(x["completions_per_s"]) and positive(x["peak_pss_gib"])
+    assert r["first_step_identical"], r["first_step_reward"]
+    assert set(r["ratios_over_before"]) == {"after-same-settings", "after-bundled"}
+    # the temporary worktree is gone again
+    trees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "quickstart-speed-" not in trees
