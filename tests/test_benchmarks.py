@@ -27,10 +27,15 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-def tiny(model: str) -> list[str]:
-    sets = [f"model.name={model}", "generation.max_new_tokens=4", "rl.steps=2", "rl.samples_per_prompt=2",
+def tiny_sets(model: str) -> list[str]:
+    """--set pairs for a quickstart run on the tiny model (steps left to the caller)."""
+    sets = [f"model.name={model}", "generation.max_new_tokens=4", "rl.samples_per_prompt=2",
             "reward.min_label_mass=0", "task.heldout_size=8"]
-    return ["configs/quickstart.yaml", "--pairs", "1", *[x for s in sets for x in ("--set", s)]]
+    return [x for s in sets for x in ("--set", s)]
+
+
+def tiny(model: str) -> list[str]:
+    return ["configs/quickstart.yaml", "--pairs", "1", *tiny_sets(model), "--set", "rl.steps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -213,10 +218,7 @@ def test_quickstart_speed(tiny_model_path, tmp_path):
     """Before/after runs in one go; against the committed HEAD as `before` (a shallow clone
     has no older revision), every variant computes the same first step."""
     out = tmp_path / "quickstart_speed.json"
-    sets = [f"model.name={tiny_model_path}", "generation.max_new_tokens=4", "rl.samples_per_prompt=2",
-            "reward.min_label_mass=0", "task.heldout_size=8"]
-    bench("quickstart_speed", "--before", "HEAD", "--steps", "1", *[x for s in sets for x in ("--set", s)],
-          "--out", str(out))
+    bench("quickstart_speed", "--before", "HEAD", "--steps", "1", *tiny_sets(tiny_model_path), "--out", str(out))
     r = json.loads(out.read_text())
     check_common(r)
     assert [x["variant"] for x in r["runs"]] == ["before", "after-same-settings", "after-bundled"]
