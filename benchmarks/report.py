@@ -65,37 +65,46 @@ def _overlap(ov: dict) -> list[str]:
 
 def _overhead(oh: dict) -> list[str]:
     med, st = oh["completions_per_s"], oh["stage_s_per_step_median"]
+    base = oh.get("plain_baseline", "plain")  # the faster plain variant (results before it: glibc only)
     cols = ("generator", "labeler", "learner", "outside_stages")
     out = ["## Framework overhead (Ray pipeline vs plain Python)", "",
            f"{oh['what']}; `{oh['config']}` with {' '.join(oh['overrides'])}; {oh['pairs']} pairs, {_setting(oh)}.", "",
            "| variant | completions/s (median) | s per step | generator | labeler | learner | outside the stages |",
            "|---|---|---|---|---|---|---|"]
-    out += [f"| {v} | {med[v]:.3f} | {st[v]['loop']:.2f} | " + " | ".join(f"{st[v][c]:.2f}" for c in cols) + " |"
-            for v in ("ray", "plain")]
+    out += [f"| {v}{' (baseline)' if v == base else ''} | {med[v]:.3f} | {st[v]['loop']:.2f} | "
+            + " | ".join(f"{st[v][c]:.2f}" for c in cols) + " |" for v in med]
     pr = oh["pair_ratios_ray_over_plain"]
     noisy = len(pr) > 1 and max(pr) / min(pr) > 1.10
     met = ("met" if oh["meets_target"] else "**not met**") + (" by the medians, but not resolved: see below" if noisy else "")
-    out += ["", f"Ray / plain completions/s: **{oh['ratio_ray_over_plain']:.3f}**; Ray's loop time against plain's: "
+    out += ["", f"Ray / {base} completions/s: **{oh['ratio_ray_over_plain']:.3f}**; Ray's loop time against {base}'s: "
             f"{oh['ray_slower_by']:+.1%} (target at most +5%: {met}). Per pair: "
-            + ", ".join(f"{x:.3f}" for x in oh["pair_ratios_ray_over_plain"]) +
-            f". Stage columns: seconds per step (medians), from the actors' busy timers (Ray) or the same spans "
-            f"timed in the plain loop; *outside the stages* is the rest of the step (Ray: weight sync through the "
-            f"object store, dispatch, Arrow; plain: the weight copy, {st['plain'].get('weight_sync', 0):.3f} s). "
-            f"Same seeds, so the same samples: largest per-step difference between the variants in mean reward "
-            f"{oh['max_abs_diff']['reward_mean']:.1e}, in loss {oh['max_abs_diff']['loss']:.1e}.", ""]
+            + ", ".join(f"{x:.3f}" for x in oh["pair_ratios_ray_over_plain"]) + ". " +
+            ("The baseline is the faster plain variant: the learner actor runs on the jemalloc Ray ships and the "
+             "generator and labeler on glibc, which one process cannot do (an allocator is chosen at process start), "
+             "so the plain loop runs once on glibc (the learner actor's glibc settings switched in before its step) "
+             "and once wholly on jemalloc. " if "plain_baseline" in oh else "") +
+            f"Stage columns: seconds per step (medians), from the actors' busy timers "
+            f"(Ray) or the same spans timed in the plain loop; *outside the stages* is the rest of the step (Ray: "
+            f"weight sync through the object store, dispatch, Arrow; plain: the weight copy, "
+            f"{st[base].get('weight_sync', 0):.3f} s). Same seeds, so the same samples: largest per-step difference "
+            f"between Ray and a plain run in mean reward {oh['max_abs_diff']['reward_mean']:.1e}, in loss "
+            f"{oh['max_abs_diff']['loss']:.1e}" + (f", in the KL weight beta (rl.kl_control, the plain loop steering it as "
+                                                    f"the driver does) {oh['max_abs_diff']['beta']:.1e}"
+                                                    if "beta" in oh["max_abs_diff"] else "") + ".", ""]
     if noisy:
         out += [f"The pairs disagree by more than the target itself (ratios {min(pr):.2f} to {max(pr):.2f}; load "
                 f"average {_load_str(oh)[len('load average (1/5/15 min) '):]}): identical runs on this machine vary "
                 "by more than the framework's cost, so this run cannot resolve 5%. Figures that vary "
-                f"less: the time per step outside the stages' timers (Ray {st['ray']['outside_stages']:.2f} s, plain "
-                f"{st['plain']['outside_stages']:.2f} s, of a {st['ray']['loop']:.1f} s step) and the CPU seconds below.",
+                f"less: the time per step outside the stages' timers (Ray {st['ray']['outside_stages']:.2f} s, {base} "
+                f"{st[base]['outside_stages']:.2f} s, of a {st['ray']['loop']:.1f} s step) and the CPU seconds below.",
                 ""]
     if "cpu_s_per_step_median" in oh:
         c, k = oh["cpu_s_per_step_median"], oh["ray_cpu_s_per_step_by_process_median"]
         out += [f"CPU seconds per step (user + system, every process, the loop only; less sensitive to other load "
                 f"on the machine than wall time): Ray {c['ray']:.2f} (" + ", ".join(f"{n} {v:.2f}" for n, v in k.items())
-                + f"), plain {c['plain']:.2f}: ratio **{oh['ratio_cpu_ray_over_plain']:.3f}**.", ""]
-        plain = [r for r in oh.get("runs", []) if r["variant"] == "plain" and "stage_cpu_s" in r]
+                + "), " + ", ".join(f"{v} {x:.2f}" for v, x in c.items() if v != "ray")
+                + f": Ray / {base} **{oh['ratio_cpu_ray_over_plain']:.3f}**.", ""]
+        plain = [r for r in oh.get("runs", []) if r["variant"] == base and "stage_cpu_s" in r]
         if plain:
             import statistics
 
@@ -104,8 +113,8 @@ def _overhead(oh: dict) -> list[str]:
             actor = {"generator": "RolloutGenerator", "labeler": "Labeler", "learner": "LearnerWorker"}
             out += ["Where the CPU goes, per step: Ray's own processes and the driver "
                     f"{own:.2f} CPU-s; each stage, Ray actor (its whole process, idle time included) against the "
-                    "plain loop's span: " + ", ".join(f"{n} {k.get(actor[n], 0):.2f} vs {pc[n]:.2f}" for n in pc) +
-                    f". Wall seconds of the learner stage: Ray {st['ray']['learner']:.2f}, plain {st['plain']['learner']:.2f}.", ""]
+                    f"{base} loop's span: " + ", ".join(f"{n} {k.get(actor[n], 0):.2f} vs {pc[n]:.2f}" for n in pc) +
+                    f". Wall seconds of the learner stage: Ray {st['ray']['learner']:.2f}, {base} {st[base]['learner']:.2f}.", ""]
     if oh.get("note"):
         out += [oh["note"], ""]
     return out
