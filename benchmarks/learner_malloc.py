@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.overhead import versions
+from benchmarks.overhead import env_without_allocator, versions
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -88,7 +88,7 @@ def main() -> None:
     if args.child:
         return child(args.steps, args.threads, args.overrides)
     runs, t_start, load_before = [], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), os.getloadavg()
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    base = env_without_allocator()
     for i in range(args.rounds):
         for name, env in variants().items():
             argv = [sys.executable, "-m", "benchmarks.learner_malloc", "--child", "--steps", str(args.steps),

@@ -174,10 +174,15 @@ def plain_variants() -> dict[str, dict[str, str]]:
     return out
 
 
+def env_without_allocator() -> dict[str, str]:
+    """This environment without malloc settings or a preloaded library: a child's allocator is
+    then only what the caller adds."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+
+
 def run_plain(config: str, overrides: list[str], out: Path, env: dict[str, str]) -> dict:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.overhead", config, "--plain-worker", str(out),
-                           *[x for o in overrides for x in ("--set", o)]], text=True, env={**base, **env})
+                           *[x for o in overrides for x in ("--set", o)]], text=True, env={**env_without_allocator(), **env})
     if proc.returncode:
         raise SystemExit(f"plain variant failed (exit {proc.returncode})")
     return json.loads(out.read_text())
@@ -302,7 +307,7 @@ def summarize(runs: list[dict]) -> dict:
     pair_ratio = [next(r for r in by["ray"] if r["pair"] == i)["completions_per_s"] /
                   next(r for r in by[base] if r["pair"] == i)["completions_per_s"] for i in pairs]
     diff = {k: max(abs(a - b) for x in by["ray"] for y in runs if y["variant"] != "ray" for a, b in zip(x[k], y[k]))
-            for k in ("reward_mean", "loss", "beta") if all(k in r for r in runs)}
+            for k in ("reward_mean", "loss", "beta")}
 
     def per_step(r: dict) -> dict:
         d = {n: sum(v for k, v in r["stage_s"].items() if k.startswith(n)) / r["steps"]

@@ -65,7 +65,7 @@ def _overlap(ov: dict) -> list[str]:
 
 def _overhead(oh: dict) -> list[str]:
     med, st = oh["completions_per_s"], oh["stage_s_per_step_median"]
-    base = oh.get("plain_baseline", "plain")  # the faster plain variant (results before it: glibc only)
+    base = oh["plain_baseline"]  # the faster plain variant
     cols = ("generator", "labeler", "learner", "outside_stages")
     out = ["## Framework overhead (Ray pipeline vs plain Python)", "",
            f"{oh['what']}; `{oh['config']}` with {' '.join(oh['overrides'])}; {oh['pairs']} pairs, {_setting(oh)}.", "",
@@ -79,18 +79,17 @@ def _overhead(oh: dict) -> list[str]:
     out += ["", f"Ray / {base} completions/s: **{oh['ratio_ray_over_plain']:.3f}**; Ray's loop time against {base}'s: "
             f"{oh['ray_slower_by']:+.1%} (target at most +5%: {met}). Per pair: "
             + ", ".join(f"{x:.3f}" for x in oh["pair_ratios_ray_over_plain"]) + ". " +
-            ("The baseline is the faster plain variant: the learner actor runs on the jemalloc Ray ships and the "
-             "generator and labeler on glibc, which one process cannot do (an allocator is chosen at process start), "
-             "so the plain loop runs once on glibc (the learner actor's glibc settings switched in before its step) "
-             "and once wholly on jemalloc. " if "plain_baseline" in oh else "") +
+            "The baseline is the faster plain variant: the learner actor runs on the jemalloc Ray ships and the "
+            "generator and labeler on glibc, which one process cannot do (an allocator is chosen at process start), "
+            "so the plain loop runs once on glibc (the learner actor's glibc settings switched in before its step) "
+            "and once wholly on jemalloc. " +
             f"Stage columns: seconds per step (medians), from the actors' busy timers "
             f"(Ray) or the same spans timed in the plain loop; *outside the stages* is the rest of the step (Ray: "
             f"weight sync through the object store, dispatch, Arrow; plain: the weight copy, "
             f"{st[base].get('weight_sync', 0):.3f} s). Same seeds, so the same samples: largest per-step difference "
             f"between Ray and a plain run in mean reward {oh['max_abs_diff']['reward_mean']:.1e}, in loss "
-            f"{oh['max_abs_diff']['loss']:.1e}" + (f", in the KL weight beta (rl.kl_control, the plain loop steering it as "
-                                                    f"the driver does) {oh['max_abs_diff']['beta']:.1e}"
-                                                    if "beta" in oh["max_abs_diff"] else "") + ".", ""]
+            f"{oh['max_abs_diff']['loss']:.1e}, in the KL weight beta (rl.kl_control, the plain loop steering it "
+            f"as the driver does) {oh['max_abs_diff']['beta']:.1e}.", ""]
     if noisy:
         out += [f"The pairs disagree by more than the target itself (ratios {min(pr):.2f} to {max(pr):.2f}; load "
                 f"average {_load_str(oh)[len('load average (1/5/15 min) '):]}): identical runs on this machine vary "
