@@ -1,9 +1,14 @@
 """RolloutGenerator: samples responses for a prompt batch with the current policy weights.
 
-Runs as a threaded Ray actor (max_concurrency=2) so that a weight update can be received
-while a batch is being generated: `set_weights` only stages the new weights, and the next
-`generate` call installs them under the generation lock. Every rollout is tagged with the
-policy version that actually produced it.
+A Ray actor with two threads: `set_weights` and `info` run in their own "control" thread, so
+a weight update is received while a batch is being generated (`set_weights` only stages the
+new weights; the next compute call installs them under the generation lock). Every compute
+call (generate, continuation_logprobs, digest, receive_weights) runs in the one thread of the
+default group. Why not a plain threaded actor (max_concurrency=2): its two threads take the
+calls as they come, so back-to-back batches computed on both, each thread starting its own
+OpenMP team; with more OpenMP threads than cores, libgomp stops spinning at its barriers and
+sleeps at each one (BENCHMARKS.md, "Generator threads": back-to-back quickstart batches on
+two teams against one). Every rollout is tagged with the policy version that produced it.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import threading
 import time
 
 import pyarrow as pa
+import ray
 import torch
 
 from rlaif_ray import schemas, weight_sync
@@ -31,28 +37,34 @@ class RolloutGenerator:
         self.weight_dtype = dtype_name(self.backend.dtype)  # what the learner casts weights to
         self.version = 0
         self._staged = None  # (weights, version) received but not yet installed
-        self._lock = threading.Lock()
+        self._stage_lock = threading.Lock()  # set_weights (control thread) against the install
+        self._lock = threading.Lock()  # one compute call at a time
+        self._compute_threads: set[int] = set()  # threads that ran compute calls (1 expected)
         self.busy_s = 0.0
         self.last_install_s = 0.0  # time of the last weight install
         self.last_install_extra_mb = 0.0  # peak memory it added (broadcast: about one bucket)
         self.metrics = RoleMetrics("generator", name)
 
+    @ray.method(concurrency_group="control")
     def info(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "version": self.version, "busy_s": self.busy_s,
+                "compute_threads": len(self._compute_threads),
                 "last_install_s": self.last_install_s,
                 "last_install_extra_mb": self.last_install_extra_mb, "backend": self.gen["backend"],
                 "prefix_caching": self.backend.prefix_caching, "weight_dtype": self.weight_dtype,
                 "weight_ranks": self.backend.weight_ranks}
 
+    @ray.method(concurrency_group="control")
     def set_weights(self, weights: dict, version: int) -> int:
         """Stage a new policy version (a weight_sync.pack payload, or {name: tensor}); returns
         at once (the actor may be mid-generation).
         Returns the newest version this actor holds: the driver checks it is `version`."""
-        newest = max(self.version, self._staged[1] if self._staged else -1)
-        if version < newest:
-            return newest  # an old update arriving late never replaces a newer one
-        self._staged = (weights, version)
-        return version
+        with self._stage_lock:
+            newest = max(self.version, self._staged[1] if self._staged else -1)
+            if version < newest:
+                return newest  # an old update arriving late never replaces a newer one
+            self._staged = (weights, version)
+            return version
 
     def join_weight_group(self, master: str, port: int, first_rank: int, world: int, backend: str, spec: list,
                           timeout_s: float, bucket_bytes: int) -> int:
@@ -65,17 +77,22 @@ class RolloutGenerator:
         """The broadcast path: rank 0's buckets are loaded into the engine as they arrive (no
         staged copy of the model), so this waits for a batch being generated to finish."""
         with self._lock, PeakRSS() as mem:
+            self._compute_threads.add(threading.get_ident())
             t0 = time.perf_counter()
             self.backend.receive_weights(self.weight_spec, version, self.name, self.bucket_bytes)
             self.last_install_s = time.perf_counter() - t0
-            self.version, self._staged = version, None
+            with self._stage_lock:
+                self.version, self._staged = version, None
         self.last_install_extra_mb = max(mem.extra_mb, mem.cuda_extra_mb)
         return version
 
     def _install_staged(self) -> None:
-        if self._staged is not None:
-            weights, version = self._staged
-            self._staged = None
+        """Under self._lock, at the start of every compute call."""
+        self._compute_threads.add(threading.get_ident())
+        with self._stage_lock:  # taken and cleared at once: a version staged meanwhile is kept
+            staged, self._staged = self._staged, None
+        if staged is not None:
+            weights, version = staged
             if version > self.version:
                 t0 = time.perf_counter()
                 with PeakRSS() as mem:  # (the staged payload itself is already resident: a model copy)
@@ -137,3 +154,9 @@ class RolloutGenerator:
             self.metrics.set("tokens_per_s", n_tokens / max(dt, 1e-9))
             self.metrics.observe("batch_s", dt)
             return out
+
+
+def generator_actor():
+    """The Ray actor class of RolloutGenerator, with its "control" thread (module docstring).
+    Start it with `.options(...)`; `max_concurrency` is the default group's and stays 1."""
+    return ray.remote(concurrency_groups={"control": 1})(RolloutGenerator)

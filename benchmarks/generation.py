@@ -33,7 +33,7 @@ def main() -> None:
     import ray
     import torch
 
-    from actors.generator import RolloutGenerator
+    from actors.generator import generator_actor
     from rlaif_ray import lm
     from rlaif_ray.config import GenerationConfig, TaskConfig
     from rlaif_ray.data import build_prompts, load_tldr, prompt_batch
@@ -51,7 +51,7 @@ def main() -> None:
             direct = load_model(args.model)
             continue
         gen = GenerationConfig(backend=b, max_new_tokens=args.new_tokens).model_dump()
-        actors[b] = ray.remote(RolloutGenerator).options(num_cpus=1, max_concurrency=2).remote(
+        actors[b] = generator_actor().options(num_cpus=1).remote(
             f"generator-{b}", args.model, "float32", gen, 1)
     for b, a in actors.items():  # warm-up (vLLM's first call is slow)
         ray.get(a.generate.remote(batch, 0, 1, 0))

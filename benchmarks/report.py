@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,8 +106,6 @@ def _overhead(oh: dict) -> list[str]:
                 + f": Ray / {base} **{oh['ratio_cpu_ray_over_plain']:.3f}**.", ""]
         plain = [r for r in oh.get("runs", []) if r["variant"] == base and "stage_cpu_s" in r]
         if plain:
-            import statistics
-
             own = sum(v for n, v in k.items() if n == "driver" or n.startswith("ray"))
             pc = {n: statistics.median(r["stage_cpu_s"][n] / r["steps"] for r in plain) for n in ("generator", "labeler", "learner")}
             actor = {"generator": "RolloutGenerator", "labeler": "Labeler", "learner": "LearnerWorker"}
@@ -277,6 +276,7 @@ def render() -> str:
                 for k, v in rma["rm"].items()]
         out.append("")
     out += _weight_update(_load("weight_update"))
+    out += _generator_threads(_load("generator_threads"))
     out += _gpu(_load("gpu_check"))
     out += _endpoint_load(_load("endpoint_load"))
     out += _value_baseline(_load("value_baseline"))
@@ -424,6 +424,27 @@ def _weight_update(wu: dict | None) -> list[str]:
                    f"{r['install_s']:.2f} | {r['extra_mb']:.0f} | "
                    f"{'-' if r['staged_payload_mb'] is None else round(r['staged_payload_mb'])} |")
     return out + [""]
+
+
+def _generator_threads(gt: dict | None) -> list[str]:
+    """benchmarks/generator_threads.py: compute calls in one thread against two."""
+    if not gt:
+        return []
+    one, two = gt["wall_s_median"]
+    out = ["## Generator threads (`python -m benchmarks.generator_threads`)", "",
+           f"{gt['what']}; `{gt['config']}`, model {gt['model']}; {_setting(gt)}. The same samples in every run: "
+           f"{'yes' if gt['same_samples'] else '**no**'}. *Compute threads*: threads that ran compute calls (the "
+           "actor's info); *busy threads*: threads of the actor's process with over 1 CPU-second (the one that loaded "
+           "the model, and OpenMP workers, included).", "",
+           "| variant | seconds (median) | completions/s | compute threads | busy threads |", "|---|---|---|---|---|"]
+    for name in (one, two):
+        rs = [r for r in gt["runs"] if r["variant"] == name]
+        out.append(f"| {name} | {gt['wall_s_median'][name]:.1f} | "
+                   f"{statistics.median(r['completions_per_s'] for r in rs):.3f} | "
+                   f"{'/'.join(str(r['compute_threads']) for r in rs)} | "
+                   f"{'/'.join(str(r['threads_over_1_cpu_s']) for r in rs)} |")
+    return out + ["", f"Speed-up of one compute thread: **{gt['speedup_one_thread']:.2f}x** (per round: "
+                      f"{', '.join(f'{x:.2f}' for x in gt['pair_speedups'])}).", ""]
 
 
 def _gpu(gc: dict | None) -> list[str]:

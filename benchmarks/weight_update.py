@@ -36,7 +36,7 @@ def main() -> None:
     from rlaif_ray.config import load_config
     from actors.ray_session import release
     from rlaif_ray.commands.pipeline import broadcast_weights, form_weight_group, start_learner, sync_weights
-    from actors.generator import RolloutGenerator
+    from actors.generator import generator_actor
 
     cfg = load_config(args.config, ["pipeline.learner.num_cpus=0.5"] + ([f"model.name={args.model}"] if args.model else []))
     load_before = os.getloadavg()
@@ -44,7 +44,7 @@ def main() -> None:
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     learner = start_learner(cfg, "wu")
     backends = args.backends.split(",")
-    gens = [ray.remote(RolloutGenerator).options(num_cpus=0.5, max_concurrency=2).remote(
+    gens = [generator_actor().options(num_cpus=0.5).remote(
         f"generator-{b}", cfg.model.name, cfg.model.dtype, {**cfg.generation.model_dump(), "backend": b}, 1)
         for b in backends]
     infos = ray.get([g.info.remote() for g in gens])

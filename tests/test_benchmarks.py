@@ -172,13 +172,29 @@ def test_weight_update(weight_update):
     assert positive(staged)  # the object store stages a model copy; the broadcast does not
 
 
+@pytest.fixture(scope="module")
+def generator_threads(results, tiny_model_path):
+    bench("generator_threads", "--rounds", "1", "--batches", "3", *tiny_sets(tiny_model_path),
+          "--out", str(results / "generator_threads.json"))
+    return json.loads((results / "generator_threads.json").read_text())
+
+
+def test_generator_threads(generator_threads):
+    r = generator_threads
+    runs = {x["variant"]: x for x in r["runs"]}
+    assert runs["one compute thread (shipped)"]["compute_threads"] == 1  # every batch on the same thread
+    assert runs["two threads (max_concurrency=2)"]["compute_threads"] in (1, 2)  # either thread takes a call
+    assert r["same_samples"] and all(x["completions"] == 3 * 2 * 2 for x in r["runs"])  # 3 batches x 2 prompts x 2
+    assert positive(r["speedup_one_thread"]) and len(r["pair_speedups"]) == 1
+
+
 def test_report_renders_every_section(results, overlap, overhead, scaling, generation, memory, weight_update,
-                                      tmp_path):
+                                      generator_threads, tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     bench("report", "--results", str(results), "--out", str(out))
     text = out.read_text()
     for heading in ("## Pipeline overlap", "## Scaling model", "## Framework overhead",
-                    "## Generation throughput", "## Peak memory", "## Weight updates", "## GPU"):
+                    "## Generation throughput", "## Peak memory", "## Weight updates", "## Generator threads", "## GPU"):
         assert heading in text
     assert not re.search(r"\bnan\b", text, re.IGNORECASE)
 

@@ -128,6 +128,38 @@ def test_actors_exchange_arrow_and_weights_reach_generators(ray_local, tiny_mode
         release(learner.tag)
 
 
+def test_generator_computes_in_one_thread_and_stages_weights_meanwhile(ray_local, tiny_model_path):
+    """Back-to-back batches all run in the default group's one thread (one OpenMP team:
+    actors/generator.py), while set_weights answers from the control thread before they are
+    done; the batches started after it carry the new version."""
+    import ray
+
+    from actors.generator import generator_actor
+    from rlaif_ray import weight_sync
+    from rlaif_ray.config import GenerationConfig
+    from rlaif_ray.data import build_prompts, load_tldr, prompt_batch
+    from rlaif_ray.models import load_model, load_tokenizer
+
+    gen = generator_actor().options(num_cpus=0, runtime_env={"env_vars": {"OMP_NUM_THREADS": "2"}}).remote(
+        "generator-threads", tiny_model_path, "float32", GenerationConfig(max_new_tokens=48).model_dump(), 2)
+    try:
+        prompts = build_prompts(load_tldr()[:200], load_tokenizer(tiny_model_path),
+                                tiny_cfg(tiny_model_path, "unused").task).train
+        assert ray.get(gen.info.remote())["compute_threads"] == 0
+        refs = [gen.generate.remote(prompt_batch(prompts[2 * i:2 * i + 2]), i, 4, i) for i in range(6)]
+        ray.wait(refs[:1], timeout=120)  # the first batch done: the rest are queued or sampling
+        payload = weight_sync.pack(load_model(tiny_model_path).named_parameters(), "float32")
+        assert ray.get(gen.set_weights.remote(payload, 1), timeout=30) == 1
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        assert len(ready) < len(refs)  # answered while batches were still to come
+        versions = [set(b.column("policy_version").to_pylist()) for b in ray.get(refs)]
+        assert versions[0] == {0} and versions[-1] == {1}
+        info = ray.get(gen.info.remote())
+        assert info["version"] == 1 and info["compute_threads"] == 1
+    finally:
+        ray.kill(gen)
+
+
 def test_weight_sync_timeout_names_the_actor(ray_local):
     import ray
 

@@ -26,7 +26,7 @@ def test_vllm_generator_actor_logprobs_and_weight_updates(ray_local, tokenizer):
     import ray
     import torch
 
-    from actors.generator import RolloutGenerator
+    from actors.generator import generator_actor
     from rlaif_ray import lm
     from rlaif_ray.config import GenerationConfig
     from rlaif_ray.data import build_prompts, load_tldr, prompt_batch
@@ -34,7 +34,7 @@ def test_vllm_generator_actor_logprobs_and_weight_updates(ray_local, tokenizer):
     from rlaif_ray.models import load_model
 
     gen_cfg = GenerationConfig(backend="vllm", max_new_tokens=12).model_dump()
-    gen = ray.remote(RolloutGenerator).options(num_cpus=1, max_concurrency=2).remote(
+    gen = generator_actor().options(num_cpus=1).remote(
         "generator-vllm", "smollm2-135m-instruct", "float32", gen_cfg, 1)
     try:
         prompts = build_prompts(load_tldr()[:200], tokenizer, TaskConfig(max_prompt_tokens=320, heldout_size=4))

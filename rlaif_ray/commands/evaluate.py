@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from actors.generator import RolloutGenerator
+from actors.generator import generator_actor
 from actors.ray_session import actor_options, gather, ray_session
 from rlaif_ray import winrate
 from rlaif_ray.config import Config, dump_config
@@ -82,7 +82,7 @@ def run_eval(cfg: Config, out: str | Path | None = None, log=print, overwrite: b
     gen = {**cfg.generation.model_dump(), "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
            "max_new_tokens": cfg.eval.max_new_tokens or cfg.generation.max_new_tokens}
     with ray_session(cfg):
-        actors = [ray.remote(RolloutGenerator).options(**actor_options(g, f"policy-{side}@{tag}")).remote(
+        actors = [generator_actor().options(**actor_options(g, f"policy-{side}@{tag}")).remote(
             f"policy-{side}", name, cfg.model.dtype, gen, g.torch_threads, role_device(g.num_gpus), g.vllm.model_dump())
             for side, name in (("a", a_name), ("b", b_name))]
         labeler = start_labeler(cfg, actor_options(cfg.pipeline.labelers, f"labeler-0@{tag}"))

@@ -18,7 +18,7 @@ from collections import deque
 
 import ray
 
-from actors.generator import RolloutGenerator
+from actors.generator import generator_actor
 from actors.labeler import Labeler
 from actors.learner import LearnerGroup, LearnerWorker
 from actors.metrics import RoleMetrics
@@ -51,7 +51,7 @@ def _pool(cfg: Config, name: str, label: str, tag: str) -> list[dict]:
 
 def start_generators(cfg: Config, tag: str = "") -> list:
     g = cfg.pipeline.generators
-    return [ray.remote(RolloutGenerator).options(max_concurrency=2, **o).remote(
+    return [generator_actor().options(**o).remote(
         f"generator-{i}", cfg.model.name, cfg.model.dtype, cfg.generation.model_dump(), g.torch_threads,
         role_device(g.num_gpus), g.vllm.model_dump()) for i, o in enumerate(_pool(cfg, "generators", "generator", tag))]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import ray
 
-from actors.generator import RolloutGenerator
+from actors.generator import generator_actor
 from actors.ray_session import actor_options, gather, ray_session
 from rlaif_ray.config import Config
 from rlaif_ray.data import prompt_batch, task_prompts
@@ -31,7 +31,7 @@ def sample_pairs(cfg: Config, out: str | Path | None = None, log=print, overwrit
     gen = {**cfg.generation.model_dump(), "temperature": sp.temperature}
     role = cfg.pipeline.generators
     with ray_session(cfg):
-        actor = ray.remote(RolloutGenerator).options(**actor_options(role, "sampler")).remote(
+        actor = generator_actor().options(**actor_options(role, "sampler")).remote(
             "sampler", policy, cfg.model.dtype, gen, role.torch_threads, role_device(role.num_gpus),
             role.vllm.model_dump())
         try:
