@@ -3,8 +3,8 @@
 A Ray actor with two threads: `set_weights` and `info` run in their own "control" thread, so
 a weight update is received while a batch is being generated (`set_weights` only stages the
 new weights; the next compute call installs them under the generation lock). Every compute
-call (generate, continuation_logprobs, digest, receive_weights) runs in the one thread of the
-default group. Why not a plain threaded actor (max_concurrency=2): its two threads take the
+call (generate, continuation_logprobs, digest, receive_weights, join_weight_group) runs in the
+one thread of the default group. Why not a plain threaded actor (max_concurrency=2): its two threads take the
 calls as they come, so back-to-back batches computed on both, each thread starting its own
 OpenMP team; with more OpenMP threads than cores, libgomp stops spinning at its barriers and
 sleeps at each one (BENCHMARKS.md, "Generator threads": back-to-back quickstart batches on

@@ -432,7 +432,7 @@ def _generator_threads(gt: dict | None) -> list[str]:
         return []
     one, two = gt["wall_s_median"]
     out = ["## Generator threads (`python -m benchmarks.generator_threads`)", "",
-           f"{gt['what']}; `{gt['config']}`, model {gt['model']}; {_setting(gt)}. The same samples in every run: "
+           f"{gt['what']}; `{gt['config']}`, model {gt['model']}; {_setting(gt)}. Tokens per batch identical in every run (the same seeds): "
            f"{'yes' if gt['same_samples'] else '**no**'}. *Compute threads*: threads that ran compute calls (the "
            "actor's info); *busy threads*: threads of the actor's process with over 1 CPU-second (the one that loaded "
            "the model, and OpenMP workers, included).", "",
