@@ -277,6 +277,7 @@ def render() -> str:
         out.append("")
     out += _weight_update(_load("weight_update"))
     out += _generator_threads(_load("generator_threads"))
+    out += _attention(_load("attention"))
     out += _gpu(_load("gpu_check"))
     out += _endpoint_load(_load("endpoint_load"))
     out += _value_baseline(_load("value_baseline"))
@@ -445,6 +446,25 @@ def _generator_threads(gt: dict | None) -> list[str]:
                    f"{'/'.join(str(r['threads_over_1_cpu_s']) for r in rs)} |")
     return out + ["", f"Speed-up of one compute thread: **{gt['speedup_one_thread']:.2f}x** (per round: "
                       f"{', '.join(f'{x:.2f}' for x in gt['pair_speedups'])}).", ""]
+
+
+def _attention(at: dict | None) -> list[str]:
+    """benchmarks/attention.py: transformers' SDPA against the grouped-query SDPA on CPU."""
+    if not at:
+        return []
+    before, after = at["medians"]
+    yes = lambda ok: "yes" if ok else "**no**"  # noqa: E731
+    out = ["## Attention (`python -m benchmarks.attention`)", "",
+           f"{at['what']}; `{at['config']}`, model {at['model']} ({at['heads']['query']} query heads, "
+           f"{at['heads']['kv']} KV heads); {_setting(at)}. The same tokens and behaviour log-probs from both: "
+           f"{yes(at['same_samples'])}; the learner's log-probs identical: {yes(at['same_learner_logprobs'])}.", "",
+           "| implementation | generation s (median) | learner forward + backward s (median) |", "|---|---|---|"]
+    for name in (before, after):
+        m = at["medians"][name]
+        out.append(f"| {name} | {m['generate_s']:.2f} | {m['learner_s']:.2f} |")
+    sp = at["speedup"]
+    return out + ["", f"Speed-up of the grouped-query SDPA: generation **{sp['generate_s']:.2f}x**, learner "
+                      f"{sp['learner_s']:.2f}x.", ""]
 
 
 def _gpu(gc: dict | None) -> list[str]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .attention import is_sdpa
+
 
 def model_device(model) -> torch.device:
     """The device of a model's parameters (a DTensor's local shard included)."""
@@ -325,7 +327,7 @@ def attention_mask_4d(model, allowed: torch.Tensor, dtype: torch.dtype) -> torch
     """The block mask as the model's attention takes a prepared 4D mask: boolean for SDPA
     (True = attend), additive (0 / most negative) for eager attention."""
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if impl == "sdpa":
+    if is_sdpa(model):
         return allowed
     if impl == "eager":
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -335,7 +337,7 @@ def attention_mask_4d(model, allowed: torch.Tensor, dtype: torch.dtype) -> torch
 def supports_shared_prompts(model) -> bool:
     """Whether `model` takes a custom 4D attention mask (SDPA or eager attention; flash
     attention kernels take no arbitrary mask)."""
-    return (getattr(model.config, "_attn_implementation", None) or "eager") in ("sdpa", "eager")
+    return is_sdpa(model) or (getattr(model.config, "_attn_implementation", None) or "eager") == "eager"
 
 
 def shared_prompt_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,

@@ -136,6 +136,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     """A causal LM in `dtype` (auto: the device's compute dtype, devices.compute_dtype) on `device`."""
     from transformers import AutoModelForCausalLM
 
+    from .attention import use_cpu_gqa
     from .devices import compute_dtype
 
     quiet_transformers()
@@ -143,7 +144,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=compute_dtype(dtype, device),
                                                  use_safetensors=True).to(device)
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
-    return model
+    return use_cpu_gqa(model)  # grouped KV heads without copies on CPU (rlaif_ray/attention.py)
 
 
 def model_context(name: str) -> int:

@@ -188,13 +188,29 @@ def test_generator_threads(generator_threads):
     assert positive(r["speedup_one_thread"]) and len(r["pair_speedups"]) == 1
 
 
+@pytest.fixture(scope="module")
+def attention(results, tiny_model_path):
+    bench("attention", "--rounds", "2", "--batches", "2", *tiny_sets(tiny_model_path),
+          "--out", str(results / "attention.json"))
+    return json.loads((results / "attention.json").read_text())
+
+
+def test_attention(attention):
+    r = attention
+    assert r["heads"] == {"query": 2, "kv": 1}  # the tiny model groups its KV heads
+    assert r["same_samples"] and r["same_learner_logprobs"]
+    assert [x["completions"] for x in r["runs"]] == [2 * 2 * 2] * 4  # 2 batches x 2 prompts x 2 samples, 2 x 2 runs
+    assert [x["variant"] for x in r["runs"][:2]] == list(r["medians"]) == list(reversed([x["variant"] for x in r["runs"][2:]]))
+    assert all(positive(v) for v in r["speedup"].values())
+
+
 def test_report_renders_every_section(results, overlap, overhead, scaling, generation, memory, weight_update,
-                                      generator_threads, tmp_path):
+                                      generator_threads, attention, tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     bench("report", "--results", str(results), "--out", str(out))
     text = out.read_text()
     for heading in ("## Pipeline overlap", "## Scaling model", "## Framework overhead",
-                    "## Generation throughput", "## Peak memory", "## Weight updates", "## Generator threads", "## GPU"):
+                    "## Generation throughput", "## Peak memory", "## Weight updates", "## Generator threads", "## Attention", "## GPU"):
         assert heading in text
     assert not re.search(r"\bnan\b", text, re.IGNORECASE)
 

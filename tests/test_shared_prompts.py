@@ -33,11 +33,14 @@ def test_groups_layout():
     assert grp.rows(torch.arange(6.0).reshape(2, 3)).tolist() == [[0, 1, 0], [3, 4, 5], [2, 0, 0]]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "sdpa_gqa_cpu"])
 @pytest.mark.parametrize("sampling", [dict(), dict(top_k=20, top_p=0.8)])
 def test_same_logprobs_and_gradients_as_full_sequences(tiny_model_path, attn, sampling):
     from transformers import AutoModelForCausalLM
 
+    from rlaif_ray import attention
+
+    attention.register()  # the CPU GQA path load_model picks (rlaif_ray/attention.py)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation=attn)
     head = torch.nn.Linear(model.config.hidden_size, 1)
