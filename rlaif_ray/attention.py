@@ -21,11 +21,12 @@ def sdpa_gqa_forward(module, query, key, value, attention_mask, dropout: float =
                      is_causal=None, **kwargs):
     """transformers' attention-function contract (AttentionInterface): query [B, H, Q, D],
     key/value [B, H_kv, K, D]; returns ([B, Q, H, D], None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     groups = getattr(module, "num_key_value_groups", 1)
     if query.device.type != "cpu" or groups == 1 or kwargs.get("position_bias") is not None \
             or kwargs.get("cache") is not None or kwargs.get("output_attentions"):
+        # imported here, off the CPU path that runs per layer and decoding step
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     q_len = query.shape[2]
