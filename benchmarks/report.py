@@ -36,13 +36,24 @@ def _setting(r: dict) -> str:
     return f"{r['cpus']} cores, {r['time']}, {_load_str(r)}" + (f"; {vs}" if vs else "")
 
 
+def _num(x: float | None, digits: int) -> str:
+    """A figure, or "-" where an older result did not record it."""
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
 def _overlap(ov: dict) -> list[str]:
     out = ["## Pipeline overlap", "", f"{ov['what']}; `{ov['config']}` with {' '.join(ov['overrides'])}; "
            f"{ov['pairs']} pairs, {_setting(ov)}.", "",
            "| max_staleness | completions/s (median) |", "|---|---|",
            f"| 0 (synchronous) | {ov['completions_per_s_staleness0']:.3f} |",
            f"| 1 (overlapped) | {ov['completions_per_s_staleness1']:.3f} |", "",
-           f"Ratio 1 / 0: **{ov['ratio_1_over_0']:.3f}**.", ""]
+           f"Ratio 1 / 0: **{ov['ratio_1_over_0']:.3f}**" +
+           (f" (per pair: {', '.join(f'{x:.2f}' for x in ov['pair_ratios'])})." if ov.get("pair_ratios") else "."), ""]
+    a1 = ov.get("completions_per_s_after_step1")
+    if a1:
+        out[-1:] = ["", f"After step 1 (its end to the end of the last step; the overlapped first step fills the "
+                    f"pipeline, the learner waiting for a first batch generated and labeled with nothing to overlap): "
+                    f"{a1['0']:.3f} synchronous, {a1['1']:.3f} overlapped, ratio **{ov['ratio_after_step1']:.3f}**.", ""]
     runs = ov["runs"]
     if "busy_share" not in runs[0]:  # results written before the busy/idle shares were recorded
         names = sorted(runs[0]["stage_busy_s"])
@@ -56,9 +67,11 @@ def _overlap(ov: dict) -> list[str]:
             "checkpoint write excluded), each stage's busy seconds from the actors' own timers with its busy "
             "share of the loop (idle = 1 - busy), the slowest stage, and the run's completions/s against the "
             "bound that stage sets (completions / its busy seconds):", "",
-            "| max_staleness | loop s | completions/s | " + " | ".join(f"{s} s (busy)" for s in stages) +
-            " | slowest | of its bound |", "|---|---|---|" + "---|" * len(stages) + "---|---|"]
-    out += [f"| {r['max_staleness']} | {r['loop_s']:.1f} | {r['completions_per_s']:.3f} | " +
+            "| max_staleness | loop s | step 1 s | completions/s | after step 1 | " +
+            " | ".join(f"{s} s (busy)" for s in stages) +
+            " | slowest | of its bound |", "|---|---|---|---|---|" + "---|" * len(stages) + "---|---|"]
+    out += [f"| {r['max_staleness']} | {r['loop_s']:.1f} | {_num(r.get('step1_s'), 1)} | {r['completions_per_s']:.3f} | "
+            f"{_num(r.get('completions_per_s_after_step1'), 3)} | " +
             " | ".join(f"{r['stage_s'][s]:.1f} ({r['busy_share'][s]:.0%})" for s in stages) +
             f" | {r['slowest_stage']} | {r['of_bound']:.0%} |" for r in runs]
     return out + [""]

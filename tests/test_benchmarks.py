@@ -91,6 +91,10 @@ def test_overlap(overlap):
         assert all(0 <= r["idle_share"][k] <= 1 and r["busy_share"][k] + r["idle_share"][k] == pytest.approx(1)
                    for k in r["stage_s"])
         assert r["slowest_stage"] in r["stage_s"] and positive(r["of_bound"])
+        # the rate after step 1: step 2's 4 completions over the time from step 1's end to the loop's
+        assert 0 < r["step1_s"] < r["loop_s"]
+        assert r["completions_per_s_after_step1"] == pytest.approx(4 / (r["loop_s"] - r["step1_s"]))
+    assert len(overlap["pair_ratios"]) == 1 and positive(overlap["ratio_after_step1"])
 
 
 def test_overhead(overhead):
