@@ -2,7 +2,7 @@
 medians), then BENCHMARKS.md regenerated from benchmarks/results/*.json. Took about an hour
 and a half on a 2-core AVX-512 machine, before the overhead benchmark's plain loop ran on two
 allocators (3 runs more); expect longer on an AVX2 CPU, where a learner step took 1.5x as long
-(the quickstart runs under the memory sampler are the longest). The labeler alignment grid is
+(the quickstart runs under the memory sampler and the overlap pairs of 16 steps are the longest). The labeler alignment grid is
 separate (`make bench-labeler`, about 2 hours). Where `trl` imports
 (`pip install -c constraints-cpu.txt -e '.[trl]'`), also rlaif-ray against TRL's GRPOTrainer
 (benchmarks/trl_compare.py: 2 rounds of 2-3 systems x 10 steps, about an hour more)."""
@@ -23,7 +23,9 @@ def run(*args: str) -> None:
 
 if __name__ == "__main__":
     run("-m", "benchmarks.overhead", *QUICK)
-    run("-m", "benchmarks.overlap", *QUICK)
+    # the quickstart's own 16 steps: the overlapped mode's first step fills the pipeline, a fixed cost
+    # that a 4-step run weighs 4 times as much as the quickstart does (about 45 minutes on AVX2)
+    run("-m", "benchmarks.overlap", "configs/quickstart.yaml", "--pairs", "3")
     run("-m", "benchmarks.scaling")  # from overlap.json's per-stage times
     run("-m", "benchmarks.generation", "--rounds", "3", "--batch", "8", "--new-tokens", "64")
     run("-m", "benchmarks.labeling", "--pairs", "16", "--rounds", "3")

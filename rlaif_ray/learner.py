@@ -136,9 +136,10 @@ class PolicyLearner:
             self._load_reference()
         # unsharded bf16 compute: autocast (fp32 weights, bf16 matmuls); sharded: FSDP casts
         self.autocast = (not self.sharded) and self.compute != torch.float32
-        cuda = self.device.type == "cuda"
-        # CPU: foreach=False (the multi-tensor kernels allocate temporaries the size of every
-        # parameter at once, a model-sized spike at each step). CUDA: the fused kernel.
+        # the fused kernel (CUDA and CPU): one pass over each parameter's weights, gradient and
+        # moments, no temporaries. foreach allocates temporaries the size of every parameter at
+        # once (a model-sized spike at each step); the single-tensor loop makes about 8 passes
+        # (AdamW step of the bundled 135M model, 1 thread, AVX2: 0.13 s fused against 0.6-0.9 s)
         # the value head is its own param group with its own lr (rl.value_lr): at the policy's
         # lr it would barely move from its start
         self.value_params = list(self.policy.value_head.parameters()) if value_head is not None else []
@@ -148,8 +149,8 @@ class PolicyLearner:
         groups = [{"params": [p for p in self.policy.parameters() if id(p) not in head], "lr": self.rl.lr}]
         if self.value_params:
             groups.append({"params": self.value_params, "lr": self.rl.value_lr})
-        self.opt = torch.optim.AdamW(groups, lr=self.rl.lr, weight_decay=self.rl.weight_decay,
-                                     **(dict(fused=True) if cuda else dict(foreach=False)))
+        self.opt_kernel = dict(fused=True, foreach=False)
+        self.opt = torch.optim.AdamW(groups, lr=self.rl.lr, weight_decay=self.rl.weight_decay, **self.opt_kernel)
         self.steps = 0
 
     def _load_reference(self) -> "lm.ResponseScorer":
@@ -404,6 +405,8 @@ class PolicyLearner:
         bcast = self.world > 1
         set_model_state_dict(self.policy, model_sd, options=self._options(broadcast_from_rank0=bcast, strict=True))
         set_optimizer_state_dict(self.policy, self.opt, optim_sd, options=self._options(broadcast_from_rank0=bcast))
+        for group in self.opt.param_groups:  # the kernel is this process's choice, not the checkpoint's
+            group.update(self.opt_kernel)
         self.steps = int(meta.get("learner_steps", 0))
         self.value_started = True  # the value head resumes where it was
 

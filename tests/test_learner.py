@@ -176,3 +176,55 @@ def test_the_value_head_has_its_own_lr_and_starts_at_the_mean_return(tiny_model_
     resumed.load(tmp_path / "c")
     assert resumed.value_started and float(resumed.policy.value_head.bias.detach()) == float(head.bias.detach())
     assert [g["lr"] for g in resumed.opt.param_groups] == [1e-5, 1e-2]
+
+
+def test_the_update_runs_the_fused_adamw_kernel_which_matches_the_single_tensor_loop(tiny_model_path):
+    """The fused kernel (one pass, no temporaries) updates the weights as the single-tensor
+    loop does, to float rounding, over two steps (the second with AdamW state)."""
+    from rlaif_ray.config import RLConfig
+    from rlaif_ray.learner import PolicyLearner
+
+    out = []
+    for kernel in (None, dict(fused=None, foreach=False)):
+        learner = PolicyLearner(tiny_model_path, RLConfig(lr=1e-3, samples_per_prompt=2), 0.9)
+        assert all(g["fused"] is True and g["foreach"] is False for g in learner.opt.param_groups)
+        for g in learner.opt.param_groups if kernel else []:
+            g.update(kernel)  # the loop the learner ran before on CPU
+        for _ in range(2):
+            learner.step(_batch().to_pylist(), 10, 4)
+        out.append(_weights(learner))
+        assert any(s["exp_avg"].abs().sum() > 0 for s in learner.opt.state.values())
+    for k in out[0]:
+        np.testing.assert_allclose(out[0][k], out[1][k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_a_checkpoint_saved_with_another_adamw_kernel_resumes_on_the_fused_one(tiny_model_path, tmp_path):
+    """The kernel is the process's choice: a checkpoint whose optimizer groups name the
+    single-tensor loop (written before the fused kernel) resumes with its state on the fused one."""
+    import json
+
+    import torch
+
+    from rlaif_ray.config import RLConfig
+    from rlaif_ray.learner import PolicyLearner
+
+    cfg = RLConfig(lr=1e-3, samples_per_prompt=2)
+    learner = PolicyLearner(tiny_model_path, cfg, 0.9)
+    learner.step(_batch().to_pylist(), 10, 4)
+    learner.save(tmp_path / "ck", {"step": 1})
+    meta_file = tmp_path / "ck" / "trainer_state.json"
+    meta = json.loads(meta_file.read_text())
+    for g in meta["optimizer_meta"]["param_groups"]:
+        g.update(fused=None, foreach=False)
+    meta_file.write_text(json.dumps(meta))
+    resumed = PolicyLearner(tiny_model_path, cfg, 0.9)
+    resumed.load(tmp_path / "ck")
+    assert all(g["fused"] is True and g["foreach"] is False for g in resumed.opt.param_groups)
+    mine = dict(learner.policy.named_parameters())
+    for name, p in resumed.policy.named_parameters():
+        assert torch.equal(resumed.opt.state[p]["exp_avg_sq"], learner.opt.state[mine[name]]["exp_avg_sq"]), name
+    resumed.step(_batch().to_pylist(), 10, 4)
+    learner.step(_batch().to_pylist(), 10, 4)
+    theirs = _weights(resumed)
+    for k, v in _weights(learner).items():
+        np.testing.assert_array_equal(theirs[k], v, err_msg=k)
