@@ -291,6 +291,7 @@ def render() -> str:
     out += _weight_update(_load("weight_update"))
     out += _generator_threads(_load("generator_threads"))
     out += _attention(_load("attention"))
+    out += _adamw(_load("adamw"))
     out += _gpu(_load("gpu_check"))
     out += _endpoint_load(_load("endpoint_load"))
     out += _value_baseline(_load("value_baseline"))
@@ -459,6 +460,23 @@ def _generator_threads(gt: dict | None) -> list[str]:
                    f"{'/'.join(str(r['threads_over_1_cpu_s']) for r in rs)} |")
     return out + ["", f"Speed-up of one compute thread: **{gt['speedup_one_thread']:.2f}x** (per round: "
                       f"{', '.join(f'{x:.2f}' for x in gt['pair_speedups'])}).", ""]
+
+
+def _adamw(ad: dict | None) -> list[str]:
+    """benchmarks/adamw.py: the learner's AdamW step, single-tensor loop against fused."""
+    if not ad:
+        return []
+    names = list(next(iter(ad["medians"].values())))
+    out = ["## AdamW kernel (`python -m benchmarks.adamw`)", "",
+           f"{ad['what']}: model {ad['model']} ({ad['parameters'] / 1e6:.0f}M parameters), {ad['rounds']} rounds of "
+           f"{ad['steps']} timed steps after a warm-up; {_setting(ad)}. Largest weight difference between the kernels "
+           f"after {ad['steps'] + 1} steps: {ad['max_abs_weight_diff']:.1e}; peak RSS a step adds: " +
+           ", ".join(f"{k} {v:.0f} MB" for k, v in ad["extra_mb_max"].items()) + ".", "",
+           "| torch threads | " + " | ".join(f"{n} s (median)" for n in names) + " | speed-up |",
+           "|---|" + "---|" * len(names) + "---|"]
+    out += [f"| {t} | " + " | ".join(f"{m[n]:.3f}" for n in names) + f" | **{ad['speedup'][t]:.2f}x** |"
+            for t, m in ad["medians"].items()]
+    return out + [""]
 
 
 def _attention(at: dict | None) -> list[str]:

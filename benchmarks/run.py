@@ -33,6 +33,7 @@ if __name__ == "__main__":
     run("-m", "benchmarks.weight_update", "--buckets", "16,64,256", "--repeats", "3")
     run("-m", "benchmarks.generator_threads", "--rounds", "3")
     run("-m", "benchmarks.attention", "--rounds", "3")
+    run("-m", "benchmarks.adamw", "--rounds", "3")
     run("-m", "benchmarks.demo")  # the full quickstart under the memory sampler: results/memory.json too
     run("-m", "benchmarks.learner_malloc", "--rounds", "2")
     # the quickstart before issue 22's work against this checkout: needs that revision (not in a shallow clone)

@@ -208,13 +208,30 @@ def test_attention(attention):
     assert all(positive(v) for v in r["speedup"].values())
 
 
+@pytest.fixture(scope="module")
+def adamw(results, tiny_model_path):
+    bench("adamw", "--model", tiny_model_path, "--rounds", "2", "--steps", "2", "--out", str(results / "adamw.json"))
+    return json.loads((results / "adamw.json").read_text())
+
+
+def test_adamw(adamw):
+    r = adamw
+    check_common(r)
+    kernels = ["single-tensor loop (before)", "fused (now)"]
+    assert [(x["round"], x["threads"]) for x in r["runs"]] == [(i, n) for i in (0, 1) for n in (1, 2) for _ in kernels]
+    assert [x["kernel"] for x in r["runs"][:2]] == kernels == [x["kernel"] for x in r["runs"][5:3:-1]]  # alternated
+    assert all(len(x["step_s"]) == 2 and all(map(positive, x["step_s"])) for x in r["runs"])
+    assert set(r["medians"]) == {"1", "2"} and all(positive(v) for v in r["speedup"].values())
+    assert r["max_abs_weight_diff"] < 1e-5  # the same update to float rounding
+
+
 def test_report_renders_every_section(results, overlap, overhead, scaling, generation, memory, weight_update,
-                                      generator_threads, attention, tmp_path):
+                                      generator_threads, attention, adamw, tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     bench("report", "--results", str(results), "--out", str(out))
     text = out.read_text()
     for heading in ("## Pipeline overlap", "## Scaling model", "## Framework overhead",
-                    "## Generation throughput", "## Peak memory", "## Weight updates", "## Generator threads", "## Attention", "## GPU"):
+                    "## Generation throughput", "## Peak memory", "## Weight updates", "## Generator threads", "## Attention", "## AdamW kernel", "## GPU"):
         assert heading in text
     assert not re.search(r"\bnan\b", text, re.IGNORECASE)
 
