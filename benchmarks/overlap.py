@@ -57,7 +57,8 @@ def describe(run_dir: Path, staleness: int) -> dict:
     cps = completions / loop_s
     after1 = (completions - rows[0]["completions"]) / (loop_s - rows[0]["elapsed_s"]) if len(rows) > 1 else None
     return {"max_staleness": staleness, "steps": len(rows), "completions": completions, "loop_s": loop_s,
-            "completions_per_s": cps, "step1_s": rows[0]["elapsed_s"], "completions_per_s_after_step1": after1, "stage_busy_s": s["stage_busy_s"], "stage_s": stages,
+            "completions_per_s": cps, "step1_s": rows[0]["elapsed_s"], "completions_per_s_after_step1": after1,
+            "stage_busy_s": s["stage_busy_s"], "stage_s": stages,
             "busy_share": {k: v / loop_s for k, v in stages.items()},
             "idle_share": {k: 1 - v / loop_s for k, v in stages.items()},
             "slowest_stage": slowest, "slowest_stage_bound_per_s": bound, "of_bound": cps / bound,

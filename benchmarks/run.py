@@ -2,8 +2,8 @@
 medians), then BENCHMARKS.md regenerated from benchmarks/results/*.json. Took about an hour
 and a half on a 2-core AVX-512 machine, before the overhead benchmark's plain loop ran on two
 allocators (3 runs more); expect longer on an AVX2 CPU, where a learner step took 1.5x as long
-(the quickstart runs under the memory sampler and the overlap pairs of 16 steps are the longest). The labeler alignment grid is
-separate (`make bench-labeler`, about 2 hours). Where `trl` imports
+(the quickstart runs under the memory sampler and the overlap pairs of 16 steps are the
+longest). The labeler alignment grid is separate (`make bench-labeler`, about 2 hours). Where `trl` imports
 (`pip install -c constraints-cpu.txt -e '.[trl]'`), also rlaif-ray against TRL's GRPOTrainer
 (benchmarks/trl_compare.py: 2 rounds of 2-3 systems x 10 steps, about an hour more)."""
 from __future__ import annotations

@@ -136,10 +136,6 @@ class PolicyLearner:
             self._load_reference()
         # unsharded bf16 compute: autocast (fp32 weights, bf16 matmuls); sharded: FSDP casts
         self.autocast = (not self.sharded) and self.compute != torch.float32
-        # the fused kernel (CUDA and CPU): one pass over each parameter's weights, gradient and
-        # moments, no temporaries. foreach allocates temporaries the size of every parameter at
-        # once (a model-sized spike at each step); the single-tensor loop makes about 8 passes
-        # (BENCHMARKS.md "AdamW kernel": 0.14 s fused against 0.50 s at 1 thread, 216 MB less peak)
         # the value head is its own param group with its own lr (rl.value_lr): at the policy's
         # lr it would barely move from its start
         self.value_params = list(self.policy.value_head.parameters()) if value_head is not None else []
@@ -149,6 +145,10 @@ class PolicyLearner:
         groups = [{"params": [p for p in self.policy.parameters() if id(p) not in head], "lr": self.rl.lr}]
         if self.value_params:
             groups.append({"params": self.value_params, "lr": self.rl.value_lr})
+        # the fused kernel (CUDA and CPU): one pass over each parameter's weights, gradient and
+        # moments, no temporaries. foreach allocates temporaries the size of every parameter at
+        # once (a model-sized spike at each step); the single-tensor loop makes about 8 passes
+        # (BENCHMARKS.md "AdamW kernel": 0.14 s fused against 0.50 s at 1 thread, 216 MB less peak)
         self.opt_kernel = dict(fused=True, foreach=False)
         self.opt = torch.optim.AdamW(groups, lr=self.rl.lr, weight_decay=self.rl.weight_decay, **self.opt_kernel)
         self.steps = 0
