@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-KERNELS = {"single-tensor loop (before)": dict(foreach=False), "fused (now)": dict(fused=True, foreach=False)}
 
 
 def main() -> None:
@@ -34,9 +33,12 @@ def main() -> None:
     import torch
 
     from benchmarks.overhead import versions
+    from rlaif_ray.learner import ADAMW_KERNEL
     from rlaif_ray.memory import PeakRSS
     from rlaif_ray.models import load_model
 
+    # the loop the CPU learner ran before, and the kernel PolicyLearner runs
+    kernels = {"single-tensor loop (before)": dict(foreach=False), "fused (now)": ADAMW_KERNEL}
     load_before, t_start = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     model = load_model(args.model, "float32")
     start = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -47,12 +49,12 @@ def main() -> None:
     for rnd in range(args.rounds):
         for n in threads:
             torch.set_num_threads(n)
-            names = list(KERNELS) if rnd % 2 == 0 else list(KERNELS)[::-1]  # alternate who goes first
+            names = list(kernels) if rnd % 2 == 0 else list(kernels)[::-1]  # alternate who goes first
             for name in names:
                 with torch.no_grad():
                     for k, p in model.named_parameters():
                         p.copy_(start[k])
-                opt = torch.optim.AdamW(model.parameters(), lr=3e-5, **KERNELS[name])
+                opt = torch.optim.AdamW(model.parameters(), lr=3e-5, **kernels[name])
                 times, extra = [], []
                 for i in range(args.steps + 1):
                     for k, p in model.named_parameters():
@@ -70,15 +72,15 @@ def main() -> None:
                              "step_s_median": statistics.median(times), "extra_mb_max": max(extra)})
                 print(json.dumps(runs[-1]), flush=True)
                 del opt
-    a, b = (final[k] for k in KERNELS)
+    a, b = (final[k] for k in kernels)
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     medians = {str(n): {name: statistics.median(r["step_s_median"] for r in runs if r["threads"] == n
-                                                and r["kernel"] == name) for name in KERNELS} for n in threads}
+                                                and r["kernel"] == name) for name in kernels} for n in threads}
     result = {"what": "one AdamW step over every parameter of the policy, by kernel, alternated",
               "model": args.model, "parameters": sum(v.numel() for v in start.values()), "rounds": args.rounds,
               "steps": args.steps, "medians": medians,
-              "speedup": {n: m[list(KERNELS)[0]] / m[list(KERNELS)[1]] for n, m in medians.items()},
-              "extra_mb_max": {name: max(r["extra_mb_max"] for r in runs if r["kernel"] == name) for name in KERNELS},
+              "speedup": {n: m[list(kernels)[0]] / m[list(kernels)[1]] for n, m in medians.items()},
+              "extra_mb_max": {name: max(r["extra_mb_max"] for r in runs if r["kernel"] == name) for name in kernels},
               "max_abs_weight_diff": diff, "load_before": load_before, "load_after": os.getloadavg(),
               "cpus": os.cpu_count(), "versions": versions(), "time": t_start, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -36,9 +36,9 @@ def _setting(r: dict) -> str:
     return f"{r['cpus']} cores, {r['time']}, {_load_str(r)}" + (f"; {vs}" if vs else "")
 
 
-def _num(x: float | None, digits: int) -> str:
-    """A figure, or "-" where an older result did not record it."""
-    return "-" if x is None else f"{x:.{digits}f}"
+def _num(x: float | None, spec: str = ".3f") -> str:
+    """A figure, or "-" where a result did not record it."""
+    return "-" if x is None else format(x, spec)
 
 
 def _overlap(ov: dict) -> list[str]:
@@ -70,8 +70,8 @@ def _overlap(ov: dict) -> list[str]:
             "| max_staleness | loop s | step 1 s | completions/s | after step 1 | " +
             " | ".join(f"{s} s (busy)" for s in stages) +
             " | slowest | of its bound |", "|---|---|---|---|---|" + "---|" * len(stages) + "---|---|"]
-    out += [f"| {r['max_staleness']} | {r['loop_s']:.1f} | {_num(r.get('step1_s'), 1)} | {r['completions_per_s']:.3f} | "
-            f"{_num(r.get('completions_per_s_after_step1'), 3)} | " +
+    out += [f"| {r['max_staleness']} | {r['loop_s']:.1f} | {_num(r.get('step1_s'), '.1f')} | {r['completions_per_s']:.3f} | "
+            f"{_num(r.get('completions_per_s_after_step1'))} | " +
             " | ".join(f"{r['stage_s'][s]:.1f} ({r['busy_share'][s]:.0%})" for s in stages) +
             f" | {r['slowest_stage']} | {r['of_bound']:.0%} |" for r in runs]
     return out + [""]
@@ -342,7 +342,7 @@ def _trl_compare(tc: dict | None) -> list[str]:
         return []
     s, med, ratio = tc["settings"], tc["medians"], tc.get("ratios_over_trl", {})
     ta = s.get("trl_args") or {}
-    fmt = lambda x, f=".3f": "-" if x is None else format(x, f)  # noqa: E731
+    fmt = _num
     out = ["## rlaif-ray vs TRL (`python -m benchmarks.trl_compare`)", "",
            f"{tc['what']}: {tc['rounds']} round(s) of {', '.join(tc['order'])}, each run in its own process tree under "
            f"the memory sampler (every second); {_setting(tc)}.", "",

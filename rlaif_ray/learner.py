@@ -32,6 +32,13 @@ class NonFiniteError(RuntimeError):
     """A non-finite loss or reward: nothing was applied."""
 
 
+# AdamW's fused kernel (CUDA and CPU): one pass over each parameter's weights, gradient and
+# moments, no temporaries. foreach allocates temporaries the size of every parameter at once
+# (a model-sized spike at each step); the single-tensor loop makes about 8 passes
+# (BENCHMARKS.md "AdamW kernel": 0.14 s fused against 0.50 s at 1 thread, 216 MB less peak)
+ADAMW_KERNEL = dict(fused=True, foreach=False)
+
+
 def _is_dtensor(t) -> bool:
     return hasattr(t, "full_tensor")
 
@@ -145,12 +152,7 @@ class PolicyLearner:
         groups = [{"params": [p for p in self.policy.parameters() if id(p) not in head], "lr": self.rl.lr}]
         if self.value_params:
             groups.append({"params": self.value_params, "lr": self.rl.value_lr})
-        # the fused kernel (CUDA and CPU): one pass over each parameter's weights, gradient and
-        # moments, no temporaries. foreach allocates temporaries the size of every parameter at
-        # once (a model-sized spike at each step); the single-tensor loop makes about 8 passes
-        # (BENCHMARKS.md "AdamW kernel": 0.14 s fused against 0.50 s at 1 thread, 216 MB less peak)
-        self.opt_kernel = dict(fused=True, foreach=False)
-        self.opt = torch.optim.AdamW(groups, lr=self.rl.lr, weight_decay=self.rl.weight_decay, **self.opt_kernel)
+        self.opt = torch.optim.AdamW(groups, lr=self.rl.lr, weight_decay=self.rl.weight_decay, **ADAMW_KERNEL)
         self.steps = 0
 
     def _load_reference(self) -> "lm.ResponseScorer":
@@ -406,7 +408,7 @@ class PolicyLearner:
         set_model_state_dict(self.policy, model_sd, options=self._options(broadcast_from_rank0=bcast, strict=True))
         set_optimizer_state_dict(self.policy, self.opt, optim_sd, options=self._options(broadcast_from_rank0=bcast))
         for group in self.opt.param_groups:  # the kernel is this process's choice, not the checkpoint's
-            group.update(self.opt_kernel)
+            group.update(ADAMW_KERNEL)
         self.steps = int(meta.get("learner_steps", 0))
         self.value_started = True  # the value head resumes where it was
 
