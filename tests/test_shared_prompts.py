@@ -116,7 +116,13 @@ def test_generation_prefills_each_prompt_once(tiny_model, tokenizer):
     behaviour log-probs as one prefill per row, with the same seed."""
     prompts, _ = _rows()
     assert lm.prefill_shared(tiny_model, [prompts[0], prompts[1]], tokenizer.pad_token_id) is None  # nothing repeats
-    cache = lm.prefill_shared(tiny_model, prompts, tokenizer.pad_token_id)
+    seen = []  # the LM head's input: one position per distinct prompt, not every prompt token
+    hook = tiny_model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+    try:
+        cache = lm.prefill_shared(tiny_model, prompts, tokenizer.pad_token_id)
+    finally:
+        hook.remove()
+    assert seen == [(len(set(map(tuple, prompts))), 1, tiny_model.config.hidden_size)]
     assert cache.get_seq_length() == max(len(p) for p in prompts) - 1
     kw = dict(temperature=0.9, top_p=1.0, top_k=0, max_new_tokens=12, seed=5)
     a = lm.sample(tiny_model, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, share_prompts=False, **kw)
