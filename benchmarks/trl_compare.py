@@ -82,6 +82,11 @@ NOTES = [
     "group's std); its loss stays its default (dapo, one policy-gradient iteration per batch, so no old-policy "
     "forward), its KL penalty a loss term (k3) where rlaif-ray's goes into the return (k1). The stages of a step are "
     "the same: generation, reward, reference forward, policy forward and backward",
+    "rlaif-ray at max_staleness 1 (the issue's setting; rl.max_staleness defaults to 1): the generators sample "
+    "batch k+1 and the labelers score it while the learner trains on batch k, so a batch is trained one policy "
+    "version after the one that sampled it, the per-token importance ratio truncated at rl.is_clip (docs/method.md); "
+    "at max_staleness 0 the stages take turns, each on both cores. TRL's GRPOTrainer is on-policy (one iteration per "
+    "batch, generation and training in turn)",
     "The TRL child hides the installed vllm package: TRL imports it whenever it is installed, even with "
     "use_vllm=False (about 400 modules, +130 MiB PSS, +5 s), and does not use it here",
     "On a device without Triton (any CPU), TRL 1.16's fused LM head computes the log-softmax over the vocabulary at "
