@@ -325,7 +325,7 @@ def _search(qs: dict | None) -> list[str]:
         ind, rc, w, h = r.get("independent") or {}, r.get("reward_change") or {}, r.get("win_rate") or {}, r.get("hacking") or {}
         wr = f"{w['win_rate']:.1%} ({w['ci95'][0]:.1%}-{w['ci95'][1]:.1%}, n={w['n']})" if w.get("win_rate") is not None else "-"
         rch = f"{rc['mean']:+.3f} +- {rc['ci95_halfwidth']:.3f}" if rc else "-"
-        kl = f"{r['final_kl_per_seq']:.2f}" if r.get("final_kl_per_seq") is not None else "-"
+        kl = _num(r.get("final_kl_per_seq"), ".2f")
         load = f"{r['load_before'][0]:.2f}" if r.get("load_before") else "?"
         out.append(f"| {r['name']} | `{' '.join(r['overrides'])}` | {rch} | {change(ind.get('rougeL'))} "
                    f"| {change(ind.get('rouge1'))} | {change(ind.get('commentary'))} | {wr} | {kl} "
@@ -342,7 +342,6 @@ def _trl_compare(tc: dict | None) -> list[str]:
         return []
     s, med, ratio = tc["settings"], tc["medians"], tc.get("ratios_over_trl", {})
     ta = s.get("trl_args") or {}
-    fmt = _num
     out = ["## rlaif-ray vs TRL (`python -m benchmarks.trl_compare`)", "",
            f"{tc['what']}: {tc['rounds']} round(s) of {', '.join(tc['order'])}, each run in its own process tree under "
            f"the memory sampler (every second); {_setting(tc)}.", "",
@@ -352,7 +351,7 @@ def _trl_compare(tc: dict | None) -> list[str]:
            f"{s['steps']} steps, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, seed "
            f"{s['seed']}; the d-RLAIF 1-10 reward (`{s['scorer']}`) read from a frozen copy of the same model, "
            f"with rlaif-ray's judge code on both sides. Prompts: rlaif-ray's own (task.max_prompt_tokens="
-           f"{s['max_prompt_tokens']}, on_long_prompt={s['on_long_prompt']}; mean {fmt(s.get('prompt_tokens_mean'), '.0f')} "
+           f"{s['max_prompt_tokens']}, on_long_prompt={s['on_long_prompt']}; mean {_num(s.get('prompt_tokens_mean'), '.0f')} "
            f"tokens) in its sampler's order, handed to TRL as the same chat strings (same token ids after TRL's "
            f"tokenization: {s.get('trl_prompts_same_token_ids', '?')}). TRL: one process, {s['trl_torch_threads']} "
            f"torch threads, loss `{ta.get('loss_type', '?')}`, scale_rewards `{ta.get('scale_rewards', '?')}`, lr "
@@ -362,8 +361,8 @@ def _trl_compare(tc: dict | None) -> list[str]:
     bold = lambda r, k: f"**{r[k]:.2f}**" if k in r else "-"  # noqa: E731
     for name in tc["order"]:
         m, r = med[name], ratio.get(name, {})
-        out.append(f"| {tc['systems'][name]} | {fmt(m['completions_per_s'])} | {fmt(m['completions_per_s_after_step1'])} "
-                   f"| {fmt(m['peak_pss_gib'], '.2f')} | {fmt(m.get('cpu_s_per_completion'), '.1f')} "
+        out.append(f"| {tc['systems'][name]} | {_num(m['completions_per_s'])} | {_num(m['completions_per_s_after_step1'])} "
+                   f"| {_num(m['peak_pss_gib'], '.2f')} | {_num(m.get('cpu_s_per_completion'), '.1f')} "
                    f"| {bold(r, 'completions_per_s')} | {bold(r, 'peak_pss_gib')} | {bold(r, 'cpu_s_per_completion')} |")
     out += ["", "CPU-s per completion: user + system CPU seconds of every process of the run over the same timed "
             "window, per completion: less sensitive than wall time to other work sharing the cores."]
@@ -377,8 +376,8 @@ def _trl_compare(tc: dict | None) -> list[str]:
             "| round | system | loop s | completions/s | CPU-s per completion | peak PSS GiB | load before "
             "| load during (mean, max) |", "|---|---|---|---|---|---|---|---|"]
     out += [f"| {r['round']} | {r['system']} | {r['loop_s']:.1f} | {r['completions_per_s']:.3f} "
-            f"| {fmt(r.get('cpu_s_per_completion'), '.1f')} | {r['peak_pss_gib']:.2f} | {r['load_before'][0]:.2f} "
-            f"| {fmt(r['load1_during_mean'], '.2f')}, {fmt(r['load1_during_max'], '.2f')} |" for r in tc["runs"]]
+            f"| {_num(r.get('cpu_s_per_completion'), '.1f')} | {r['peak_pss_gib']:.2f} | {r['load_before'][0]:.2f} "
+            f"| {_num(r['load1_during_mean'], '.2f')}, {_num(r['load1_during_max'], '.2f')} |" for r in tc["runs"]]
     out += [""] + [f"- {n}" for n in tc.get("notes", [])]
     return out + [""]
 
