@@ -1,9 +1,11 @@
 """Generation throughput, alternated in one run (A B C A B C ...):
-  - `hf` RolloutGenerator actor, `vllm` RolloutGenerator actor, and `model.generate`
-    called directly in this process (no Ray, no Arrow), same model, prompts and lengths;
+  - `hf` RolloutGenerator actor, `vllm` RolloutGenerator actor (in the dtype
+    rlaif_ray.devices.vllm_dtype picks for this CPU), `vllm-bf16` (the same, held in bf16 as
+    asked for), and `model.generate` called directly in this process (no Ray, no Arrow), same
+    model, prompts and lengths;
   - the time one weight update takes to install in each actor.
 
-    python -m benchmarks.generation --rounds 3 --batch 8 --new-tokens 64
+    python -m benchmarks.generation --rounds 3 --batch 8 --new-tokens 64 [--backends hf,vllm,vllm-bf16,direct]
 """
 from __future__ import annotations
 
@@ -26,12 +28,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--backends", default="hf,vllm,direct")
+    ap.add_argument("--backends", default="hf,vllm,vllm-bf16,direct")
     ap.add_argument("--out", default=str(RESULTS / "generation.json"))
     args = ap.parse_args()
 
     import ray
     import torch
+
+    from rlaif_ray.devices import cpu_capabilities
 
     from actors.generator import generator_actor
     from rlaif_ray import lm
@@ -50,9 +54,9 @@ def main() -> None:
         if b == "direct":
             direct = load_model(args.model)
             continue
-        gen = GenerationConfig(backend=b, max_new_tokens=args.new_tokens).model_dump()
+        gen = GenerationConfig(backend=b.split("-")[0], max_new_tokens=args.new_tokens).model_dump()
         actors[b] = generator_actor().options(num_cpus=1).remote(
-            f"generator-{b}", args.model, "float32", gen, 1)
+            f"generator-{b}", args.model, "bfloat16" if b.endswith("-bf16") else "float32", gen, 1)
     for b, a in actors.items():  # warm-up (vLLM's first call is slow)
         ray.get(a.generate.remote(batch, 0, 1, 0))
     samples: dict = {b: [] for b in backends}
@@ -75,10 +79,10 @@ def main() -> None:
     from rlaif_ray import weight_sync
 
     params = list(load_model(args.model).named_parameters())
-    install = {}
+    install, dtypes = {}, {b: ray.get(a.info.remote())["weight_dtype"] for b, a in actors.items()}
     for b, a in actors.items():
         # in the dtype the actor holds (the learner casts before sending)
-        ref = ray.put(weight_sync.pack(params, ray.get(a.info.remote())["weight_dtype"]))
+        ref = ray.put(weight_sync.pack(params, dtypes[b]))
         t0 = time.perf_counter()
         ray.get(a.set_weights.remote(ref, 1))
         ray.get(a.digest.remote())
@@ -88,11 +92,15 @@ def main() -> None:
     med = {b: statistics.median(x["tokens_per_s"] for x in samples[b]) for b in backends}
     result = {"what": "generation tokens/s (median of alternated rounds) and weight-install time",
               "model": args.model, "batch": args.batch, "new_tokens": args.new_tokens, "rounds": args.rounds,
-              "tokens_per_s": med, "weight_update": install, "load_before": load_before,
-              "load_after": os.getloadavg(), "cpus": os.cpu_count(), "time": t_start, "machine": platform.machine(),
+              "tokens_per_s": med, "weight_dtype": dtypes, "weight_update": install, "load_before": load_before,
+              "load_after": os.getloadavg(), "cpus": os.cpu_count(),
+              "cpu_bf16": {k: bool(cpu_capabilities().get(k)) for k in ("avx512_f", "avx512_bf16", "amx_bf16")},
+              "time": t_start, "machine": platform.machine(),
               "versions": versions(), "target": "hf actor / direct model.generate >= 0.9", "samples": samples}
     if "vllm" in med and "hf" in med:
         result["ratio_vllm_over_hf"] = med["vllm"] / med["hf"]
+    if "vllm" in med and "vllm-bf16" in med:
+        result["ratio_vllm_over_vllm_bf16"] = med["vllm"] / med["vllm-bf16"]
     if "direct" in med and "hf" in med:
         result["ratio_hf_actor_over_direct"] = med["hf"] / med["direct"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

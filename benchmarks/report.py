@@ -211,9 +211,17 @@ def render() -> str:
         out += ["## Generation throughput and weight updates", "",
                 f"{gen['what']}; {gen['model']}, batch {gen['batch']} x {gen['new_tokens']} new tokens, "
                 f"{gen['rounds']} rounds, {_setting(gen)}.", "",
-                "| variant | tokens/s (median) |", "|---|---|"]
-        out += [f"| {k} | {v:.1f} |" for k, v in gen["tokens_per_s"].items()]
+                "| variant | weights | tokens/s (median) |", "|---|---|---|"]
+        dt = gen.get("weight_dtype", {})  # the direct model.generate holds float32
+        out += [f"| {k} | {dt.get(k, 'float32' if k in ('hf', 'direct') else '-')} | {v:.1f} |"
+                for k, v in gen["tokens_per_s"].items()]
+        if gen.get("cpu_bf16"):
+            flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in gen["cpu_bf16"].items())
+            out.append(f"\nThe CPU's bf16 instructions: {flags}. `vllm` holds its weights in the dtype "
+                       "`rlaif_ray.devices.vllm_dtype` picks for this CPU (bf16 only with AVX-512, AMX or Arm BF16); "
+                       "`vllm-bf16` is the same actor asked for bf16.")
         for key, label in (("ratio_vllm_over_hf", "vllm actor / hf actor"),
+                           ("ratio_vllm_over_vllm_bf16", "vllm actor / vllm-bf16 actor"),
                            ("ratio_hf_actor_over_direct", "hf actor / direct model.generate")):
             if key in gen:
                 out.append(f"\n{label}: **{gen[key]:.2f}**")

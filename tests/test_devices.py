@@ -58,3 +58,42 @@ def test_engines_judge_and_supervised_losses_build_every_tensor_on_their_device(
         rm.sft_loss_sum(eng.model, [rm.sft_example([1, 2], [3, 4], 5)], 0)
         rm.pad_right([[1, 2], [3]], 0)
     assert guard.violations == []
+
+
+def test_vllm_dtype_is_bf16_only_where_the_cpu_computes_it_fast():
+    from rlaif_ray.devices import vllm_dtype
+
+    avx2 = {"architecture": "x86_64", "avx2": True, "avx512_f": False, "avx512_bf16": False, "amx_bf16": False}
+    assert vllm_dtype("auto", "cpu", avx2) == "float32"  # bf16 emulated: 4x slower here (BENCHMARKS.md)
+    assert vllm_dtype("float32", "cpu", avx2) == "float32"
+    assert vllm_dtype("bfloat16", "cpu", avx2) == "bfloat16"  # asked for: honoured
+    for fast in ({**avx2, "avx512_f": True}, {**avx2, "avx512_f": True, "avx512_bf16": True}, {**avx2, "amx_bf16": True},
+                 {"architecture": "aarch64", "bf16": True}):
+        assert vllm_dtype("auto", "cpu", fast) == "bfloat16"
+    assert vllm_dtype("auto", "cpu", {"architecture": "aarch64"}) == "float32"
+    assert vllm_dtype("auto", "cpu", {}) == "float32"  # torch cannot say: no claim of fast bf16
+    assert vllm_dtype("float32", "cuda", avx2) == vllm_dtype("auto", "cuda", {}) == "bfloat16"
+    with pytest.raises(ValueError, match="model.dtype"):
+        vllm_dtype("fp16", "cpu", avx2)
+
+
+def test_vllm_kv_cache_is_sized_to_a_steps_rollouts(tiny_model_path):
+    from rlaif_ray.config import Config, VLLMConfig
+    from rlaif_ray.commands.pipeline import generator_engine
+    from rlaif_ray.vllm_engine import kv_cache_bytes, kv_token_bytes
+
+    # SmolLM2-135M: 30 layers x K,V x 3 KV heads x 64 dims (vLLM's log: 0.5 GiB holds 11,648 fp32 tokens)
+    assert kv_token_bytes("smollm2-135m-instruct", "float32") == 30 * 2 * 3 * 64 * 4
+    assert kv_token_bytes("smollm2-135m-instruct", "bfloat16") == 30 * 2 * 3 * 64 * 2
+    assert kv_token_bytes(tiny_model_path, "float32") == 2 * 2 * 1 * 16 * 4
+    assert kv_cache_bytes(0.5, 1000, 448, 8) == 2**29  # a number is taken as it is
+    assert kv_cache_bytes("auto", 1000, 448, 0) == 2**30  # no count (labelers, the endpoint): 1 GiB
+    assert kv_cache_bytes("auto", 1000, 448, 8) == int(1000 * 448 * 8 * 1.1)
+    cfg = Config.model_validate({"task": {"max_prompt_tokens": 400}, "generation": {"max_new_tokens": 48},
+                                 "rl": {"prompts_per_step": 4, "samples_per_prompt": 2}})
+    v = generator_engine(cfg)
+    assert (v["max_model_len"], v["kv_sequences"], v["kv_cache_gib"]) == (448, 8, "auto")
+    cfg.pipeline.generators.vllm.max_model_len = 4096  # set: kept
+    assert generator_engine(cfg)["max_model_len"] == 4096
+    with pytest.raises(ValueError, match="auto or a number"):
+        VLLMConfig(kv_cache_gib=0)

@@ -230,7 +230,8 @@ def test_hub_generation_config_adds_no_processor_to_the_completions_endpoint(pea
 
 # ---- vLLM (the CPU build here): one engine, several settings ------------------------------
 
-# bf16 engine against the fp32 learner (the same weights): rounding of the activations
+# the engine (bf16 where the CPU computes bf16 fast, else fp32: rlaif_ray.devices.vllm_dtype)
+# against the fp32 learner, the same weights: rounding of the activations. Bounds of bf16 size
 # (top_k 1 is left out here: logits tied in bf16 are two top-1 tokens to the engine, one to
 # the fp32 learner, a ratio of 2 on those tokens that only the precision gap causes)
 VLLM_TOL = {"mean": 0.02, "mean_abs": 0.04, "ratio": 0.02}
@@ -242,8 +243,8 @@ VLLM_SETTINGS = [(1.0, 0, 1.0), (1.0, 8, 1.0), (0.7, 3, 1.0), (1.0, 0, 0.7), (1.
 def test_on_policy_ratio_is_one_with_vllm_generators(ray_local, peaked_path, tokenizer):
     """vLLM's behaviour log-probs (processed: after temperature, top-k, top-p) against the
     learner's, on the peaked model (its hub generation_config not applied either). The engine
-    runs in bfloat16 (its weights are the same: exactly representable), the learner in
-    float32: the per-token gap is rounding, far below what the truncation used to cost."""
+    runs in bfloat16 or float32 (vllm_dtype; the weights are the same, bf16-representable), the
+    learner in float32: the per-token gap is rounding, far below what the truncation used to cost."""
     import ray
 
     from rlaif_ray.learner import PolicyLearner

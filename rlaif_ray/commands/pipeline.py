@@ -49,11 +49,20 @@ def _pool(cfg: Config, name: str, label: str, tag: str) -> list[dict]:
             for i in range(role.num_actors)]
 
 
+def generator_engine(cfg: Config) -> dict:
+    """The generators' vLLM settings, sized to what they are given: no sequence longer than a
+    capped prompt and its response, and (auto KV cache on CPU) one step's rollouts at once."""
+    v = cfg.pipeline.generators.vllm.model_dump()
+    v["max_model_len"] = v["max_model_len"] or cfg.task.max_prompt_tokens + cfg.generation.max_new_tokens
+    v["kv_sequences"] = cfg.rl.prompts_per_step * cfg.rl.samples_per_prompt
+    return v
+
+
 def start_generators(cfg: Config, tag: str = "") -> list:
     g = cfg.pipeline.generators
     return [generator_actor().options(**o).remote(
         f"generator-{i}", cfg.model.name, cfg.model.dtype, cfg.generation.model_dump(), g.torch_threads,
-        role_device(g.num_gpus), g.vllm.model_dump()) for i, o in enumerate(_pool(cfg, "generators", "generator", tag))]
+        role_device(g.num_gpus), generator_engine(cfg)) for i, o in enumerate(_pool(cfg, "generators", "generator", tag))]
 
 
 def start_labelers(cfg: Config, tag: str = "") -> list:
