@@ -50,12 +50,13 @@ def main() -> None:
     backends = args.backends.split(",")
     ray.init(num_cpus=2, include_dashboard=False)
     actors, direct = {}, None
+    share = 2 / max(1, sum(b != "direct" for b in backends))  # the actors take turns: all of them fit on 2 CPUs
     for b in backends:
         if b == "direct":
             direct = load_model(args.model)
             continue
         gen = GenerationConfig(backend=b.split("-")[0], max_new_tokens=args.new_tokens).model_dump()
-        actors[b] = generator_actor().options(num_cpus=1).remote(
+        actors[b] = generator_actor().options(num_cpus=min(1.0, share)).remote(
             f"generator-{b}", args.model, "bfloat16" if b.endswith("-bf16") else "float32", gen, 1)
     for b, a in actors.items():  # warm-up (vLLM's first call is slow)
         ray.get(a.generate.remote(batch, 0, 1, 0))

@@ -144,6 +144,8 @@ def test_generation(generation):
     assert set(generation["tokens_per_s"]) == {"hf", "direct"} and all(map(positive, generation["tokens_per_s"].values()))
     assert positive(generation["ratio_hf_actor_over_direct"])
     assert positive(generation["weight_update"]["hf"]["set_weights_and_install_wall_s"])
+    assert generation["weight_dtype"] == {"hf": "float32"} and set(generation["cpu_bf16"]) == {
+        "avx512_f", "avx512_bf16", "amx_bf16"}
 
 
 def test_labeling(results, tiny_model_path):
