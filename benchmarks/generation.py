@@ -35,11 +35,10 @@ def main() -> None:
     import ray
     import torch
 
-    from rlaif_ray.devices import cpu_capabilities
-
     from actors.generator import generator_actor
     from rlaif_ray import lm
     from rlaif_ray.config import GenerationConfig, TaskConfig
+    from rlaif_ray.devices import cpu_capabilities
     from rlaif_ray.data import build_prompts, load_tldr, prompt_batch
     from rlaif_ray.models import load_model, load_tokenizer
 

@@ -60,8 +60,8 @@ def vllm_dtype(precision: str, device: str | torch.device, caps: dict | None = N
     and `float32`: bf16 on CUDA (vLLM's GPU default; the learner's importance ratio corrects
     the small precision gap), and on CPUs whose bf16 vLLM's CPU backend computes with vector
     instructions (AVX-512, whose BF16 extension or AMX make it faster still, or Arm's BF16);
-    float32 on the rest. On an AVX2-only CPU the bf16 matmuls are emulated: sampling the
-    quickstart's batch took 4x as long in bf16 as in fp32 (BENCHMARKS.md, "vLLM dtype")."""
+    float32 on the rest. On an AVX2-only CPU the bf16 matmuls are emulated: the same engine
+    sampled 3.1x the tokens/s in fp32 (BENCHMARKS.md, "Generation throughput")."""
     if precision not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"model.dtype: unknown precision {precision!r} (auto, float32 or bfloat16)")
     if precision == "bfloat16" or torch.device(device).type == "cuda":
