@@ -39,11 +39,15 @@ def collective_device(backend: str) -> str:
 def compute_dtype(precision: str, device: str | torch.device) -> torch.dtype:
     """`auto`: bfloat16 on CUDA (tensor cores; fp32 master weights are kept where weights are
     trained), float32 on CPU (bf16 matmuls are slower than fp32 on most CPUs)."""
+    _check_precision(precision)
     if precision == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if precision not in ("float32", "bfloat16"):
-        raise ValueError(f"model.dtype: unknown precision {precision!r} (auto, float32 or bfloat16)")
     return getattr(torch, precision)
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"model.dtype: unknown precision {precision!r} (auto, float32 or bfloat16)")
 
 
 def cpu_capabilities() -> dict:
@@ -62,8 +66,7 @@ def vllm_dtype(precision: str, device: str | torch.device, caps: dict | None = N
     instructions (AVX-512, whose BF16 extension or AMX make it faster still, or Arm's BF16);
     float32 on the rest. On an AVX2-only CPU the bf16 matmuls are emulated: the same engine
     sampled 3.1x the tokens/s in fp32 (BENCHMARKS.md, "Generation throughput")."""
-    if precision not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"model.dtype: unknown precision {precision!r} (auto, float32 or bfloat16)")
+    _check_precision(precision)
     if precision == "bfloat16" or torch.device(device).type == "cuda":
         return "bfloat16"
     caps = cpu_capabilities() if caps is None else caps

@@ -2,6 +2,7 @@
 safetensors folder), a local folder, or a hub id; plus a tiny random model for tests."""
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -147,8 +148,10 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     return use_cpu_gqa(model)  # grouped KV heads without copies on CPU (rlaif_ray/attention.py)
 
 
+@functools.lru_cache(maxsize=8)
 def model_config(name: str):
-    """The model's transformers config (no weights loaded)."""
+    """The model's transformers config (no weights loaded), read once per process: an engine
+    asks it for the context and for the KV cache's size. Read-only to callers."""
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(resolve(name))

@@ -51,7 +51,7 @@ def kv_cache_bytes(kv_cache_gib: float | str, token_bytes: int, max_model_len: i
         return int(float(kv_cache_gib) * 2**30)
     if sequences <= 0:
         return 2**30
-    return int(token_bytes * max_model_len * max(sequences, 1) * 1.1)
+    return int(token_bytes * max_model_len * sequences * 1.1)
 
 
 class VLLMEngine:

@@ -64,7 +64,7 @@ def test_vllm_dtype_is_bf16_only_where_the_cpu_computes_it_fast():
     from rlaif_ray.devices import vllm_dtype
 
     avx2 = {"architecture": "x86_64", "avx2": True, "avx512_f": False, "avx512_bf16": False, "amx_bf16": False}
-    assert vllm_dtype("auto", "cpu", avx2) == "float32"  # bf16 emulated: 4x slower here (BENCHMARKS.md)
+    assert vllm_dtype("auto", "cpu", avx2) == "float32"  # bf16 emulated: 3.1x slower here (BENCHMARKS.md)
     assert vllm_dtype("float32", "cpu", avx2) == "float32"
     assert vllm_dtype("bfloat16", "cpu", avx2) == "bfloat16"  # asked for: honoured
     for fast in ({**avx2, "avx512_f": True}, {**avx2, "avx512_f": True, "avx512_bf16": True}, {**avx2, "amx_bf16": True},
