@@ -1,11 +1,12 @@
 """Generation throughput, alternated in one run (A B C A B C ...):
-  - `hf` RolloutGenerator actor, `vllm` RolloutGenerator actor (in the dtype
-    rlaif_ray.devices.vllm_dtype picks for this CPU), `vllm-bf16` (the same, held in bf16 as
-    asked for), and `model.generate` called directly in this process (no Ray, no Arrow), same
-    model, prompts and lengths;
+  - `hf` RolloutGenerator actor, the `vllm` RolloutGenerator actor holding its weights in bf16
+    (`vllm-bf16`) and in fp32 (`vllm-fp32`, pipeline.generators.vllm.dtype), and
+    `model.generate` called directly in this process (no Ray, no Arrow), same model, prompts
+    and lengths; which of the two vLLM dtypes rlaif_ray.devices.vllm_dtype picks for this CPU
+    (auto) is recorded, and compared with the hf actor;
   - the time one weight update takes to install in each actor.
 
-    python -m benchmarks.generation --rounds 3 --batch 8 --new-tokens 64 [--backends hf,vllm,vllm-bf16,direct]
+    python -m benchmarks.generation --rounds 3 --batch 8 --new-tokens 64 [--backends hf,vllm-bf16,vllm-fp32,direct]
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--backends", default="hf,vllm,vllm-bf16,direct")
+    ap.add_argument("--backends", default="hf,vllm-bf16,vllm-fp32,direct")
     ap.add_argument("--out", default=str(RESULTS / "generation.json"))
     args = ap.parse_args()
 
@@ -38,7 +39,7 @@ def main() -> None:
     from actors.generator import generator_actor
     from rlaif_ray import lm
     from rlaif_ray.config import GenerationConfig, TaskConfig
-    from rlaif_ray.devices import cpu_capabilities
+    from rlaif_ray.devices import cpu_capabilities, vllm_dtype
     from rlaif_ray.data import build_prompts, load_tldr, prompt_batch
     from rlaif_ray.models import load_model, load_tokenizer
 
@@ -54,9 +55,11 @@ def main() -> None:
         if b == "direct":
             direct = load_model(args.model)
             continue
-        gen = GenerationConfig(backend=b.split("-")[0], max_new_tokens=args.new_tokens).model_dump()
+        backend, _, dtype = b.partition("-")  # vllm-bf16, vllm-fp32: the engine's vllm.dtype
+        gen = GenerationConfig(backend=backend, max_new_tokens=args.new_tokens).model_dump()
+        engine = {"dtype": {"bf16": "bfloat16", "fp32": "float32"}[dtype]} if dtype else None
         actors[b] = generator_actor().options(num_cpus=min(1.0, share)).remote(
-            f"generator-{b}", args.model, "bfloat16" if b.endswith("-bf16") else "float32", gen, 1)
+            f"generator-{b}", args.model, "float32", gen, 1, "cpu", engine)
     for b, a in actors.items():  # warm-up (vLLM's first call is slow)
         ray.get(a.generate.remote(batch, 0, 1, 0))
     samples: dict = {b: [] for b in backends}
@@ -90,17 +93,19 @@ def main() -> None:
                       "set_weights_and_install_wall_s": time.perf_counter() - t0}
     ray.shutdown()
     med = {b: statistics.median(x["tokens_per_s"] for x in samples[b]) for b in backends}
+    auto = {"bfloat16": "vllm-bf16", "float32": "vllm-fp32"}[vllm_dtype("auto", "cpu")]  # what a run gets here
     result = {"what": "generation tokens/s (median of alternated rounds) and weight-install time",
               "model": args.model, "batch": args.batch, "new_tokens": args.new_tokens, "rounds": args.rounds,
-              "tokens_per_s": med, "weight_dtype": dtypes, "weight_update": install, "load_before": load_before,
+              "tokens_per_s": med, "weight_dtype": dtypes, "auto_variant": auto, "weight_update": install,
+              "load_before": load_before,
               "load_after": os.getloadavg(), "cpus": os.cpu_count(),
               "cpu_bf16": {k: bool(cpu_capabilities().get(k)) for k in ("avx512_f", "avx512_bf16", "amx_bf16")},
               "time": t_start, "machine": platform.machine(),
               "versions": versions(), "target": "hf actor / direct model.generate >= 0.9", "samples": samples}
-    if "vllm" in med and "hf" in med:
-        result["ratio_vllm_over_hf"] = med["vllm"] / med["hf"]
-    if "vllm" in med and "vllm-bf16" in med:
-        result["ratio_vllm_over_vllm_bf16"] = med["vllm"] / med["vllm-bf16"]
+    if auto in med and "hf" in med:
+        result["ratio_vllm_over_hf"] = med[auto] / med["hf"]  # vLLM in the dtype a run gets here
+    if "vllm-bf16" in med and "vllm-fp32" in med:
+        result["ratio_vllm_bf16_over_fp32"] = med["vllm-bf16"] / med["vllm-fp32"]
     if "direct" in med and "hf" in med:
         result["ratio_hf_actor_over_direct"] = med["hf"] / med["direct"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -363,6 +363,10 @@ class VLLMConfig(_Strict):
     # auto: generators, room for one step's rollouts at max_model_len each (vLLM queues the rest
     # of a larger batch, such as a held-out evaluation's); labelers, 1 GiB
     kv_cache_gib: Union[float, Literal["auto"]] = "auto"
+    # the dtype the engine holds its weights in. auto: rlaif_ray.devices.vllm_dtype's rule for
+    # model.dtype (bf16 on GPU and on CPUs that compute bf16 with vector instructions, else
+    # fp32); bfloat16 or float32: as given, on any device
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
 
     @field_validator("kv_cache_gib")
     @classmethod

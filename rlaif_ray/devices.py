@@ -59,14 +59,20 @@ def cpu_capabilities() -> dict:
         return {}
 
 
-def vllm_dtype(precision: str, device: str | torch.device, caps: dict | None = None) -> str:
-    """The dtype a vLLM engine holds its weights in. `bfloat16` is honoured everywhere. `auto`
-    and `float32`: bf16 on CUDA (vLLM's GPU default; the learner's importance ratio corrects
-    the small precision gap), and on CPUs whose bf16 vLLM's CPU backend computes with vector
-    instructions (AVX-512, whose BF16 extension or AMX make it faster still, or Arm's BF16);
-    float32 on the rest. On an AVX2-only CPU the bf16 matmuls are emulated: the same engine
-    sampled 3.1x the tokens/s in fp32 (BENCHMARKS.md, "Generation throughput")."""
+def vllm_dtype(precision: str, device: str | torch.device, caps: dict | None = None, choice: str = "auto") -> str:
+    """The dtype a vLLM engine holds its weights in. `choice` (a pool's vllm.dtype), unless
+    auto, is taken as given on any device. Else by `precision` (model.dtype): `bfloat16` is
+    honoured everywhere; `auto` and `float32` give bf16 on CUDA (vLLM's GPU default; the
+    learner's importance ratio corrects the small precision gap) and on CPUs whose bf16 vLLM's
+    CPU backend computes with vector instructions (AVX-512, whose BF16 extension or AMX make it
+    faster still, or Arm's BF16), float32 on the rest. On an AVX2-only CPU the bf16 matmuls are
+    emulated: the same engine sampled 3.1x the tokens/s in fp32 (BENCHMARKS.md, "Generation
+    throughput")."""
     _check_precision(precision)
+    if choice != "auto":
+        if choice not in ("bfloat16", "float32"):
+            raise ValueError(f"vllm.dtype must be auto, bfloat16 or float32, not {choice!r}")
+        return choice
     if precision == "bfloat16" or torch.device(device).type == "cuda":
         return "bfloat16"
     caps = cpu_capabilities() if caps is None else caps

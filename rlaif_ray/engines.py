@@ -334,7 +334,10 @@ def load_engine(backend: str, model_name: str, device: str = "cpu", dtype: str =
     if backend == "vllm":
         from .vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_name, dtype=dtype, device=device, **{**(vllm or {}), **vllm_kwargs})
+        kwargs = {**(vllm or {}), **vllm_kwargs}
+        # `dtype` is model.dtype; the pool's vllm.dtype (VLLMConfig) is the engine's own choice
+        kwargs["weight_dtype"] = kwargs.pop("dtype", "auto")
+        return VLLMEngine(model_name, dtype=dtype, device=device, **kwargs)
     if backend != "hf":
         raise ValueError(f"unknown engine backend {backend!r} (hf or vllm)")
     return HFEngine(model_name, device=device, dtype=dtype, prefix_sharing=prefix_sharing)

@@ -59,9 +59,11 @@ class VLLMEngine:
                  max_model_len: int | None = None, kv_cache_gib: float | str = "auto", kv_sequences: int = 0,
                  seed: int = 0,
                  logprobs_mode: str = "processed_logprobs", gpu_memory_utilization: float = 0.85,
-                 tensor_parallel_size: int = 1, enforce_eager: bool | None = None, max_num_seqs: int | None = None):
+                 tensor_parallel_size: int = 1, enforce_eager: bool | None = None, max_num_seqs: int | None = None,
+                 weight_dtype: str = "auto"):
+        # weight_dtype: the pool's vllm.dtype; auto: bf16 on GPU and on CPUs with fast bf16, else fp32
+        dtype = vllm_dtype(dtype, device, choice=weight_dtype)
         vllm = _import_vllm(device)
-        dtype = vllm_dtype(dtype, device)  # bf16 on GPU and on CPUs with fast bf16, else fp32
         from rlaif_ray.models import load_tokenizer, model_context, resolve
 
         self.tok = load_tokenizer(model_name)

@@ -2,6 +2,7 @@
 generation, label scoring and SFT/RM losses names its device (rlaif_ray.devices.DeviceGuard;
 its docstring says what this can and cannot catch). `make gpu-check` runs the same on CUDA."""
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +76,24 @@ def test_vllm_dtype_is_bf16_only_where_the_cpu_computes_it_fast():
     assert vllm_dtype("float32", "cuda", avx2) == vllm_dtype("auto", "cuda", {}) == "bfloat16"
     with pytest.raises(ValueError, match="model.dtype"):
         vllm_dtype("fp16", "cpu", avx2)
+    # a pool's vllm.dtype overrides the rule, either way, on any device
+    assert vllm_dtype("auto", "cpu", avx2, choice="bfloat16") == "bfloat16"
+    assert vllm_dtype("auto", "cpu", {**avx2, "avx512_bf16": True}, choice="float32") == "float32"
+    assert vllm_dtype("float32", "cuda", {}, choice="float32") == "float32"
+    with pytest.raises(ValueError, match="vllm.dtype"):
+        vllm_dtype("auto", "cpu", avx2, choice="float16")
+
+
+def test_a_pools_vllm_dtype_is_validated_and_reaches_the_engine():
+    from pydantic import ValidationError
+
+    from rlaif_ray.config import load_config
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart-vllm.yaml"
+    cfg = load_config(config, ["pipeline.generators.vllm.dtype=float32"])
+    assert cfg.pipeline.generators.vllm.dtype == "float32" and cfg.pipeline.labelers.vllm.dtype == "auto"
+    with pytest.raises(ValidationError, match="dtype"):
+        load_config(config, ["pipeline.generators.vllm.dtype=fp8"])
 
 
 def test_vllm_kv_cache_is_sized_to_a_steps_rollouts(tiny_model_path):

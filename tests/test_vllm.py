@@ -93,17 +93,25 @@ def test_vllm_generator_actor_logprobs_and_weight_updates(ray_local, tokenizer):
                                   ["pipeline.weight_sync=broadcast", "pipeline.sync_bucket_mb=64"]],
                          ids=["object_store", "broadcast-buckets"])
 def test_train_with_vllm_generators(ray_local, tmp_path, sync):
+    import json
     from pathlib import Path
 
     from rlaif_ray.config import load_config
     from rlaif_ray.commands.train import train
+    from rlaif_ray.devices import vllm_dtype
     from rlaif_ray.runlog import read_metrics, read_rollouts
 
+    # the broadcast run forces the dtype this CPU's rule would not pick (pipeline.generators.vllm.dtype):
+    # the learner casts to whatever the engine holds, both ways get exercised on any machine
+    rule = vllm_dtype("auto", "cpu")
+    dtype = ("float32" if rule == "bfloat16" else "bfloat16") if "broadcast" in sync[0] else rule
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "quickstart-vllm.yaml", [
         "rl.steps=2", "rl.prompts_per_step=2", "rl.samples_per_prompt=2", "generation.max_new_tokens=12", "eval.num_prompts=0",
-        "eval.signal_posts=0", "pipeline.learner.num_cpus=0.5", "rl.max_staleness=0", f"run.out_dir={tmp_path}", *sync])
+        "eval.signal_posts=0", "pipeline.learner.num_cpus=0.5", "rl.max_staleness=0", f"run.out_dir={tmp_path}", *sync]
+        + (["pipeline.generators.vllm.dtype=" + dtype] if dtype != rule else []))
     run = train(cfg, tmp_path / "run", log=lambda *_: None)
+    assert json.loads((run / "summary.json").read_text())["generator_weight_dtype"] == dtype
     assert [m["policy_version"] for m in read_metrics(run)] == [1, 2]
     table = read_rollouts(run)
     assert table.num_rows == 8 and set(table.column("generator").to_pylist()) == {"generator-0"}

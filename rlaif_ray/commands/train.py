@@ -143,6 +143,8 @@ def before_training(pipe: Pipeline, run: RunFolder, eval_items: list, prompts, r
     cfg, log = pipe.cfg, pipe.log
     summary = run.read_json("summary_start.json") if resumed else {}
     summary.update({"run_dir": str(run.path), "skipped_long_prompts": prompts.skipped_long,
+                    # what the generators sample with (vLLM: pipeline.generators.vllm.dtype or its rule)
+                    "generator_weight_dtype": pipe.weight_dtype,
                     "processes": {i["name"]: i["pid"] for i in ray.get([a.info.remote() for a in pipe.actors()])}})
     run.write_json("processes.json", summary["processes"])
     if resumed:
