@@ -52,6 +52,8 @@ def main() -> None:
     actors, direct = {}, None
     share = 2 / max(1, sum(b != "direct" for b in backends))  # the actors take turns: all of them fit on 2 CPUs
     for b in backends:
+        if b not in ("hf", "vllm", "vllm-bf16", "vllm-fp32", "direct"):
+            raise SystemExit(f"--backends: unknown {b!r} (hf, vllm, vllm-bf16, vllm-fp32, direct)")
         if b == "direct":
             direct = load_model(args.model)
             continue
@@ -94,6 +96,7 @@ def main() -> None:
     ray.shutdown()
     med = {b: statistics.median(x["tokens_per_s"] for x in samples[b]) for b in backends}
     auto = {"bfloat16": "vllm-bf16", "float32": "vllm-fp32"}[vllm_dtype("auto", "cpu")]  # what a run gets here
+    auto = auto if auto in med else "vllm"
     result = {"what": "generation tokens/s (median of alternated rounds) and weight-install time",
               "model": args.model, "batch": args.batch, "new_tokens": args.new_tokens, "rounds": args.rounds,
               "tokens_per_s": med, "weight_dtype": dtypes, "auto_variant": auto, "weight_update": install,
@@ -104,8 +107,9 @@ def main() -> None:
               "versions": versions(), "target": "hf actor / direct model.generate >= 0.9", "samples": samples}
     if auto in med and "hf" in med:
         result["ratio_vllm_over_hf"] = med[auto] / med["hf"]  # vLLM in the dtype a run gets here
-    if "vllm-bf16" in med and "vllm-fp32" in med:
-        result["ratio_vllm_bf16_over_fp32"] = med["vllm-bf16"] / med["vllm-fp32"]
+    if "vllm-bf16" in med and "vllm-fp32" in med:  # > 1: the rule picks the faster dtype on this CPU
+        other = "vllm-fp32" if auto == "vllm-bf16" else "vllm-bf16"
+        result["ratio_auto_dtype_over_other"] = med[auto] / med[other]
     if "direct" in med and "hf" in med:
         result["ratio_hf_actor_over_direct"] = med["hf"] / med["direct"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -215,15 +215,18 @@ def render() -> str:
         dt = gen.get("weight_dtype", {})  # the direct model.generate holds float32
         out += [f"| {k} | {dt.get(k, 'float32' if k in ('hf', 'direct') else '-')} | {v:.1f} |"
                 for k, v in gen["tokens_per_s"].items()]
+        auto = gen.get("auto_variant")
         if gen.get("cpu_bf16"):
             flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in gen["cpu_bf16"].items())
-            out.append(f"\nThe CPU's bf16 instructions: {flags}. `vllm-bf16` and `vllm-fp32` are the vLLM "
-                       "generator actor with `pipeline.generators.vllm.dtype` set; left at auto, "
-                       "`rlaif_ray.devices.vllm_dtype` picks bf16 only with AVX-512, AMX or Arm BF16"
-                       + (f": here **{gen['auto_variant']}**." if gen.get("auto_variant") else "."))
-        auto = gen.get("auto_variant", "vllm")
-        for key, label in (("ratio_vllm_over_hf", f"vllm actor in the dtype a run gets here ({auto}) / hf actor"),
-                           ("ratio_vllm_bf16_over_fp32", "vllm-bf16 actor / vllm-fp32 actor"),
+            out.append(f"\nThe CPU's bf16 instructions: {flags}. " + (
+                "`vllm-bf16` and `vllm-fp32` are the vLLM generator actor with `pipeline.generators.vllm.dtype` "
+                "set; left at auto, `rlaif_ray.devices.vllm_dtype` picks bf16 only with AVX-512, AMX or Arm BF16: "
+                f"here **{auto}**." if auto else
+                "`vllm` holds its weights in the dtype `rlaif_ray.devices.vllm_dtype` picks for this CPU (bf16 only "
+                "with AVX-512, AMX or Arm BF16); `vllm-bf16` is the same actor asked for bf16."))
+        for key, label in (("ratio_vllm_over_hf", f"vllm actor in the dtype a run gets here ({auto}) / hf actor"
+                            if auto else "vllm actor / hf actor"),
+                           ("ratio_auto_dtype_over_other", "vllm actor in that dtype / in the other dtype"),
                            ("ratio_vllm_over_vllm_bf16", "vllm actor / vllm-bf16 actor"),
                            ("ratio_hf_actor_over_direct", "hf actor / direct model.generate")):
             if key in gen:

@@ -146,7 +146,10 @@ def test_generation(generation):
     assert positive(generation["weight_update"]["hf"]["set_weights_and_install_wall_s"])
     assert generation["weight_dtype"] == {"hf": "float32"} and set(generation["cpu_bf16"]) == {
         "avx512_f", "avx512_bf16", "amx_bf16"}
-    assert generation["auto_variant"] in ("vllm-bf16", "vllm-fp32")  # what a vLLM run gets on this CPU
+    from rlaif_ray.devices import vllm_dtype
+
+    # what a vLLM run gets on this CPU
+    assert generation["auto_variant"] == {"bfloat16": "vllm-bf16", "float32": "vllm-fp32"}[vllm_dtype("auto", "cpu")]
 
 
 def test_labeling(results, tiny_model_path):
