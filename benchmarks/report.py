@@ -204,11 +204,14 @@ def render() -> str:
     if oh:
         out += _overhead(oh)
     out += _trl_compare(_load("trl_compare"))
+    # this project's 2-core machines vary (benchmarks.overhead.cpu): the last run on an AVX2-only one
+    out += _trl_compare(_load("trl_compare_avx2"), ", the run before on an AVX2-only CPU")
     out += _quickstart_speed(_load("quickstart_speed"))
     out += _learner_malloc(_load("learner_malloc"))
-    gen = _load("generation")
-    if gen:
-        out += ["## Generation throughput and weight updates", "",
+    for gen, title in ((_load("generation"), ""), (_load("generation_avx2"), ", the run before on an AVX2-only CPU")):
+        if not gen:
+            continue
+        out += [f"## Generation throughput and weight updates{title}", "",
                 f"{gen['what']}; {gen['model']}, batch {gen['batch']} x {gen['new_tokens']} new tokens, "
                 f"{gen['rounds']} rounds, {_setting(gen)}.", "",
                 "| variant | weights | tokens/s (median) |", "|---|---|---|"]
@@ -350,13 +353,14 @@ def _search(qs: dict | None) -> list[str]:
     return out + [""]
 
 
-def _trl_compare(tc: dict | None) -> list[str]:
-    """results/trl_compare.json (benchmarks/trl_compare.py): rlaif-ray against TRL's GRPOTrainer."""
+def _trl_compare(tc: dict | None, title: str = "") -> list[str]:
+    """results/trl_compare.json (benchmarks/trl_compare.py): rlaif-ray against TRL's GRPOTrainer.
+    `title`: added to the heading (an earlier run on another CPU, kept beside the latest)."""
     if not tc:
         return []
     s, med, ratio = tc["settings"], tc["medians"], tc.get("ratios_over_trl", {})
     ta = s.get("trl_args") or {}
-    out = ["## rlaif-ray vs TRL (`python -m benchmarks.trl_compare`)", "",
+    out = [f"## rlaif-ray vs TRL (`python -m benchmarks.trl_compare`){title}", "",
            f"{tc['what']}: {tc['rounds']} round(s) of {', '.join(tc['order'])}, each run in its own process tree under "
            f"the memory sampler (every second); {_setting(tc)}.", "",
            f"The same on both sides: model {s['model']}; {s['prompts_per_step']} prompts x {s['samples_per_prompt']} "
