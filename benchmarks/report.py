@@ -41,8 +41,8 @@ def _num(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _overlap(ov: dict) -> list[str]:
-    out = ["## Pipeline overlap", "", f"{ov['what']}; `{ov['config']}` with {' '.join(ov['overrides'])}; "
+def _overlap(ov: dict, title: str = "") -> list[str]:
+    out = [f"## Pipeline overlap{title}", "", f"{ov['what']}; `{ov['config']}` with {' '.join(ov['overrides'])}; "
            f"{ov['pairs']} pairs, {_setting(ov)}.", "",
            "| max_staleness | completions/s (median) |", "|---|---|",
            f"| 0 (synchronous) | {ov['completions_per_s_staleness0']:.3f} |",
@@ -197,6 +197,9 @@ def render() -> str:
     ov = _load("overlap")
     if ov:
         out += _overlap(ov)
+    ov = _load("overlap_avx2")  # the run before, on another of this project's 2-core machines
+    if ov:
+        out += _overlap(ov, ", the run before on an AVX2-only CPU")
     sc = _load("scaling")
     if sc:
         out += _scaling(sc)
