@@ -21,6 +21,7 @@ from pathlib import Path
 from benchmarks.overhead import versions
 
 RESULTS = Path(__file__).parent / "results"
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  # the vllm-* variants' suffix -> the engine's vllm.dtype
 
 
 def main() -> None:
@@ -59,7 +60,7 @@ def main() -> None:
             continue
         backend, _, dtype = b.partition("-")  # vllm-bf16, vllm-fp32: the engine's vllm.dtype
         gen = GenerationConfig(backend=backend, max_new_tokens=args.new_tokens).model_dump()
-        engine = {"dtype": {"bf16": "bfloat16", "fp32": "float32"}[dtype]} if dtype else None
+        engine = {"dtype": DTYPES[dtype]} if dtype else None
         actors[b] = generator_actor().options(num_cpus=min(1.0, share)).remote(
             f"generator-{b}", args.model, "float32", gen, 1, "cpu", engine)
     for b, a in actors.items():  # warm-up (vLLM's first call is slow)
@@ -95,7 +96,7 @@ def main() -> None:
                       "set_weights_and_install_wall_s": time.perf_counter() - t0}
     ray.shutdown()
     med = {b: statistics.median(x["tokens_per_s"] for x in samples[b]) for b in backends}
-    auto = {"bfloat16": "vllm-bf16", "float32": "vllm-fp32"}[vllm_dtype("auto", "cpu")]  # what a run gets here
+    auto = next(f"vllm-{k}" for k, v in DTYPES.items() if v == vllm_dtype("auto", "cpu"))  # what a run gets here
     picked = auto if auto in med else "vllm"  # (a plain `vllm` actor: the same rule)
     result = {"what": "generation tokens/s (median of alternated rounds) and weight-install time",
               "model": args.model, "batch": args.batch, "new_tokens": args.new_tokens, "rounds": args.rounds,

@@ -14,6 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+# the heading of a run kept from another of this project's 2-core machines (benchmarks.overhead.cpu)
+AVX2_RUN = ", the run before on an AVX2-only CPU"
+
+
 def _load(name: str) -> dict | None:
     p = RESULTS / f"{name}.json"
     return json.loads(p.read_text()) if p.is_file() else None
@@ -197,9 +201,9 @@ def render() -> str:
     ov = _load("overlap")
     if ov:
         out += _overlap(ov)
-    ov = _load("overlap_avx2")  # the run before, on another of this project's 2-core machines
+    ov = _load("overlap_avx2")
     if ov:
-        out += _overlap(ov, ", the run before on an AVX2-only CPU")
+        out += _overlap(ov, AVX2_RUN)
     sc = _load("scaling")
     if sc:
         out += _scaling(sc)
@@ -207,11 +211,10 @@ def render() -> str:
     if oh:
         out += _overhead(oh)
     out += _trl_compare(_load("trl_compare"))
-    # this project's 2-core machines vary (benchmarks.overhead.cpu): the last run on an AVX2-only one
-    out += _trl_compare(_load("trl_compare_avx2"), ", the run before on an AVX2-only CPU")
+    out += _trl_compare(_load("trl_compare_avx2"), AVX2_RUN)
     out += _quickstart_speed(_load("quickstart_speed"))
     out += _learner_malloc(_load("learner_malloc"))
-    for gen, title in ((_load("generation"), ""), (_load("generation_avx2"), ", the run before on an AVX2-only CPU")):
+    for gen, title in ((_load("generation"), ""), (_load("generation_avx2"), AVX2_RUN)):
         if not gen:
             continue
         out += [f"## Generation throughput and weight updates{title}", "",
