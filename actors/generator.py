@@ -21,8 +21,9 @@ import ray
 import torch
 
 from rlaif_ray import schemas, weight_sync
+from rlaif_ray.core_share import CoreShare
 from rlaif_ray.devices import dtype_name
-from rlaif_ray.engines import load_engine
+from rlaif_ray.engines import HFEngine, load_engine
 from rlaif_ray.memory import PeakRSS, trim_heap
 
 from .metrics import RoleMetrics
@@ -30,10 +31,15 @@ from .metrics import RoleMetrics
 
 class RolloutGenerator:
     def __init__(self, name: str, model_name: str, dtype: str, generation: dict, torch_threads: int,
-                 device: str = "cpu", vllm: dict | None = None):
+                 device: str = "cpu", vllm: dict | None = None, share: dict | None = None):
         torch.set_num_threads(torch_threads)
         self.name, self.gen, self.device = name, generation, device
         self.backend = load_engine(generation["backend"], model_name, device, dtype, vllm=vllm)
+        # pipeline.share_idle_cores: an HF engine takes idle cores; vLLM's threads are fixed at
+        # its start, so it is only counted while it samples
+        self.share = CoreShare(share, torch_threads, elastic=isinstance(self.backend, HFEngine))
+        if isinstance(self.backend, HFEngine):
+            self.share.attach(self.backend.model)
         self.weight_dtype = dtype_name(self.backend.dtype)  # what the learner casts weights to
         self.version = 0
         self._staged = None  # (weights, version) received but not yet installed
@@ -48,7 +54,7 @@ class RolloutGenerator:
     @ray.method(concurrency_group="control")
     def info(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "version": self.version, "busy_s": self.busy_s,
-                "compute_threads": len(self._compute_threads),
+                "compute_threads": len(self._compute_threads), "threads_mean": self.share.threads_mean(),
                 "last_install_s": self.last_install_s,
                 "last_install_extra_mb": self.last_install_extra_mb, "backend": self.gen["backend"],
                 "prefix_caching": self.backend.prefix_caching, "weight_dtype": self.weight_dtype,
@@ -115,7 +121,7 @@ class RolloutGenerator:
     def generate(self, prompts: pa.RecordBatch, batch_index: int, samples_per_prompt: int, seed: int,
                  temperature: float | None = None) -> pa.RecordBatch:
         schemas.check(prompts, schemas.PROMPT, f"{self.name}.generate input")
-        with self._lock:
+        with self._lock, self.share.computing():
             self._install_staged()
             t0 = time.perf_counter()
             rows = prompts.to_pylist()

@@ -11,6 +11,7 @@ import pyarrow as pa
 import torch
 
 from rlaif_ray import lm, schemas, scoring
+from rlaif_ray.core_share import CoreShare
 from rlaif_ray.engines import HFEngine
 from rlaif_ray.config import RewardConfig
 from rlaif_ray.labeler_eval import measure_signal
@@ -26,18 +27,25 @@ class Labeler:
     options, openai endpoint)."""
 
     def __init__(self, name: str, reward: dict, model_name: str, dtype: str = "auto",
-                 torch_threads: int = 1, device: str = "cpu", vllm: dict | None = None):
+                 torch_threads: int = 1, device: str = "cpu", vllm: dict | None = None, share: dict | None = None):
         torch.set_num_threads(torch_threads)
         cfg = RewardConfig.model_validate(reward)
         self.name, self.min_label_mass, self.pairwise = name, cfg.min_label_mass, cfg.pairwise
         self.shots = load_exemplars(cfg.pairwise.exemplars_path, cfg.pairwise.shots)
         self.judge, self.model_name = load_judge(cfg, model_name, dtype, device, vllm)
+        # pipeline.share_idle_cores: a model in this process takes idle cores (an endpoint or a
+        # vLLM engine is only counted while it labels)
+        engine = getattr(self.judge.labels, "engine", None)
+        self.share = CoreShare(share, torch_threads, elastic=isinstance(engine, HFEngine))
+        if isinstance(engine, HFEngine):
+            self.share.attach(engine.model)
         self.unusable = 0  # labels whose tokens held too little probability (counted)
         self.busy_s = 0.0
         self.metrics = RoleMetrics("labeler", name)
 
     def info(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "busy_s": self.busy_s, "unusable_labels": self.unusable,
+                "threads_mean": self.share.threads_mean(),
                 "endpoint_retries": 0, "labels_outside_top_k": 0, **self.judge.labels.counters()}
 
     def score(self, rollouts: pa.RecordBatch, mode: str = "direct",
@@ -46,25 +54,26 @@ class Labeler:
         reference policy's log-probs of the responses at that temperature (rl.reference:
         labeler; this labeler holds the initial policy's weights), so the learner skips its
         reference forward."""
-        schemas.check(rollouts, schemas.ROLLOUT, f"{self.name}.score input")
-        t0 = time.perf_counter()
-        contexts = rollouts.column("context").to_pylist()
-        responses = rollouts.column("response_text").to_pylist()
-        if mode == "direct":
-            rewards, raws, metas = self.judge.score(contexts, responses)
-            metas = [json.dumps({**json.loads(m), "labeler": self.name}) for m in metas]
-        elif mode == "pairwise":
-            rewards, raws, metas = self._pairwise(rollouts, contexts, responses)
-        else:
-            raise ValueError(f"reward.source: unknown mode {mode!r}")
-        ok = [json.loads(m).get("label_mass", 1.0) >= self.min_label_mass for m in metas]
-        self.unusable += ok.count(False)
-        ref = self._reference(rollouts, reference_temperature) if reference_temperature is not None \
-            else [None] * rollouts.num_rows
-        out = schemas.extend(rollouts, schemas.SCORED, {"reward": rewards, "raw_score": raws, "reward_meta": metas,
-                                                        "reward_ok": ok, "reference_logprobs": ref})
-        self._account(len(rewards), ok.count(False), t0)
-        return out
+        with self.share.computing():
+            schemas.check(rollouts, schemas.ROLLOUT, f"{self.name}.score input")
+            t0 = time.perf_counter()
+            contexts = rollouts.column("context").to_pylist()
+            responses = rollouts.column("response_text").to_pylist()
+            if mode == "direct":
+                rewards, raws, metas = self.judge.score(contexts, responses)
+                metas = [json.dumps({**json.loads(m), "labeler": self.name}) for m in metas]
+            elif mode == "pairwise":
+                rewards, raws, metas = self._pairwise(rollouts, contexts, responses)
+            else:
+                raise ValueError(f"reward.source: unknown mode {mode!r}")
+            ok = [json.loads(m).get("label_mass", 1.0) >= self.min_label_mass for m in metas]
+            self.unusable += ok.count(False)
+            ref = self._reference(rollouts, reference_temperature) if reference_temperature is not None \
+                else [None] * rollouts.num_rows
+            out = schemas.extend(rollouts, schemas.SCORED, {"reward": rewards, "raw_score": raws, "reward_meta": metas,
+                                                            "reward_ok": ok, "reference_logprobs": ref})
+            self._account(len(rewards), ok.count(False), t0)
+            return out
 
     @torch.no_grad()
     def _reference(self, rollouts: pa.RecordBatch, temperature: float) -> list[list[float]]:
@@ -108,24 +117,27 @@ class Labeler:
         """Evaluation: debiased P(a preferred over b) per pair, both orders, with the label
         tokens' probability mass (low mass: unusable, counted) and any CoT rationales.
         `pairwise` overrides fields of the config's reward.pairwise (task, preamble, cot, ...)."""
-        t0 = time.perf_counter()
-        pw = self.pairwise.model_copy(update=pairwise) if pairwise else self.pairwise
-        pref = self.judge.prefer(contexts, a, b, pw, self.shots)
-        self._account(len(pref.p_a), sum(1 for m in pref.label_mass if m < self.min_label_mass), t0)
-        return pref
+        with self.share.computing():
+            t0 = time.perf_counter()
+            pw = self.pairwise.model_copy(update=pairwise) if pairwise else self.pairwise
+            pref = self.judge.prefer(contexts, a, b, pw, self.shots)
+            self._account(len(pref.p_a), sum(1 for m in pref.label_mass if m < self.min_label_mass), t0)
+            return pref
 
     def judge_alone(self, contexts: list[str], responses: list[str], scorer: str | None = None) -> dict:
         """Each response judged on its own by a scorer (the harmless rate, eval.judge=scorer,
         or the configured reward.scorer): reward in [-1, 1], raw value, the reward mapped to
         [0, 1] (P(Yes) for yes/no scorers, (score - 1) / 9 for 1-10), the label mass."""
-        t0 = time.perf_counter()
-        rewards, raws, metas = self.judge.score(contexts, responses, scorer)
-        mass = [json.loads(m)["label_mass"] for m in metas]
-        self._account(len(raws), sum(1 for m in mass if m < self.min_label_mass), t0)
-        return {"reward": rewards, "p_yes": raws, "score01": [(r + 1) / 2 for r in rewards], "label_mass": mass}
+        with self.share.computing():
+            t0 = time.perf_counter()
+            rewards, raws, metas = self.judge.score(contexts, responses, scorer)
+            mass = [json.loads(m)["label_mass"] for m in metas]
+            self._account(len(raws), sum(1 for m in mass if m < self.min_label_mass), t0)
+            return {"reward": rewards, "p_yes": raws, "score01": [(r + 1) / 2 for r in rewards], "label_mass": mass}
 
     def signal(self, rows: list[dict], n: int) -> dict:
-        return measure_signal(self.judge, rows, n)
+        with self.share.computing():
+            return measure_signal(self.judge, rows, n)
 
     def _account(self, n_labels: int, unusable: int, t0: float) -> None:
         trim_heap()

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from rlaif_ray import schemas, weight_sync
+from rlaif_ray.core_share import CoreShare
 from rlaif_ray.devices import collective_backend, collective_device
 from rlaif_ray.learner import PolicyLearner, loss_normalisers
 from rlaif_ray.memory import allocator
@@ -27,9 +28,11 @@ class LearnerWorker:
 
     def __init__(self, rank: int, world_size: int, model_name: str, dtype: str, rl_cfg: dict,
                  temperature: float, torch_threads: int, device: str = "cpu", top_k: int = 0, top_p: float = 1.0,
-                 reference: bool = True):
+                 reference: bool = True, share: dict | None = None):
         torch.set_num_threads(torch_threads)
         self.rank, self.world_size, self.device = rank, world_size, device
+        # pipeline.share_idle_cores: `share` names the group's first slot; each rank has its own
+        self.share = CoreShare(share and {**share, "slot": share["slot"] + rank}, torch_threads)
         # the sampler's settings: the learner scores the distribution the generators sampled from
         self.args = dict(model_name=model_name, rl_cfg=rl_cfg, temperature=temperature, device=device, dtype=dtype,
                          top_k=top_k, top_p=top_p, reference=reference)
@@ -39,7 +42,8 @@ class LearnerWorker:
         self.metrics = RoleMetrics("learner", f"learner-{rank}")
 
     def info(self) -> dict:
-        return {"name": f"learner-{self.rank}", "pid": os.getpid(), "busy_s": self.busy_s, "allocator": allocator()}
+        return {"name": f"learner-{self.rank}", "pid": os.getpid(), "busy_s": self.busy_s, "allocator": allocator(),
+                "threads_mean": self.share.threads_mean()}
 
     def env(self, names: list[str]) -> dict:
         return {k: os.environ.get(k) for k in names}
@@ -60,12 +64,16 @@ class LearnerWorker:
             dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
                                     timeout=datetime.timedelta(seconds=timeout_s))
         self.learner = PolicyLearner(**self.args)
+        self.share.attach(self.learner.policy)
+        if self.learner.reference_loaded:
+            self.share.attach(self.learner.ref)
         return os.getpid()
 
     def train_step(self, shard: pa.RecordBatch, num_tokens: int, num_seqs: int, beta: float | None = None) -> dict:
         """One PolicyLearner.step; `beta` (None: rl.beta) is this step's KL weight."""
         schemas.check(shard, schemas.SCORED, f"learner rank {self.rank} input")
-        out = self.learner.step(shard.to_pylist(), num_tokens, num_seqs, beta=beta)
+        with self.share.computing():
+            out = self.learner.step(shard.to_pylist(), num_tokens, num_seqs, beta=beta)
         self.busy_s += out["step_s"]
         self.metrics.observe("learner_step_s", out["step_s"])
         return {**out, "busy_s": self.busy_s}

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from rlaif_ray import schemas, supervised
+from rlaif_ray.core_share import CoreShare
 from rlaif_ray.devices import compute_dtype
 from rlaif_ray.models import load_tokenizer, quiet_transformers
 
@@ -20,7 +21,7 @@ from .metrics import RoleMetrics
 
 class RewardModel:
     def __init__(self, name: str, path: str, dtype: str = "auto", torch_threads: int = 1, device: str = "cpu",
-                 batch_size: int = 8, max_tokens: int = 512):
+                 batch_size: int = 8, max_tokens: int = 512, share: dict | None = None):
         torch.set_num_threads(torch_threads)
         quiet_transformers()
         self.name, self.path, self.device = name, path, device
@@ -33,10 +34,13 @@ class RewardModel:
         self.pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else self.tok.pad_token_id
         self.batch_size, self.max_tokens = batch_size, max_tokens
         self.truncated, self.busy_s = 0, 0.0
+        self.share = CoreShare(share, torch_threads)  # pipeline.share_idle_cores
+        self.share.attach(self.model)
         self.metrics = RoleMetrics("reward_model", name)
 
     def info(self) -> dict:
-        return {"name": self.name, "pid": os.getpid(), "busy_s": self.busy_s, "truncated_prompts": self.truncated}
+        return {"name": self.name, "pid": os.getpid(), "busy_s": self.busy_s, "truncated_prompts": self.truncated,
+                "threads_mean": self.share.threads_mean()}
 
     def score_texts(self, contexts: list[str], responses: list[str]) -> list[float]:
         seqs = []
@@ -57,7 +61,8 @@ class RewardModel:
             raise ValueError("rl.reference=labeler needs an AI labeler holding the policy's model, not a reward model")
         schemas.check(rollouts, schemas.ROLLOUT, f"{self.name}.score input")
         t0 = time.perf_counter()
-        r = self.score_texts(rollouts.column("context").to_pylist(), rollouts.column("response_text").to_pylist())
+        with self.share.computing():
+            r = self.score_texts(rollouts.column("context").to_pylist(), rollouts.column("response_text").to_pylist())
         meta = json.dumps({"mode": "rm", "rm": self.path, "labeler": self.name})
         out = schemas.extend(rollouts, schemas.SCORED, {"reward": r, "raw_score": r, "reward_meta": [meta] * len(r),
                                                         "reward_ok": [True] * len(r),

@@ -423,6 +423,12 @@ class PipelineConfig(_Strict):
     # autoscaling cluster starts small, so give its full-scale totals here, e.g. {GPU: 64}
     cluster_resources: dict[str, float] = {}
     check_resources: bool = True
+    # lend a waiting actor's cores to those that compute (rlaif_ray/core_share.py): each CPU
+    # actor takes the cores the others leave at every decoder layer, never fewer than its
+    # torch_threads. auto: on for the overlapped mode (rl.max_staleness >= 1) on a local Ray,
+    # where the pools' threads are sized for all three computing at once; synchronous, each
+    # stage already has every core. Needs a local Ray (the cores must be known)
+    share_idle_cores: Union[bool, Literal["auto"]] = "auto"
 
 
 class EvalConfig(_Strict):
@@ -522,6 +528,11 @@ class Config(_Strict):
             raise ValueError("rl.reference=labeler needs labelers that hold the initial policy's model: reward.source "
                              f"direct or pairwise (got {self.reward.source}), reward.backend hf (got {self.reward.backend}) "
                              f"and no other reward.model (got {self.reward.model!r})")
+        from .threads import on_cluster
+
+        if self.pipeline.share_idle_cores is True and on_cluster(self.ray.address):
+            raise ValueError("pipeline.share_idle_cores=true needs a local Ray (ray.address unset): on a cluster "
+                             "each node's cores are not known before it starts; use auto or false")
         if self.reward.source == "rm" and not self.reward.rm_path:
             raise ValueError("reward.source=rm needs reward.rm_path (a folder written by `rlaif-ray train-rm`)")
         for role, backend in (("generators", self.generation.backend), ("labelers", self.reward.backend)):
@@ -580,6 +591,16 @@ def reference_on_labelers(cfg: "Config") -> bool:
     if cfg.rl.reference == "auto":
         return labelers_hold_reference(cfg)
     return cfg.rl.reference == "labeler"
+
+
+def shares_idle_cores(cfg: "Config") -> bool:
+    """pipeline.share_idle_cores resolved: auto is on for the overlapped mode on a local Ray."""
+    from .threads import on_cluster
+
+    share = cfg.pipeline.share_idle_cores
+    if share == "auto":
+        return cfg.rl.max_staleness > 0 and not on_cluster(cfg.ray.address)
+    return bool(share)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -173,6 +173,10 @@ class PolicyLearner:
     def ref(self) -> "lm.ResponseScorer":
         return self._load_reference()
 
+    @property
+    def reference_loaded(self) -> bool:
+        return self._ref is not None
+
     # ---- the update --------------------------------------------------------------------
 
     def _amp(self):

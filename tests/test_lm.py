@@ -25,3 +25,30 @@ def test_learner_logprobs_match_behaviour_logprobs(tiny_model, tokenizer):
     again, _, _ = lm.sample(tiny_model, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id,
                             temperature=0.9, top_p=1.0, top_k=0, max_new_tokens=12, seed=1)
     assert again == tokens  # seeded sampling is reproducible
+
+
+def test_the_reserved_cache_gives_the_dynamic_caches_logits(tiny_model, tokenizer):
+    """lm.reserved_cache writes keys and values into room kept ahead (no torch.cat per step):
+    the same scores, bit for bit, and the same tokens as transformers' DynamicCache, also
+    when the room runs out (reserve 3 < 9 new tokens) and after a batch reorder."""
+    from transformers import DynamicCache
+
+    prompts = [tokenizer.encode(t) for t in ("The cat sat on", "A summary of the post:", "Hello")]
+    ids, mask, _ = lm.left_pad(prompts, tokenizer.pad_token_id)
+    runs = []
+    for cache in (DynamicCache(), lm.reserved_cache(3)):
+        out = lm.generate(tiny_model, input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=9,
+                          pad_token_id=tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True,
+                          past_key_values=cache)
+        runs.append((out.sequences, torch.stack(out.scores), cache))
+    (seq_a, scores_a, _), (seq_b, scores_b, cache) = runs
+    assert torch.equal(seq_a, seq_b) and torch.equal(scores_a, scores_b)
+    layer = cache.layers[0]
+    assert layer.keys.data_ptr() == layer._room[0].data_ptr()  # a view of the room, not a copy
+    assert layer.get_seq_length() == ids.shape[1] + 8 and layer._room[0].shape[-2] >= layer.get_seq_length()
+    # a batch reorder (prefill_shared repeats rows) makes new tensors: the next update moves them to a new room
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    k, v = layer.update(torch.ones(2, *layer.keys.shape[1:2], 1, layer.keys.shape[-1]),
+                        torch.ones(2, *layer.values.shape[1:2], 1, layer.values.shape[-1]))
+    assert k.shape[0] == 2 and torch.equal(k[:, :, -1], torch.ones_like(k[:, :, -1]))
+    assert torch.equal(k[:, :, :-1], cache.layers[0].keys[:, :, :-1]) and k.data_ptr() == layer._room[0].data_ptr()

@@ -8,6 +8,7 @@ import pytest
 from rlaif_ray import schemas
 from rlaif_ray.config import config_from_dict
 from rlaif_ray.runlog import read_metrics, read_rollouts
+from rlaif_ray.threads import machine_cores
 
 
 def tiny_cfg(model_path, out_dir, **sections):
@@ -38,6 +39,14 @@ def test_overlapped_run_accounts_for_every_rollout(ray_local, tiny_model_path, t
     summary = json.loads((run / "summary.json").read_text())
     pids = summary["processes"]
     assert len(set(pids.values())) == len(pids) == 3 and os.getpid() not in pids.values()
+    # overlapped on a local Ray, idle cores are lent (pipeline.share_idle_cores: auto): every actor
+    # computed on at least its one thread, and the last step, with nothing else to compute,
+    # trained on more; the table is gone with the run
+    threads = summary["stage_threads_mean"]
+    assert set(threads) == set(pids) and all(1.0 <= t <= machine_cores() for t in threads.values())
+    if machine_cores() > 1:
+        assert threads["learner-0"] > 1.0
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith("rlaif-ray-cores-t-")]
 
     metrics = read_metrics(run)
     assert [m["policy_version"] for m in metrics] == [1, 2, 3, 4]

@@ -25,10 +25,12 @@ from actors.metrics import RoleMetrics
 from actors.ray_session import actor_died, actor_options, gather, learner_malloc_env, place, release
 from actors.reward_model import RewardModel
 from rlaif_ray import schemas
-from rlaif_ray.config import Config, reference_on_labelers
+from rlaif_ray.config import Config, reference_on_labelers, shares_idle_cores
+from rlaif_ray.core_share import create_table, remove_table, table_path
 from rlaif_ray.data import prompt_batch
 from rlaif_ray.devices import collective_backend, role_device
 from rlaif_ray.rl import adaptive_kl_beta
+from rlaif_ray.threads import local_cores
 from rlaif_ray.weight_sync import WeightVersionError
 
 
@@ -49,6 +51,19 @@ def _pool(cfg: Config, name: str, label: str, tag: str) -> list[dict]:
             for i in range(role.num_actors)]
 
 
+def share_spec(cfg: Config, table: str | None, pool: str, i: int = 0) -> dict | None:
+    """Actor i of `pool`'s place in the core-share table (pipeline.share_idle_cores): slots
+    by pool (generators, labelers, learner ranks, then the judge); None when the table is off
+    or the pool computes on GPUs."""
+    p = cfg.pipeline
+    role = p.labelers if pool == "judge" else getattr(p, pool)
+    if table is None or role.num_gpus > 0:
+        return None
+    order = ("generators", "labelers", "learner", "judge")
+    base = sum(getattr(p, k).num_actors for k in order[:order.index(pool)])
+    return {"path": table, "cores": local_cores(cfg.ray.num_cpus), "slot": base + i}
+
+
 def generator_engine(cfg: Config) -> dict:
     """The generators' vLLM settings, sized to what they are given: no sequence longer than a
     capped prompt and its response, and (auto KV cache on CPU) one step's rollouts at once."""
@@ -58,40 +73,45 @@ def generator_engine(cfg: Config) -> dict:
     return v
 
 
-def start_generators(cfg: Config, tag: str = "") -> list:
+def start_generators(cfg: Config, tag: str = "", share: str | None = None) -> list:
     g = cfg.pipeline.generators
     return [generator_actor().options(**o).remote(
         f"generator-{i}", cfg.model.name, cfg.model.dtype, cfg.generation.model_dump(), g.torch_threads,
-        role_device(g.num_gpus), generator_engine(cfg)) for i, o in enumerate(_pool(cfg, "generators", "generator", tag))]
+        role_device(g.num_gpus), generator_engine(cfg), share_spec(cfg, share, "generators", i))
+        for i, o in enumerate(_pool(cfg, "generators", "generator", tag))]
 
 
-def start_labelers(cfg: Config, tag: str = "") -> list:
+def start_labelers(cfg: Config, tag: str = "", share: str | None = None) -> list:
     """The reward pool: AI labelers, or (reward.source=rm) reward models in their place."""
     lab, m = cfg.pipeline.labelers, cfg.model
     if cfg.reward.source == "rm":
         return [ray.remote(RewardModel).options(**o).remote(
             f"reward-model-{i}", cfg.reward.rm_path, m.dtype, lab.torch_threads, role_device(lab.num_gpus),
-            cfg.reward.batch_size, cfg.rm.max_tokens) for i, o in enumerate(_pool(cfg, "labelers", "reward-model", tag))]
-    return [start_labeler(cfg, o) for o in _pool(cfg, "labelers", "labeler", tag)]
+            cfg.reward.batch_size, cfg.rm.max_tokens, share_spec(cfg, share, "labelers", i))
+            for i, o in enumerate(_pool(cfg, "labelers", "reward-model", tag))]
+    return [start_labeler(cfg, o, share_spec(cfg, share, "labelers", i))
+            for i, o in enumerate(_pool(cfg, "labelers", "labeler", tag))]
 
 
-def start_labeler(cfg: Config, options: dict):
-    """One Labeler actor with the config's reward section (also `eval`'s judge)."""
+def start_labeler(cfg: Config, options: dict, share: dict | None = None):
+    """One Labeler actor with the config's reward section (also `eval`'s judge); `share`:
+    its share_spec."""
     lab = cfg.pipeline.labelers
     return ray.remote(Labeler).options(**options).remote(
         options["name"].split("@")[0], cfg.reward.model_dump(), cfg.reward.model or cfg.model.name, cfg.model.dtype,
-        lab.torch_threads, role_device(lab.num_gpus), lab.vllm.model_dump())
+        lab.torch_threads, role_device(lab.num_gpus), lab.vllm.model_dump(), share)
 
 
-def start_eval_labeler(cfg: Config, labelers: list, tag: str = ""):
+def start_eval_labeler(cfg: Config, labelers: list, tag: str = "", share: str | None = None):
     """The AI labeler of the signal check and the win rate: the first labeler, or (when a
     reward model gives the rewards) a Labeler of its own, so the RM never grades itself."""
     if cfg.reward.source != "rm" or not (cfg.eval.win_rate or cfg.eval.signal_posts):
         return labelers[0]
-    return start_labeler(cfg, actor_options(cfg.pipeline.labelers, f"judge-0@{tag}" if tag else "judge-0"))
+    return start_labeler(cfg, actor_options(cfg.pipeline.labelers, f"judge-0@{tag}" if tag else "judge-0"),
+                         share_spec(cfg, share, "judge"))
 
 
-def start_learner(cfg: Config, tag: str = "") -> LearnerGroup:
+def start_learner(cfg: Config, tag: str = "", share: str | None = None) -> LearnerGroup:
     """The learner group; its ranks are not restarted one by one (a torch.distributed group
     cannot take a new member): Pipeline.rebuild_learner rebuilds the whole group instead."""
     role = cfg.pipeline.learner
@@ -101,13 +121,13 @@ def start_learner(cfg: Config, tag: str = "") -> LearnerGroup:
                         place("learner", role, tag, cfg.pipeline.batch_timeout_s), model_name=cfg.model.name, dtype=cfg.model.dtype, rl_cfg=cfg.rl.model_dump(),
                         temperature=cfg.generation.temperature, top_k=cfg.generation.top_k,
                         top_p=cfg.generation.top_p, torch_threads=role.torch_threads, device=role_device(role.num_gpus),
-                        reference=not reference_on_labelers(cfg))
+                        reference=not reference_on_labelers(cfg), share=share_spec(cfg, share, "learner"))
 
 
-def start_actors(cfg: Config, tag: str = ""):
+def start_actors(cfg: Config, tag: str = "", share: str | None = None):
     """Every role in its own actors; `tag` makes the names unique per run (generator-0@RUN in
-    the dashboard). Call release(tag) after killing them."""
-    return start_generators(cfg, tag), start_labelers(cfg, tag), start_learner(cfg, tag)
+    the dashboard); `share`: the core-share table, if any. Call release(tag) after killing them."""
+    return start_generators(cfg, tag, share), start_labelers(cfg, tag, share), start_learner(cfg, tag, share)
 
 
 # ---- weight sync ---------------------------------------------------------------------------
@@ -230,8 +250,10 @@ class Pipeline:
 
     def __init__(self, cfg: Config, tag: str, log=print):
         self.cfg, self.tag, self.log = cfg, tag, log
-        self.gens, self.labelers, self.learner = start_actors(cfg, tag)
-        self.eval_labeler = start_eval_labeler(cfg, self.labelers, tag)
+        # pipeline.share_idle_cores: the table the actors of this node lend idle cores through
+        self.share = create_table(table_path(tag)) if shares_idle_cores(cfg) else None
+        self.gens, self.labelers, self.learner = start_actors(cfg, tag, self.share)
+        self.eval_labeler = start_eval_labeler(cfg, self.labelers, tag, self.share)
         infos = gather([a.info.remote() for a in self.actors()], "loading models", cfg.run.progress, unit="actor")
         self.weight_dtype = infos[0]["weight_dtype"]  # generators come first: the dtype they hold weights in
         self.version = 0  # the policy version the learner holds and the generators get next
@@ -425,7 +447,7 @@ class Pipeline:
         for w in self.learner.workers:
             ray.kill(w)
         release(self.learner.tag, ["learner"])
-        self.learner = start_learner(self.cfg, f"{self.tag}-r{len(self.recoveries) + 1}")
+        self.learner = start_learner(self.cfg, f"{self.tag}-r{len(self.recoveries) + 1}", self.share)
         if self.checkpoint:
             self.learner.load(self.checkpoint)
         for old, beta in self.replay:  # each at the beta it was trained with
@@ -439,3 +461,4 @@ class Pipeline:
             ray.kill(a)
         release(self.tag)
         release(self.learner.tag, ["learner"])
+        remove_table(self.share)

@@ -205,6 +205,8 @@ def after_training(pipe: Pipeline, run: RunFolder, summary: dict, eval_items: li
         summary["heldout_examples"] = pick_examples(eval_items, b, a)
     final = ray.get([a.info.remote() for a in pipe.actors()])
     summary["stage_busy_s"] = {i["name"]: i["busy_s"] for i in final}
+    # pipeline.share_idle_cores: each actor's mean torch threads while it computed
+    summary["stage_threads_mean"] = {i["name"]: i["threads_mean"] for i in final if i.get("threads_mean")}
     summary["processes"] = {i["name"]: i["pid"] for i in final}  # after any restart
     run.write_json("summary.json", summary)
 
