@@ -15,7 +15,7 @@ from rlaif_ray.core_share import CoreShare
 from rlaif_ray.engines import HFEngine
 from rlaif_ray.config import RewardConfig
 from rlaif_ray.labeler_eval import measure_signal
-from rlaif_ray.labeling import Preferences, load_judge
+from rlaif_ray.labeling import LocalLabels, Preferences, load_judge
 from rlaif_ray.memory import trim_heap
 from rlaif_ray.pair_data import load_exemplars
 
@@ -33,10 +33,11 @@ class Labeler:
         self.name, self.min_label_mass, self.pairwise = name, cfg.min_label_mass, cfg.pairwise
         self.shots = load_exemplars(cfg.pairwise.exemplars_path, cfg.pairwise.shots)
         self.judge, self.model_name = load_judge(cfg, model_name, dtype, device, vllm)
-        # pipeline.share_idle_cores: a model in this process takes idle cores (an endpoint or a
-        # vLLM engine is only counted while it labels)
-        engine = getattr(self.judge.labels, "engine", None)
-        self.share = CoreShare(share, torch_threads, elastic=isinstance(engine, HFEngine))
+        # pipeline.share_idle_cores: a transformers model in this process takes idle cores; a
+        # vLLM engine is only counted while it labels; an endpoint computes elsewhere: not at all
+        engine = self.judge.labels.engine
+        self.share = CoreShare(share if isinstance(self.judge.labels, LocalLabels) else None, torch_threads,
+                               elastic=isinstance(engine, HFEngine))
         if isinstance(engine, HFEngine):
             self.share.attach(engine.model)
         self.unusable = 0  # labels whose tokens held too little probability (counted)

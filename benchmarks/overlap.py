@@ -62,7 +62,9 @@ def describe(run_dir: Path, staleness: int) -> dict:
             "busy_share": {k: v / loop_s for k, v in stages.items()},
             "idle_share": {k: 1 - v / loop_s for k, v in stages.items()},
             "slowest_stage": slowest, "slowest_stage_bound_per_s": bound, "of_bound": cps / bound,
-            "summary_loop_s": s["loop_s"]}
+            "summary_loop_s": s["loop_s"],
+            # pipeline.share_idle_cores: each actor's mean threads while it computed (absent: off)
+            "threads_mean": s.get("stage_threads_mean") or None}
 
 
 def main() -> None:

@@ -78,6 +78,11 @@ def _overlap(ov: dict, title: str = "") -> list[str]:
             f"{_num(r.get('completions_per_s_after_step1'))} | " +
             " | ".join(f"{r['stage_s'][s]:.1f} ({r['busy_share'][s]:.0%})" for s in stages) +
             f" | {r['slowest_stage']} | {r['of_bound']:.0%} |" for r in runs]
+    shared = [r for r in runs if r.get("threads_mean")]
+    if shared:  # pipeline.share_idle_cores was on in these runs
+        out += ["", "Idle cores lent (`pipeline.share_idle_cores`) in the runs with max_staleness "
+                f"{sorted({r['max_staleness'] for r in shared})}; each actor's mean threads while it computed: " +
+                "; ".join(", ".join(f"{k} {v:.2f}" for k, v in sorted(r["threads_mean"].items())) for r in shared) + "."]
     return out + [""]
 
 
