@@ -33,11 +33,12 @@ class RolloutGenerator:
     def __init__(self, name: str, model_name: str, dtype: str, generation: dict, torch_threads: int,
                  device: str = "cpu", vllm: dict | None = None, share: dict | None = None):
         torch.set_num_threads(torch_threads)
+        # pipeline.share_idle_cores: an HF engine takes idle cores; vLLM's threads are fixed at
+        # its start, so it is only counted while it samples. First: a restarted actor's slot is
+        # cleared before its model loads
+        self.share = CoreShare(share, torch_threads, elastic=generation["backend"] == "hf")
         self.name, self.gen, self.device = name, generation, device
         self.backend = load_engine(generation["backend"], model_name, device, dtype, vllm=vllm)
-        # pipeline.share_idle_cores: an HF engine takes idle cores; vLLM's threads are fixed at
-        # its start, so it is only counted while it samples
-        self.share = CoreShare(share, torch_threads, elastic=isinstance(self.backend, HFEngine))
         if isinstance(self.backend, HFEngine):
             self.share.attach(self.backend.model)
         self.weight_dtype = dtype_name(self.backend.dtype)  # what the learner casts weights to

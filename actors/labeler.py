@@ -30,16 +30,15 @@ class Labeler:
                  torch_threads: int = 1, device: str = "cpu", vllm: dict | None = None, share: dict | None = None):
         torch.set_num_threads(torch_threads)
         cfg = RewardConfig.model_validate(reward)
+        # pipeline.share_idle_cores: a transformers model in this process takes idle cores; a
+        # vLLM engine is only counted while it labels; an endpoint computes elsewhere: not at all.
+        # First: a restarted actor's slot is cleared before its model loads
+        self.share = CoreShare(share if cfg.backend != "openai" else None, torch_threads, elastic=cfg.backend == "hf")
         self.name, self.min_label_mass, self.pairwise = name, cfg.min_label_mass, cfg.pairwise
         self.shots = load_exemplars(cfg.pairwise.exemplars_path, cfg.pairwise.shots)
         self.judge, self.model_name = load_judge(cfg, model_name, dtype, device, vllm)
-        # pipeline.share_idle_cores: a transformers model in this process takes idle cores; a
-        # vLLM engine is only counted while it labels; an endpoint computes elsewhere: not at all
-        engine = self.judge.labels.engine
-        self.share = CoreShare(share if isinstance(self.judge.labels, LocalLabels) else None, torch_threads,
-                               elastic=isinstance(engine, HFEngine))
-        if isinstance(engine, HFEngine):
-            self.share.attach(engine.model)
+        if isinstance(self.judge.labels, LocalLabels) and isinstance(self.judge.labels.engine, HFEngine):
+            self.share.attach(self.judge.labels.engine.model)
         self.unusable = 0  # labels whose tokens held too little probability (counted)
         self.busy_s = 0.0
         self.metrics = RoleMetrics("labeler", name)

@@ -64,9 +64,9 @@ class LearnerWorker:
             dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
                                     timeout=datetime.timedelta(seconds=timeout_s))
         self.learner = PolicyLearner(**self.args)
-        self.share.attach(self.learner.policy)
-        if self.learner.reference_loaded:
-            self.share.attach(self.learner.ref)
+        self.share.attach(self.learner.policy.model)
+        if self.learner.reference_loaded:  # (loaded later, only the share at its calls' start applies)
+            self.share.attach(self.learner.ref.model)
         return os.getpid()
 
     def train_step(self, shard: pa.RecordBatch, num_tokens: int, num_seqs: int, beta: float | None = None) -> dict:

@@ -70,8 +70,9 @@ def learner_malloc_env() -> dict[str, str]:
     (rlaif_ray.memory.bundled_jemalloc, preloaded), which reuses a step's freed activations
     as fast as glibc's default and stays within about 0.1 GiB of the live peak, where glibc's
     default heap grows about 1 GiB over it; else glibc with a fixed mmap threshold (as low
-    a peak, a third slower). BENCHMARKS.md "Settings chosen by measurement". The generators
-    are slower on jemalloc (their KV cache grows by concatenation) and keep glibc. A value
+    a peak, a third slower). BENCHMARKS.md "Settings chosen by measurement". The generators were
+    measured slower on jemalloc, when their KV cache still grew by concatenation (it now
+    writes into reserved room, lm.reserved_cache; not re-measured), and keep glibc. A value
     already in the environment wins (an LD_PRELOAD of the user's own keeps theirs)."""
     from rlaif_ray.memory import bundled_jemalloc
 

@@ -23,6 +23,7 @@ class RewardModel:
     def __init__(self, name: str, path: str, dtype: str = "auto", torch_threads: int = 1, device: str = "cpu",
                  batch_size: int = 8, max_tokens: int = 512, share: dict | None = None):
         torch.set_num_threads(torch_threads)
+        self.share = CoreShare(share, torch_threads)  # pipeline.share_idle_cores; first: clears a stale slot
         quiet_transformers()
         self.name, self.path, self.device = name, path, device
         self.tok = load_tokenizer(path)
@@ -34,7 +35,6 @@ class RewardModel:
         self.pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else self.tok.pad_token_id
         self.batch_size, self.max_tokens = batch_size, max_tokens
         self.truncated, self.busy_s = 0, 0.0
-        self.share = CoreShare(share, torch_threads)  # pipeline.share_idle_cores
         self.share.attach(self.model)
         self.metrics = RoleMetrics("reward_model", name)
 

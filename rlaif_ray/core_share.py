@@ -15,9 +15,11 @@ never fewer than its own torch_threads and never more than the node's cores:
 Two actors that start at the same moment may both take the idle cores for one layer; each
 sees the other at its next layer (milliseconds) and gives them back. Each actor writes only
 its own slot, so the table needs no lock. Thread counts change only between operations, in
-the thread that computes. On the torch CPU builds measured (MKL, OpenMP), a forward and a
-backward give bitwise the same numbers at 1 and 2 threads (tests/test_core_share.py checks
-this build); BLAS libraries do not promise it in general.
+the thread that computes, and drop back to the actor's own torch_threads when a call ends
+(the table then says 0). On the CPU measured (torch 2.13 with MKL and OpenMP, AVX-512) the
+policy's forward and backward, the labeler's rewards and its reference log-probs were
+bitwise the same at 1 and 2 threads; tests/test_core_share.py checks they agree to rounding,
+as BLAS libraries do not promise more.
 """
 from __future__ import annotations
 
@@ -39,10 +41,11 @@ def table_path(tag: str) -> str:
 
 
 def create_table(path: str) -> str:
-    """The driver creates the table before the actors open it (zeros: nobody computes)."""
-    with open(path, "wb") as f:
+    """The driver creates the table before the actors open it (zeros: nobody computes);
+    readable by this user only."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "wb") as f:
         f.write(b"\0" * (SLOTS * 4))
-    os.chmod(path, 0o600)
     return path
 
 
@@ -55,13 +58,11 @@ def remove_table(path: str | None) -> None:
 
 
 def decoder_layers(model) -> list:
-    """The repeated blocks of a transformers causal LM (model.model.layers for Llama-like
-    models): the largest ModuleList whose length is config.num_hidden_layers; [] if none."""
-    import torch
-
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) and (n is None or len(m) == n)]
-    return list(max(lists, key=len)) if lists else []
+    """The decoder layers of a transformers model (its `_no_split_modules` classes, as FSDP
+    shards them), found inside any wrapper (the learner's ResponseScorer); [] if none."""
+    hf = next((m for m in model.modules() if getattr(m, "_no_split_modules", None)), None)
+    names = set(hf._no_split_modules) if hf is not None else set()
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 class CoreShare:
@@ -77,8 +78,9 @@ class CoreShare:
         self.view = None
         if spec is not None:
             self.cores, self.slot = int(spec["cores"]), int(spec["slot"])
-            if not 0 <= self.slot < SLOTS:
-                raise ValueError(f"core share: slot {self.slot} outside 0..{SLOTS - 1}")
+            self.slots = int(spec.get("slots", SLOTS))  # the run's actors: the part of the table summed
+            if not 0 <= self.slot < self.slots <= SLOTS:
+                raise ValueError(f"core share: slot {self.slot} outside 0..{min(self.slots, SLOTS) - 1}")
             fd = os.open(spec["path"], os.O_RDWR)
             try:
                 self._mm = mmap.mmap(fd, SLOTS * 4)
@@ -89,16 +91,14 @@ class CoreShare:
 
     def others(self) -> int:
         """Threads the other actors of this node compute with now."""
-        return sum(self.view) - self.view[self.slot]
+        return sum(self.view[:self.slots]) - self.view[self.slot]
 
     def acquire(self) -> int:
         """Take this actor's share now (inside a compute call); returns its threads."""
         if self.view is None:
             return self.current
         now = time.perf_counter()
-        if self.active:
-            self.thread_s += (now - self._t) * self.current
-        self._t = now
+        self._count(now)
         if self.elastic:
             n = max(self.floor, min(self.cores, self.cores - self.others()))
             if n != self.current:
@@ -109,26 +109,41 @@ class CoreShare:
         self.view[self.slot] = self.current
         return self.current
 
-    def release(self, now: float | None = None) -> None:
-        if self.view is not None:
-            self.view[self.slot] = 0
-            if self.active:
-                self.thread_s += ((now or time.perf_counter()) - self._t) * self.current
+    def _count(self, now: float) -> None:
+        """The slice since the last count: busy seconds and thread-seconds add the same slices,
+        so an actor that kept one thread count has exactly that mean."""
+        if self.active:
+            self.busy_s += now - self._t
+            self.thread_s += (now - self._t) * self.current
+        self._t = now
+
+    def release(self) -> None:
+        """Idle: 0 in the table, and back to the actor's own threads, so that work outside a
+        compute call (weight installs, checkpoints) never runs on cores lent meanwhile."""
+        if self.view is None:
+            return
+        self._count(time.perf_counter())
+        self.view[self.slot] = 0
+        if self.elastic and self.current != self.floor:
+            import torch
+
+            torch.set_num_threads(self.floor)
+            self.current = self.floor
 
     @contextmanager
     def computing(self):
         """Around a compute call: the actor counts as busy with its share, and its busy and
-        thread-seconds are kept (threads_mean)."""
+        thread-seconds are kept (threads_mean; with the share off, busy seconds only)."""
         self._t = t0 = time.perf_counter()
         self.active = True
         self.acquire()
         try:
             yield self
         finally:
-            end = time.perf_counter()
-            self.release(end)
+            self.release()
             self.active = False
-            self.busy_s += end - t0
+            if self.view is None:
+                self.busy_s += time.perf_counter() - t0
 
     def threads_mean(self) -> float | None:
         """Mean threads while computing (thread-seconds / busy seconds); None before any call

@@ -197,13 +197,19 @@ def generate(model, **kwargs):
         model.generation_config = own
 
 
-def reserved_cache(reserve: int):
-    """A transformers DynamicCache whose layers write each step's keys and values into room
-    kept ahead (`reserve` positions past the first update, doubled when used up) instead of concatenating:
-    DynamicLayer.update copies the whole cache at every step (torch.cat; on CPU about a fifth
-    of sampling the quickstart's batch). Attention gets views of the same values in the same
-    positions, so logits are those of a DynamicCache (tests/test_lm.py)."""
+def reserved_cache(model, reserve: int):
+    """For a model whose layers all attend to the full sequence: a transformers DynamicCache
+    whose layers write each step's keys and values into room kept ahead instead of
+    concatenating (DynamicLayer.update copies the whole cache at every step with torch.cat).
+    Room: `reserve` positions past what an update needs, doubled if that runs out. Attention
+    gets views of the same values in the same positions, so the logits are a DynamicCache's,
+    bit for bit (tests/test_lm.py). Other models (sliding windows, hybrid layers): None, and
+    transformers builds its own cache from the config."""
     from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+    text = model.config.get_text_config(decoder=True)
+    if getattr(text, "sliding_window", None) or any(t != "full_attention" for t in getattr(text, "layer_types", None) or []):
+        return None
 
     class ReservedLayer(DynamicLayer):
         def update(self, key_states, value_states, *args, **kwargs):
@@ -211,11 +217,13 @@ def reserved_cache(reserve: int):
                 self.lazy_initialization(key_states, value_states)
             n, q = self.get_seq_length(), key_states.shape[-2]
             room = getattr(self, "_room", None)
-            # the buffer is the one these keys are a view of (batch_select_indices or crop
-            # make new tensors: then a new buffer)
-            if room is None or n + q > room[0].shape[-2] or (n and room[0].data_ptr() != self.keys.data_ptr()):
+            # the room holds these keys (a crop keeps a view of it; batch_select_indices and
+            # batch_repeat_interleave make new tensors, which move to a new room)
+            held = room is not None and n > 0 and room[0].data_ptr() == self.keys.data_ptr() \
+                and room[0].shape[:-2] == self.keys.shape[:-2]
+            if not held or n + q > room[0].shape[-2]:
                 shape = list(key_states.shape)
-                shape[-2] = n + q + (reserve if room is None else n + q)
+                shape[-2] = 2 * (n + q) if held else n + q + reserve
                 room = tuple(torch.empty(shape, dtype=t.dtype, device=t.device) for t in (key_states, value_states))
                 if n:
                     room[0][..., :n, :].copy_(self.keys)
@@ -225,6 +233,10 @@ def reserved_cache(reserve: int):
             room[1][..., n:n + q, :].copy_(value_states)
             self.keys, self.values = room[0][..., :n + q, :], room[1][..., :n + q, :]
             return self.keys, self.values
+
+        def reset(self) -> None:
+            self._room = None
+            super().reset()
 
     class ReservedCache(DynamicCache):
         def __init__(self):
@@ -242,12 +254,13 @@ def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, *, tempera
     from) and whether each hit max_new_tokens without EOS."""
     ids, mask, _ = left_pad(prompts, pad_id, model_device(model))
     past = prefill_shared(model, prompts, pad_id, max_new_tokens) if share_prompts else None
+    past = past if past is not None else reserved_cache(model, max_new_tokens)
     torch.manual_seed(seed)
     out = generate(model, input_ids=ids, attention_mask=mask, do_sample=True,
                    temperature=temperature, top_p=top_p, top_k=top_k,
                    max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
                    output_scores=True, return_dict_in_generate=True, use_cache=True,
-                   past_key_values=past if past is not None else reserved_cache(max_new_tokens))
+                   **({"past_key_values": past} if past is not None else {}))
     new = out.sequences[:, ids.shape[1]:]
     # scores are the processed logits (temperature/top-k/top-p applied) that were sampled from
     # one step at a time: stacking every step's full-vocabulary log-softmax costs GBs
@@ -271,14 +284,18 @@ def prefill_shared(model, prompts: list[list[int]], pad_id: int, reserve: int = 
     generate runs the last prompt token and samples): the k samples of a prompt cost one
     prefill, not k. Left padding to the same width keeps each row's columns and positions
     where the unshared batch has them. `reserve`: room for that many more positions
-    (reserved_cache), taken when the rows are repeated out of the distinct prompts."""
+    (reserved_cache): the repeated rows move to a room of their own at generate's first step,
+    with that many positions to spare."""
+    from transformers import DynamicCache
+
     distinct: dict = {}
     rows = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
     if len(distinct) == len(prompts) or min(len(p) for p in prompts) < 2:
         return None
     unique = [list(p)[:-1] for p in distinct]
     ids, mask, pos = left_pad(unique, pad_id, model_device(model))
-    cache = reserved_cache(reserve + 1)  # generate first runs the prompts' last token
+    cache = reserved_cache(model, reserve + 1)  # generate first runs the prompts' last token
+    cache = DynamicCache() if cache is None else cache  # (an empty cache is falsy: no `or`)
     # only the cache is wanted: the LM head on one position, not on every prompt token (a
     # [prompts x tokens x vocabulary] matmul, about a twentieth of the quickstart's sampling time)
     model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)

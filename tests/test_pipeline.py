@@ -8,6 +8,7 @@ import pytest
 from rlaif_ray import schemas
 from rlaif_ray.config import config_from_dict
 from rlaif_ray.runlog import read_metrics, read_rollouts
+from rlaif_ray.core_share import table_path
 from rlaif_ray.threads import machine_cores
 
 
@@ -33,6 +34,8 @@ def test_overlapped_run_accounts_for_every_rollout(ray_local, tiny_model_path, t
     from rlaif_ray.commands.train import train
 
     cfg = tiny_cfg(tiny_model_path, tmp_path, eval={"every": 2})
+    tables = os.path.dirname(table_path("x"))
+    before = {p for p in os.listdir(tables) if p.startswith("rlaif-ray-cores-")}
     run = train(cfg, tmp_path / "run", log=lambda *_: None)
     import json
 
@@ -46,7 +49,7 @@ def test_overlapped_run_accounts_for_every_rollout(ray_local, tiny_model_path, t
     assert set(threads) == set(pids) and all(1.0 <= t <= machine_cores() for t in threads.values())
     if machine_cores() > 1:
         assert threads["learner-0"] > 1.0
-    assert not [p for p in os.listdir("/dev/shm") if p.startswith("rlaif-ray-cores-t-")]
+    assert {p for p in os.listdir(tables) if p.startswith("rlaif-ray-cores-")} == before
 
     metrics = read_metrics(run)
     assert [m["policy_version"] for m in metrics] == [1, 2, 3, 4]

@@ -26,7 +26,7 @@ from actors.ray_session import actor_died, actor_options, gather, learner_malloc
 from actors.reward_model import RewardModel
 from rlaif_ray import schemas
 from rlaif_ray.config import Config, reference_on_labelers, shares_idle_cores
-from rlaif_ray.core_share import create_table, remove_table, table_path
+from rlaif_ray.core_share import SLOTS, create_table, remove_table, table_path
 from rlaif_ray.data import prompt_batch
 from rlaif_ray.devices import collective_backend, role_device
 from rlaif_ray.rl import adaptive_kl_beta
@@ -59,9 +59,14 @@ def share_spec(cfg: Config, table: str | None, pool: str, i: int = 0) -> dict | 
     role = p.labelers if pool == "judge" else getattr(p, pool)
     if table is None or role.num_gpus > 0:
         return None
-    order = ("generators", "labelers", "learner", "judge")
-    base = sum(getattr(p, k).num_actors for k in order[:order.index(pool)])
-    return {"path": table, "cores": local_cores(cfg.ray.num_cpus), "slot": base + i}
+    order = ("generators", "labelers", "learner")
+    base = sum(getattr(p, k).num_actors for k in order[:order.index(pool)]) if pool in order else \
+        sum(getattr(p, k).num_actors for k in order)
+    slots = sum(getattr(p, k).num_actors for k in order) + 1  # the judge's last
+    if slots > SLOTS:
+        raise ValueError(f"pipeline.share_idle_cores: {slots} actors on one node exceed the table's {SLOTS}; "
+                         "set pipeline.share_idle_cores=false")
+    return {"path": table, "cores": local_cores(cfg.ray.num_cpus), "slot": base + i, "slots": slots}
 
 
 def generator_engine(cfg: Config) -> dict:
@@ -252,9 +257,13 @@ class Pipeline:
         self.cfg, self.tag, self.log = cfg, tag, log
         # pipeline.share_idle_cores: the table the actors of this node lend idle cores through
         self.share = create_table(table_path(tag)) if shares_idle_cores(cfg) else None
-        self.gens, self.labelers, self.learner = start_actors(cfg, tag, self.share)
-        self.eval_labeler = start_eval_labeler(cfg, self.labelers, tag, self.share)
-        infos = gather([a.info.remote() for a in self.actors()], "loading models", cfg.run.progress, unit="actor")
+        try:
+            self.gens, self.labelers, self.learner = start_actors(cfg, tag, self.share)
+            self.eval_labeler = start_eval_labeler(cfg, self.labelers, tag, self.share)
+            infos = gather([a.info.remote() for a in self.actors()], "loading models", cfg.run.progress, unit="actor")
+        except BaseException:  # no Pipeline to kill(): the table goes now
+            remove_table(self.share)
+            raise
         self.weight_dtype = infos[0]["weight_dtype"]  # generators come first: the dtype they hold weights in
         self.version = 0  # the policy version the learner holds and the generators get next
         # the KL weight of the next step: rl.beta throughout, or (rl.kl_control: adaptive) where
@@ -457,8 +466,10 @@ class Pipeline:
         self.regroup = self.broadcast  # the new rank 0 is not in the weight group yet
 
     def kill(self) -> None:
-        for a in self.actors():
-            ray.kill(a)
-        release(self.tag)
-        release(self.learner.tag, ["learner"])
-        remove_table(self.share)
+        try:
+            for a in self.actors():
+                ray.kill(a)
+            release(self.tag)
+            release(self.learner.tag, ["learner"])
+        finally:
+            remove_table(self.share)
