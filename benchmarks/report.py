@@ -81,7 +81,8 @@ def _overlap(ov: dict, title: str = "") -> list[str]:
     shared = [r for r in runs if r.get("threads_mean")]
     if shared:  # pipeline.share_idle_cores was on in these runs
         out += ["", "Idle cores lent (`pipeline.share_idle_cores`) in the runs with max_staleness "
-                f"{sorted({r['max_staleness'] for r in shared})}; each actor's mean threads while it computed: " +
+                f"{', '.join(str(k) for k in sorted({r['max_staleness'] for r in shared}))}; "
+                "each actor's mean threads while it computed: " +
                 "; ".join(", ".join(f"{k} {v:.2f}" for k, v in sorted(r["threads_mean"].items())) for r in shared) + "."]
     return out + [""]
 
