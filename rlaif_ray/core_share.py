@@ -72,7 +72,7 @@ class CoreShare:
 
     def __init__(self, spec: dict | None, floor: int, elastic: bool = True):
         self.floor, self.current = max(1, floor), max(1, floor)
-        self.spec, self.elastic = spec, elastic and spec is not None
+        self.elastic = elastic and spec is not None
         self.active, self.busy_s, self.thread_s, self._t = False, 0.0, 0.0, 0.0
         self.changes = 0  # thread-count changes made (how often the share moved)
         self.view = None

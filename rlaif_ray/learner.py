@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import lm, rl
+from .core_share import decoder_layers
 from .devices import compute_dtype, dtype_name, enable_tf32
 from .memory import trim_heap
 from .models import load_model, load_tokenizer
@@ -63,8 +64,7 @@ def loss_normalisers(response_token_ids: list[list[int]], reward_ok: list[bool])
 
 def _decoder_layers(model) -> list:
     """The transformer blocks of a HF causal LM (its `_no_split_modules` classes): FSDP's units."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    layers = decoder_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__}: cannot find its decoder layers to shard (no _no_split_modules)")
     return layers

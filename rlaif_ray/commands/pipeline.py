@@ -59,10 +59,9 @@ def share_spec(cfg: Config, table: str | None, pool: str, i: int = 0) -> dict | 
     role = p.labelers if pool == "judge" else getattr(p, pool)
     if table is None or role.num_gpus > 0:
         return None
-    order = ("generators", "labelers", "learner")
-    base = sum(getattr(p, k).num_actors for k in order[:order.index(pool)]) if pool in order else \
-        sum(getattr(p, k).num_actors for k in order)
-    slots = sum(getattr(p, k).num_actors for k in order) + 1  # the judge's last
+    pools = ("generators", "labelers", "learner", "judge")
+    counts = [p.generators.num_actors, p.labelers.num_actors, p.learner.num_actors, 1]
+    base, slots = sum(counts[:pools.index(pool)]), sum(counts)
     if slots > SLOTS:
         raise ValueError(f"pipeline.share_idle_cores: {slots} actors on one node exceed the table's {SLOTS}; "
                          "set pipeline.share_idle_cores=false")
