@@ -171,7 +171,7 @@ def _pipeline(rl: dict, learner=None):
     pipe.learner = learner or _FakeLearner()
     pipe.version, pipe.beta, pipe.replay, pipe.checkpoint = 0, cfg.rl.beta, [], None
     pipe.inflight, pipe.launched = deque(), 0
-    pipe.published = []
+    pipe.published, pipe.share = [], None
     pipe.publish = lambda v: (pipe.published.append(v), setattr(pipe, "version", v))
     return pipe
 
@@ -242,7 +242,7 @@ def test_a_rebuilt_learner_replays_each_batch_at_its_own_beta(monkeypatch):
     pipe.learner.workers, pipe.learner.tag = [], "t"
     pipe.tag, pipe.recoveries, pipe.broadcast = "t", [], False
     monkeypatch.setattr(pipeline, "release", lambda *a, **k: None)
-    monkeypatch.setattr(pipeline, "start_learner", lambda cfg, tag: new)
+    monkeypatch.setattr(pipeline, "start_learner", lambda cfg, tag, share: new)
     pipe.rebuild_learner(RuntimeError("died"))
     assert [(c[0], c[2]) for c in new.calls] == [("b0", betas[0]), ("b1", betas[1])]
 
