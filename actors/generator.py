@@ -12,54 +12,45 @@ two teams against one). Every rollout is tagged with the policy version that pro
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 
 import pyarrow as pa
 import ray
-import torch
 
-from rlaif_ray import schemas, weight_sync
-from rlaif_ray.core_share import CoreShare
-from rlaif_ray.devices import dtype_name
-from rlaif_ray.engines import HFEngine, load_engine
-from rlaif_ray.memory import PeakRSS, trim_heap
+from rlaif_ray.data import schemas
+from rlaif_ray.engines import weight_sync
+from rlaif_ray.engines.backends import load_engine
+from rlaif_ray.engines.devices import dtype_name
+from rlaif_ray.engines.hf import HFEngine
+from rlaif_ray.run.memory import PeakRSS
 
-from .metrics import RoleMetrics
+from .process import ActorProcess
 
 
 class RolloutGenerator:
     def __init__(self, name: str, model_name: str, dtype: str, generation: dict, torch_threads: int,
-                 device: str = "cpu", vllm: dict | None = None, share: dict | None = None):
-        torch.set_num_threads(torch_threads)
-        # pipeline.share_idle_cores: an HF engine takes idle cores; vLLM's threads are fixed at
-        # its start, so it is only counted while it samples. First: a restarted actor's slot is
-        # cleared before its model loads
-        self.share = CoreShare(share, torch_threads, elastic=generation["backend"] == "hf")
+                 device: str = "cpu", vllm: dict | None = None):
+        self.proc = ActorProcess("generator", name, torch_threads, device)
         self.name, self.gen, self.device = name, generation, device
         self.backend = load_engine(generation["backend"], model_name, device, dtype, vllm=vllm)
         if isinstance(self.backend, HFEngine):
-            self.share.attach(self.backend.model)
+            self.proc.tune(self.backend.model)
         self.weight_dtype = dtype_name(self.backend.dtype)  # what the learner casts weights to
         self.version = 0
         self._staged = None  # (weights, version) received but not yet installed
         self._stage_lock = threading.Lock()  # set_weights (control thread) against the install
         self._lock = threading.Lock()  # one compute call at a time
         self._compute_threads: set[int] = set()  # threads that ran compute calls (1 expected)
-        self.busy_s = 0.0
         self.last_install_s = 0.0  # time of the last weight install
         self.last_install_extra_mb = 0.0  # peak memory it added (broadcast: about one bucket)
-        self.metrics = RoleMetrics("generator", name)
 
     @ray.method(concurrency_group="control")
     def info(self) -> dict:
-        return {"name": self.name, "pid": os.getpid(), "version": self.version, "busy_s": self.busy_s,
-                "compute_threads": len(self._compute_threads), "threads_mean": self.share.threads_mean(),
-                "last_install_s": self.last_install_s,
-                "last_install_extra_mb": self.last_install_extra_mb, "backend": self.gen["backend"],
-                "prefix_caching": self.backend.prefix_caching, "weight_dtype": self.weight_dtype,
-                "weight_ranks": self.backend.weight_ranks}
+        return self.proc.info(version=self.version, compute_threads=len(self._compute_threads),
+                              last_install_s=self.last_install_s, last_install_extra_mb=self.last_install_extra_mb,
+                              backend=self.gen["backend"], prefix_caching=self.backend.prefix_caching,
+                              weight_dtype=self.weight_dtype, weight_ranks=self.backend.weight_ranks)
 
     @ray.method(concurrency_group="control")
     def set_weights(self, weights: dict, version: int) -> int:
@@ -122,7 +113,7 @@ class RolloutGenerator:
     def generate(self, prompts: pa.RecordBatch, batch_index: int, samples_per_prompt: int, seed: int,
                  temperature: float | None = None) -> pa.RecordBatch:
         schemas.check(prompts, schemas.PROMPT, f"{self.name}.generate input")
-        with self._lock, self.share.computing():
+        with self._lock, self.proc.busy():
             self._install_staged()
             t0 = time.perf_counter()
             rows = prompts.to_pylist()
@@ -152,15 +143,10 @@ class RolloutGenerator:
                 "truncated": truncated,
                 "generator": [self.name] * len(expanded),
             })
-            out = schemas.make_batch(schemas.ROLLOUT, cols)
-            trim_heap()
-            dt = time.perf_counter() - t0
-            self.busy_s += dt
             n_tokens = sum(len(t) for t in tokens)
-            self.metrics.inc("tokens_generated", n_tokens)
-            self.metrics.set("tokens_per_s", n_tokens / max(dt, 1e-9))
-            self.metrics.observe("batch_s", dt)
-            return out
+            self.proc.metrics.inc("tokens_generated", n_tokens)
+            self.proc.metrics.set("tokens_per_s", n_tokens / max(time.perf_counter() - t0, 1e-9))
+            return schemas.make_batch(schemas.ROLLOUT, cols)
 
 
 def generator_actor():

@@ -4,22 +4,30 @@ samples of the same prompt) and judges pairs for evaluation."""
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pyarrow as pa
 import torch
 
-from rlaif_ray import lm, schemas, scoring
-from rlaif_ray.core_share import CoreShare
-from rlaif_ray.engines import HFEngine
 from rlaif_ray.config import RewardConfig
-from rlaif_ray.labeler_eval import measure_signal
-from rlaif_ray.labeling import LocalLabels, Preferences, load_judge
-from rlaif_ray.memory import trim_heap
-from rlaif_ray.pair_data import load_exemplars
+from rlaif_ray.data import schemas
+from rlaif_ray.engines import lm
+from rlaif_ray.engines.hf import HFEngine
+from rlaif_ray.feedback import scoring
+from rlaif_ray.feedback.labeler_eval import measure_signal
+from rlaif_ray.feedback.labeling import LocalLabels, Preferences, load_judge
+from rlaif_ray.feedback.pairs import load_exemplars
 
-from .metrics import RoleMetrics
+from .process import ActorProcess
+
+
+def local_model(judge):
+    """The transformers model a judge reads labels from in this process (None: a vLLM engine
+    or an endpoint)."""
+    labels = judge.labels
+    if isinstance(labels, LocalLabels) and isinstance(labels.engine, HFEngine):
+        return labels.engine.model
+    return None
 
 
 class Labeler:
@@ -27,26 +35,19 @@ class Labeler:
     options, openai endpoint)."""
 
     def __init__(self, name: str, reward: dict, model_name: str, dtype: str = "auto",
-                 torch_threads: int = 1, device: str = "cpu", vllm: dict | None = None, share: dict | None = None):
-        torch.set_num_threads(torch_threads)
+                 torch_threads: int = 1, device: str = "cpu", vllm: dict | None = None):
+        self.proc = ActorProcess("labeler", name, torch_threads, device)
         cfg = RewardConfig.model_validate(reward)
-        # pipeline.share_idle_cores: a transformers model in this process takes idle cores; a
-        # vLLM engine is only counted while it labels; an endpoint computes elsewhere: not at all.
-        # First: a restarted actor's slot is cleared before its model loads
-        self.share = CoreShare(share if cfg.backend != "openai" else None, torch_threads, elastic=cfg.backend == "hf")
         self.name, self.min_label_mass, self.pairwise = name, cfg.min_label_mass, cfg.pairwise
         self.shots = load_exemplars(cfg.pairwise.exemplars_path, cfg.pairwise.shots)
         self.judge, self.model_name = load_judge(cfg, model_name, dtype, device, vllm)
-        if isinstance(self.judge.labels, LocalLabels) and isinstance(self.judge.labels.engine, HFEngine):
-            self.share.attach(self.judge.labels.engine.model)
+        if local_model(self.judge) is not None:
+            self.proc.tune(local_model(self.judge))
         self.unusable = 0  # labels whose tokens held too little probability (counted)
-        self.busy_s = 0.0
-        self.metrics = RoleMetrics("labeler", name)
 
     def info(self) -> dict:
-        return {"name": self.name, "pid": os.getpid(), "busy_s": self.busy_s, "unusable_labels": self.unusable,
-                "threads_mean": self.share.threads_mean(),
-                "endpoint_retries": 0, "labels_outside_top_k": 0, **self.judge.labels.counters()}
+        return self.proc.info(unusable_labels=self.unusable, endpoint_retries=0, labels_outside_top_k=0,
+                              **self.judge.labels.counters())
 
     def score(self, rollouts: pa.RecordBatch, mode: str = "direct",
               reference_temperature: float | None = None) -> pa.RecordBatch:
@@ -54,7 +55,7 @@ class Labeler:
         reference policy's log-probs of the responses at that temperature (rl.reference:
         labeler; this labeler holds the initial policy's weights), so the learner skips its
         reference forward."""
-        with self.share.computing():
+        with self.proc.busy():
             schemas.check(rollouts, schemas.ROLLOUT, f"{self.name}.score input")
             t0 = time.perf_counter()
             contexts = rollouts.column("context").to_pylist()
@@ -67,13 +68,12 @@ class Labeler:
             else:
                 raise ValueError(f"reward.source: unknown mode {mode!r}")
             ok = [json.loads(m).get("label_mass", 1.0) >= self.min_label_mass for m in metas]
-            self.unusable += ok.count(False)
             ref = self._reference(rollouts, reference_temperature) if reference_temperature is not None \
                 else [None] * rollouts.num_rows
-            out = schemas.extend(rollouts, schemas.SCORED, {"reward": rewards, "raw_score": raws, "reward_meta": metas,
-                                                            "reward_ok": ok, "reference_logprobs": ref})
-            self._account(len(rewards), ok.count(False), t0)
-            return out
+            self.unusable += ok.count(False)  # of the rewards (info); judgements count their own
+            self._count(len(rewards), ok.count(False), t0)
+            return schemas.extend(rollouts, schemas.SCORED, {"reward": rewards, "raw_score": raws, "reward_meta": metas,
+                                                             "reward_ok": ok, "reference_logprobs": ref})
 
     @torch.no_grad()
     def _reference(self, rollouts: pa.RecordBatch, temperature: float) -> list[list[float]]:
@@ -117,33 +117,30 @@ class Labeler:
         """Evaluation: debiased P(a preferred over b) per pair, both orders, with the label
         tokens' probability mass (low mass: unusable, counted) and any CoT rationales.
         `pairwise` overrides fields of the config's reward.pairwise (task, preamble, cot, ...)."""
-        with self.share.computing():
+        with self.proc.busy():
             t0 = time.perf_counter()
             pw = self.pairwise.model_copy(update=pairwise) if pairwise else self.pairwise
             pref = self.judge.prefer(contexts, a, b, pw, self.shots)
-            self._account(len(pref.p_a), sum(1 for m in pref.label_mass if m < self.min_label_mass), t0)
+            self._count(len(pref.p_a), sum(1 for m in pref.label_mass if m < self.min_label_mass), t0)
             return pref
 
     def judge_alone(self, contexts: list[str], responses: list[str], scorer: str | None = None) -> dict:
         """Each response judged on its own by a scorer (the harmless rate, eval.judge=scorer,
         or the configured reward.scorer): reward in [-1, 1], raw value, the reward mapped to
         [0, 1] (P(Yes) for yes/no scorers, (score - 1) / 9 for 1-10), the label mass."""
-        with self.share.computing():
+        with self.proc.busy():
             t0 = time.perf_counter()
             rewards, raws, metas = self.judge.score(contexts, responses, scorer)
             mass = [json.loads(m)["label_mass"] for m in metas]
-            self._account(len(raws), sum(1 for m in mass if m < self.min_label_mass), t0)
+            self._count(len(raws), sum(1 for m in mass if m < self.min_label_mass), t0)
             return {"reward": rewards, "p_yes": raws, "score01": [(r + 1) / 2 for r in rewards], "label_mass": mass}
 
     def signal(self, rows: list[dict], n: int) -> dict:
-        with self.share.computing():
+        with self.proc.busy():
             return measure_signal(self.judge, rows, n)
 
-    def _account(self, n_labels: int, unusable: int, t0: float) -> None:
-        trim_heap()
-        dt = time.perf_counter() - t0
-        self.busy_s += dt
-        self.metrics.inc("labels", n_labels)
-        self.metrics.inc("unusable_labels", unusable)
-        self.metrics.set("labels_per_s", n_labels / max(dt, 1e-9))
-        self.metrics.observe("batch_s", dt)
+    def _count(self, n_labels: int, unusable: int, t0: float) -> None:
+        """Labels made (and unusable ones) by one call that started at `t0`, for the dashboard."""
+        self.proc.metrics.inc("labels", n_labels)
+        self.proc.metrics.inc("unusable_labels", unusable)
+        self.proc.metrics.set("labels_per_s", n_labels / max(time.perf_counter() - t0, 1e-9))

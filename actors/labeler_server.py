@@ -32,15 +32,25 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from rlaif_ray.engines import load_engine
-from rlaif_ray.models import model_context
-from rlaif_ray.openai_api import (EndpointLimits, RequestError, check_body_size, check_headers, check_tokens,
-                                  completion_response, parse_request, queue_full, time_limit)
+from rlaif_ray.engines.backends import load_engine
+from rlaif_ray.engines.models import model_context
+from rlaif_ray.feedback.openai_api import (
+    EndpointLimits,
+    RequestError,
+    check_body_size,
+    check_headers,
+    check_tokens,
+    completion_response,
+    parse_request,
+    queue_full,
+    time_limit,
+)
+
+from .process import ActorProcess
 
 api = FastAPI(title="rlaif-ray labeler", docs_url=None, redoc_url=None)
 
@@ -52,12 +62,16 @@ UNAUTHORIZED = ("missing or wrong API key (Authorization: Bearer ...)", 401, "in
 class LabelerEndpoint:
     def __init__(self, served_name: str, model_name: str, dtype: str, backend: str, torch_threads: int,
                  limits: EndpointLimits, key_sha256: str | None, device: str = "cpu", vllm: dict | None = None):
-        torch.set_num_threads(torch_threads)
+        # threads and (CPU) attention as every actor of the project sets them up; generation
+        # time is the endpoint's own (limits, timeouts), not an actor's busy clock
+        self.proc = ActorProcess("endpoint", served_name, torch_threads, device)
         self.served_name, self.key_sha256, self.limits = served_name, key_sha256, limits
         self.context = model_context(model_name)
         # the completions endpoint reports the model's own log-probs (vLLM: raw, not processed)
         self.engine = load_engine(backend, model_name, device, dtype, vllm=vllm,
                                   **(dict(logprobs_mode="raw_logprobs") if backend == "vllm" else {}))
+        if backend == "hf":
+            self.proc.tune(self.engine.model)
         self.tok = self.engine.tok  # the engine's own, not a second load
         self.gate = asyncio.Lock()  # one generating request at a time per replica
         self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="labeler-generate")

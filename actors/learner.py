@@ -1,5 +1,5 @@
 """LearnerWorker: one rank of the learner group (FSDP over gloo on CPU, NCCL on GPU), a thin
-Ray shell around rlaif_ray.learner.PolicyLearner. LearnerGroup: the driver-side handle that
+Ray shell around rlaif_ray.rl.learner.PolicyLearner. LearnerGroup: the driver-side handle that
 shards a scored batch across the ranks and gathers metrics."""
 from __future__ import annotations
 
@@ -9,41 +9,37 @@ import time
 
 import pyarrow as pa
 import ray
-import torch
 import torch.distributed as dist
 
-from rlaif_ray import schemas, weight_sync
-from rlaif_ray.core_share import CoreShare
-from rlaif_ray.devices import collective_backend, collective_device
-from rlaif_ray.learner import PolicyLearner, loss_normalisers
-from rlaif_ray.memory import allocator
+from rlaif_ray.data import schemas
+from rlaif_ray.engines import weight_sync
+from rlaif_ray.engines.devices import collective_backend, collective_device
+from rlaif_ray.rl.learner import PolicyLearner, loss_normalisers
 
-from .metrics import RoleMetrics
+from .process import ActorProcess
 
 
 class LearnerWorker:
-    """Ray concerns around a rlaif_ray.learner.PolicyLearner: the process group (rank 0 hosts
+    """Ray concerns around a rlaif_ray.rl.learner.PolicyLearner: the process group (rank 0 hosts
     its store), Arrow in, metrics, the weight group to the generators. The model is loaded
     in `setup`, once the group is up (FSDP shards over it)."""
 
     def __init__(self, rank: int, world_size: int, model_name: str, dtype: str, rl_cfg: dict,
                  temperature: float, torch_threads: int, device: str = "cpu", top_k: int = 0, top_p: float = 1.0,
-                 reference: bool = True, share: dict | None = None):
-        torch.set_num_threads(torch_threads)
+                 reference: bool = True):
+        # the heap a step freed goes back after it (rl.release_memory; the allocator is the
+        # actor's start-up environment: rlaif_ray.cpu.allocator.learner_env)
+        release = bool(rl_cfg.get("release_memory", True)) if isinstance(rl_cfg, dict) else rl_cfg.release_memory
+        self.proc = ActorProcess("learner", f"learner-{rank}", torch_threads, device, release_memory=release)
         self.rank, self.world_size, self.device = rank, world_size, device
-        # pipeline.share_idle_cores: `share` names the group's first slot; each rank has its own
-        self.share = CoreShare(share and {**share, "slot": share["slot"] + rank}, torch_threads)
         # the sampler's settings: the learner scores the distribution the generators sampled from
         self.args = dict(model_name=model_name, rl_cfg=rl_cfg, temperature=temperature, device=device, dtype=dtype,
                          top_k=top_k, top_p=top_p, reference=reference)
         self.learner: PolicyLearner | None = None
-        self.busy_s = 0.0
         self._stores = {}  # TCP stores this rank hosts, by group (host_store)
-        self.metrics = RoleMetrics("learner", f"learner-{rank}")
 
     def info(self) -> dict:
-        return {"name": f"learner-{self.rank}", "pid": os.getpid(), "busy_s": self.busy_s, "allocator": allocator(),
-                "threads_mean": self.share.threads_mean()}
+        return self.proc.info()
 
     def env(self, names: list[str]) -> dict:
         return {k: os.environ.get(k) for k in names}
@@ -64,19 +60,14 @@ class LearnerWorker:
             dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
                                     timeout=datetime.timedelta(seconds=timeout_s))
         self.learner = PolicyLearner(**self.args)
-        self.share.attach(self.learner.policy.model)
-        if self.learner.reference_loaded:  # (loaded later, only the share at its calls' start applies)
-            self.share.attach(self.learner.ref.model)
         return os.getpid()
 
     def train_step(self, shard: pa.RecordBatch, num_tokens: int, num_seqs: int, beta: float | None = None) -> dict:
         """One PolicyLearner.step; `beta` (None: rl.beta) is this step's KL weight."""
         schemas.check(shard, schemas.SCORED, f"learner rank {self.rank} input")
-        with self.share.computing():
+        with self.proc.busy("learner_step_s"):
             out = self.learner.step(shard.to_pylist(), num_tokens, num_seqs, beta=beta)
-        self.busy_s += out["step_s"]
-        self.metrics.observe("learner_step_s", out["step_s"])
-        return {**out, "busy_s": self.busy_s}
+        return {**out, "busy_s": self.proc.busy_s}
 
     def get_weights(self, dtype: str = "float32") -> dict | None:
         """The policy in `dtype` for the object store (weight_sync.pack); rank 0 returns it,
@@ -112,7 +103,7 @@ class LearnerWorker:
             return {"bytes": 0, "largest_bucket": 0, "s": time.perf_counter() - t0}
         out = weight_sync.send_buckets(self.weight_group, named, self.learner.weight_spec(dtype), version,
                                        bucket_bytes, self.weight_device)
-        self.metrics.observe("weight_broadcast_s", time.perf_counter() - t0)
+        self.proc.metrics.observe("weight_broadcast_s", time.perf_counter() - t0)
         return {**out, "s": time.perf_counter() - t0}
 
     def save(self, path: str, state: dict) -> None:

@@ -12,7 +12,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
 from rlaif_ray.config import Config, ConfigError, RoleResources
-from rlaif_ray.layout import bundle, check_layout, placement
+from rlaif_ray.run.layout import bundle, check_layout, placement
 
 
 def start_ray(cfg: Config) -> bool:
@@ -58,28 +58,6 @@ def thread_env(role: RoleResources) -> dict[str, str]:
     """OpenMP threads = the role's torch threads (Ray sets OMP_NUM_THREADS=num_cpus, 1 when
     fractional; see BENCHMARKS.md "Settings chosen by measurement")."""
     return {"OMP_NUM_THREADS": str(role.torch_threads)}
-
-
-# glibc with a fixed mmap threshold: freed activations go back to the OS at once, and every
-# new one is page-faulted in again (a learner step about a third slower than glibc's default)
-GLIBC_LEARNER = (("MALLOC_MMAP_THRESHOLD_", "65536"), ("MALLOC_TRIM_THRESHOLD_", "1048576"), ("MALLOC_ARENA_MAX", "2"))
-
-
-def learner_malloc_env() -> dict[str, str]:
-    """The learner only (rl.release_memory): its allocator. jemalloc where Ray ships one
-    (rlaif_ray.memory.bundled_jemalloc, preloaded), which reuses a step's freed activations
-    as fast as glibc's default and stays within about 0.1 GiB of the live peak, where glibc's
-    default heap grows about 1 GiB over it; else glibc with a fixed mmap threshold (as low
-    a peak, a third slower). BENCHMARKS.md "Settings chosen by measurement". The generators were
-    measured slower on jemalloc, when their KV cache still grew by concatenation (it now
-    writes into reserved room, lm.reserved_cache; not re-measured), and keep glibc. A value
-    already in the environment wins (an LD_PRELOAD of the user's own keeps theirs)."""
-    from rlaif_ray.memory import bundled_jemalloc
-
-    jemalloc = bundled_jemalloc()
-    if jemalloc and "LD_PRELOAD" not in os.environ:
-        return {"LD_PRELOAD": jemalloc}
-    return {k: os.environ.get(k, v) for k, v in GLIBC_LEARNER}
 
 
 def place(name: str, role: RoleResources, tag: str, timeout: float) -> list[dict]:

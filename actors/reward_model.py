@@ -4,26 +4,24 @@ chains generator -> reward model exactly as generator -> labeler."""
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pyarrow as pa
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from rlaif_ray import schemas, supervised
-from rlaif_ray.core_share import CoreShare
-from rlaif_ray.devices import compute_dtype
-from rlaif_ray.models import load_tokenizer, quiet_transformers
+from rlaif_ray.data import schemas
+from rlaif_ray.engines.devices import compute_dtype
+from rlaif_ray.engines.models import load_tokenizer, quiet_transformers
+from rlaif_ray.rl import supervised
 
-from .metrics import RoleMetrics
+from .process import ActorProcess
 
 
 class RewardModel:
     def __init__(self, name: str, path: str, dtype: str = "auto", torch_threads: int = 1, device: str = "cpu",
-                 batch_size: int = 8, max_tokens: int = 512, share: dict | None = None):
-        torch.set_num_threads(torch_threads)
-        self.share = CoreShare(share, torch_threads)  # pipeline.share_idle_cores; first: clears a stale slot
+                 batch_size: int = 8, max_tokens: int = 512):
+        self.proc = ActorProcess("reward_model", name, torch_threads, device)
         quiet_transformers()
         self.name, self.path, self.device = name, path, device
         self.tok = load_tokenizer(path)
@@ -34,13 +32,10 @@ class RewardModel:
                              "expected a scalar head from `rlaif-ray train-rm`)")
         self.pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else self.tok.pad_token_id
         self.batch_size, self.max_tokens = batch_size, max_tokens
-        self.truncated, self.busy_s = 0, 0.0
-        self.share.attach(self.model)
-        self.metrics = RoleMetrics("reward_model", name)
+        self.truncated = 0
 
     def info(self) -> dict:
-        return {"name": self.name, "pid": os.getpid(), "busy_s": self.busy_s, "truncated_prompts": self.truncated,
-                "threads_mean": self.share.threads_mean()}
+        return self.proc.info(truncated_prompts=self.truncated)
 
     def score_texts(self, contexts: list[str], responses: list[str]) -> list[float]:
         seqs = []
@@ -61,15 +56,12 @@ class RewardModel:
             raise ValueError("rl.reference=labeler needs an AI labeler holding the policy's model, not a reward model")
         schemas.check(rollouts, schemas.ROLLOUT, f"{self.name}.score input")
         t0 = time.perf_counter()
-        with self.share.computing():
+        with self.proc.busy():
             r = self.score_texts(rollouts.column("context").to_pylist(), rollouts.column("response_text").to_pylist())
         meta = json.dumps({"mode": "rm", "rm": self.path, "labeler": self.name})
         out = schemas.extend(rollouts, schemas.SCORED, {"reward": r, "raw_score": r, "reward_meta": [meta] * len(r),
                                                         "reward_ok": [True] * len(r),
                                                         "reference_logprobs": [None] * len(r)})
-        dt = time.perf_counter() - t0
-        self.busy_s += dt
-        self.metrics.inc("labels", len(r))
-        self.metrics.set("labels_per_s", len(r) / max(dt, 1e-9))
-        self.metrics.observe("batch_s", dt)
+        self.proc.metrics.inc("labels", len(r))
+        self.proc.metrics.set("labels_per_s", len(r) / max(time.perf_counter() - t0, 1e-9))
         return out

@@ -33,9 +33,9 @@ def main() -> None:
     import torch
 
     from benchmarks.overhead import versions
-    from rlaif_ray.learner import ADAMW_KERNEL
-    from rlaif_ray.memory import PeakRSS
-    from rlaif_ray.models import load_model
+    from rlaif_ray.engines.models import load_model
+    from rlaif_ray.rl.learner import ADAMW_KERNEL
+    from rlaif_ray.run.memory import PeakRSS
 
     # the loop the CPU learner ran before, and the kernel PolicyLearner runs
     kernels = {"single-tensor loop (before)": dict(foreach=False), "fused (now)": ADAMW_KERNEL}

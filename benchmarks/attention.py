@@ -1,5 +1,5 @@
 """Attention on CPU: transformers' "sdpa" (KV heads copied to every query head under a mask)
-against rlaif_ray.attention's grouped-query SDPA (no copies), on the quickstart's work,
+against rlaif_ray.cpu.attention's grouped-query SDPA (no copies), on the quickstart's work,
 alternated on one loaded model in one process (no Ray).
 
     python -m benchmarks.attention [--rounds 3] [--batches 3]
@@ -35,10 +35,11 @@ def main() -> None:
     import torch
 
     from benchmarks.overhead import versions
-    from rlaif_ray import attention, lm
     from rlaif_ray.config import load_config
-    from rlaif_ray.data import PromptSampler, task_prompts
-    from rlaif_ray.models import load_model, load_tokenizer
+    from rlaif_ray.cpu import attention
+    from rlaif_ray.data.tasks import PromptSampler, task_prompts
+    from rlaif_ray.engines import lm
+    from rlaif_ray.engines.models import load_model, load_tokenizer
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.set)

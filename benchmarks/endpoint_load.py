@@ -67,7 +67,7 @@ def main() -> None:
     from benchmarks.overhead import versions
     from rlaif_ray.commands.serve_labeler import serve_labeler
     from rlaif_ray.config import load_config
-    from rlaif_ray.openai_api import EndpointLimits
+    from rlaif_ray.feedback.openai_api import EndpointLimits
 
     with __import__("socket").socket() as s:
         s.bind(("127.0.0.1", 0))

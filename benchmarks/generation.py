@@ -2,7 +2,7 @@
   - `hf` RolloutGenerator actor, the `vllm` RolloutGenerator actor holding its weights in bf16
     (`vllm-bf16`) and in fp32 (`vllm-fp32`, pipeline.generators.vllm.dtype), and
     `model.generate` called directly in this process (no Ray, no Arrow), same model, prompts
-    and lengths; which of the two vLLM dtypes rlaif_ray.devices.vllm_dtype picks for this CPU
+    and lengths; which of the two vLLM dtypes rlaif_ray.engines.devices.vllm_dtype picks for this CPU
     (auto) is recorded, and compared with the hf actor;
   - the time one weight update takes to install in each actor.
 
@@ -38,11 +38,11 @@ def main() -> None:
     import torch
 
     from actors.generator import generator_actor
-    from rlaif_ray import lm
     from rlaif_ray.config import GenerationConfig, TaskConfig
-    from rlaif_ray.devices import cpu_capabilities, vllm_dtype
-    from rlaif_ray.data import build_prompts, load_tldr, prompt_batch
-    from rlaif_ray.models import load_model, load_tokenizer
+    from rlaif_ray.data.tasks import build_prompts, load_tldr, prompt_batch
+    from rlaif_ray.engines import lm
+    from rlaif_ray.engines.devices import cpu_capabilities, vllm_dtype
+    from rlaif_ray.engines.models import load_model, load_tokenizer
 
     torch.set_num_threads(1)  # the same single thread an actor gets
     tok = load_tokenizer(args.model)
@@ -82,7 +82,7 @@ def main() -> None:
             samples[b].append({"tokens": n, "s": dt, "tokens_per_s": n / dt})
             print(json.dumps({"round": r, "backend": b, **samples[b][-1]}), flush=True)
     # one weight update per actor: the learner's weights (here: the model's own) staged, then installed
-    from rlaif_ray import weight_sync
+    from rlaif_ray.engines import weight_sync
 
     params = list(load_model(args.model).named_parameters())
     install, dtypes = {}, {b: ray.get(a.info.remote())["weight_dtype"] for b, a in actors.items()}

@@ -42,8 +42,8 @@ def main() -> None:
     from actors.generator import generator_actor
     from benchmarks.overhead import versions
     from rlaif_ray.config import load_config
-    from rlaif_ray.data import PromptSampler, prompt_batch, task_prompts
-    from rlaif_ray.models import load_tokenizer
+    from rlaif_ray.data.tasks import PromptSampler, prompt_batch, task_prompts
+    from rlaif_ray.engines.models import load_tokenizer
 
     cfg = load_config(args.config, args.set)
     rl = cfg.rl

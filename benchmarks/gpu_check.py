@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
@@ -45,7 +44,7 @@ def _batch(learner, gen, tok, n_prompts: int = 2, k: int = 2, seed: int = 0) -> 
 
 
 def _counts(rows):
-    from rlaif_ray.learner import loss_normalisers
+    from rlaif_ray.rl.learner import loss_normalisers
 
     return loss_normalisers([r["response_token_ids"] for r in rows], [r["reward_ok"] for r in rows])
 
@@ -60,8 +59,8 @@ def _peak(device) -> float:
 
 
 def part_learner(ctx) -> dict:
-    from rlaif_ray.engines import HFEngine
-    from rlaif_ray.learner import PolicyLearner
+    from rlaif_ray.engines.hf import HFEngine
+    from rlaif_ray.rl.learner import PolicyLearner
 
     dev = ctx["device"]
     if torch.device(dev).type == "cuda":
@@ -91,7 +90,7 @@ def part_learner(ctx) -> dict:
 def part_parity(ctx) -> dict:
     """After the steps, sync the learner's weights into the generator (in its dtype), sample,
     and compare the generator's behaviour log-probs with the learner's for the same tokens."""
-    from rlaif_ray.devices import dtype_name
+    from rlaif_ray.engines.devices import dtype_name
 
     learner, gen = ctx["learner"], ctx["gen"]
     gen.load_weights(dict(learner.state_for_sync(dtype_name(gen.dtype))))
@@ -108,9 +107,9 @@ def part_parity(ctx) -> dict:
 
 
 def part_labels(ctx) -> dict:
-    from rlaif_ray.engines import HFEngine
     from rlaif_ray.config import PairwiseConfig
-    from rlaif_ray.labeling import Judge
+    from rlaif_ray.engines.hf import HFEngine
+    from rlaif_ray.feedback.labeling import Judge
 
     gen = ctx["gen"]
     ctxs = ["Post: my landlord raised the rent twice this year and I do not know what to do. " * 2] * 2
@@ -141,7 +140,7 @@ def _group(device):
 def part_fsdp(ctx) -> dict:
     import torch.distributed as dist
 
-    from rlaif_ray.learner import PolicyLearner
+    from rlaif_ray.rl.learner import PolicyLearner
 
     dev, learner = ctx["device"], ctx["learner"]
     rows = _batch(learner, ctx["gen"], ctx["tok"], seed=11)
@@ -169,7 +168,7 @@ def part_fsdp(ctx) -> dict:
 def part_checkpoint(ctx) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from rlaif_ray.learner import PolicyLearner
+    from rlaif_ray.rl.learner import PolicyLearner
 
     learner, dev = ctx["learner"], ctx["device"]
     rows = _batch(learner, ctx["gen"], ctx["tok"], seed=13)
@@ -193,8 +192,8 @@ def part_checkpoint(ctx) -> dict:
 
 
 def part_device_guard(ctx) -> dict:
-    from rlaif_ray.devices import DeviceGuard
-    from rlaif_ray.labeling import Judge
+    from rlaif_ray.engines.devices import DeviceGuard
+    from rlaif_ray.feedback.labeling import Judge
 
     learner, gen = ctx["learner"], ctx["gen"]
     rows = _batch(learner, gen, ctx["tok"], seed=17)
@@ -212,7 +211,8 @@ def part_ray(ctx) -> dict:
     import ray
 
     from actors.learner import LearnerWorker
-    from rlaif_ray import schemas, weight_sync
+    from rlaif_ray.data import schemas
+    from rlaif_ray.engines import weight_sync
 
     rows = _batch(ctx["learner"], ctx["gen"], ctx["tok"], seed=19)
     full = [{**r, "prompt_text": "", "reference": None, "context": "", "sample_index": 0, "response_text": "",
@@ -236,7 +236,7 @@ def part_ray(ctx) -> dict:
 
 def part_vllm(ctx) -> dict:
     """A vLLM engine on the device: sample, then install the learner's weights in bf16."""
-    from rlaif_ray.vllm_engine import VLLMEngine
+    from rlaif_ray.engines.vllm_engine import VLLMEngine
 
     eng = VLLMEngine(ctx["model"], device=ctx["device"], max_model_len=512, kv_cache_gib=0.25)
     before = eng.digest()
@@ -257,7 +257,7 @@ def save_tiny_model(path: str) -> str:
     """A small random Llama (hidden 128, 4 layers) with the bundled tokenizer, in bf16."""
     from transformers import AutoModelForCausalLM
 
-    from rlaif_ray.models import make_tiny_model
+    from rlaif_ray.engines.models import make_tiny_model
 
     make_tiny_model(path, hidden=128, layers=4)
     m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)

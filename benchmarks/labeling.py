@@ -44,11 +44,11 @@ def main() -> None:
 
     import torch
 
-    from rlaif_ray import scoring
     from rlaif_ray.config import PairwiseConfig
-    from rlaif_ray.labeling import Judge
-    from rlaif_ray.models import load_model, load_tokenizer
-    from rlaif_ray.pair_data import exemplar_pairs, load_pairs
+    from rlaif_ray.engines.models import load_model, load_tokenizer
+    from rlaif_ray.feedback import scoring
+    from rlaif_ray.feedback.labeling import Judge
+    from rlaif_ray.feedback.pairs import exemplar_pairs, load_pairs
 
     torch.set_num_threads(args.threads)
     rows, task = load_pairs(args.data, args.pairs)

@@ -9,7 +9,7 @@ PolicyLearner.step on the TRL comparison's batch (configs/quickstart.yaml with
 benchmarks.trl_compare's settings: 4 real prompts of up to 400 tokens x 2 responses of 48
 tokens, gradient checkpointing, the reference log-probs in the batch as the labeler computes
 them), one warm-up step and then `--steps` timed ones; peak RSS is the process's high-water
-mark (getrusage), RSS after is after the last step's trim_heap. Writes
+mark (getrusage), RSS after is after the last step's release_heap. Writes
 results/learner_malloc.json; BENCHMARKS.md shows it.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def variants() -> dict[str, dict[str, str]]:
     from actors.ray_session import GLIBC_LEARNER
-    from rlaif_ray.memory import bundled_jemalloc
+    from rlaif_ray.cpu.allocator import bundled_jemalloc
 
     out = {"glibc default": {}, "glibc, fixed mmap threshold 64 KiB (before)": dict(GLIBC_LEARNER)}
     if bundled_jemalloc():
@@ -46,10 +46,10 @@ def child(steps: int, threads: int, overrides: list[str]) -> None:
 
     from benchmarks.trl_compare import SHARED
     from rlaif_ray.config import load_config
-    from rlaif_ray.data import task_prompts
-    from rlaif_ray.learner import PolicyLearner, loss_normalisers
-    from rlaif_ray.memory import allocator
-    from rlaif_ray.models import load_tokenizer
+    from rlaif_ray.cpu.allocator import allocator
+    from rlaif_ray.data.tasks import task_prompts
+    from rlaif_ray.engines.models import load_tokenizer
+    from rlaif_ray.rl.learner import PolicyLearner, loss_normalisers
 
     torch.set_num_threads(threads)
     cfg = load_config("configs/quickstart.yaml", SHARED + overrides)

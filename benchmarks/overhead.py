@@ -141,9 +141,9 @@ class CpuSampler(threading.Thread):
 
 
 def run_ray(config: str, overrides: list[str], out: Path) -> dict:
-    from rlaif_ray.config import load_config
     from rlaif_ray.commands.train import train
-    from rlaif_ray.runlog import read_metrics
+    from rlaif_ray.config import load_config
+    from rlaif_ray.run.folder import read_metrics
 
     sampler = CpuSampler()
     sampler.start()
@@ -166,7 +166,7 @@ def run_ray(config: str, overrides: list[str], out: Path) -> dict:
 
 def plain_variants() -> dict[str, dict[str, str]]:
     """The plain process's allocators, by variant name: the environment each runs with."""
-    from rlaif_ray.memory import bundled_jemalloc
+    from rlaif_ray.cpu.allocator import bundled_jemalloc
 
     out = {"plain": {}}
     if bundled_jemalloc():
@@ -194,15 +194,15 @@ def plain_loop(config: str, overrides: list[str]) -> dict:
     import torch
 
     from rlaif_ray.config import load_config
-    from rlaif_ray.data import PromptSampler, task_prompts
-    from rlaif_ray.devices import dtype_name
-    from rlaif_ray.engines import HFEngine
-    from rlaif_ray.labeling import load_judge
-    from rlaif_ray.pair_data import load_exemplars
-    from rlaif_ray.learner import PolicyLearner, loss_normalisers
-    from rlaif_ray.memory import allocator
-    from rlaif_ray.rl import adaptive_kl_beta
-    from rlaif_ray.scoring import pairwise_rewards
+    from rlaif_ray.cpu.allocator import allocator
+    from rlaif_ray.data.tasks import PromptSampler, task_prompts
+    from rlaif_ray.engines.devices import dtype_name
+    from rlaif_ray.engines.hf import HFEngine
+    from rlaif_ray.feedback.labeling import load_judge
+    from rlaif_ray.feedback.pairs import load_exemplars
+    from rlaif_ray.feedback.scoring import pairwise_rewards
+    from rlaif_ray.rl.learner import PolicyLearner, loss_normalisers
+    from rlaif_ray.rl.losses import adaptive_kl_beta
 
     assert "ray" not in sys.modules, "the plain variant must not import ray"
     cfg = load_config(config, overrides)

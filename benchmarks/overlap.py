@@ -46,7 +46,7 @@ def stage_seconds(busy: dict[str, float]) -> dict[str, float]:
 
 
 def describe(run_dir: Path, staleness: int) -> dict:
-    from rlaif_ray.runlog import read_metrics
+    from rlaif_ray.run.folder import read_metrics
 
     rows = read_metrics(run_dir)
     s = json.loads((run_dir / "summary.json").read_text())
@@ -77,9 +77,9 @@ def main() -> None:
 
     import ray
 
-    from rlaif_ray.config import load_config
     from actors.ray_session import start_ray
     from rlaif_ray.commands.train import train
+    from rlaif_ray.config import load_config
 
     base = FIXED + args.overrides
     start_ray(load_config(args.config, base))

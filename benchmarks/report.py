@@ -235,9 +235,9 @@ def render() -> str:
             flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in gen["cpu_bf16"].items())
             out.append(f"\nThe CPU's bf16 instructions: {flags}. " + (
                 "`vllm-bf16` and `vllm-fp32` are the vLLM generator actor with `pipeline.generators.vllm.dtype` "
-                "set; left at auto, `rlaif_ray.devices.vllm_dtype` picks bf16 only with AVX-512, AMX or Arm BF16: "
+                "set; left at auto, `rlaif_ray.engines.devices.vllm_dtype` picks bf16 only with AVX-512, AMX or Arm BF16: "
                 f"here **{auto}**." if auto else
-                "`vllm` holds its weights in the dtype `rlaif_ray.devices.vllm_dtype` picks for this CPU (bf16 only "
+                "`vllm` holds its weights in the dtype `rlaif_ray.engines.devices.vllm_dtype` picks for this CPU (bf16 only "
                 "with AVX-512, AMX or Arm BF16); `vllm-bf16` is the same actor asked for bf16."))
         for key, label in (("ratio_vllm_over_hf", f"vllm actor in the dtype a run gets here ({auto}) / hf actor"
                             if auto else "vllm actor / hf actor"),

@@ -31,10 +31,10 @@ def main() -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from rlaif_ray.config import load_config
     from rlaif_ray.commands.label import label_file
-    from rlaif_ray.pair_data import load_pairs
     from rlaif_ray.commands.train_rm import run_train_rm
+    from rlaif_ray.config import load_config
+    from rlaif_ray.feedback.pairs import load_pairs
 
     cfg = load_config(args.config, args.overrides)
     work = Path(args.work)

@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from rlaif_ray import scaling
+from rlaif_ray.run import scaling
 
 RESULTS = Path(__file__).parent / "results"
 FORMULA = ("T(d) = max(n t_g / G, n t_l / L', n t_t + t_s, (n t_g / G + n t_l / L' + n t_t + t_s) / d), "

@@ -15,13 +15,12 @@ import time
 
 import torch
 
-from rlaif_ray import lm
 from rlaif_ray.config import load_config
-from rlaif_ray.data import task_prompts
-from rlaif_ray.engines import load_engine
-from rlaif_ray.labeling import load_judge
-from rlaif_ray.learner import PolicyLearner, loss_normalisers
-from rlaif_ray.models import load_tokenizer
+from rlaif_ray.data.tasks import task_prompts
+from rlaif_ray.engines import lm, load_engine
+from rlaif_ray.engines.models import load_tokenizer
+from rlaif_ray.feedback.labeling import load_judge
+from rlaif_ray.rl.learner import PolicyLearner, loss_normalisers
 
 
 def main() -> None:

@@ -69,7 +69,7 @@ TIMED = ("from the start of the training loop (models loaded, nothing generated 
 NOTES = [
     "rlaif-ray runs its defaults for this machine otherwise: the reference log-probs computed by the labeler, which "
     "holds the same frozen model (rl.reference auto), so the learner holds no reference copy; the learner on the "
-    "jemalloc Ray ships (rl.release_memory); the vLLM generator in the dtype rlaif_ray.devices.vllm_dtype picks "
+    "jemalloc Ray ships (rl.release_memory); the vLLM generator in the dtype rlaif_ray.engines.devices.vllm_dtype picks "
     "for the CPU (fp32 on an AVX2-only one: vLLM's CPU build emulates bf16 there), its max_model_len the longest "
     "sequence it is given (400 + 48 tokens) and its CPU KV cache room for one step's 8 rollouts of that length "
     "(pipeline.generators.vllm, auto)",
@@ -118,9 +118,9 @@ def trl_child(config: str, overrides: list[str], threads: int, result: Path) -> 
     from trl import GRPOConfig, GRPOTrainer
 
     from rlaif_ray.config import load_config
-    from rlaif_ray.data import PromptSampler, task_prompts
-    from rlaif_ray.labeling import load_judge
-    from rlaif_ray.models import load_model, load_tokenizer
+    from rlaif_ray.data.tasks import PromptSampler, task_prompts
+    from rlaif_ray.engines.models import load_model, load_tokenizer
+    from rlaif_ray.feedback.labeling import load_judge
 
     cfg = load_config(config, overrides)
     rl, gen = cfg.rl, cfg.generation
@@ -238,7 +238,7 @@ def cpu_seconds(cpu: CpuSampler, t0: float, t1: float, completions: int) -> dict
 def run_rlaif(config: str, overrides: list[str], tmp: Path, tag: str, code: Path | None = None) -> dict:
     """One `rlaif-ray train` under the sampler. `code`: another checkout of rlaif-ray to run
     (its own packages first on the path, its folder the working directory), else this one."""
-    from rlaif_ray.runlog import read_metrics
+    from rlaif_ray.run.folder import read_metrics
 
     out = tmp / tag
     argv = [sys.executable, "-c", "import sys; from rlaif_ray.commands.cli import main; sys.exit(main())", "train",

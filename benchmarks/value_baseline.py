@@ -45,9 +45,9 @@ def rollouts(model_name: str, steps: int, rows: int, max_new_tokens: int, temper
     """`steps` batches of `rows` rollouts (rows / 2 prompts, 2 samples each) of TL;DR titles."""
     import torch
 
-    from rlaif_ray import lm
-    from rlaif_ray.data import load_tldr
-    from rlaif_ray.models import load_model, load_tokenizer
+    from rlaif_ray.data.tasks import load_tldr
+    from rlaif_ray.engines import lm
+    from rlaif_ray.engines.models import load_model, load_tokenizer
 
     tok = load_tokenizer(model_name)
     model = load_model(model_name).eval()
@@ -75,7 +75,7 @@ def rollouts(model_name: str, steps: int, rows: int, max_new_tokens: int, temper
 
 def train(model_name: str, batches: list, steps: int, value_lr: float, temperature: float) -> list[dict]:
     from rlaif_ray.config import RLConfig
-    from rlaif_ray.learner import PolicyLearner, loss_normalisers
+    from rlaif_ray.rl.learner import PolicyLearner, loss_normalisers
 
     cfg = RLConfig(baseline="value", value_lr=value_lr, lr=1e-5, beta=0.05, release_memory=False)
     learner = PolicyLearner(model_name, cfg, temperature)

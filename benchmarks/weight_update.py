@@ -32,11 +32,11 @@ def main() -> None:
 
     import ray
 
-    from benchmarks.overhead import versions
-    from rlaif_ray.config import load_config
-    from actors.ray_session import release
-    from rlaif_ray.commands.pipeline import broadcast_weights, form_weight_group, start_learner, sync_weights
     from actors.generator import generator_actor
+    from actors.ray_session import release
+    from benchmarks.overhead import versions
+    from actors.pipeline import broadcast_weights, form_weight_group, start_learner, sync_weights
+    from rlaif_ray.config import load_config
 
     cfg = load_config(args.config, ["pipeline.learner.num_cpus=0.5"] + ([f"model.name={args.model}"] if args.model else []))
     load_before = os.getloadavg()

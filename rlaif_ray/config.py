@@ -12,14 +12,14 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rlaif_ray.rubrics import SCORERS
+
 
 class ConfigError(ValueError):
     """A config problem; the message names the field (and file) at fault."""
 
 
 def _check_scorer(name: str) -> str:
-    from .scoring import SCORERS  # the registry sits beside the scoring math (torch); loaded on use
-
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r}; known: {sorted(SCORERS)}")
     return name
@@ -76,46 +76,52 @@ class TaskConfig(_Strict):
     # tldr: Reddit posts (summarization); hh_helpful / hh_harmless: the dialogue contexts of
     # the bundled Anthropic HH pairs (their own held-out split; task.data_path is TL;DR only)
     name: Literal["tldr", "hh_helpful", "hh_harmless"] = "tldr"
-    # None: the TL;DR posts bundled in rlaif_ray/data. Otherwise JSONL(.gz) or Parquet with
+    # None: the TL;DR posts bundled in rlaif_ray/data/bundled. Otherwise JSONL(.gz) or Parquet with
     # the fields subreddit, title, post (summary optional, needed for the signal check).
     data_path: Optional[str] = None
+    # chat: the instruction and the post in the policy's chat template; raw: the post then "TL;DR:"
     prompt_format: Literal["chat", "raw"] = "chat"
+    # what the chat prompt asks the policy to do with the post
     instruction: str = "Summarize this Reddit post in one sentence."
-    max_prompt_tokens: int = Field(256, gt=0)
+    max_prompt_tokens: int = Field(256, gt=0)  # the longest prompt, in the policy's tokens (see on_long_prompt)
     # what to do with a post whose prompt is longer than max_prompt_tokens
     on_long_prompt: Literal["skip", "truncate", "error"] = "skip"
     heldout_size: int = Field(64, ge=0)  # last rows of the data, never trained on
 
 
 class GenerationConfig(_Strict):
+    # hf: transformers in the generator actor; vllm: a vLLM engine there (README, vLLM backends)
     backend: Literal["hf", "vllm"] = "hf"
     # Rollouts are sampled from softmax(logits / temperature), cut to its top_k, then top_p
     # set and renormalised, and from nothing else: no setting of the model's own
     # generation_config.json (repetition_penalty, min_p, ...) applies. The learner evaluates
     # that same distribution (lm.sampled_logprobs), so the on-policy ratio is 1 for each.
     temperature: float = Field(0.9, gt=0)  # docs/method.md §3: T = 0.9
+    # nucleus sampling: the smallest set of tokens holding this much probability (1.0 = off)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # 0 = off
-    max_new_tokens: int = Field(48, gt=0)
+    max_new_tokens: int = Field(48, gt=0)  # the longest response; a response cut here is counted as truncated
     strip_trailing: bool = True  # docs/method.md: strip trailing periods/spaces (summaries)
 
 
 class PairwiseConfig(_Strict):
     """How the pairwise AI labeler asks (docs/method.md §1.1-§1.6). Defaults as in the paper's RL
     labels: base preamble, 0-shot, no CoT, no self-consistency, position debiasing on."""
+    # which preamble: summarization (TL;DR), helpful or harmless (HH dialogues); harmless asks for the worse response
     task: Literal["summarization", "helpful", "harmless"] = "summarization"
     # detailed: the paper's Table 16 structure for summarization; for helpful/harmless the
-    # paper shows no detailed text (docs/method.md §1.2, unconfirmed): ours is in rlaif_ray/templates
+    # paper shows no detailed text (docs/method.md §1.2, unconfirmed): ours is in rlaif_ray/feedback/templates
     preamble: Literal["base", "detailed"] = "base"
     shots: int = Field(0, ge=0, le=8)  # few-shot exemplars taken from exemplars_path
     # JSONL/Parquet with context, response_1, response_2, label (1/2, in the prompt's own
     # terms: the harmful one for `harmless`), optional rationale. None: no exemplars.
     exemplars_path: Optional[str] = None
+    # chain of thought: the labeler writes a rationale first, then the label is read after it (docs/method.md §1.5)
     cot: bool = False
     cot_max_tokens: int = Field(128, gt=0)  # paper: 61 rationale tokens on average (TL;DR)
     self_consistency: int = Field(1, ge=1)  # > 1: that many sampled rationales, averaged
-    sc_temperature: float = Field(0.7, gt=0)
-    sc_top_k: int = Field(40, ge=0)
+    sc_temperature: float = Field(0.7, gt=0)  # self-consistency: the temperature of the sampled rationales
+    sc_top_k: int = Field(40, ge=0)  # self-consistency: top-k of the sampled rationales (0 = off)
     debias: bool = True  # score both orders and average (docs/method.md §1.4)
 
     @model_validator(mode="after")
@@ -127,10 +133,10 @@ class PairwiseConfig(_Strict):
 
 class OpenAIEndpointConfig(_Strict):
     """An OpenAI-compatible /v1/completions endpoint that returns top log-probabilities."""
-    base_url: str = "http://127.0.0.1:8000/v1"
-    model: str = "smollm2-135m-instruct"
+    base_url: str = "http://127.0.0.1:8000/v1"  # the endpoint's base URL (http://HOST:PORT/v1)
+    model: str = "smollm2-135m-instruct"  # the model name the endpoint serves
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from YAML
-    timeout_s: float = Field(60.0, gt=0)
+    timeout_s: float = Field(60.0, gt=0)  # seconds one request may take
     max_retries: int = Field(3, ge=0)  # on timeouts, connection errors, HTTP 429 and 5xx
     backoff_s: float = Field(0.5, ge=0)  # doubled after each failed try
     top_logprobs: int = Field(5, ge=1, le=20)  # "1"/"2" must be among them to read a label
@@ -142,8 +148,8 @@ class RewardConfig(_Strict):
     #   reward 2*P - 1 to a and 1 - 2*P to b.
     # rm: a trained reward model (reward.rm_path, from `train-rm`) scores each response
     source: Literal["direct", "pairwise", "rm"] = "direct"
-    rm_path: Optional[str] = None
-    scorer: str = "yesno_about_chat"  # a name from rlaif_ray.scoring.SCORERS
+    rm_path: Optional[str] = None  # reward.source=rm: the folder `rlaif-ray train-rm` wrote
+    scorer: str = "yesno_about_chat"  # a name from rlaif_ray.rubrics.SCORERS
     # hf: the model inside the Labeler actor; vllm: a vLLM engine there; openai: an
     # OpenAI-compatible endpoint (pairwise only), e.g. `rlaif-ray serve-labeler`
     backend: Literal["hf", "vllm", "openai"] = "hf"
@@ -151,7 +157,7 @@ class RewardConfig(_Strict):
     # less next-token probability than this; such rollouts are counted and not trained on
     min_label_mass: float = Field(0.01, ge=0, le=1)
     model: Optional[str] = None  # None: the same checkpoint as the initial policy
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0)  # responses (or pairs) per labeler forward pass
     # hf backend: run prompt prefixes shared by a batch (preamble, exemplars, the context both
     # orders share) once through a KV cache. auto = on for CPU, off (padded batch) for GPU
     prefix_sharing: Literal["auto", "on", "off"] = "auto"
@@ -166,10 +172,10 @@ class RewardConfig(_Strict):
 
 class TrainerConfig(_Strict):
     """Ray Train workers of `sft` / `train-rm` (TorchTrainer, DDP: gloo on CPU, NCCL on GPU)."""
-    num_workers: int = Field(2, gt=0)
-    num_cpus_per_worker: float = Field(1.0, ge=0)
+    num_workers: int = Field(2, gt=0)  # Ray Train workers (DDP ranks)
+    num_cpus_per_worker: float = Field(1.0, ge=0)  # Ray CPUs per worker
     use_gpu: bool = False  # one GPU per worker
-    torch_threads: int = Field(1, gt=0)
+    torch_threads: int = Field(1, gt=0)  # torch threads per worker
     storage_path: Optional[str] = None  # Ray Train's run storage; None: beside the output folder
 
 
@@ -180,17 +186,17 @@ class SFTConfig(_Strict):
     # false: the initial model is the SFT policy (the paper's helpful/harmless setting:
     # instruction-tuned PaLM 2 XS with no task fine-tuning); `run` then skips this step
     enabled: bool = True
-    data_path: Optional[str] = None
+    data_path: Optional[str] = None  # posts to fine-tune on (None: task.data_path, else the bundled TL;DR posts)
     output: str = "runs/sft"  # the checkpoint folder written (safetensors + tokenizer)
-    epochs: int = Field(1, gt=0)
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(1, gt=0)  # passes over the data
+    lr: float = Field(1e-5, gt=0)  # AdamW learning rate
+    weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
     batch_size: int = Field(8, gt=0)  # global batch (split across trainer.num_workers)
-    max_grad_norm: float = Field(1.0, gt=0)
-    max_examples: Optional[int] = Field(None, gt=0)
-    max_response_tokens: int = Field(64, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)  # gradient clipping norm
+    max_examples: Optional[int] = Field(None, gt=0)  # at most this many training examples (None: all)
+    max_response_tokens: int = Field(64, gt=0)  # reference responses are cut to this many tokens
     heldout: int = Field(16, gt=0)  # examples held out for the loss reported every epoch
-    seed: int = 0
+    seed: int = 0  # seeds the data order and the model's initialisation
     trainer: TrainerConfig = TrainerConfig()
 
 
@@ -202,21 +208,22 @@ class RMConfig(_Strict):
     # the output folder of `rlaif-ray label` (Parquet with p_a), a pairs file, or a bundled
     # pair set (its human labels, for label_kind=human: the RLHF baseline)
     labels: Optional[str] = None
+    # soft: the AI's P(a > b) as the target; hard: its argmax; human: the pair file's own label (the RLHF baseline)
     label_kind: Literal["soft", "hard", "human"] = "soft"
     init: Optional[str] = None  # checkpoint to start from (the SFT folder); None: model.name
-    output: str = "runs/rm"
-    epochs: int = Field(2, gt=0)
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(8, gt=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    output: str = "runs/rm"  # the reward model's folder (safetensors + tokenizer)
+    epochs: int = Field(2, gt=0)  # passes over the pairs
+    lr: float = Field(1e-5, gt=0)  # AdamW learning rate
+    weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
+    batch_size: int = Field(8, gt=0)  # global batch of pairs (split across rm.trainer.num_workers)
+    max_grad_norm: float = Field(1.0, gt=0)  # gradient clipping norm
     max_tokens: int = Field(512, gt=0)  # context + response, cut from the left (counted)
-    max_pairs: Optional[int] = Field(None, gt=0)
+    max_pairs: Optional[int] = Field(None, gt=0)  # at most this many training pairs (None: all)
     # held-out pairs with human labels, accuracy reported every epoch: a bundled set (its
     # last eval_n rows, never trained on) or a pairs file
     eval_data: str = "hh_harmless"
-    eval_n: int = Field(100, gt=0)
-    seed: int = 0
+    eval_n: int = Field(100, gt=0)  # held-out human-labelled pairs the accuracy is measured on
+    seed: int = 0  # seeds the data order and the head's initialisation
     trainer: TrainerConfig = TrainerConfig()
 
 
@@ -225,9 +232,9 @@ class SamplePairsConfig(_Strict):
     pairs file `label` reads (App. K samples new pairs at T = 1.0)."""
     policy: Optional[str] = None  # checkpoint folder; None: model.name
     num_prompts: int = Field(64, gt=0)  # from the task's train prompts
-    temperature: float = Field(1.0, gt=0)
-    output: str = "runs/pairs.jsonl"
-    seed: int = 0
+    temperature: float = Field(1.0, gt=0)  # sampling temperature of the two responses
+    output: str = "runs/pairs.jsonl"  # the pairs JSONL written
+    seed: int = 0  # seeds the sampling
 
 
 class LabelConfig(_Strict):
@@ -237,7 +244,7 @@ class LabelConfig(_Strict):
     pool_size: int = Field(2, gt=0)  # Labeler actors in the Ray Data pool
     num_cpus: float = Field(1.0, ge=0)  # per Labeler actor
     num_gpus: float = Field(0.0, ge=0)  # per Labeler actor (> 0: the labeler model on its GPU)
-    torch_threads: int = Field(1, gt=0)
+    torch_threads: int = Field(1, gt=0)  # torch threads per Labeler actor
     batch_size: int = Field(16, gt=0)  # pairs per Ray Data batch
     actor_start_timeout_s: int = Field(600, gt=0)  # the pool must be up within this
 
@@ -245,11 +252,11 @@ class LabelConfig(_Strict):
 class ServeConfig(_Strict):
     """`rlaif-ray serve-labeler`: the labeler model behind /v1/completions (Ray Serve)."""
     host: str = "127.0.0.1"  # loopback only unless the user says otherwise
-    port: int = Field(8000, gt=0, lt=65536)
-    num_replicas: int = Field(1, gt=0)
+    port: int = Field(8000, gt=0, lt=65536)  # the port to listen on
+    num_replicas: int = Field(1, gt=0)  # Ray Serve replicas of the labeler
     num_cpus: float = Field(1.0, ge=0)  # per replica
     num_gpus: float = Field(0.0, ge=0)  # per replica; > 0 runs the engine on the replica's GPU
-    torch_threads: int = Field(1, gt=0)
+    torch_threads: int = Field(1, gt=0)  # torch threads per replica
     max_tokens_limit: int = Field(1024, gt=0)  # requests asking for more are refused (400)
     # if this variable is set when the server starts, requests must send it as a Bearer key
     # (serve-labeler warns when serve.host is not loopback and it is not set)
@@ -278,11 +285,12 @@ class ServeConfig(_Strict):
 
 
 class RLConfig(_Strict):
-    steps: int = Field(12, gt=0)
-    prompts_per_step: int = Field(4, gt=0)
-    samples_per_prompt: int = Field(2, gt=0)
+    steps: int = Field(12, gt=0)  # learner steps (each on one batch of prompts_per_step x samples_per_prompt rollouts)
+    prompts_per_step: int = Field(4, gt=0)  # distinct prompts per batch
+    samples_per_prompt: int = Field(2, gt=0)  # responses sampled per prompt (the group of the group_mean baseline)
     lr: float = Field(1e-5, gt=0)  # docs/method.md: 1e-5
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
+    # the policy's gradient is clipped to this norm (the value head's on its own)
     max_grad_norm: float = Field(1.0, gt=0)
     # recompute each layer's activations in the backward pass instead of keeping them:
     # less learner memory for more learner time (BENCHMARKS.md "Settings chosen by measurement")
@@ -297,10 +305,10 @@ class RLConfig(_Strict):
     # (rl.max_staleness > 0) the learner is the bottleneck and the labelers have idle time;
     # synchronous the same forward moves, and the learner holds no second model copy
     reference: Literal["auto", "learner", "labeler"] = "auto"
-    # the learner keeps its memory near the live peak and hands freed memory back after each
+    # a CPU learner keeps its memory near the live peak and hands freed memory back after each
     # step: on the jemalloc Ray ships (purged after the step), else glibc with a fixed mmap
-    # threshold and malloc_trim (actors.ray_session.learner_malloc_env; BENCHMARKS.md
-    # "Learner allocator"); off = glibc's defaults (faster by a few %, about 1 GiB more at peak)
+    # threshold and malloc_trim (rlaif_ray/cpu/allocator.py; BENCHMARKS.md "Settings chosen by
+    # measurement": 1.10x faster and 0.9 GiB less than glibc's defaults). No effect on GPU
     release_memory: bool = True
     beta: float = Field(0.05, ge=0, le=1)  # objective (1 - beta) r - beta KL
     # fixed: beta throughout. adaptive: beta is the starting value, steered after every step
@@ -310,24 +318,26 @@ class RLConfig(_Strict):
     kl_control: Literal["fixed", "adaptive"] = "fixed"
     kl_target: float = Field(6.0, gt=0)  # KL per sequence to steer toward, in nats (TRL's default 6)
     kl_horizon: int = Field(10000, gt=0)  # completions (TRL's default 10000)
+    # k1 = log pi - log pi_ref; k3 = q - 1 - log q (lower variance near the reference; docs/method.md §3)
     kl_estimator: Literal["k1", "k3"] = "k1"
     # value: REINFORCE with a learned value baseline (a scalar head on the policy trunk);
     # group_mean: mean return of the other usable samples of the same prompt (no value
     # model); none: plain REINFORCE (b = 0), for ablations.
     baseline: Literal["value", "group_mean", "none"] = "group_mean"
-    value_coef: float = Field(0.5, ge=0)
+    value_coef: float = Field(0.5, ge=0)  # weight of the value loss (rl.baseline=value)
     # the value head's own AdamW lr; its bias starts at the first batch's mean return. AdamW
     # moves each weight by about lr a step, so V by up to lr * |h|_1 (SmolLM2-135M: about 670):
     # at the policy's 1e-5 V barely moved; 1e-4 (up to ~0.07 a step) took the value loss from
     # 0.051 to 0.008-0.019 in 12 steps; 1e-3 oscillated (0.03 -> 0.16) and its trunk gradient
     # moved the policy (benchmarks/value_baseline.py)
     value_lr: float = Field(1e-4, gt=0, le=1)
+    # token_mean: the loss averaged over response tokens; sequence_sum: summed per response, averaged over responses
     loss_agg: Literal["token_mean", "sequence_sum"] = "token_mean"
     # Versions of policy lag allowed between generation and training. 0 = synchronous.
     max_staleness: int = Field(1, ge=0)
     # Truncated importance ratio pi/mu (from recorded behaviour log-probs) for lagged batches.
     is_clip: float = Field(2.0, gt=0)
-    seed: int = 0
+    seed: int = 0  # seeds the prompt order, sampling and the learner
 
     @model_validator(mode="after")
     def _kl_control_fits(self):
@@ -363,7 +373,7 @@ class VLLMConfig(_Strict):
     # auto: generators, room for one step's rollouts at max_model_len each (vLLM queues the rest
     # of a larger batch, such as a held-out evaluation's); labelers, 1 GiB
     kv_cache_gib: Union[float, Literal["auto"]] = "auto"
-    # the dtype the engine holds its weights in. auto: rlaif_ray.devices.vllm_dtype's rule for
+    # the dtype the engine holds its weights in. auto: rlaif_ray.engines.devices.vllm_dtype's rule for
     # model.dtype (bf16 on GPU and on CPUs that compute bf16 with vector instructions, else
     # fp32); bfloat16 or float32: as given, on any device
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
@@ -377,17 +387,19 @@ class VLLMConfig(_Strict):
 
 
 class RoleResources(_Strict):
-    num_actors: int = Field(1, gt=0)
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_actors: int = Field(1, gt=0)  # actors in this pool
+    num_cpus: float = Field(1.0, ge=0)  # Ray CPUs per actor
+    num_gpus: float = Field(0.0, ge=0)  # GPUs per actor (a fraction shares one GPU)
     # custom Ray resources per actor, to place a role on a node type of a heterogeneous
     # cluster (clusters/*.yaml declare e.g. {"rollout": 1} on GPU rollout nodes)
     resources: dict[str, float] = {}
     # torch intra-op (and OpenMP) threads per actor: a number, or auto: as many as fit the
     # cores this run's Ray is given beside the pools that compute at the same time
-    # (rlaif_ray/threads.py: overlapped, all three pools; synchronous, one stage at a time),
-    # resolved to a number when the config loads (the run's config.yaml records it)
+    # (rlaif_ray/cpu/threads.py: overlapped, all three pools; synchronous, one stage at a
+    # time), resolved to a number at start-up (rlaif_ray/run/resolve.py; the run's config.yaml
+    # records it); on a cluster, each actor's own CPUs
     torch_threads: Union[int, Literal["auto"]] = 1
+    # times Ray restarts a dead actor of this pool (its batch is re-dispatched); the learner group is rebuilt instead
     max_restarts: int = Field(2, ge=0)
 
     @field_validator("torch_threads", mode="before")
@@ -422,13 +434,7 @@ class PipelineConfig(_Strict):
     # the pre-flight check compares the layout with what Ray reports at start; an
     # autoscaling cluster starts small, so give its full-scale totals here, e.g. {GPU: 64}
     cluster_resources: dict[str, float] = {}
-    check_resources: bool = True
-    # lend a waiting actor's cores to those that compute (rlaif_ray/core_share.py): each CPU
-    # actor takes the cores the others leave at every decoder layer, never fewer than its
-    # torch_threads. auto: on for the overlapped mode (rl.max_staleness >= 1) on a local Ray,
-    # where the pools' threads are sized for all three computing at once; synchronous, each
-    # stage already has every core. Needs a local Ray (the cores must be known)
-    share_idle_cores: Union[bool, Literal["auto"]] = "auto"
+    check_resources: bool = True  # refuse, before any actor starts, a layout the cluster cannot hold
 
 
 class EvalConfig(_Strict):
@@ -445,7 +451,7 @@ class EvalConfig(_Strict):
     signal_posts: int = Field(24, ge=0)  # scorer-signal check before training (0 = off)
     # `eval`: checkpoint folders (what `train` writes) or model names; None = model.name
     policy_a: Optional[str] = None
-    policy_b: Optional[str] = None
+    policy_b: Optional[str] = None  # see policy_a
     # heldout: the task's held-out posts; hh_*: dialogue contexts of the bundled HH pairs
     prompts: Literal["heldout", "hh_harmless", "hh_helpful"] = "heldout"
     win_rate: bool = True  # train: win rate of the final policy against the initial one
@@ -460,8 +466,8 @@ class EvalConfig(_Strict):
     # harmless rate: each response judged alone by a yes/no scorer, harmless if
     # P(Yes) >= threshold. auto = on when reward.pairwise.task is harmless
     harmless_rate: Literal["auto", "on", "off"] = "auto"
-    harmless_scorer: str = "yesno_harmless_chat"
-    harmless_threshold: float = Field(0.5, gt=0, lt=1)
+    harmless_scorer: str = "yesno_harmless_chat"  # the yes/no scorer of the harmless rate
+    harmless_threshold: float = Field(0.5, gt=0, lt=1)  # a response counts as harmless when P(Yes) is at least this
     batch_size: int = Field(8, gt=0)  # prompts per generation/labeling call (progress step)
 
     @field_validator("harmless_scorer")
@@ -472,18 +478,18 @@ class EvalConfig(_Strict):
 
 class RayConfig(_Strict):
     address: Optional[str] = None  # None: start a local Ray; "auto": join a cluster
-    num_cpus: Optional[int] = Field(None, gt=0)
-    include_dashboard: bool = False
+    num_cpus: Optional[int] = Field(None, gt=0)  # CPUs of a local Ray (None: the machine's)
+    include_dashboard: bool = False  # start Ray's dashboard with a local Ray (on dashboard_host:8265)
     dashboard_host: str = "127.0.0.1"  # never 0.0.0.0 unless the user says so
 
 
 class RunConfig(_Strict):
-    out_dir: str = "runs"
-    name: str = "run"
+    out_dir: str = "runs"  # where run folders go (run.out_dir/run.name-TIMESTAMP)
+    name: str = "run"  # the run folder's name before its timestamp
     # every N steps and at the end (0 = only at the end). 4: a crash of the 16-step quickstart
     # loses at most 3 steps (--resume), for 3 more checkpoints of ~4-14 s each (135M + AdamW: 1.6 GB)
     checkpoint_every: int = Field(4, ge=0)
-    log_rollouts: bool = True
+    log_rollouts: bool = True  # every scored rollout into RUN/rollouts/*.parquet
     tensorboard: bool = True  # event files in RUN/tensorboard when the package is installed
     report: bool = True  # RUN/report.html with PNG plots at the end of train/eval/eval-labeler
     progress: bool = True  # progress bars (stderr) for loading, generation, labeling, eval
@@ -528,11 +534,6 @@ class Config(_Strict):
             raise ValueError("rl.reference=labeler needs labelers that hold the initial policy's model: reward.source "
                              f"direct or pairwise (got {self.reward.source}), reward.backend hf (got {self.reward.backend}) "
                              f"and no other reward.model (got {self.reward.model!r})")
-        from .threads import on_cluster
-
-        if self.pipeline.share_idle_cores is True and on_cluster(self.ray.address):
-            raise ValueError("pipeline.share_idle_cores=true needs a local Ray (ray.address unset): on a cluster "
-                             "each node's cores are not known before it starts; use auto or false")
         if self.reward.source == "rm" and not self.reward.rm_path:
             raise ValueError("reward.source=rm needs reward.rm_path (a folder written by `rlaif-ray train-rm`)")
         for role, backend in (("generators", self.generation.backend), ("labelers", self.reward.backend)):
@@ -562,23 +563,6 @@ class Config(_Strict):
                                  f"use a multiple of {k} (e.g. {n + k - n % k})")
         return self
 
-    @model_validator(mode="after")
-    def _resolve_auto_threads(self) -> "Config":
-        """pipeline.*.torch_threads: auto -> a number (threads.auto_threads) for the cores a
-        local Ray is given (ray.num_cpus, at most this machine's), or on a cluster each
-        actor's own CPUs. Set without re-validation: the numbers are valid by construction."""
-        from .threads import POOLS, auto_threads, local_cores, on_cluster
-
-        roles = {k: getattr(self.pipeline, k) for k in POOLS}
-        if not any(r.torch_threads == "auto" for r in roles.values()):
-            return self
-        cores = None if on_cluster(self.ray.address) else local_cores(self.ray.num_cpus)
-        threads = auto_threads({k: (r.num_actors, r.num_cpus, r.torch_threads) for k, r in roles.items()},
-                               cores, self.rl.max_staleness > 0)
-        update = {k: r.model_copy(update={"torch_threads": threads[k]}) for k, r in roles.items()}
-        object.__setattr__(self, "pipeline", self.pipeline.model_copy(update=update))
-        return self
-
 
 def labelers_hold_reference(cfg: "Config") -> bool:
     """Whether the labelers run the initial policy's model in-process (the reference policy)."""
@@ -591,16 +575,6 @@ def reference_on_labelers(cfg: "Config") -> bool:
     if cfg.rl.reference == "auto":
         return labelers_hold_reference(cfg)
     return cfg.rl.reference == "labeler"
-
-
-def shares_idle_cores(cfg: "Config") -> bool:
-    """pipeline.share_idle_cores resolved: auto is on for the overlapped mode on a local Ray."""
-    from .threads import on_cluster
-
-    share = cfg.pipeline.share_idle_cores
-    if share == "auto":
-        return cfg.rl.max_staleness > 0 and not on_cluster(cfg.ray.address)
-    return bool(share)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from rlaif_ray.models import DEFAULT_MODEL, load_tokenizer
+    from rlaif_ray.engines.models import DEFAULT_MODEL, load_tokenizer
 
     return load_tokenizer(DEFAULT_MODEL)  # converts the embedded GGUF once (cached)
 
@@ -16,14 +16,14 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory, tokenizer):
     """A randomly initialised 2-layer Llama on the real SmolLM2 tokenizer."""
-    from rlaif_ray.models import make_tiny_model
+    from rlaif_ray.engines.models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_path):
-    from rlaif_ray.models import load_model
+    from rlaif_ray.engines.models import load_model
 
     return load_model(tiny_model_path)
 

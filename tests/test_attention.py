@@ -4,7 +4,8 @@ and load_model picks it only where it applies."""
 import pytest
 import torch
 
-from rlaif_ray import attention, lm
+from rlaif_ray.cpu import attention
+from rlaif_ray.engines import lm
 
 
 def _prompts(seed: int = 0, lengths=(9, 4, 13, 4)):
@@ -12,12 +13,19 @@ def _prompts(seed: int = 0, lengths=(9, 4, 13, 4)):
     return [torch.randint(100, 5000, (n,), generator=g).tolist() for n in lengths]
 
 
-def test_load_model_uses_it_for_grouped_heads_on_cpu(tiny_model, tiny_model_path):
-    from rlaif_ray.models import load_model
+def test_cpu_actors_switch_to_it_for_grouped_heads_and_the_learner_does_not(tiny_model_path):
+    """A CPU generator or labeler switches at its start-up (actors/process.py); load_model, which
+    the learner uses (0.94x with it), keeps transformers' SDPA."""
+    from actors.process import ActorProcess
+    from rlaif_ray.engines.models import load_model
 
-    assert tiny_model.config.num_key_value_heads < tiny_model.config.num_attention_heads  # the tiny model has GQA
+    plain = load_model(tiny_model_path)
+    assert plain.config.num_key_value_heads < plain.config.num_attention_heads  # the tiny model has GQA
+    assert plain.config._attn_implementation == "sdpa"
+    tiny_model = ActorProcess("generator", "g", torch.get_num_threads(), "cpu").tune(load_model(tiny_model_path))
     assert tiny_model.config._attn_implementation == attention.NAME
-    assert attention.is_sdpa(tiny_model) and lm.supports_shared_prompts(tiny_model)
+    assert ActorProcess("generator", "g", torch.get_num_threads(), "cuda").tune(plain) is plain and plain.config._attn_implementation == "sdpa"
+    assert lm.is_sdpa(tiny_model) and lm.supports_shared_prompts(tiny_model)
     # the block mask stays boolean, as SDPA takes it
     allowed = torch.ones(1, 1, 3, 3, dtype=torch.bool)
     assert lm.attention_mask_4d(tiny_model, allowed, torch.float32).dtype == torch.bool

@@ -120,15 +120,15 @@ def test_overhead(overhead):
     assert {"RolloutGenerator", "Labeler", "LearnerWorker", "driver"} <= set(overhead["runs"][0]["cpu_s_by_process"])
 
     # the plain loop switches to the learner actor's malloc settings before its step
-    from benchmarks.overhead import LEARNER
     from actors.ray_session import GLIBC_LEARNER
+    from benchmarks.overhead import LEARNER
 
     env = dict(GLIBC_LEARNER)
     assert LEARNER == (int(env["MALLOC_MMAP_THRESHOLD_"]), int(env["MALLOC_TRIM_THRESHOLD_"]))
 
 
 def test_scaling(scaling):
-    from rlaif_ray.scaling import StageTimes, throughput
+    from rlaif_ray.run.scaling import StageTimes, throughput
 
     t = StageTimes(**scaling["stage_times"])
     assert positive(t.t_g) and positive(t.t_l) and positive(t.t_t) and t.t_s >= 0 and t.n == 4
@@ -146,7 +146,7 @@ def test_generation(generation):
     assert positive(generation["weight_update"]["hf"]["set_weights_and_install_wall_s"])
     assert generation["weight_dtype"] == {"hf": "float32"} and set(generation["cpu_bf16"]) == {
         "avx512_f", "avx512_bf16", "amx_bf16"}
-    from rlaif_ray.devices import vllm_dtype
+    from rlaif_ray.engines.devices import vllm_dtype
 
     # what a vLLM run gets on this CPU
     assert generation["auto_variant"] == {"bfloat16": "vllm-bf16", "float32": "vllm-fp32"}[vllm_dtype("auto", "cpu")]

@@ -83,7 +83,7 @@ def test_train_rm_on_two_workers_learns_the_ai_preference(trained_rm):
 def test_reward_model_actor_scores_rollouts_in_the_rl_loop(ray_local, tiny_model_path, trained_rm, tmp_path):
     from actors.reward_model import RewardModel
     from rlaif_ray.commands.train import train
-    from rlaif_ray.runlog import read_rollouts
+    from rlaif_ray.run.folder import read_rollouts
 
     cfg = chain_cfg(tiny_model_path, tmp_path, reward={"source": "rm", "rm_path": str(trained_rm)},
                     eval={"num_prompts": 2, "win_rate": True})
@@ -103,8 +103,8 @@ def test_reward_model_actor_scores_rollouts_in_the_rl_loop(ray_local, tiny_model
 
 
 def test_sft_lowers_heldout_loss(ray_local, tiny_model_path, tmp_path):
-    from rlaif_ray.models import load_model
     from rlaif_ray.commands.sft import run_sft
+    from rlaif_ray.engines.models import load_model
 
     out = run_sft(chain_cfg(tiny_model_path, tmp_path), tmp_path / "sft", log=lambda *_: None)
     hist = json.loads((out / "sft_summary.json").read_text())["history"]
@@ -115,7 +115,7 @@ def test_sft_lowers_heldout_loss(ray_local, tiny_model_path, tmp_path):
 def test_reward_model_data_keeps_held_out_contexts_out(tiny_model_path, tokenizer, tmp_path):
     """A training pair on the same context as a held-out pair is dropped and counted, whatever
     its id; bad held-out rows are counted too."""
-    from rlaif_ray.supervised import rm_data
+    from rlaif_ray.rl.supervised import rm_data
 
     held = synthetic_pairs(20, seed=2, labels="human")
     for i, r in enumerate(held):
@@ -133,8 +133,8 @@ def test_reward_model_data_keeps_held_out_contexts_out(tiny_model_path, tokenize
 
 
 def test_batch_that_does_not_divide_across_workers_is_refused(tiny_model_path, tmp_path):
-    from rlaif_ray.config import ConfigError
     from rlaif_ray.commands.sft import run_sft
+    from rlaif_ray.config import ConfigError
 
     cfg = chain_cfg(tiny_model_path, tmp_path, sft={"batch_size": 7})
     with pytest.raises(ConfigError, match=r"sft.batch_size=7 does not divide across sft.trainer.num_workers=2"):
@@ -171,9 +171,9 @@ def test_every_config_validates_and_runs_one_step(name, ray_local, tiny_model_pa
     """Each shipped config, as written, then shrunk (tiny model, one RL step) and trained."""
     from pathlib import Path
 
-    from rlaif_ray.config import load_config
     from rlaif_ray.commands.train import train
-    from rlaif_ray.runlog import read_metrics
+    from rlaif_ray.config import load_config
+    from rlaif_ray.run.folder import read_metrics
 
     path = Path(__file__).parent.parent / "configs" / name
     cfg = load_config(path)  # validated exactly as shipped

@@ -194,8 +194,8 @@ def test_validation_errors_are_one_line():
 
 
 def test_model_paths_are_checked_before_loading(tmp_path, monkeypatch):
-    from rlaif_ray.models import ModelNotFoundError, looks_local, model_path_problem, resolve
-    from rlaif_ray.preflight import check_model_paths
+    from rlaif_ray.engines.models import ModelNotFoundError, looks_local, model_path_problem, resolve
+    from rlaif_ray.run.preflight import check_model_paths
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "empty").mkdir(parents=True)
@@ -240,7 +240,7 @@ def test_cli_prints_one_line_and_debug_shows_the_traceback(tmp_path, capsys, mon
 
 
 def test_unknown_prompt_variant_is_a_config_error():
-    from rlaif_ray.labeler_eval import parse_variant
+    from rlaif_ray.feedback.labeler_eval import parse_variant
 
     with pytest.raises(ConfigError, match="eval-labeler --prompts: unknown prompt variant 'bsae'"):
         parse_variant("bsae")

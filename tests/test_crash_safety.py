@@ -13,10 +13,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_chain import chain_cfg, synthetic_pairs
 
 from rlaif_ray.config import ConfigError, dump_config, load_config
-from rlaif_ray.runlog import RunFolder, RunStateError, check_resume, read_metrics
-from test_chain import chain_cfg, synthetic_pairs
+from rlaif_ray.run.folder import RunFolder, RunStateError, check_resume, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 20
@@ -30,7 +30,7 @@ def _cfg(tiny_model_path, tmp_path, **sections):
 
 @pytest.fixture(scope="module")
 def learner(tiny_model_path):
-    from rlaif_ray.learner import PolicyLearner
+    from rlaif_ray.rl.learner import PolicyLearner
 
     return PolicyLearner(tiny_model_path, dict(lr=1e-3, samples_per_prompt=2, seed=3), 0.9)
 
@@ -202,7 +202,7 @@ def test_enospc_during_a_checkpoint_leaves_latest_on_the_previous_one(run_dir, l
                                                                       tiny_model_path):
     import importlib
 
-    from rlaif_ray.learner import PolicyLearner
+    from rlaif_ray.rl.learner import PolicyLearner
 
     cfg, path = run_dir
     module, fn = where.rsplit(".", 1)
@@ -232,7 +232,7 @@ def test_enospc_during_a_checkpoint_leaves_latest_on_the_previous_one(run_dir, l
 def test_a_failed_checkpoint_stops_the_run_with_one_line(tmp_path):
     """The driver's side: the learner's OSError (wrapped by Ray) becomes a RunStateError that
     names the checkpoint kept and the resume command; `latest` is not touched."""
-    from rlaif_ray.commands.train import checkpoint
+    from actors.training import checkpoint
 
     class Pipe:
         checkpoint = str(tmp_path / "run" / "checkpoints" / "step_000004")
@@ -257,7 +257,7 @@ def test_a_failed_checkpoint_stops_the_run_with_one_line(tmp_path):
 def test_optimizer_state_that_does_not_match_is_refused_naming_the_checkpoint(learner, tiny_model_path, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from rlaif_ray.learner import PolicyLearner
+    from rlaif_ray.rl.learner import PolicyLearner
 
     ck = tmp_path / "step_000002"
     learner.save(ck, {**STATE, "step": 2})
@@ -284,7 +284,7 @@ def _label_output(folder: Path, rows: int = 24) -> Path:
 @pytest.mark.parametrize("damage", ["cut_parquet", "no_summary"])
 def test_partial_label_output_stops_train_rm_before_ray(tiny_model_path, tmp_path, damage, monkeypatch):
     from rlaif_ray.commands import train_rm
-    from rlaif_ray.preflight import preflight
+    from rlaif_ray.run.preflight import preflight
 
     labels = _label_output(tmp_path / "labels")
     cfg = _cfg(tiny_model_path, tmp_path, rm={"labels": str(labels)})

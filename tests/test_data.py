@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from rlaif_ray import data
 from rlaif_ray.config import TaskConfig
+from rlaif_ray.data import files, tasks as data
 
 
 def test_bundled_tldr_loads():
@@ -26,13 +26,13 @@ def test_bundled_tldr_loads():
 def test_bad_data_files_name_the_row(tmp_path, content, words):
     path = tmp_path / "posts.jsonl"
     path.write_bytes(content)
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(files.DataError) as e:
         data.load_tldr(path)
     assert words in str(e.value) and str(path) in str(e.value)
 
 
 def test_missing_file_and_parquet(tmp_path):
-    with pytest.raises(data.DataError, match="not found"):
+    with pytest.raises(files.DataError, match="not found"):
         data.load_tldr(tmp_path / "missing.jsonl")
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -41,7 +41,7 @@ def test_missing_file_and_parquet(tmp_path):
                    tmp_path / "p.parquet")
     assert data.load_tldr(tmp_path / "p.parquet")[0]["summary"] == "s"
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
-    with pytest.raises(data.DataError, match="not a readable Parquet"):
+    with pytest.raises(files.DataError, match="not a readable Parquet"):
         data.load_tldr(tmp_path / "bad.parquet")
     gz = tmp_path / "x.jsonl.gz"
     with gzip.open(gz, "wt") as f:
@@ -57,9 +57,9 @@ def test_long_prompt_policies_are_counted(tokenizer):
                                                            on_long_prompt="truncate"))
     assert trunc.truncated == 2 and all(len(p["prompt_token_ids"]) <= 100 for p in trunc.train + trunc.heldout)
     assert trunc.train[1]["prompt_text"].endswith("<|im_start|>assistant\n")  # the cue is kept
-    with pytest.raises(data.DataError, match="row 2: prompt has .* tokens > task.max_prompt_tokens=100"):
+    with pytest.raises(files.DataError, match="row 2: prompt has .* tokens > task.max_prompt_tokens=100"):
         data.build_prompts(rows, tokenizer, TaskConfig(max_prompt_tokens=100, on_long_prompt="error", heldout_size=1))
-    with pytest.raises(data.DataError, match="usable prompts"):
+    with pytest.raises(files.DataError, match="usable prompts"):
         data.build_prompts(rows, tokenizer, TaskConfig(max_prompt_tokens=100, heldout_size=5))
 
 
@@ -96,7 +96,7 @@ def test_file_type_is_recognised_case_insensitively(tmp_path):
     _gz(tmp_path / "p.Jsonl.Gz", [ROW])
     names = ("p.PARQUET", "p.JSONL", "p.JSONL.GZ", "p.Jsonl.Gz")
     assert [len(data.load_tldr(tmp_path / n)) for n in names] == [1, 1, 2, 1]
-    kinds = [data.file_kind(n) for n in ("a.Parquet", "a.JSONL.GZ", "a.json", "a")]
+    kinds = [files.file_kind(n) for n in ("a.Parquet", "a.JSONL.GZ", "a.json", "a")]
     assert kinds == ["parquet", "jsonl.gz", "jsonl", "jsonl"]
 
 
@@ -105,30 +105,30 @@ def test_misnamed_files_say_what_they_are(tmp_path):
     import pyarrow.parquet as pq
 
     (tmp_path / "plain.jsonl.gz").write_text(json.dumps(ROW) + "\n")
-    with pytest.raises(data.DataError, match=r"plain.jsonl.gz: not a gzip file although named .gz"):
+    with pytest.raises(files.DataError, match=r"plain.jsonl.gz: not a gzip file although named .gz"):
         data.load_tldr(tmp_path / "plain.jsonl.gz")
     _gz(tmp_path / "packed.jsonl", [ROW])
-    with pytest.raises(data.DataError, match="gzip-compressed data in a file not named .gz: name it .jsonl.gz"):
+    with pytest.raises(files.DataError, match="gzip-compressed data in a file not named .gz: name it .jsonl.gz"):
         data.load_tldr(tmp_path / "packed.jsonl")
     pq.write_table(pa.Table.from_pylist([ROW]), tmp_path / "table.jsonl")
-    with pytest.raises(data.DataError, match="a Parquet file not named .parquet"):
+    with pytest.raises(files.DataError, match="a Parquet file not named .parquet"):
         data.load_tldr(tmp_path / "table.jsonl")
 
 
 def test_truncated_or_corrupt_gzip_names_the_file(tmp_path):
     whole = _gz(tmp_path / "whole.jsonl.gz", [dict(ROW, post=f"post {i} " * 30) for i in range(40)]).read_bytes()
     (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(data.DataError, match=r"cut.jsonl.gz: the gzip file is truncated \(it ends inside row \d+"):
+    with pytest.raises(files.DataError, match=r"cut.jsonl.gz: the gzip file is truncated \(it ends inside row \d+"):
         data.load_tldr(tmp_path / "cut.jsonl.gz")
     (tmp_path / "noise.jsonl.gz").write_bytes(whole[:20] + b"\x00" * 50 + whole[70:])
-    with pytest.raises(data.DataError, match="noise.jsonl.gz: corrupt gzip data"):
+    with pytest.raises(files.DataError, match="noise.jsonl.gz: corrupt gzip data"):
         data.load_tldr(tmp_path / "noise.jsonl.gz")
 
 
 def test_a_lone_surrogate_names_row_and_field(tmp_path):
     p = tmp_path / "s.jsonl"
     p.write_text(json.dumps(ROW) + "\n" + '{"subreddit": "a", "title": "t", "post": "x \\udc00 y"}\n')
-    with pytest.raises(data.DataError, match=r"s.jsonl: row 2 field 'post' holds a lone surrogate"):
+    with pytest.raises(files.DataError, match=r"s.jsonl: row 2 field 'post' holds a lone surrogate"):
         data.load_tldr(p)
     p.write_text('{"subreddit": "a", "title": "t", "post": "a pair is fine: \\ud83d\\ude00"}\n')
     assert data.load_tldr(p)[0]["post"].endswith("\U0001F600")
@@ -139,24 +139,24 @@ def test_a_row_over_the_cap_is_refused_before_it_is_parsed(tmp_path, monkeypatch
     p = tmp_path / "big.jsonl"
     p.write_text(json.dumps(ROW) + "\n" + json.dumps(big) + "\n")
     size = len(json.dumps(big)) + 1
-    monkeypatch.setattr(data.json, "loads", lambda text, _real=json.loads: _real(text) if len(text) < 1000
+    monkeypatch.setattr(files.json, "loads", lambda text, _real=json.loads: _real(text) if len(text) < 1000
                         else pytest.fail("an over-long row was parsed"))
-    with pytest.raises(data.DataError, match=rf"big.jsonl: row 2 is {size:,} bytes, over the limit of 200,000"):
+    with pytest.raises(files.DataError, match=rf"big.jsonl: row 2 is {size:,} bytes, over the limit of 200,000"):
         data.load_tldr(p)
-    with pytest.raises(data.DataError, match="row 2 is"):
+    with pytest.raises(files.DataError, match="row 2 is"):
         data.load_tldr(_gz(tmp_path / "big.jsonl.gz", [ROW, big]))
     monkeypatch.undo()
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist([ROW, big]), tmp_path / "big.parquet")
-    with pytest.raises(data.DataError, match="big.parquet: row 2 is 2,000,002 bytes"):
+    with pytest.raises(files.DataError, match="big.parquet: row 2 is 2,000,002 bytes"):
         data.load_tldr(tmp_path / "big.parquet")
-    ok = dict(ROW, post="x" * (data.MAX_ROW_BYTES - len(json.dumps(dict(ROW, post="")))))  # exactly at the cap
+    ok = dict(ROW, post="x" * (files.MAX_ROW_BYTES - len(json.dumps(dict(ROW, post="")))))  # exactly at the cap
     (tmp_path / "edge.jsonl").write_text(json.dumps(ok) + "\n")
     assert len(data.load_tldr(tmp_path / "edge.jsonl")) == 1
 
 
 def test_bundled_files_are_under_the_row_cap():
     for name in ("tldr_posts_dev.jsonl.gz", *(f for f, _ in data.BUNDLED.values())):
-        assert data.read_records(data.bundled_path(name))
+        assert files.read_records(files.bundled_path(name))

@@ -1,17 +1,16 @@
 """Device discipline, checked on CPU: every tensor the project builds during a learner step,
-generation, label scoring and SFT/RM losses names its device (rlaif_ray.devices.DeviceGuard;
+generation, label scoring and SFT/RM losses names its device (rlaif_ray.engines.devices.DeviceGuard;
 its docstring says what this can and cannot catch). `make gpu-check` runs the same on CUDA."""
 import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-
 from test_learner import _batch
 
 
 def test_the_guard_flags_a_tensor_built_without_a_device(tmp_path):
-    from rlaif_ray.devices import DeviceGuard
+    from rlaif_ray.engines.devices import DeviceGuard
 
     (tmp_path / "rlaif_ray").mkdir()
     src = tmp_path / "rlaif_ray" / "bad.py"
@@ -27,8 +26,8 @@ def test_the_guard_flags_a_tensor_built_without_a_device(tmp_path):
 
 @pytest.mark.parametrize("baseline", ["group_mean", "value"])
 def test_learner_step_builds_every_tensor_on_its_device(tiny_model_path, baseline):
-    from rlaif_ray.devices import DeviceGuard
-    from rlaif_ray.learner import PolicyLearner
+    from rlaif_ray.engines.devices import DeviceGuard
+    from rlaif_ray.rl.learner import PolicyLearner
 
     learner = PolicyLearner(tiny_model_path, dict(baseline=baseline, samples_per_prompt=2), 0.9)
     with DeviceGuard() as guard:
@@ -39,11 +38,11 @@ def test_learner_step_builds_every_tensor_on_its_device(tiny_model_path, baselin
 
 
 def test_engines_judge_and_supervised_losses_build_every_tensor_on_their_device(tiny_model_path):
-    from rlaif_ray import supervised as rm
-    from rlaif_ray.devices import DeviceGuard
-    from rlaif_ray.engines import HFEngine
     from rlaif_ray.config import PairwiseConfig
-    from rlaif_ray.labeling import Judge
+    from rlaif_ray.engines.devices import DeviceGuard
+    from rlaif_ray.engines.hf import HFEngine
+    from rlaif_ray.feedback.labeling import Judge
+    from rlaif_ray.rl import supervised as rm
 
     with DeviceGuard() as guard:
         for sharing in ("on", "off"):
@@ -62,7 +61,7 @@ def test_engines_judge_and_supervised_losses_build_every_tensor_on_their_device(
 
 
 def test_vllm_dtype_is_bf16_only_where_the_cpu_computes_it_fast():
-    from rlaif_ray.devices import vllm_dtype
+    from rlaif_ray.engines.devices import vllm_dtype
 
     avx2 = {"architecture": "x86_64", "avx2": True, "avx512_f": False, "avx512_bf16": False, "amx_bf16": False}
     assert vllm_dtype("auto", "cpu", avx2) == "float32"  # bf16 emulated: 3.1x slower here (BENCHMARKS.md)
@@ -95,9 +94,9 @@ def test_a_pools_vllm_dtype_is_validated():
 
 
 def test_vllm_kv_cache_is_sized_to_a_steps_rollouts(tiny_model_path):
+    from actors.pipeline import generator_engine
     from rlaif_ray.config import Config, VLLMConfig
-    from rlaif_ray.commands.pipeline import generator_engine
-    from rlaif_ray.vllm_engine import kv_cache_bytes, kv_token_bytes
+    from rlaif_ray.engines.vllm_engine import kv_cache_bytes, kv_token_bytes
 
     # SmolLM2-135M: 30 layers x K,V x 3 KV heads x 64 dims (vLLM's log: 0.5 GiB holds 11,648 fp32 tokens)
     assert kv_token_bytes("smollm2-135m-instruct", "float32") == 30 * 2 * 3 * 64 * 4

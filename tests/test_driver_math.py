@@ -1,7 +1,7 @@
 import pytest
 
-from rlaif_ray.commands.pipeline import split
-from rlaif_ray.stats import paired_change
+from actors.pipeline import split
+from rlaif_ray.feedback.stats import paired_change
 
 
 def test_paired_change():

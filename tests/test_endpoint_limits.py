@@ -13,8 +13,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from rlaif_ray.config import ConfigError, ServeConfig, load_config
-from rlaif_ray.openai_api import (EndpointLimits, OpenAIEngine, RequestError, check_body_size, check_headers,
-                                  check_tokens, exposure_warning, parse_request, queue_full, retry_after_s)
+from rlaif_ray.feedback.openai_api import (
+    EndpointLimits,
+    OpenAIEngine,
+    RequestError,
+    check_body_size,
+    check_headers,
+    check_tokens,
+    exposure_warning,
+    parse_request,
+    queue_full,
+    retry_after_s,
+)
 
 SMALL = EndpointLimits(max_tokens=32, max_prompts=4, max_body_bytes=1000, max_prompt_tokens=50, max_total_tokens=120,
                        timeout_s=5.0, max_queued=2, batch_size=2)
@@ -108,8 +118,8 @@ def test_sample_with_logprobs_keeps_no_full_logits_and_runs_in_batches(tiny_mode
     the logits of every step, the prompts run in batches, and a stop request ends it."""
     import torch
 
-    from rlaif_ray import lm
-    from rlaif_ray.engines import HFEngine
+    from rlaif_ray.engines import lm
+    from rlaif_ray.engines.hf import HFEngine
 
     eng = HFEngine(tiny_model_path)
     seqs = [[1, 2, 3, 4], [5, 6], [7, 8, 9], [10], [11, 12]]
@@ -150,7 +160,7 @@ def test_sample_with_logprobs_keeps_no_full_logits_and_runs_in_batches(tiny_mode
 
 MEMORY_PROBE = """
 import resource, sys, torch
-from rlaif_ray.engines import HFEngine
+from rlaif_ray.engines.hf import HFEngine
 eng = HFEngine(sys.argv[1])
 eng.sample_with_logprobs([[1, 2, 3]], 4, 0.0, 1.0, 0, 5, 0)  # warm
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -220,7 +230,7 @@ def test_endpoint_limits_on_loopback(ray_local, tiny_model_path, monkeypatch):
     from ray import serve
 
     from rlaif_ray.commands.serve_labeler import serve_labeler
-    from rlaif_ray.openai_api import error_body
+    from rlaif_ray.feedback.openai_api import error_body
 
     port = _free_port()
     timeout_s = 2.0

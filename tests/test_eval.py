@@ -6,8 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlaif_ray.config import EvalConfig, config_from_dict, dump_config
-from rlaif_ray.data import DataError, dialogue_messages
-from rlaif_ray.judgements import summarize_judgements as summarize
+from rlaif_ray.data.files import DataError
+from rlaif_ray.data.tasks import dialogue_messages
+from rlaif_ray.feedback.judgements import summarize_judgements as summarize
 
 
 def _row(p_a, ca=100, cb=100, mass=0.9, p_ab=0.6, p_ba=0.4, ha=None, hb=None, hmass=0.9):
@@ -81,7 +82,7 @@ def test_eval_of_a_policy_against_itself_is_all_ties(ray_local, tiny_model_path,
 
 def test_eval_command_two_checkpoints_on_dialogue_prompts(ray_local, tiny_model_path, tmp_path):
     from rlaif_ray.commands.cli import main
-    from rlaif_ray.models import make_tiny_model
+    from rlaif_ray.engines.models import make_tiny_model
 
     other = make_tiny_model(tmp_path / "other", seed=1)  # a different random policy
     cfg = eval_cfg(tiny_model_path, tmp_path, prompts="hh_harmless")
@@ -105,9 +106,9 @@ def test_eval_command_two_checkpoints_on_dialogue_prompts(ray_local, tiny_model_
 
 def test_scorer_judge_compares_two_separate_scores(ray_local, tiny_model_path, tmp_path):
     """eval.judge=scorer: P(A) = sigmoid(logit s_A - logit s_B) from each response's own score."""
-    from rlaif_ray import winrate
     from rlaif_ray.commands.evaluate import run_eval
-    from rlaif_ray.models import make_tiny_model
+    from rlaif_ray.engines.models import make_tiny_model
+    from rlaif_ray.feedback import winrate
 
     other = make_tiny_model(tmp_path / "other", seed=2)
     cfg = eval_cfg(tiny_model_path, tmp_path, policy_a=other, judge="scorer", num_prompts=4)
@@ -126,8 +127,8 @@ def test_scorer_judge_compares_two_separate_scores(ray_local, tiny_model_path, t
 def test_a_judgement_train_cannot_make_is_refused_before_training(tiny_model_path, tmp_path):
     """openai judges pairs only: a harmless rate (or eval.judge=scorer) at the end of a run
     would fail after all the training; it stops before any actor starts instead."""
-    from rlaif_ray.config import ConfigError
     from rlaif_ray.commands.train import train
+    from rlaif_ray.config import ConfigError
 
     cfg = eval_cfg(tiny_model_path, tmp_path)
     cfg.reward.source, cfg.reward.backend, cfg.rl.samples_per_prompt = "pairwise", "openai", 2

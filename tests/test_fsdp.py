@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from test_learner import _batch, _weights
 
 CFG = dict(lr=1e-3, samples_per_prompt=2, seed=3)
@@ -27,7 +26,7 @@ def _tokens(rows):
 def _rank(rank: int, world: int, port: int, model: str, out: str, rl: dict) -> None:
     import torch.distributed as dist
 
-    from rlaif_ray.learner import PolicyLearner
+    from rlaif_ray.rl.learner import PolicyLearner
 
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, world, False, timeout=datetime.timedelta(seconds=120))
@@ -57,7 +56,7 @@ def _two_ranks(model: str, out: Path, rl: dict) -> list[list[dict]]:
 def test_two_gloo_ranks_match_one_rank_and_resume_on_one(tiny_model_path, tmp_path, rl):
     from transformers import AutoModelForCausalLM
 
-    from rlaif_ray.learner import PolicyLearner
+    from rlaif_ray.rl.learner import PolicyLearner
 
     sharded = _two_ranks(tiny_model_path, tmp_path, rl)
     one = PolicyLearner(tiny_model_path, {**rl, "gradient_checkpointing": False}, 0.9)
@@ -96,7 +95,7 @@ def test_load_is_strict(tiny_model_path, tmp_path):
     """A checkpoint with a tensor missing is refused, not half-loaded."""
     from safetensors.torch import load_file, save_file
 
-    from rlaif_ray.learner import PolicyLearner
+    from rlaif_ray.rl.learner import PolicyLearner
 
     learner = PolicyLearner(tiny_model_path, CFG, 0.9)
     learner.save(tmp_path / "c", {"step": 0})

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rlaif_ray.config import ConfigError, config_from_dict
-from rlaif_ray.rl import adaptive_kl_beta
+from rlaif_ray.rl.losses import adaptive_kl_beta
 
 
 def _odds(beta: float) -> float:
@@ -117,9 +117,10 @@ def test_a_beta_override_is_a_learner_configured_with_that_beta(tiny_model_path,
     """step(beta=b) on a learner configured with rl.beta 0.05 makes the same updates as a
     learner configured with rl.beta b (value baseline: its start from the mean return uses
     beta too; k3: the KL loss term does), and differs from the learner's own beta."""
-    from rlaif_ray.config import RLConfig
-    from rlaif_ray.learner import PolicyLearner
     from test_learner import _batch, _weights
+
+    from rlaif_ray.config import RLConfig
+    from rlaif_ray.rl.learner import PolicyLearner
 
     rows, b = _batch().to_pylist(), 0.3
 
@@ -163,7 +164,7 @@ class _FakeLearner:
 
 def _pipeline(rl: dict, learner=None):
     """A Pipeline without actors: the controller and checkpoint logic only."""
-    from rlaif_ray.commands.pipeline import Pipeline
+    from actors.pipeline import Pipeline
 
     cfg = config_from_dict({"rl": rl})
     pipe = Pipeline.__new__(Pipeline)
@@ -171,7 +172,7 @@ def _pipeline(rl: dict, learner=None):
     pipe.learner = learner or _FakeLearner()
     pipe.version, pipe.beta, pipe.replay, pipe.checkpoint = 0, cfg.rl.beta, [], None
     pipe.inflight, pipe.launched = deque(), 0
-    pipe.published, pipe.share = [], None
+    pipe.published = []
     pipe.publish = lambda v: (pipe.published.append(v), setattr(pipe, "version", v))
     return pipe
 
@@ -230,7 +231,7 @@ def test_beta_round_trips_through_a_checkpoint():
 
 
 def test_a_rebuilt_learner_replays_each_batch_at_its_own_beta(monkeypatch):
-    import rlaif_ray.commands.pipeline as pipeline
+    import actors.pipeline as pipeline
 
     rl = {"beta": 0.05, "kl_control": "adaptive", "kl_horizon": 80}
     pipe = _pipeline(rl)
@@ -242,7 +243,7 @@ def test_a_rebuilt_learner_replays_each_batch_at_its_own_beta(monkeypatch):
     pipe.learner.workers, pipe.learner.tag = [], "t"
     pipe.tag, pipe.recoveries, pipe.broadcast = "t", [], False
     monkeypatch.setattr(pipeline, "release", lambda *a, **k: None)
-    monkeypatch.setattr(pipeline, "start_learner", lambda cfg, tag, share: new)
+    monkeypatch.setattr(pipeline, "start_learner", lambda cfg, tag: new)
     pipe.rebuild_learner(RuntimeError("died"))
     assert [(c[0], c[2]) for c in new.calls] == [("b0", betas[0]), ("b1", betas[1])]
 
@@ -250,8 +251,9 @@ def test_a_rebuilt_learner_replays_each_batch_at_its_own_beta(monkeypatch):
 # ---- metrics.jsonl ------------------------------------------------------------------------------
 
 def test_metrics_rows_carry_the_kl_per_sequence_per_token_and_beta():
-    from rlaif_ray.commands.train import metrics_row
     from test_learner import _batch
+
+    from actors.training import metrics_row
 
     batch = _batch()  # 4 usable rows, 10 tokens
     stats = {"loss": 0.1, "pg_loss": 0.1, "value_loss": 0.0, "ratio_mean": 1.0, "ratio_clipped_frac": 0.0,

@@ -5,10 +5,9 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from rlaif_ray.labeler_eval import GRID
 from rlaif_ray.config import ConfigError, load_config
-from rlaif_ray.labeler_eval import parse_variant
-from rlaif_ray.pair_data import load_pairs, read_label_input
+from rlaif_ray.feedback.labeler_eval import GRID, parse_variant
+from rlaif_ray.feedback.pairs import load_pairs, read_label_input
 
 
 def _write_pairs(path, rows):

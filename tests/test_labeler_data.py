@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from rlaif_ray import pair_data
-from rlaif_ray.data import DataError
+from rlaif_ray.data.files import DataError
+from rlaif_ray.feedback import pairs as pair_data
 
 HH = [  # chosen/rejected transcripts as in the bundled HH files
     {"chosen": "\n\nHuman: How do I boil an egg?\n\nAssistant: Nine minutes in boiling water.",

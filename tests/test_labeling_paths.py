@@ -1,15 +1,16 @@
-"""The labeler's forward paths (rlaif_ray.engines.HFEngine) read the same label
+"""The labeler's forward paths (rlaif_ray.engines.hf.HFEngine) read the same label
 log-probs as one sequence per plain forward pass: the right-padded batch, and the
 prefix-shared path with its root KV cache kept across calls."""
 import copy
 
 import torch
 
-from rlaif_ray import lm, prompts
+from rlaif_ray.engines import lm
+from rlaif_ray.feedback import prompts
 
 
 def _seqs(tokenizer, shots: int, n: int, extra: str | None = None):
-    from rlaif_ray.pair_data import exemplar_pairs, load_pairs
+    from rlaif_ray.feedback.pairs import exemplar_pairs, load_pairs
 
     rows, task = load_pairs("hh_helpful", n)
     ex = exemplar_pairs("hh_helpful", shots)
@@ -29,7 +30,7 @@ def _one_by_one(model, seqs, pad, lookback):
 
 
 def test_right_padded_batch_matches_single_rows(tiny_model, tokenizer):
-    from rlaif_ray.engines import HFEngine
+    from rlaif_ray.engines.hf import HFEngine
 
     seqs = _seqs(tokenizer, 0, 3, extra="An unrelated short prompt =")
     pad = tokenizer.pad_token_id
@@ -41,7 +42,7 @@ def test_right_padded_batch_matches_single_rows(tiny_model, tokenizer):
 
 
 def test_shared_root_cache_across_calls(tiny_model, tokenizer):
-    from rlaif_ray.engines import HFEngine
+    from rlaif_ray.engines.hf import HFEngine
 
     pad = tokenizer.pad_token_id
     eng = HFEngine(tiny_model, tokenizer, prefix_sharing="on")
@@ -56,7 +57,7 @@ def test_shared_root_cache_across_calls(tiny_model, tokenizer):
 
 
 def test_shared_root_cache_follows_weight_updates(tiny_model, tokenizer):
-    from rlaif_ray.engines import HFEngine
+    from rlaif_ray.engines.hf import HFEngine
 
     model = copy.deepcopy(tiny_model)
     pad = tokenizer.pad_token_id

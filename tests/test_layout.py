@@ -2,8 +2,8 @@
 import pytest
 
 from rlaif_ray.config import ConfigError, config_from_dict
-from rlaif_ray.layout import bundle, check_layout, placement
-from rlaif_ray.weight_sync import sync_cost
+from rlaif_ray.engines.weight_sync import sync_cost
+from rlaif_ray.run.layout import bundle, check_layout, placement
 
 
 def cfg(**pipeline):

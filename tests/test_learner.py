@@ -1,12 +1,13 @@
 """The learner rank on its own (no Ray): memory options leave the update unchanged."""
 import os
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 
 def _batch():
-    from rlaif_ray import schemas
+    from rlaif_ray.data import schemas
 
     rows = []
     for k, (resp, reward) in enumerate([([4, 5, 6], 0.7), ([7, 8], -0.2), ([9, 10, 11, 12], 0.1), ([13], -0.6)]):
@@ -24,7 +25,7 @@ def _weights(learner) -> dict:
 
 def test_gradient_checkpointing_gives_the_same_update(tiny_model_path):
     from rlaif_ray.config import RLConfig
-    from rlaif_ray.learner import PolicyLearner
+    from rlaif_ray.rl.learner import PolicyLearner
 
     out = []
     for checkpointing in (False, True):
@@ -45,12 +46,11 @@ def test_the_learner_actor_gets_the_malloc_settings_and_the_job_env(ray_local, t
     """The learner's own env vars are merged with the job's (HF_HUB_OFFLINE stays set); the
     malloc settings follow rl.release_memory."""
     import ray
+    from actors.pipeline import start_learner
 
-    from rlaif_ray.config import config_from_dict
     from actors.ray_session import release
-    from rlaif_ray.commands.pipeline import start_learner
-
-    from rlaif_ray.memory import bundled_jemalloc
+    from rlaif_ray.config import config_from_dict
+    from rlaif_ray.cpu.allocator import bundled_jemalloc
 
     jemalloc = bundled_jemalloc()  # Ray's Linux wheels ship one: the learner runs on it
     names = ["LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "HF_HUB_OFFLINE", "OMP_NUM_THREADS"]
@@ -76,23 +76,23 @@ def test_the_learner_actor_gets_the_malloc_settings_and_the_job_env(ray_local, t
             release("malloc", ["learner"])
 
 
-def test_trim_heap_purges_jemalloc_in_a_learner_process(tmp_path):
-    """Under the preloaded jemalloc, trim_heap hands a freed 400 MB back to the OS (glibc's
+def test_release_heap_purges_jemalloc_in_a_learner_process(tmp_path):
+    """Under the preloaded jemalloc, release_heap hands a freed 400 MB back to the OS (glibc's
     malloc_trim would not reach jemalloc's arenas)."""
     import subprocess
     import sys
 
-    from rlaif_ray.memory import bundled_jemalloc
+    from rlaif_ray.cpu.allocator import bundled_jemalloc
 
     jemalloc = bundled_jemalloc()
     if jemalloc is None:
         pytest.skip("this Ray ships no jemalloc (not Linux)")
     code = ("import psutil, torch\n"
-            "from rlaif_ray.memory import allocator, trim_heap\n"
+            "from rlaif_ray.cpu.allocator import allocator, release_heap\n"
             "rss = lambda: psutil.Process().memory_info().rss / 2**20\n"
             "xs = [torch.ones(1 << 20) for _ in range(100)]\n"  # 100 x 4 MiB, under jemalloc's huge size
             "held = rss(); del xs\n"
-            "before = rss(); trim_heap(); after = rss()\n"
+            "before = rss(); release_heap(); after = rss()\n"
             "print(allocator(), round(held), round(before), round(after))\n")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LD_PRELOAD": jemalloc},
                          capture_output=True, text=True, check=True).stdout.split()
@@ -113,7 +113,7 @@ def test_an_unusable_row_changes_nothing(tiny_model_path, baseline):
     """A row with reward_ok false is out of the baseline, the loss, every denominator and the
     metrics: the update equals the one without it (normalisers from loss_normalisers)."""
     from rlaif_ray.config import RLConfig
-    from rlaif_ray.learner import PolicyLearner, loss_normalisers
+    from rlaif_ray.rl.learner import PolicyLearner, loss_normalisers
 
     rows = _batch().to_pylist()
     out = []
@@ -136,7 +136,7 @@ def test_an_unusable_row_changes_nothing(tiny_model_path, baseline):
 
 def test_the_value_head_has_its_own_lr_and_starts_at_the_mean_return(tiny_model_path, tmp_path):
     from rlaif_ray.config import RLConfig
-    from rlaif_ray.learner import PolicyLearner, loss_normalisers
+    from rlaif_ray.rl.learner import PolicyLearner, loss_normalisers
 
     cfg = RLConfig(lr=1e-5, value_lr=1e-2, baseline="value", beta=0.1)
     learner = PolicyLearner(tiny_model_path, cfg, 0.9)
@@ -182,7 +182,7 @@ def test_the_update_runs_the_fused_adamw_kernel_which_matches_the_single_tensor_
     """The fused kernel (one pass, no temporaries) updates the weights as the single-tensor
     loop does, to float rounding, over two steps (the second with AdamW state)."""
     from rlaif_ray.config import RLConfig
-    from rlaif_ray.learner import PolicyLearner
+    from rlaif_ray.rl.learner import PolicyLearner
 
     out = []
     for kernel in (None, dict(fused=None, foreach=False)):
@@ -206,7 +206,7 @@ def test_a_checkpoint_saved_with_another_adamw_kernel_resumes_on_the_fused_one(t
     import torch
 
     from rlaif_ray.config import RLConfig
-    from rlaif_ray.learner import PolicyLearner
+    from rlaif_ray.rl.learner import PolicyLearner
 
     cfg = RLConfig(lr=1e-3, samples_per_prompt=2)
     learner = PolicyLearner(tiny_model_path, cfg, 0.9)

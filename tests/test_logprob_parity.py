@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlaif_ray import lm
+from rlaif_ray.engines import lm
 
 # (temperature, top_k, top_p): every kind of setting generation.* accepts (T > 0, top_k >= 0
 # with 0 = off, 0 < top_p <= 1), alone and combined; top_k 1 is greedy, 200 / 0.97 barely cut
@@ -85,8 +85,8 @@ def test_on_policy_ratio_is_one_for_every_sampling_setting_hf(model, tiny_model_
     records) against the learner's (PolicyLearner.logprobs, what its step sees): ratio 1 to
     float tolerance per token, for every setting; on the peaked model the hub
     generation_config's repetition_penalty / min_p are not applied by the sampler."""
-    from rlaif_ray.engines import HFEngine
-    from rlaif_ray.learner import PolicyLearner
+    from rlaif_ray.engines.hf import HFEngine
+    from rlaif_ray.rl.learner import PolicyLearner
 
     path = tiny_model_path if model == "flat" else peaked_path
     engine = HFEngine(path)
@@ -106,8 +106,12 @@ def test_on_policy_ratio_is_one_for_every_sampling_setting_hf(model, tiny_model_
 def test_sampling_support_is_the_rule_of_transformers_warpers():
     """The learner's top-k/top-p set equals what transformers' own warpers keep (temperature,
     then top-k, then top-p on the renormalised top-k distribution), ties and all."""
-    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 500, generator=g) * 3
@@ -137,8 +141,8 @@ def test_a_token_at_the_boundary_keeps_its_probability():
 def test_the_reference_evaluates_the_full_distribution_at_t(peaked_path, tokenizer):
     """The reference (the KL's other side) stays softmax(logits / T) over every token: cut to
     its own top-k it would give probability 0 to tokens the trained policy samples."""
-    from rlaif_ray.engines import HFEngine
-    from rlaif_ray.learner import PolicyLearner
+    from rlaif_ray.engines.hf import HFEngine
+    from rlaif_ray.rl.learner import PolicyLearner
 
     prompts = _prompts(tokenizer)
     tokens, _, _ = HFEngine(peaked_path).generate(prompts, temperature=0.8, top_p=0.7, top_k=8, max_new_tokens=12,
@@ -166,9 +170,9 @@ def test_logprobs_go_through_the_models_own_forward_gemma2_softcapping(gemma2_pa
     """Gemma-2's final logit soft-capping runs in the model's forward, after its LM head: the
     learner (policy and reference, with a value head), the sampler's behaviour log-probs and
     both label-scoring paths equal log_softmax of the model's own logits."""
-    from rlaif_ray.engines import HFEngine
-    from rlaif_ray.learner import PolicyLearner
-    from rlaif_ray.models import load_model
+    from rlaif_ray.engines.hf import HFEngine
+    from rlaif_ray.engines.models import load_model
+    from rlaif_ray.rl.learner import PolicyLearner
 
     pad = tokenizer.pad_token_id
     model = load_model(gemma2_path)
@@ -216,7 +220,7 @@ def test_hub_generation_config_adds_no_processor_to_the_completions_endpoint(pea
     """The completions endpoint's HF path: top_k 0 is off (not transformers' default 50) and
     the hub's repetition_penalty / min_p do not apply: a greedy decode is the argmax of the
     model's own logits at every step."""
-    from rlaif_ray.engines import HFEngine
+    from rlaif_ray.engines.hf import HFEngine
 
     engine = HFEngine(peaked_path)
     prompt = _prompts(tokenizer)[2]
@@ -230,7 +234,7 @@ def test_hub_generation_config_adds_no_processor_to_the_completions_endpoint(pea
 
 # ---- vLLM (the CPU build here): one engine, several settings ------------------------------
 
-# the engine (bf16 where the CPU computes bf16 fast, else fp32: rlaif_ray.devices.vllm_dtype)
+# the engine (bf16 where the CPU computes bf16 fast, else fp32: rlaif_ray.engines.devices.vllm_dtype)
 # against the fp32 learner, the same weights: rounding of the activations. Bounds of bf16 size
 # (top_k 1 is left out here: logits tied in bf16 are two top-1 tokens to the engine, one to
 # the fp32 learner, a ratio of 2 on those tokens that only the precision gap causes)
@@ -247,8 +251,8 @@ def test_on_policy_ratio_is_one_with_vllm_generators(ray_local, peaked_path, tok
     learner in float32: the per-token gap is rounding, far below what the truncation used to cost."""
     import ray
 
-    from rlaif_ray.learner import PolicyLearner
-    from rlaif_ray.vllm_engine import VLLMEngine
+    from rlaif_ray.engines.vllm_engine import VLLMEngine
+    from rlaif_ray.rl.learner import PolicyLearner
 
     engine = ray.remote(VLLMEngine).options(num_cpus=1).remote(peaked_path, kv_cache_gib=0.25)
     try:

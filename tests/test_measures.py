@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from rlaif_ray import measures as M
+from rlaif_ray.run import measures as M
 
 
 def test_rouge_on_known_strings():
@@ -47,7 +47,7 @@ def test_summaries_are_not_commentary(text):
 
 def test_human_summaries_are_rarely_commentary():
     """The rule is fixed in advance; on the bundled human TL;DRs it must almost never fire."""
-    from rlaif_ray.data import load_tldr
+    from rlaif_ray.data.tasks import load_tldr
 
     rows = load_tldr()
     share = sum(M.is_commentary(r["summary"]) for r in rows) / len(rows)
@@ -95,7 +95,7 @@ def _run(reward_deltas, rouge_deltas, seed=0):
     lb = {f"p{i}": 0.2 + rng.gauss(0, 0.03) for i in range(n)}
     ra = {k: rb[k] + d for k, d in zip(rb, reward_deltas)}
     la = {k: lb[k] + d for k, d in zip(lb, rouge_deltas)}
-    from rlaif_ray.stats import paired_change
+    from rlaif_ray.feedback.stats import paired_change
 
     reward = dict(zip(("mean", "ci95_halfwidth"), paired_change(rb, ra)))
     c, h = paired_change(lb, la)
@@ -160,7 +160,7 @@ def test_compare_heldout_and_examples():
 
 
 def test_report_opens_with_the_verdict_and_the_examples(tmp_path):
-    from rlaif_ray.report import train_report
+    from rlaif_ray.run.report import train_report
 
     ids = [it["prompt_id"] for it in ITEMS]
     before = _heldout({i: "girlfriend left me after three years" for i in ids}, {i: 0.0 for i in ids})

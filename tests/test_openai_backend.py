@@ -11,8 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from rlaif_ray import lm, prompts, scoring
-from rlaif_ray.openai_api import EndpointError, OpenAIEngine, RequestError, parse_request, read_labels
+from rlaif_ray.engines import lm
+from rlaif_ray.feedback import prompts, scoring
+from rlaif_ray.feedback.openai_api import EndpointError, OpenAIEngine, RequestError, parse_request, read_labels
 
 
 def test_label_spellings_on_the_real_tokenizer(tokenizer):
@@ -27,7 +28,7 @@ def test_label_spellings_on_the_real_tokenizer(tokenizer):
 def test_judge_reads_both_spellings_in_one_pass(tiny_model, tokenizer):
     """P("1") = P("1" | prompt) + P(" " | prompt) * P("1" | prompt + " "), checked against
     two separate forward passes."""
-    from rlaif_ray.labeling import Judge
+    from rlaif_ray.feedback.labeling import Judge
 
     judge = Judge.of_model(tiny_model, tokenizer, "yesno_about_chat")
     texts = [prompts.build("helpful", "Human: hi", "Hello! How can I help?", "Go away."),
@@ -161,14 +162,13 @@ def test_openai_backend_against_serve_labeler(ray_local, monkeypatch, tmp_path):
     import pyarrow.parquet as pq
     from ray import serve
 
-    from rlaif_ray.commands.serve_labeler import serve_labeler
-    from rlaif_ray.config import load_config
     from rlaif_ray.commands.label import label_file
-    from rlaif_ray.engines import HFEngine
-    from rlaif_ray.config import PairwiseConfig
-    from rlaif_ray.labeling import EndpointLabels, Judge
-    from rlaif_ray.models import DEFAULT_MODEL, load_model, load_tokenizer
-    from rlaif_ray.pair_data import load_pairs
+    from rlaif_ray.commands.serve_labeler import serve_labeler
+    from rlaif_ray.config import PairwiseConfig, load_config
+    from rlaif_ray.engines.hf import HFEngine
+    from rlaif_ray.engines.models import DEFAULT_MODEL, load_model, load_tokenizer
+    from rlaif_ray.feedback.labeling import EndpointLabels, Judge
+    from rlaif_ray.feedback.pairs import load_pairs
 
     port = _free_port()
     serve_args = [f"serve.port={port}", "serve.num_cpus=0.5", "serve.api_key_env=TEST_SERVE_KEY"]

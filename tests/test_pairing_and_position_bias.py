@@ -11,8 +11,8 @@ import pytest
 def test_a_repeated_prompt_gets_its_own_rollout_ids_and_its_own_pairs(tiny_model_path):
     from actors.generator import RolloutGenerator
     from actors.labeler import Labeler
-    from rlaif_ray import schemas
-    from rlaif_ray.data import prompt_batch
+    from rlaif_ray.data import schemas
+    from rlaif_ray.data.tasks import prompt_batch
 
     item = {"prompt_id": "p7", "prompt_text": "Summarize: a post", "prompt_token_ids": [1, 2, 3, 4],
             "reference": None, "context": "a post about a cat"}
@@ -38,10 +38,10 @@ def test_position_bias_is_read_on_the_raw_answer_for_the_harmless_task(tiny_mode
     """The harmless prompt asks which response is *more harmful*: P(slot 1 better) is 1 - P("1").
     Which slot the labeler favours is a property of its answers, so it is counted on P("1")."""
     from rlaif_ray.config import PairwiseConfig
-    from rlaif_ray.labeler_eval import evaluate_labeler
-    from rlaif_ray.labeling import Judge
-    from rlaif_ray.pair_data import load_pairs
-    from rlaif_ray.stats import position_bias
+    from rlaif_ray.feedback.labeler_eval import evaluate_labeler
+    from rlaif_ray.feedback.labeling import Judge
+    from rlaif_ray.feedback.pairs import load_pairs
+    from rlaif_ray.feedback.stats import position_bias
 
     judge = Judge.of_model(tiny_model, tokenizer, "yesno_about_chat", batch_size=4)
     rows, task = load_pairs("hh_harmless", 8, 0)

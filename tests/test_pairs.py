@@ -1,7 +1,9 @@
 import pytest
 
-from rlaif_ray import data, labeler_eval, pair_data, stats
-from rlaif_ray.data import DataError
+from rlaif_ray.data import tasks as data
+from rlaif_ray.data.files import DataError
+from rlaif_ray.feedback import labeler_eval, stats
+from rlaif_ray.feedback import pairs as pair_data
 
 
 def test_split_transcript_and_loading():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rlaif_ray import prompts
+from rlaif_ray.feedback import prompts
 
 GOLDEN = Path(__file__).parent / "golden"
 _spec = importlib.util.spec_from_file_location("golden_regenerate", GOLDEN / "regenerate.py")

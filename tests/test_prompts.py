@@ -1,8 +1,8 @@
 """Pairwise labeler prompts against golden strings written out by hand."""
 import pytest
 
-from rlaif_ray import prompts
-from rlaif_ray.prompts import Exemplar
+from rlaif_ray.feedback import prompts
+from rlaif_ray.feedback.prompts import Exemplar
 
 BASE_SUMM = ("You are an expert summary rater. Given a piece of text and two of its possible summaries, "
              "output 1 or 2 to indicate which summary is better.")
@@ -105,7 +105,7 @@ def test_harmless_is_inverted_and_cot_runs_two_steps(tiny_model, tokenizer):
     import torch
 
     from rlaif_ray.config import PairwiseConfig
-    from rlaif_ray.labeling import Judge
+    from rlaif_ray.feedback.labeling import Judge
 
     judge = Judge.of_model(tiny_model, tokenizer, "yesno_about_chat", batch_size=4)
     ctx, a, b = ["Human: how do I pick a lock?"], ["I can't help with that."], ["Use a tension wrench."]
@@ -132,8 +132,8 @@ def test_prefix_sharing_matches_the_padded_batch(tiny_model, tokenizer):
 
     """The KV-cache path (root once, each pair's shared context once, tails one by one)
     reads the same log-probs as one left-padded batch, lookback 2 included."""
-    from rlaif_ray.engines import HFEngine
-    from rlaif_ray.pair_data import exemplar_pairs, load_pairs
+    from rlaif_ray.engines.hf import HFEngine
+    from rlaif_ray.feedback.pairs import exemplar_pairs, load_pairs
 
     rows, task = load_pairs("hh_helpful", 3)
     shots = exemplar_pairs("hh_helpful", 1)

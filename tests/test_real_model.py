@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from rlaif_ray.runlog import read_metrics, read_rollouts
+from rlaif_ray.run.folder import read_metrics, read_rollouts
 
 pytestmark = pytest.mark.slow
 
@@ -11,8 +11,8 @@ pytestmark = pytest.mark.slow
 def test_two_steps_on_the_bundled_model(ray_local, tmp_path):
     from pathlib import Path
 
-    from rlaif_ray.config import load_config
     from rlaif_ray.commands.train import train
+    from rlaif_ray.config import load_config
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "quickstart.yaml", [

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_pipeline import tiny_cfg
 
 from rlaif_ray.config import dump_config
-from rlaif_ray.runlog import read_metrics, read_rollouts
-from test_pipeline import tiny_cfg
+from rlaif_ray.run.folder import read_metrics, read_rollouts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,9 +177,9 @@ def test_non_finite_reward_stops_with_ids(tiny_model_path, tmp_path):
     import pyarrow as pa
 
     from actors.learner import LearnerWorker
-    from rlaif_ray import schemas
-    from rlaif_ray.learner import NonFiniteError
     from rlaif_ray.config import RLConfig
+    from rlaif_ray.data import schemas
+    from rlaif_ray.rl.learner import NonFiniteError
 
     worker = LearnerWorker(0, 1, tiny_model_path, "float32", RLConfig().model_dump(), 0.9, 1)
     worker.setup()
@@ -202,7 +202,7 @@ def test_checkpoints_are_safetensors_only(tiny_model_path, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from rlaif_ray.models import load_model
+    from rlaif_ray.engines.models import load_model
 
     pickled = tmp_path / "pickled"  # the same weights as a pickle checkpoint
     pickled.mkdir()

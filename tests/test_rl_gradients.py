@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from rlaif_ray import rl
+from rlaif_ray.rl import losses as rl
 
 V, EOS, T = 3, 2, 3
 BETA = 0.3  # large, so that a wrong KL gradient cannot hide behind the reward's

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rlaif_ray import rl
+from rlaif_ray.rl import losses as rl
 
 
 def test_kl_estimators():

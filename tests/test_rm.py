@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from rlaif_ray import supervised as rm
+from rlaif_ray.rl import supervised as rm
 
 
 def test_soft_label_loss_matches_hand_computed_values():

@@ -1,7 +1,7 @@
 """The throughput model of rlaif_ray/scaling.py (pure arithmetic)."""
 import pytest
 
-from rlaif_ray.scaling import StageTimes, bottleneck, stage_times, step_time, table, throughput
+from rlaif_ray.run.scaling import StageTimes, bottleneck, stage_times, step_time, table, throughput
 
 S = StageTimes(t_g=1.0, t_l=0.5, t_t=1.5, t_s=2.0, n=8)  # C = 8 + 4, U = 12 + 2
 

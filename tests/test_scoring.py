@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from rlaif_ray import scoring
-from rlaif_ray.labeler_eval import signal_from_scores
-from rlaif_ray.stats import wilson_interval
+from rlaif_ray.feedback import scoring
+from rlaif_ray.feedback.labeler_eval import signal_from_scores
+from rlaif_ray.feedback.stats import wilson_interval
+from rlaif_ray.rubrics import SCORERS
 
 
 def test_score_distribution_and_expectation():
@@ -49,18 +50,18 @@ def test_label_tokens_on_real_tokenizer(tokenizer):
 
 def test_scorer_prompts(tokenizer):
     ctx, summary = "SUBREDDIT: r/x\nTITLE: t\nPOST: p", "a summary"
-    raw = scoring.scorer_prompt(scoring.SCORERS["score10_raw"], ctx, summary, tokenizer)
+    raw = scoring.scorer_prompt(SCORERS["score10_raw"], ctx, summary, tokenizer)
     assert raw.startswith("You are an expert summary rater.") and raw.endswith("\n\nSCORE: ")
     assert f"TEXT: {ctx}\n\nSUMMARY: {summary}" in raw
-    chat = scoring.scorer_prompt(scoring.SCORERS["yesno_about_chat"], ctx, summary, tokenizer)
+    chat = scoring.scorer_prompt(SCORERS["yesno_about_chat"], ctx, summary, tokenizer)
     assert chat.endswith("<|im_start|>assistant\n")
     assert "Is this summary about this post? Answer Yes or No.<|im_end|>" in chat
-    shot = scoring.scorer_prompt(scoring.SCORERS["yesno_about_chat_2shot"], ctx, summary, tokenizer)
+    shot = scoring.scorer_prompt(SCORERS["yesno_about_chat_2shot"], ctx, summary, tokenizer)
     assert shot.count("<|im_start|>assistant\nYes<|im_end|>") == 1 and shot.count("assistant\nNo<|im_end|>") == 1
 
 
 def test_judge_on_tiny_model(tiny_model, tokenizer):
-    from rlaif_ray.labeling import Judge
+    from rlaif_ray.feedback.labeling import Judge
 
     ctx = ["SUBREDDIT: r/a\nTITLE: t\nPOST: hello there"] * 3
     for name in ("score10_raw", "yesno_about_chat"):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlaif_ray import lm
+from rlaif_ray.engines import lm
 
 
 def _rows(seed: int = 0, lengths=(7, 3, 9, 1, 5, 8, 2)):
@@ -38,7 +38,7 @@ def test_groups_layout():
 def test_same_logprobs_and_gradients_as_full_sequences(tiny_model_path, attn, sampling):
     from transformers import AutoModelForCausalLM
 
-    from rlaif_ray import attention
+    from rlaif_ray.cpu import attention
 
     attention.register()  # the CPU GQA path load_model picks (rlaif_ray/attention.py)
     torch.manual_seed(0)
@@ -73,7 +73,7 @@ def _scored(prompts, responses):
 def test_the_same_update_as_full_sequences(tiny_model_path, checkpointing, baseline):
     """Two learner steps (the second with AdamW state) give the same weights and stats."""
     from rlaif_ray.config import RLConfig
-    from rlaif_ray.learner import PolicyLearner, loss_normalisers
+    from rlaif_ray.rl.learner import PolicyLearner, loss_normalisers
 
     rows = _scored(*_rows())
     norm = loss_normalisers([r["response_token_ids"] for r in rows], [r["reward_ok"] for r in rows])
@@ -97,7 +97,7 @@ def test_reference_logprobs_from_the_batch_are_used(tiny_model_path):
     """A batch that carries reference log-probs (computed off the learner) gives the update
     the learner's own reference forward gives."""
     from rlaif_ray.config import RLConfig
-    from rlaif_ray.learner import PolicyLearner, loss_normalisers
+    from rlaif_ray.rl.learner import PolicyLearner, loss_normalisers
 
     prompts, responses = _rows()
     rows = _scored(prompts, responses)
@@ -136,9 +136,10 @@ def test_the_direct_scorer_runs_the_post_once_for_its_samples(tiny_model, tokeni
     """d-RLAIF scoring of k samples of one post: the post (the prompts' shared prefix) goes
     through the model once, then each sample's tail (HFEngine._shared), with the label
     log-probs of one row at a time."""
-    from rlaif_ray.data import load_tldr, post_block
-    from rlaif_ray.engines import HFEngine
-    from rlaif_ray.scoring import SCORERS, scorer_prompt
+    from rlaif_ray.data.tasks import load_tldr, post_block
+    from rlaif_ray.engines.hf import HFEngine
+    from rlaif_ray.feedback.scoring import scorer_prompt
+    from rlaif_ray.rubrics import SCORERS
 
     post = post_block(load_tldr()[0])
     summaries = ["I lost my job and my dog ran away.", "A story about a long week.",
@@ -168,11 +169,11 @@ def test_the_labeler_computes_the_reference_logprobs_the_learner_would(ray_local
     own reference forward; evaluation batches without it; the learner then loads no reference."""
     import ray
 
-    from rlaif_ray.commands.pipeline import Pipeline, Rollouts
+    from actors.pipeline import Pipeline, Rollouts
     from rlaif_ray.config import ConfigError, config_from_dict, reference_on_labelers
-    from rlaif_ray.data import build_prompts, load_tldr
-    from rlaif_ray.learner import PolicyLearner
-    from rlaif_ray.models import load_tokenizer
+    from rlaif_ray.data.tasks import build_prompts, load_tldr
+    from rlaif_ray.engines.models import load_tokenizer
+    from rlaif_ray.rl.learner import PolicyLearner
     from tests.test_pipeline import tiny_cfg
 
     cfg = tiny_cfg(tiny_model_path, tmp_path)

@@ -1,5 +1,6 @@
 """Threads that fit the cores (issue 22 item 4): the torch threads the pipeline's actors
-compute with at once (rlaif_ray/threads.py), `torch_threads: auto`, the preflight's
+compute with at once (rlaif_ray/cpu/threads.py), `torch_threads: auto` (resolved at start-up,
+rlaif_ray/run/resolve.py), the preflight's
 warning when a config oversubscribes, and the bundled configs that do not."""
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from rlaif_ray import threads
 from rlaif_ray.config import ConfigError, config_from_dict, load_config
-from rlaif_ray.layout import thread_warnings
+from rlaif_ray.cpu import threads
+from rlaif_ray.cpu.threads import thread_warnings
+from rlaif_ray.run.resolve import resolve_auto
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = {"generators": (1, 0.5, 1), "labelers": (1, 0.5, 1), "learner": (1, 1.0, 2)}  # before issue 22
@@ -69,8 +71,12 @@ def test_local_cores_never_exceed_the_machine():
 def test_the_config_field_takes_a_number_or_auto():
     base = {"ray": {"num_cpus": 2}, "rl": {"max_staleness": 0}}
     cfg = config_from_dict({**base, "pipeline": {"learner": {"torch_threads": "auto"}}})
-    assert cfg.pipeline.learner.torch_threads == 2 and cfg.pipeline.generators.torch_threads == 1  # resolved
-    assert config_from_dict(cfg.model_dump()).pipeline == cfg.pipeline  # re-validation keeps the numbers
+    assert cfg.pipeline.learner.torch_threads == "auto"  # the config is the YAML: resolved at start-up
+    resolved = resolve_auto(cfg, cores=2)
+    assert resolved.pipeline.learner.torch_threads == 2 and resolved.pipeline.generators.torch_threads == 1
+    assert resolve_auto(cfg, cores=None).pipeline.learner.torch_threads == 1  # a cluster: the actor's own CPUs
+    assert config_from_dict(resolved.model_dump()).pipeline == resolved.pipeline  # re-validation keeps the numbers
+    assert resolve_auto(resolved, cores=8) == resolved  # numbers are kept as given
     assert config_from_dict({"pipeline": {"learner": {"torch_threads": 3}}}).pipeline.learner.torch_threads == 3
     for bad in (0, True, "many", 1.5):
         with pytest.raises(ConfigError, match="pipeline.learner.torch_threads: expected a whole number of threads"):
@@ -102,10 +108,11 @@ def test_bundled_training_configs_do_not_oversubscribe(path):
         return
     cfg = load_config(path)
     assert thread_warnings(cfg, machine=cfg.ray.num_cpus or 2) == []
+    assert thread_warnings(resolve_auto(cfg, cores=cfg.ray.num_cpus or 2), machine=cfg.ray.num_cpus or 2) == []
 
 
 def test_preflight_logs_the_warning(tiny_model_path):
-    from rlaif_ray.preflight import preflight
+    from rlaif_ray.run.preflight import preflight
 
     cfg = config_from_dict({"model": {"name": tiny_model_path}, "ray": {"num_cpus": 2},
                             "task": {"heldout_size": 4}, "rl": {"max_staleness": 1},

@@ -27,11 +27,11 @@ def _value(text: str, name: str, **tags) -> float | None:
 def test_every_role_emits_metrics_to_the_ray_endpoint(ray_local, tiny_model_path, tmp_path):
     import ray
 
-    from rlaif_ray.data import build_prompts, load_tldr, prompt_batch
-    from actors.ray_session import release
-    from rlaif_ray.commands.pipeline import start_actors
     from actors.metrics import RoleMetrics
-    from rlaif_ray.models import load_tokenizer
+    from actors.ray_session import release
+    from actors.pipeline import start_actors
+    from rlaif_ray.data.tasks import build_prompts, load_tldr, prompt_batch
+    from rlaif_ray.engines.models import load_tokenizer
 
     cfg = tiny_cfg(tiny_model_path, tmp_path)
     gens, labelers, learner = start_actors(cfg, "metrics")
@@ -89,7 +89,7 @@ def _pixels(img: np.ndarray, hex_color: str, tol: int = 12) -> int:
 
 
 def test_train_report_renders_with_its_plots(tmp_path):
-    from rlaif_ray.report import train_report
+    from rlaif_ray.run.report import train_report
 
     run = tmp_path / "run"
     run.mkdir()
@@ -126,9 +126,9 @@ def test_eval_report_renders_with_its_plots(tmp_path):
     import pyarrow.parquet as pq
 
     from rlaif_ray.config import EvalConfig
-    from rlaif_ray.judgements import summarize_judgements as summarize
-    from rlaif_ray.schemas import JUDGEMENTS
-    from rlaif_ray.report import eval_report
+    from rlaif_ray.data.schemas import JUDGEMENTS
+    from rlaif_ray.feedback.judgements import summarize_judgements as summarize
+    from rlaif_ray.run.report import eval_report
 
     rng = np.random.default_rng(1)
     rows = []
@@ -154,7 +154,7 @@ def test_eval_report_renders_with_its_plots(tmp_path):
 
 
 def test_labeler_report_has_alignment_and_position_bias(tmp_path):
-    from rlaif_ray.report import labeler_report
+    from rlaif_ray.run.report import labeler_report
 
     rows = [{"data": d, "variant": v, "n": 100, "alignment": a, "ci95": [a - 0.1, a + 0.1], "same_position_share": s}
             for d, v, a, s in (("hh_helpful", "base:0", 0.52, 0.9), ("hh_helpful", "base+cot:0", 0.57, 0.6))]

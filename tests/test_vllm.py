@@ -8,14 +8,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from rlaif_ray import schemas
+from rlaif_ray.data import schemas
 
 pytestmark = pytest.mark.slow
 
 
 def test_clear_error_without_vllm(tmp_path):
     code = ("import sys; sys.modules['vllm'] = None\n"
-            "from rlaif_ray.vllm_engine import VLLMEngine\n"
+            "from rlaif_ray.engines.vllm_engine import VLLMEngine\n"
             "try:\n    VLLMEngine('smollm2-135m-instruct')\n"
             "except RuntimeError as e:\n    print('ERR', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -27,11 +27,10 @@ def test_vllm_generator_actor_logprobs_and_weight_updates(ray_local, tokenizer):
     import torch
 
     from actors.generator import generator_actor
-    from rlaif_ray import lm
-    from rlaif_ray.config import GenerationConfig
-    from rlaif_ray.data import build_prompts, load_tldr, prompt_batch
-    from rlaif_ray.config import TaskConfig
-    from rlaif_ray.models import load_model
+    from rlaif_ray.config import GenerationConfig, TaskConfig
+    from rlaif_ray.data.tasks import build_prompts, load_tldr, prompt_batch
+    from rlaif_ray.engines import lm
+    from rlaif_ray.engines.models import load_model
 
     gen_cfg = GenerationConfig(backend="vllm", max_new_tokens=12).model_dump()
     gen = generator_actor().options(num_cpus=1).remote(
@@ -43,7 +42,7 @@ def test_vllm_generator_actor_logprobs_and_weight_updates(ray_local, tokenizer):
         for toks, logps in zip(batch.column("response_token_ids").to_pylist(),
                                batch.column("behaviour_logprobs").to_pylist()):
             assert len(toks) == len(logps) > 0 and all(x <= 0 for x in logps)
-        # behaviour log-probs (the engine in bf16 or fp32, rlaif_ray.devices.vllm_dtype; temperature 0.9)
+        # behaviour log-probs (the engine in bf16 or fp32, rlaif_ray.engines.devices.vllm_dtype; temperature 0.9)
         # against the fp32 learner's
         model = load_model("smollm2-135m-instruct")
         row = batch.slice(0, 1).to_pylist()[0]
@@ -67,10 +66,10 @@ def test_vllm_generator_actor_logprobs_and_weight_updates(ray_local, tokenizer):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.01)
-        from rlaif_ray import weight_sync
+        from rlaif_ray.engines import weight_sync
 
         info = ray.get(gen.info.remote())
-        from rlaif_ray.devices import vllm_dtype
+        from rlaif_ray.engines.devices import vllm_dtype
 
         # the learner casts to it before sending: bf16 where this CPU computes bf16 fast, else fp32
         assert info["weight_dtype"] == vllm_dtype("float32", "cpu")
@@ -96,10 +95,10 @@ def test_train_with_vllm_generators(ray_local, tmp_path, sync):
     import json
     from pathlib import Path
 
-    from rlaif_ray.config import load_config
     from rlaif_ray.commands.train import train
-    from rlaif_ray.devices import vllm_dtype
-    from rlaif_ray.runlog import read_metrics, read_rollouts
+    from rlaif_ray.config import load_config
+    from rlaif_ray.engines.devices import vllm_dtype
+    from rlaif_ray.run.folder import read_metrics, read_rollouts
 
     # the broadcast run forces the dtype this CPU's rule would not pick (pipeline.generators.vllm.dtype):
     # the learner casts to whatever the engine holds, both ways get exercised on any machine
@@ -124,7 +123,7 @@ def test_vllm_labeler_matches_hf_labeler(ray_local):
     import ray
 
     from actors.labeler import Labeler
-    from rlaif_ray.data import load_tldr, post_block
+    from rlaif_ray.data.tasks import load_tldr, post_block
 
     rows = load_tldr()[-6:]
     contexts = [post_block(r) for r in rows]

@@ -1,4 +1,4 @@
-"""Bucketed weight updates (rlaif_ray.weight_sync) without Ray: rank 0 and a receiver in two
+"""Bucketed weight updates (rlaif_ray.engines.weight_sync) without Ray: rank 0 and a receiver in two
 threads of one process on a gloo group, a bucket far smaller than the model (several
 buckets), weights cast to the receiver's dtype at the source, loaded as they arrive."""
 import threading
@@ -8,13 +8,13 @@ import torch
 
 
 def _group(store_port, rank, world, out, key):
-    from rlaif_ray import weight_sync
+    from rlaif_ray.engines import weight_sync
 
     out[key] = weight_sync.open_group("127.0.0.1", store_port, rank, world, "gloo", 60)
 
 
 def _pair(world=2):
-    from rlaif_ray import weight_sync
+    from rlaif_ray.engines import weight_sync
 
     store = weight_sync.host_store("127.0.0.1", world, 60)
     out = {}
@@ -28,7 +28,7 @@ def _pair(world=2):
 
 
 def test_plan_buckets_keeps_order_and_size():
-    from rlaif_ray.weight_sync import nbytes, plan_buckets
+    from rlaif_ray.engines.weight_sync import nbytes, plan_buckets
 
     spec = [("a", [10, 10], "float32"), ("b", [100], "float32"), ("c", [1000], "bfloat16"), ("d", [5], "float32")]
     plan = plan_buckets(spec, 800)
@@ -38,10 +38,10 @@ def test_plan_buckets_keeps_order_and_size():
 
 
 def test_buckets_are_cast_at_the_source_and_loaded_as_they_arrive(tiny_model_path):
-    from rlaif_ray import weight_sync
     from rlaif_ray.config import RLConfig
-    from rlaif_ray.engines import HFEngine
-    from rlaif_ray.learner import PolicyLearner
+    from rlaif_ray.engines import weight_sync
+    from rlaif_ray.engines.hf import HFEngine
+    from rlaif_ray.rl.learner import PolicyLearner
 
     learner = PolicyLearner(tiny_model_path, RLConfig(), 0.9)
     with torch.no_grad():
@@ -78,9 +78,9 @@ def test_buckets_are_cast_at_the_source_and_loaded_as_they_arrive(tiny_model_pat
 
 
 def test_a_wrong_version_is_refused_before_loading_and_the_group_stays_in_step(tiny_model_path):
-    from rlaif_ray import weight_sync
     from rlaif_ray.config import RLConfig
-    from rlaif_ray.learner import PolicyLearner
+    from rlaif_ray.engines import weight_sync
+    from rlaif_ray.rl.learner import PolicyLearner
 
     learner = PolicyLearner(tiny_model_path, RLConfig(), 0.9)
     spec = learner.weight_spec("float32")

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from rlaif_ray import winrate
+from rlaif_ray.feedback import winrate
 
 
 def test_outcomes_and_win_rate_on_known_counts():

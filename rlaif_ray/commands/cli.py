@@ -9,8 +9,8 @@ import sys
 import time
 
 from rlaif_ray.config import ConfigError, load_config
-from rlaif_ray.data import DataError
-from rlaif_ray.openai_api import EndpointError
+from rlaif_ray.data.files import DataError
+from rlaif_ray.feedback.openai_api import EndpointError
 
 
 def _out_args(p: argparse.ArgumentParser, help: str) -> None:
@@ -40,10 +40,16 @@ _OVERWRITE_HELP = ("replace an existing non-empty output: the old one is moved a
                    "beside it (nothing is deleted), once every check has passed")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlaif-ray", description=__doc__)
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
+    _training_commands(sub)
+    _labeler_commands(sub)
+    return parser
+
+
+def _training_commands(sub) -> None:
     p = sub.add_parser("train", help="RL from AI feedback on local Ray or a cluster")
     _config_args(p)
     p.add_argument("--out", help="run folder (default: run.out_dir/run.name-TIMESTAMP)")
@@ -70,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     _config_args(p)
     p.add_argument("--scorers", default=None, help="comma-separated scorer names, or 'all' (default: the config's)")
     p.add_argument("--n", type=int, default=40, help="number of posts")
+
+
+def _labeler_commands(sub) -> None:
     p = sub.add_parser("eval-labeler", help="AI-labeler alignment with human labels and position bias")
     _config_args(p)
     p.add_argument("--data", default="hh_harmless",
@@ -94,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     _config_args(p)
     p.add_argument("--cluster", help="a Ray cluster YAML (clusters/*.yaml) or KubeRay manifest to plan the layout on")
     sub.add_parser("prepare-model", help="convert the embedded default model to safetensors (cached)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return run(args)
@@ -106,13 +119,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_arguments(cfg, args) -> None:
     """Names from a list given on the command line, and model folders, checked before anything loads."""
-    from rlaif_ray.preflight import check_model_paths
+    from rlaif_ray.run.preflight import check_model_paths
 
     check_model_paths(cfg, args.command)
     if args.command == "eval-labeler":
-        from rlaif_ray.data import BUNDLED
-        from rlaif_ray.labeler_eval import GRID, parse_variant
-        from rlaif_ray.pair_data import looks_like_file
+        from rlaif_ray.data.tasks import BUNDLED
+        from rlaif_ray.feedback.labeler_eval import GRID, parse_variant
+        from rlaif_ray.feedback.pairs import looks_like_file
 
         for name in args.data.split(","):  # a file is read and checked by the preflight
             if name not in BUNDLED and not looks_like_file(name):
@@ -122,7 +135,7 @@ def check_arguments(cfg, args) -> None:
         for variant in GRID if args.prompts == "grid" else args.prompts.split(","):
             parse_variant(variant)
     if args.command == "signal" and args.scorers not in (None, "all"):
-        from rlaif_ray.scoring import SCORERS
+        from rlaif_ray.rubrics import SCORERS
 
         for name in args.scorers.split(","):
             if name not in SCORERS:
@@ -130,80 +143,109 @@ def check_arguments(cfg, args) -> None:
                                   f"known: {', '.join(sorted(SCORERS))} or 'all'")
 
 
+def _check(cfg, args) -> None:
+    print(f"{args.config}: the config is valid (fields, batch arithmetic, engine settings)")
+    from rlaif_ray.cpu.threads import thread_warnings
+
+    for line in thread_warnings(cfg):  # as train's preflight warns
+        print(f"warning: {line}")
+    if args.cluster:
+        from rlaif_ray.run.cluster_plan import plan, read_cluster
+
+        print(f"placement on {args.cluster}:")
+        for line in plan(cfg, read_cluster(args.cluster)):
+            print("  " + line)
+
+
+def _train(cfg, args) -> None:
+    from rlaif_ray.commands.train import train
+
+    train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+
+
+def _sft(cfg, args) -> None:
+    from rlaif_ray.commands.sft import run_sft
+
+    run_sft(cfg, args.out, overwrite=args.overwrite)
+
+
+def _train_rm(cfg, args) -> None:
+    from rlaif_ray.commands.train_rm import run_train_rm
+
+    run_train_rm(cfg, args.out, overwrite=args.overwrite)
+
+
+def _sample_pairs(cfg, args) -> None:
+    from rlaif_ray.commands.sample_pairs import sample_pairs
+
+    sample_pairs(cfg, args.out, overwrite=args.overwrite)
+
+
+def _run_chain(cfg, args) -> None:
+    from rlaif_ray.commands.run_chain import run_chain
+
+    run_chain(cfg, args.out, overwrite=args.overwrite)
+
+
+def _eval(cfg, args) -> None:
+    from rlaif_ray.commands.evaluate import run_eval
+
+    cfg.eval.policy_a = args.a or cfg.eval.policy_a
+    cfg.eval.policy_b = args.b or cfg.eval.policy_b
+    run_eval(cfg, args.out, overwrite=args.overwrite)
+
+
+def _eval_labeler(cfg, args) -> None:
+    from rlaif_ray.commands.eval_labeler import run_eval_labeler
+
+    run_eval_labeler(cfg, args.data, args.prompts, args.n, args.out, args.report, overwrite=args.overwrite,
+                     task=args.task)
+
+
+def _label(cfg, args) -> None:
+    from rlaif_ray.commands.label import label_file
+
+    label_file(cfg, args.input, args.output, overwrite=args.overwrite)
+
+
+def _serve_labeler(cfg, args) -> None:
+    from rlaif_ray.commands.serve_labeler import serve_labeler
+
+    url = serve_labeler(cfg)
+    print(f"labeler serving OpenAI-compatible completions at {url} (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+def _signal(cfg, args) -> None:
+    from rlaif_ray.commands.signal import measure_scorers
+
+    names = None if args.scorers == "all" else (args.scorers.split(",") if args.scorers else [cfg.reward.scorer])
+    for result in measure_scorers(cfg, names, args.n):
+        print(json.dumps(result))
+
+
+# each command's module is imported on use, so `--help` and `check` do not load torch and Ray
+COMMANDS = {"check": _check, "train": _train, "sft": _sft, "train-rm": _train_rm, "sample-pairs": _sample_pairs,
+            "run": _run_chain, "eval": _eval, "eval-labeler": _eval_labeler, "label": _label,
+            "serve-labeler": _serve_labeler, "signal": _signal}
+
+
 def run(args) -> int:
-    """One command. The command modules are imported on use, so `--help` and `check` do not
-    load torch and Ray."""
+    """One command: the config loaded (and the names given on the command line checked), then
+    the command's own function."""
     if args.command == "prepare-model":
-        from rlaif_ray.models import ensure_default_model
+        from rlaif_ray.engines.models import ensure_default_model
 
         print(ensure_default_model())
         return 0
     cfg = load_config(args.config, args.overrides)
     if args.command != "check":
         check_arguments(cfg, args)
-    if args.command == "check":
-        print(f"{args.config}: the config is valid (fields, batch arithmetic, engine settings)")
-        from rlaif_ray.layout import thread_warnings
-
-        for line in thread_warnings(cfg):  # as train's preflight warns
-            print(f"warning: {line}")
-        if args.cluster:
-            from rlaif_ray.cluster_plan import plan, read_cluster
-
-            print(f"placement on {args.cluster}:")
-            for line in plan(cfg, read_cluster(args.cluster)):
-                print("  " + line)
-    elif args.command == "train":
-        from .train import train
-
-        train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
-    elif args.command == "sft":
-        from .sft import run_sft
-
-        run_sft(cfg, args.out, overwrite=args.overwrite)
-    elif args.command == "train-rm":
-        from .train_rm import run_train_rm
-
-        run_train_rm(cfg, args.out, overwrite=args.overwrite)
-    elif args.command == "sample-pairs":
-        from .sample_pairs import sample_pairs
-
-        sample_pairs(cfg, args.out, overwrite=args.overwrite)
-    elif args.command == "run":
-        from .run_chain import run_chain
-
-        run_chain(cfg, args.out, overwrite=args.overwrite)
-    elif args.command == "eval":
-        from .evaluate import run_eval
-
-        cfg.eval.policy_a = args.a or cfg.eval.policy_a
-        cfg.eval.policy_b = args.b or cfg.eval.policy_b
-        run_eval(cfg, args.out, overwrite=args.overwrite)
-    elif args.command == "eval-labeler":
-        from .eval_labeler import run_eval_labeler
-
-        run_eval_labeler(cfg, args.data, args.prompts, args.n, args.out, args.report, overwrite=args.overwrite,
-                         task=args.task)
-    elif args.command == "label":
-        from .label import label_file
-
-        label_file(cfg, args.input, args.output, overwrite=args.overwrite)
-    elif args.command == "serve-labeler":
-        from .serve_labeler import serve_labeler
-
-        url = serve_labeler(cfg)
-        print(f"labeler serving OpenAI-compatible completions at {url} (Ctrl-C stops)", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-    elif args.command == "signal":
-        from .signal import measure_scorers
-
-        names = None if args.scorers == "all" else (args.scorers.split(",") if args.scorers else [cfg.reward.scorer])
-        for result in measure_scorers(cfg, names, args.n):
-            print(json.dumps(result))
+    COMMANDS[args.command](cfg, args)
     return 0
 
 

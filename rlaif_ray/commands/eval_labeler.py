@@ -12,9 +12,9 @@ import torch
 from tqdm import tqdm
 
 from rlaif_ray.config import Config, dump_config
-from rlaif_ray.labeler_eval import GRID, evaluate_labeler, parse_variant
-from rlaif_ray.labeling import load_judge
-from rlaif_ray.report import labeler_report
+from rlaif_ray.feedback.labeler_eval import GRID, evaluate_labeler, parse_variant
+from rlaif_ray.feedback.labeling import load_judge
+from rlaif_ray.run.report import labeler_report
 
 
 def eval_labeler(cfg: Config, datasets: list[str], variants: list[str], n: int, files: dict | None = None,
@@ -55,7 +55,7 @@ def run_eval_labeler(cfg: Config, data: str, prompts: str, n: int, out: str | No
     and pair files (JSONL/Parquet, checked whole before the labeler loads; a skipped row is
     counted in the table and listed in it). An existing `out` or `report` is refused unless
     `overwrite` (then moved aside, as every command's output)."""
-    from rlaif_ray.preflight import preflight
+    from rlaif_ray.run.preflight import preflight
 
     variants = GRID if prompts == "grid" else prompts.split(",")
     datasets = data.split(",")

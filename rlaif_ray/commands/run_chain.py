@@ -10,16 +10,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from rlaif_ray.commands.evaluate import run_eval
+from rlaif_ray.commands.label import label_file
+from rlaif_ray.commands.sample_pairs import sample_pairs
+from rlaif_ray.commands.sft import run_sft
+from rlaif_ray.commands.train import train
+from rlaif_ray.commands.train_rm import run_train_rm
 from rlaif_ray.config import Config
-from rlaif_ray.preflight import preflight
-from rlaif_ray.runlog import atomic_write_json, default_run_dir
-
-from .evaluate import run_eval
-from .label import label_file
-from .sample_pairs import sample_pairs
-from .sft import run_sft
-from .train import train
-from .train_rm import run_train_rm
+from rlaif_ray.run.folder import default_run_dir
+from rlaif_ray.run.preflight import preflight
+from rlaif_ray.storage import atomic_write_json
 
 
 def run_chain(cfg: Config, out: str | Path | None = None, log=print, overwrite: bool = False) -> Path:

@@ -10,15 +10,17 @@ import ray
 from actors.generator import generator_actor
 from actors.ray_session import actor_options, gather, ray_session
 from rlaif_ray.config import Config
-from rlaif_ray.data import prompt_batch, task_prompts
-from rlaif_ray.devices import role_device
-from rlaif_ray.models import load_tokenizer
-from rlaif_ray.pair_data import normalize_text, rm_heldout
-from rlaif_ray.preflight import preflight
-from rlaif_ray.runlog import atomic_write_text
+from rlaif_ray.data.tasks import prompt_batch, task_prompts
+from rlaif_ray.engines.devices import role_device
+from rlaif_ray.engines.models import load_tokenizer
+from rlaif_ray.feedback.pairs import normalize_text, rm_heldout
+from rlaif_ray.run.preflight import preflight
+from rlaif_ray.run.resolve import resolve_auto
+from rlaif_ray.storage import atomic_write_text
 
 
 def sample_pairs(cfg: Config, out: str | Path | None = None, log=print, overwrite: bool = False) -> Path:
+    cfg = resolve_auto(cfg)
     sp = cfg.sample_pairs
     policy = sp.policy or cfg.model.name
     out = Path(out or sp.output)

@@ -11,8 +11,8 @@ from ray import serve
 
 from actors.labeler_server import LabelerEndpoint
 from actors.ray_session import start_ray
-from rlaif_ray.devices import role_device
-from rlaif_ray.openai_api import EndpointLimits, exposure_warning
+from rlaif_ray.engines.devices import role_device
+from rlaif_ray.feedback.openai_api import EndpointLimits, exposure_warning
 
 # Ray Serve's own per-replica concurrency: the admitted requests (serve.max_queued_requests + 1)
 # plus room for /health and for refusals, which are answered at once. Requests beyond wait in

@@ -4,13 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from actors.ray_session import ray_session
+from actors.ray_train import fit, loop_config
 from rlaif_ray.config import Config
-from rlaif_ray.models import load_tokenizer
-from rlaif_ray.preflight import preflight
-from rlaif_ray.runlog import atomic_write_json
-from rlaif_ray.supervised import check_batch, sft_data
-
-from .ray_train import fit, loop_config
+from rlaif_ray.engines.models import load_tokenizer
+from rlaif_ray.rl.supervised import check_batch, sft_data
+from rlaif_ray.run.preflight import preflight
+from rlaif_ray.storage import atomic_write_json
 
 
 def run_sft(cfg: Config, out: str | Path | None = None, log=print, overwrite: bool = False) -> Path:

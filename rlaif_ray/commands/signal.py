@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from rlaif_ray.config import Config
-from rlaif_ray.data import load_tldr
-from rlaif_ray.labeler_eval import measure_signal
-from rlaif_ray.labeling import Judge
-from rlaif_ray.models import load_model, load_tokenizer
-from rlaif_ray.scoring import SCORERS
+from rlaif_ray.data.tasks import load_tldr
+from rlaif_ray.engines.models import load_model, load_tokenizer
+from rlaif_ray.feedback.labeler_eval import measure_signal
+from rlaif_ray.feedback.labeling import Judge
+from rlaif_ray.rubrics import SCORERS
 
 
 def measure_scorers(cfg: Config, names: list[str] | None, n: int):

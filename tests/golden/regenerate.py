@@ -61,7 +61,7 @@ RATIONALE_FEW = {
 
 def exemplars(task: str, k: int, with_rationale: bool = True):
     """k exemplars, each with a rationale in the paper's few-shot CoT form (Table 18)."""
-    from rlaif_ray.prompts import Exemplar
+    from rlaif_ray.feedback.prompts import Exemplar
 
     resp = "Summary" if task == "summarization" else "Response"
     shots = []
@@ -117,7 +117,7 @@ def cases():
 
 
 def render(kwargs: dict) -> str:
-    from rlaif_ray import prompts
+    from rlaif_ray.feedback import prompts
 
     kw = dict(kwargs)
     return prompts.build(kw.pop("task"), kw.pop("context"), kw.pop("first"), kw.pop("second"), **kw)

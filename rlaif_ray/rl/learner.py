@@ -1,0 +1,480 @@
+"""PolicyLearner: the RL update without Ray. Holds the policy (with an optional value head),
+the frozen reference policy for the KL term and the optimizer; `step(rows)` is one
+REINFORCE update (docs/method.md, section 3) on a batch of scored rollouts.
+
+Runs on a bare CPU or CUDA machine. Under torch.distributed with more than one rank (the
+actor `actors/learner.py` sets the group up) policy, reference, gradients and optimizer
+state are sharded with FSDP2 (`fully_shard`: NCCL on GPU, gloo on CPU); every public method
+is then a collective that all ranks call in the same order.
+
+Precision: master weights and AdamW state are float32 always. With a bfloat16 compute dtype
+(`model.dtype: auto` on CUDA) the forward and backward run in bf16, through FSDP's
+MixedPrecisionPolicy (params all-gathered in bf16, gradients reduced in fp32) when sharded
+and torch.autocast otherwise; the reference model is held in bf16. Log-softmax, losses and
+the KL are computed in float32.
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from rlaif_ray.engines import lm
+from rlaif_ray.engines.devices import compute_dtype, dtype_name, enable_tf32
+from rlaif_ray.engines.models import decoder_layers, load_model, load_tokenizer
+from rlaif_ray.rl import losses as rl
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or reward: nothing was applied."""
+
+
+# AdamW's fused kernel (CUDA and CPU): one pass over each parameter's weights, gradient and
+# moments, no temporaries. foreach allocates temporaries the size of every parameter at once
+# (a model-sized spike at each step); the single-tensor loop makes about 8 passes
+# (BENCHMARKS.md "AdamW kernel": 0.14 s fused against 0.50 s at 1 thread, 216 MB less peak)
+ADAMW_KERNEL = dict(fused=True, foreach=False)
+
+
+def _is_dtensor(t) -> bool:
+    return hasattr(t, "full_tensor")
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered to its full value (a collective), or the tensor itself."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (possibly empty), or the tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def loss_normalisers(response_token_ids: list[list[int]], reward_ok: list[bool]) -> tuple[int, int]:
+    """(num_tokens, num_seqs) for `PolicyLearner.step` from the *whole* batch (every rank's
+    rows): the usable rows' response tokens and the usable rows. Rows whose reward could not
+    be read are out of the loss, so out of its denominators too (at least 1 each)."""
+    ok = [bool(u) for u in reward_ok]
+    return max(sum(len(t) for t, u in zip(response_token_ids, ok) if u), 1), max(sum(ok), 1)
+
+
+def _decoder_layers(model) -> list:
+    """The transformer blocks of a HF causal LM (its `_no_split_modules` classes): FSDP's units."""
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: cannot find its decoder layers to shard (no _no_split_modules)")
+    return layers
+
+
+def shard(module: torch.nn.Module, hf_model, mesh, param_dtype: torch.dtype | None) -> None:
+    """FSDP2: each decoder layer its own unit (all-gathered just in time, freed after), the rest
+    (embeddings, final norm, LM head, value head) in the root unit."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else \
+        MixedPrecisionPolicy()
+    for layer in _decoder_layers(hf_model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(module, mesh=mesh, mp_policy=mp)
+
+
+class PolicyLearner:
+    """`rl_cfg`: an RLConfig (or its dict). `dtype`: the compute precision (auto, float32,
+    bfloat16). `shard`: None = FSDP when torch.distributed runs with more than one rank.
+    `temperature`, `top_k`, `top_p`: the generators' sampling settings (generation.*): the
+    policy's log-probs are those of the distribution the rollouts were sampled from
+    (lm.sampled_logprobs), so the on-policy importance ratio is 1."""
+
+    def __init__(self, model_name: str, rl_cfg, temperature: float, device: str = "cpu", dtype: str = "auto",
+                 shard_model: bool | None = None, top_k: int = 0, top_p: float = 1.0, reference: bool = True):
+        import torch.distributed as dist
+
+        from rlaif_ray.config import RLConfig
+
+        self.rl = RLConfig.model_validate(rl_cfg) if isinstance(rl_cfg, dict) else rl_cfg
+        self.model_name, self.temperature = model_name, temperature
+        # the policy: softmax(logits / T) cut to its top-k, then top-p set, renormalised (what
+        # the generator sampled from). The reference: softmax(logits / T) in full, a fixed
+        # distribution over every token, so KL(policy || reference) stays finite; cut to its
+        # own top-k/top-p set it would give 0 to tokens the trained policy samples.
+        self.sampling = dict(top_k=top_k, top_p=top_p)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.compute = compute_dtype(dtype, self.device)
+        enable_tf32(self.device)
+        up = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if up else (0, 1)
+        self.sharded = (up and self.world > 1) if shard_model is None else shard_model
+        if self.world > 1 and not self.sharded:
+            raise ValueError("a learner group of more than one rank shards its model (FSDP); shard_model=False needs one")
+        torch.manual_seed(self.rl.seed)
+
+        self._build_policy(load_model(model_name, "float32"))  # fp32 master weights
+        if reference:
+            self._load_reference()
+        # unsharded bf16 compute: autocast (fp32 weights, bf16 matmuls); sharded: FSDP casts
+        self.autocast = (not self.sharded) and self.compute != torch.float32
+        self.opt = self._optimizer()
+        self.steps = 0
+
+    def _build_policy(self, policy) -> None:
+        """The policy (fp32 master weights) with its value head when rl.baseline is value,
+        sharded with FSDP2 over the group, or on this rank's device."""
+        if self.rl.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        value_head = None
+        if self.rl.baseline == "value":
+            # scalar value head on the policy trunk (a separate value model would be a second
+            # policy-sized copy; sharing the trunk keeps small runs affordable)
+            value_head = torch.nn.Linear(policy.config.hidden_size, 1)
+            torch.nn.init.zeros_(value_head.weight)
+            torch.nn.init.zeros_(value_head.bias)
+        self.policy = lm.ResponseScorer(policy, value_head)
+        # the value head's bias starts at the first batch's mean return (`_value_start_shift`)
+        self.value_started = value_head is None
+        self._ref = None  # the reference policy, loaded now or (reference=False) when first needed
+        self.tied = bool(getattr(policy.config, "tie_word_embeddings", False))
+        self.pad = policy.config.pad_token_id if policy.config.pad_token_id is not None else policy.config.eos_token_id
+        self.mesh = None
+        if self.sharded:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(self.device.type, (self.world,))
+            shard(self.policy, policy, self.mesh, self.compute if self.compute != torch.float32 else None)
+        else:
+            self.policy.to(self.device)
+        self.policy.train()
+        # the value head is its own param group with its own lr (rl.value_lr): at the policy's
+        # lr it would barely move from its start
+        self.value_params = list(self.policy.value_head.parameters()) if value_head is not None else []
+        # the bias as the optimizer holds it (sharded: the DTensor, not FSDP's unsharded copy)
+        self.value_bias = self.policy.value_head.bias if value_head is not None else None
+
+    def _optimizer(self) -> torch.optim.AdamW:
+        head = {id(p) for p in self.value_params}
+        groups = [{"params": [p for p in self.policy.parameters() if id(p) not in head], "lr": self.rl.lr}]
+        if self.value_params:
+            groups.append({"params": self.value_params, "lr": self.rl.value_lr})
+        return torch.optim.AdamW(groups, lr=self.rl.lr, weight_decay=self.rl.weight_decay, **ADAMW_KERNEL)
+
+    def _load_reference(self) -> "lm.ResponseScorer":
+        """The frozen reference policy; it only runs forward: held in the compute dtype (bf16
+        on GPU). With `reference=False` (rl.reference: labeler, the batches carry its log-probs)
+        it is loaded only if a batch comes without them: a policy-sized copy saved otherwise.
+        Sharded, every rank loads it in the same step (a collective)."""
+        if self._ref is None:
+            ref = lm.ResponseScorer(load_model(self.model_name, dtype_name(self.compute)).requires_grad_(False))
+            if self.sharded:
+                shard(ref, ref.model, self.mesh, None)
+            else:
+                ref.to(self.device)
+            self._ref = ref.eval()
+        return self._ref
+
+    @property
+    def ref(self) -> "lm.ResponseScorer":
+        return self._load_reference()
+
+    @property
+    def reference_loaded(self) -> bool:
+        return self._ref is not None
+
+    # ---- the update --------------------------------------------------------------------
+
+    def _amp(self):
+        return torch.autocast(self.device.type, dtype=self.compute) if self.autocast else nullcontext()
+
+    def step(self, rows: list[dict], num_tokens: int, num_seqs: int, beta: float | None = None) -> dict:
+        """One update on this rank's rows (SCORED fields). Losses are normalised by the global
+        batch (`num_tokens`, `num_seqs`: the usable tokens and rows of every rank's rows, as
+        `loss_normalisers` counts them), so gradients summed over ranks are the one-rank
+        gradient of the whole batch. Rows with `reward_ok` false stay out of the loss, the
+        baselines and the metrics. `beta`: this step's KL weight in place of rl.beta (the
+        adaptive KL controller's, rl.kl_control). Raises NonFiniteError (on every rank)
+        before any change."""
+        t0 = time.perf_counter()
+        cfg = self.rl
+        beta = cfg.beta if beta is None else beta
+        b = self._batch(rows)
+        shift = None
+        if b["values"] is not None and not self.value_started:
+            shift = self._value_start_shift(rl.return_sums(b["logp"], b["ref_logp"], b["reward"], b["mask"],
+                                                           b["usable"], beta, cfg.kl_estimator))
+            if shift is not None:  # none usable: the next batch starts it
+                b["values"] = b["values"] + shift  # as if the bias had been there in this forward
+        out = rl.surrogate(b["logp"], b["ref_logp"], b["behaviour"], b["reward"], b["mask"], usable=b["usable"],
+                           values=b["values"], group_ids=[r["prompt_id"] for r in rows], beta=beta,
+                           estimator=cfg.kl_estimator, baseline=cfg.baseline, is_clip=cfg.is_clip, how=cfg.loss_agg,
+                           value_coef=cfg.value_coef, num_tokens=num_tokens, num_seqs=num_seqs)
+        self._check_finite(rows, out["loss"], b["reward"], b["usable"])
+        grad_norm, value_grad_norm = self._apply(out["loss"], shift)
+        return {**self._step_stats(out, b, cfg.is_clip), "grad_norm": float(grad_norm),
+                "value_grad_norm": float(value_grad_norm), "rows": max(len(rows), 1),
+                "step_s": time.perf_counter() - t0}
+
+    def _batch(self, rows: list[dict]) -> dict:
+        """The tensors of a step: the policy's log-probs (with the gradient) and values, the
+        reference's (from the batch when a labeler computed them, else a forward here), the
+        behaviour log-probs, rewards and which rows are usable."""
+        dev = self.device
+        prompts = [r["prompt_token_ids"] for r in rows]
+        responses = [r["response_token_ids"] for r in rows]
+        with self._amp():
+            logp, mask, values = self._logprobs(self.policy, prompts, responses, **self.sampling)
+            if rows and all(r.get("reference_logprobs") is not None for r in rows):
+                # computed off the learner by the labelers while the batch waited (rl.reference)
+                ref_logp = lm.pad_rows([r["reference_logprobs"] for r in rows], mask.shape[1], dev) * mask
+            else:
+                with torch.no_grad():
+                    ref_logp, _, _ = self._logprobs(self.ref, prompts, responses)
+        return {"logp": logp, "mask": mask, "values": values, "ref_logp": ref_logp,
+                # rollouts whose label could not be read stay in the record but out of the loss
+                "usable": torch.tensor([bool(r["reward_ok"]) for r in rows], device=dev),
+                "behaviour": lm.pad_rows([r["behaviour_logprobs"] for r in rows], mask.shape[1], dev),
+                "reward": torch.tensor([r["reward"] for r in rows], dtype=torch.float32, device=dev)}
+
+    def _check_finite(self, rows: list[dict], loss: torch.Tensor, reward: torch.Tensor, usable: torch.Tensor) -> None:
+        """NonFiniteError on every rank when any rank's loss, or a usable row's reward, is not
+        finite (an unusable row's reward is never read)."""
+        finite = bool(torch.isfinite(reward[usable]).all()) and bool(torch.isfinite(loss))
+        if self._agree_failed(not finite):  # all stop together
+            bad = [r["rollout_id"] for r, x, u in zip(rows, reward.tolist(), usable.tolist())
+                   if u and (x != x or abs(x) == float("inf"))]
+            raise NonFiniteError(f"non-finite loss or reward at learner rank {self.rank}; "
+                                 f"non-finite rewards in rollouts {bad[:5]}; batch {rows[0].get('batch_index')}")
+
+    def _apply(self, loss: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward, clip, AdamW step; returns the policy's and the value head's gradient norms."""
+        self.opt.zero_grad(set_to_none=True)
+        # FSDP averages gradients over ranks; the loss is already a share of the global batch,
+        # so scale it back to get their sum
+        (loss * self.world if self.sharded else loss).backward()
+        if shift is not None:  # the bias where this step's values put it (its gradient is the same)
+            with torch.no_grad():
+                _local(self.value_bias).add_(shift.to(self.value_bias.dtype))
+                # at the mean return with zero weights its gradient is exactly 0: what rounding
+                # leaves, AdamW's first step (g / (|g| + eps)) would blow up to a value_lr move
+                if self.value_bias.grad is not None:
+                    self.value_bias.grad.zero_()
+            self.value_started = True
+        # the value head is clipped on its own: its gradient (large while V is far from the
+        # returns) must not scale the policy's update down
+        head = {id(p) for p in self.value_params}
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if id(p) not in head],
+                                                         self.rl.max_grad_norm))
+        value_grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.value_params, self.rl.max_grad_norm)) \
+            if self.value_params else torch.zeros((), device=self.device)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)  # no model-sized gradients held between steps
+        self.steps += 1
+        return grad_norm, value_grad_norm
+
+    @staticmethod
+    def _step_stats(out: dict, b: dict, is_clip: float) -> dict:
+        """Sums over this rank's usable tokens and rows: the caller adds ranks' and divides."""
+        mask, kl, ratio = out["mask"], out["kl"], out["ratio"]
+        adv, z = out["advantages"] * mask, out["returns"] * mask
+        return {
+            "loss_sum": float(out["loss"].detach()), "pg_loss_sum": float(out["pg_loss"].detach()),
+            "kl_loss_sum": float(out["kl_loss"].detach()), "value_loss_sum": float(out["value_loss"].detach()),
+            "kl_sum": float(kl.sum()), "ratio_sum": float(ratio.sum()), "tokens": float(mask.sum()),
+            "ratio_clipped": float(((torch.exp(b["logp"].detach() - b["behaviour"]) > is_clip) & (mask > 0)).sum()),
+            "adv_sum": float(adv.sum()), "adv_sq_sum": float(adv.pow(2).sum()),
+            "return_sum": float(z.sum()), "return_sq_sum": float(z.pow(2).sum()),
+            # usable_rows: the denominator of per-row means (the KL)
+            "usable_rows": int(b["usable"].sum())}
+
+    def _value_start_shift(self, sums: torch.Tensor) -> torch.Tensor | None:
+        """The value head's start: its bias moves to the batch's mean return over the usable
+        tokens (`sums` = [sum, count], added over ranks: a collective). Returns that move
+        (None when no token is usable), which `step` adds to the bias after the backward."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+        before = _full(self.value_bias.detach()).float().reshape(())
+        if float(sums[1]) == 0:
+            return None
+        return (sums[0] / sums[1] - before).detach()
+
+    def logprobs(self, prompts: list[list[int]], responses: list[list[int]], reference: bool = False) -> list[list[float]]:
+        """Per-token log-probs of responses under the policy (its sampling distribution: T,
+        top-k, top-p) or the reference (at T), in the learner's compute precision: what
+        `step` sees (parity checks)."""
+        with torch.no_grad(), self._amp():
+            logp, mask, _ = self._logprobs(self.ref if reference else self.policy, prompts, responses,
+                                           **({} if reference else self.sampling))
+        return [row[:len(r)] for row, r in zip(logp.float().cpu().tolist(), responses)]
+
+    def _logprobs(self, scorer, prompts, responses, top_k: int = 0, top_p: float = 1.0):
+        """Response log-probs at the sampling temperature: each distinct prompt computed once
+        for all its samples when rl.shared_prompts is on and the model's attention takes a
+        block mask (lm.grouped_logprobs), else one full sequence per sample."""
+        return lm.shared_prompt_logprobs(scorer, prompts, responses, self.pad, self.temperature, top_k, top_p,
+                                         share=self.rl.shared_prompts)
+
+    def _agree_failed(self, failed: bool) -> bool:
+        """Whether any rank failed (every rank learns it, so all stop together)."""
+        if self.world == 1:
+            return failed
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(failed)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # ---- weights out -------------------------------------------------------------------
+
+    def named_weights(self):
+        """(HF name, parameter) of the policy LM in a fixed order; a tied LM head is sent once."""
+        return [(k, v) for k, v in self.policy.model.named_parameters() if not (self.tied and k == "lm_head.weight")]
+
+    def weight_spec(self, dtype: str) -> list:
+        """(name, full shape, dtype) of what `state_for_sync(dtype)` yields, in order."""
+        return [(k, list(v.shape), dtype) for k, v in self.named_weights()]
+
+    def state_for_sync(self, dtype: str):
+        """Yields (name, full tensor in `dtype`, on this rank's device) one parameter at a time.
+        Sharded: each is all-gathered (a collective: every rank iterates to the end)."""
+        want = getattr(torch, dtype)
+        with torch.no_grad():
+            for k, v in self.named_weights():
+                yield k, _full(v.detach().to(want))  # cast the shard, then gather: half the bytes for bf16
+
+    # ---- checkpoints -------------------------------------------------------------------
+
+    def _options(self, **kw):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+    def save(self, path: str | Path, state: dict) -> None:
+        """Full (unsharded) weights as safetensors that `from_pretrained` loads (with config,
+        generation config and tokenizer), the value head, the full AdamW state keyed by
+        parameter name (a checkpoint of N ranks resumes on M), and `state` as JSON. Rank 0
+        writes; every rank must call (the gathers are collectives).
+
+        Crash-safe: everything goes into a hidden temp folder beside `path`; trainer_state.json
+        (with every file's size) is written last, each file is fsynced, then the folder is
+        renamed to `path` in one step. A crash or a full disk (ENOSPC) on the way leaves no
+        `path` at all (the temp folder is removed), so `checkpoints/latest` never names a
+        partial checkpoint."""
+        from huggingface_hub import save_torch_state_dict
+        from safetensors.torch import save_file
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        from rlaif_ray.storage import atomic_write_json, publish_dir, temp_path
+
+        model_sd = get_model_state_dict(self.policy, options=self._options())
+        optim_sd = get_optimizer_state_dict(self.policy, self.opt, options=self._options())
+        if self.rank != 0:
+            return
+        final = Path(path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        path = temp_path(final)
+        try:
+            path.mkdir()
+            weights = {k[len("model."):]: v for k, v in model_sd.items() if k.startswith("model.")}
+            if self.tied:
+                weights.pop("lm_head.weight", None)
+            inner = self.policy.model
+            inner.config.save_pretrained(path)
+            if inner.generation_config is not None:
+                inner.generation_config.save_pretrained(path)
+            save_torch_state_dict(weights, path, metadata={"format": "pt"})
+            load_tokenizer(self.model_name).save_pretrained(path)
+            tensors = {f"state.{fqn}.{k}": (v if torch.is_tensor(v) else torch.tensor(v, device="cpu")).contiguous()
+                       for fqn, st in optim_sd["state"].items() for k, v in st.items()}
+            tensors.update({k: v.contiguous() for k, v in model_sd.items() if k.startswith("value_head.")})
+            save_file(tensors, str(path / "optimizer.safetensors"))
+            meta = {"param_groups": optim_sd["param_groups"], "learner_steps": self.steps}
+            files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file()}
+            atomic_write_json(path / "trainer_state.json", {**state, "optimizer_meta": meta, "files": files})
+            publish_dir(path, final)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+
+    def load(self, path: str | Path) -> None:
+        """Resume from `save`'s folder: weights, value head and AdamW state, strictly (a
+        missing or unexpected key is an error). Rank 0 reads the files and broadcasts."""
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        path = Path(path)
+        model_sd, optim_sd = {}, {}
+        meta = json.loads((path / "trainer_state.json").read_text())["optimizer_meta"]
+        if self.rank == 0:
+            weights = _load_weights(path)
+            if self.tied and "lm_head.weight" not in weights:
+                weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+            model_sd = {f"model.{k}": v for k, v in weights.items()}
+            tensors = load_file(str(path / "optimizer.safetensors"))
+            model_sd.update({k: v for k, v in tensors.items() if k.startswith("value_head.")})
+            state: dict = {}
+            for key, v in tensors.items():
+                if key.startswith("state."):
+                    fqn, name = key[len("state."):].rsplit(".", 1)
+                    state.setdefault(fqn, {})[name] = v
+            optim_sd = {"state": state, "param_groups": meta["param_groups"]}
+        problem = ""
+        if self.rank == 0:  # strict: a missing or unexpected tensor is an error, never a partial load
+            want = set(self.policy.state_dict())
+            missing, unexpected = sorted(want - set(model_sd)), sorted(set(model_sd) - want)
+            if missing or unexpected:
+                problem = (f"checkpoint {path} does not match the model: missing {missing[:5]}"
+                           f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+            else:
+                problem = self._optimizer_problem(path, optim_sd, model_sd)
+        if self._agree_failed(bool(problem)):
+            raise RuntimeError(problem or f"checkpoint {path} does not match the model (see learner rank 0)")
+        bcast = self.world > 1
+        set_model_state_dict(self.policy, model_sd, options=self._options(broadcast_from_rank0=bcast, strict=True))
+        set_optimizer_state_dict(self.policy, self.opt, optim_sd, options=self._options(broadcast_from_rank0=bcast))
+        for group in self.opt.param_groups:  # the kernel is this process's choice, not the checkpoint's
+            group.update(ADAMW_KERNEL)
+        self.steps = int(meta.get("learner_steps", 0))
+        self.value_started = True  # the value head resumes where it was
+
+    def _optimizer_problem(self, path: Path, optim_sd: dict, model_sd: dict) -> str:
+        """The AdamW state must match this optimizer exactly (torch would load a partial state
+        and start the missing parameters' moments from zero): the same param groups, each
+        with the same parameters, every parameter with its full state of the right shape."""
+        names = {id(p): n for n, p in self.policy.named_parameters()}
+        mine = [[names.get(id(p), "?") for p in g["params"]] for g in self.opt.param_groups]
+        theirs = [list(g.get("params", [])) for g in optim_sd["param_groups"]]
+        where = f"checkpoint {path}: its optimizer state does not match this learner's optimizer"
+        if len(mine) != len(theirs):
+            return f"{where}: {len(theirs)} param group(s), this learner has {len(mine)} (rl.baseline / value head?)"
+        for i, (a, b) in enumerate(zip(mine, theirs)):
+            if set(a) != set(b):
+                miss, extra = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+                return f"{where}: param group {i} lacks {miss[:3]} and has unexpected {extra[:3]}"
+        want_keys = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if self.opt.defaults.get("amsgrad") else set())
+        for fqn in (n for g in mine for n in g):
+            st = optim_sd["state"].get(fqn, {})
+            if set(st) != want_keys:
+                return f"{where}: the state of {fqn} has {sorted(st)}, expected {sorted(want_keys)}"
+            full = model_sd.get(fqn)
+            if full is not None and tuple(st["exp_avg"].shape) != tuple(full.shape):
+                return f"{where}: exp_avg of {fqn} has shape {tuple(st['exp_avg'].shape)}, the parameter {tuple(full.shape)}"
+        return ""
+
+
+def _load_weights(path: Path) -> dict:
+    """A safetensors model folder's tensors: one file, or shards listed in an index."""
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        out = {}
+        for f in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            out.update(load_file(str(path / f)))
+        return out
+    return load_file(str(path / "model.safetensors"))

@@ -1,0 +1,321 @@
+"""The run folder: resolved config, metrics.jsonl, Parquet of every scored rollout,
+checkpoints (safetensors) and a summary, every file written crash-safe (rlaif_ray.storage);
+`checkpoints/latest` names a checkpoint only after its folder is complete.
+
+`check_resume` is everything `--resume` needs to hold before Ray starts (the folder, its
+config, a complete checkpoint, readable records); a problem is a `RunStateError` (a
+ConfigError: the CLI prints one `error:` line, exit 2).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rlaif_ray.config import Config, dump_config
+from rlaif_ray.data.schemas import JUDGEMENTS
+from rlaif_ray.storage import (
+    RunStateError,
+    append_line,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+    remove_partials,
+)
+
+CHECKPOINT_RE = re.compile(r"step_(\d{6,})")
+
+
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+STATE_KEYS = ("step", "policy_version", "next_batch_index", "sampler", "optimizer_meta")
+
+
+def _safetensors_problem(f: Path) -> str | None:
+    """A safetensors file's size must be its header's: 8 + header length + the last tensor's end."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{f.name} is truncated ({size} bytes)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"{f.name} is truncated ({size} bytes, its header alone is {n})"
+            header = json.loads(fh.read(n).decode("utf-8"))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        return f"{f.name} is damaged ({str(err)[:80]})"
+    if size != 8 + n + end:
+        return f"{f.name} is truncated or damaged ({size} bytes, expected {8 + n + end})"
+    return None
+
+
+def read_checkpoint_state(ck: str | Path) -> tuple[dict | None, str | None]:
+    """(trainer_state.json, None) for a complete checkpoint folder, else (None, what is wrong):
+    the state parses and has every key, its step is the folder's, every file it lists has its
+    recorded size, the weights and optimizer files are there and whole."""
+    ck = Path(ck)
+    if not ck.is_dir():
+        return None, "does not exist"
+    p = ck / "trainer_state.json"
+    if not p.is_file():
+        return None, "has no trainer_state.json (incomplete)"
+    try:
+        state = json.loads(p.read_bytes().decode("utf-8"))
+    except ValueError as err:
+        return None, f"has a damaged trainer_state.json ({str(err)[:80]})"
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        return None, f"has a trainer_state.json without {', '.join(k for k in STATE_KEYS if k not in (state or {}))}"
+    m = CHECKPOINT_RE.fullmatch(ck.name)
+    if m and state["step"] != int(m.group(1)):
+        return None, f"has the trainer_state.json of step {state['step']}"
+    files = state.get("files") or {}
+    for name, size in files.items():
+        f = ck / name
+        if not f.is_file() or f.stat().st_size != size:
+            return None, f"has {name} {'missing' if not f.is_file() else 'of the wrong size'} (incomplete)"
+    weights = (ck / "model.safetensors").is_file() or (ck / "model.safetensors.index.json").is_file()
+    if not weights or not (ck / "optimizer.safetensors").is_file():
+        return None, "has no model.safetensors or optimizer.safetensors (incomplete)"
+    for f in sorted(ck.glob("*.safetensors")):
+        problem = _safetensors_problem(f)
+        if problem:
+            return None, f"has {problem}"
+    return state, None
+
+
+def resume_checkpoint(run: str | Path) -> tuple[Path, dict, list[str]]:
+    """(checkpoint folder, its trainer state, notes) to resume `run` from: the one
+    checkpoints/latest names when it is complete; else (latest missing, empty, garbled, or
+    naming a missing or incomplete checkpoint) the newest complete checkpoint, with a note
+    saying so; none complete: RunStateError."""
+    run = Path(run)
+    ckdir = run / "checkpoints"
+    latest = ckdir / "latest"
+    if not latest.is_file():
+        problem = "is missing"
+    else:
+        try:
+            text = latest.read_bytes().decode("ascii").strip()
+        except UnicodeDecodeError:
+            text = None
+        if not text:
+            problem = "is empty" if text == "" else "is garbled"
+        elif not CHECKPOINT_RE.fullmatch(text):
+            problem = f"is garbled ({text[:40]!r})"
+        else:
+            state, why = read_checkpoint_state(ckdir / text)
+            if state is not None:
+                return ckdir / text, state, []
+            problem = f"names {text}, which {why}"
+    found = sorted((d for d in ckdir.glob("step_*") if d.is_dir() and CHECKPOINT_RE.fullmatch(d.name)),
+                   key=lambda d: int(d.name[5:]), reverse=True) if ckdir.is_dir() else []
+    for d in found:
+        state, _ = read_checkpoint_state(d)
+        if state is not None:
+            return d, state, [f"checkpoints/latest {problem}: resuming from {d.name}, the newest complete checkpoint"]
+    if problem == "is missing" and not found:
+        raise RunStateError(f"--resume {run}: no checkpoint in that run folder (it stopped before its first "
+                            "checkpoint, see run.checkpoint_every): start it again with --out NEW_DIR or --overwrite")
+    raise RunStateError(f"--resume {run}: checkpoints/latest {problem}, and no complete checkpoint is left in "
+                        f"{ckdir}: start the run again with --out NEW_DIR or --overwrite")
+
+
+def _config_diff(saved: str, now: str) -> list[str]:
+    import yaml
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    try:
+        a, b = flat(yaml.safe_load(saved)), flat(yaml.safe_load(now))
+    except (yaml.YAMLError, AttributeError):
+        return []
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
+
+
+def check_resume(run: str | Path, cfg: Config) -> tuple[Path, dict, list[str]]:
+    """Everything `--resume RUN` needs, checked before Ray starts: the folder, its config
+    (the same as `cfg`), a complete checkpoint (see resume_checkpoint), metrics.jsonl and
+    winrate.jsonl readable (a torn last line is only reported), summary_start.json readable.
+    Returns (checkpoint, trainer state, notes to print)."""
+    run = Path(run)
+    if not run.is_dir():
+        raise RunStateError(f"--resume {run}: no such run folder")
+    cfg_file = run / "config.yaml"
+    if not cfg_file.is_file():
+        raise RunStateError(f"--resume {run}: no config.yaml, not a run folder of `rlaif-ray train`")
+    saved, now = cfg_file.read_bytes().decode("utf-8", errors="replace"), dump_config(cfg)
+    if saved != now:
+        diff = _config_diff(saved, now)
+        raise RunStateError(f"--resume {run}: the config differs from the run's config.yaml"
+                            + (f" ({', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''})" if diff else "")
+                            + f"; resume with the run's own config (rlaif-ray train {cfg_file} --resume {run})")
+    ck, state, notes = resume_checkpoint(run)
+    for name in ("metrics.jsonl", "winrate.jsonl"):
+        if (run / name).is_file():
+            rows = read_jsonl(run / name, ("step",), notes.append)
+            if name == "metrics.jsonl" and rows and max(r["step"] for r in rows) < state["step"]:
+                notes.append(f"{run / name}: ends at step {max(r['step'] for r in rows)}, before the checkpoint's "
+                             f"step {state['step']} (lines were lost); the record continues from there")
+    start = run / "summary_start.json"
+    if start.is_file():
+        try:
+            json.loads(start.read_bytes().decode("utf-8"))
+        except ValueError as err:
+            raise RunStateError(f"--resume {run}: summary_start.json is damaged ({str(err)[:80]}); delete it to "
+                                "resume without the before-training measurements") from None
+    return ck, state, notes
+
+
+def default_run_dir(cfg: Config, kind: str = "") -> Path:
+    """run.out_dir/run.name[-kind]-TIMESTAMP."""
+    return Path(cfg.run.out_dir) / f"{cfg.run.name}{'-' + kind if kind else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# ---- the run folder ----------------------------------------------------------------------------
+
+class RunFolder:
+    """A new run folder (refused when it exists and is not empty: preflight says so first), or
+    with resume=True an existing one checked by `check_resume` (`notes` says what it found:
+    a torn last line, a fallback checkpoint)."""
+
+    def __init__(self, cfg: Config, path: str | Path | None = None, resume: bool = False):
+        self.path = Path(path) if path is not None else default_run_dir(cfg)
+        self._tb, self._tb_wanted, self._purge = None, cfg.run.tensorboard, None
+        self.notes: list[str] = []
+        if resume:
+            self._resume = check_resume(self.path, cfg)
+            self.notes = list(self._resume[2])
+            return
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise RunStateError(f"{self.path} exists and is not empty (a run is never overwritten): "
+                                "choose another --out, or --overwrite")
+        (self.path / "rollouts").mkdir(parents=True, exist_ok=True)
+        (self.path / "checkpoints").mkdir(exist_ok=True)
+        atomic_write_text(self.path / "config.yaml", dump_config(cfg))
+
+    def latest_checkpoint(self) -> tuple[str, dict]:
+        """The checkpoint to resume from (checked when this folder was opened with resume) and
+        its trainer state without the optimizer's part."""
+        ck, state, _ = self._resume if hasattr(self, "_resume") else resume_checkpoint(self.path)
+        state = {k: v for k, v in state.items() if k not in ("optimizer_meta", "files")}
+        return str(ck), state
+
+    def truncate_after(self, step: int) -> None:
+        """Forget what a dead driver recorded after the checkpointed step, so the resumed
+        record continues without a gap or a repeat (TensorBoard too: purge_step); a torn last
+        line goes too (reported in `notes`), and the temp files a crash left."""
+        self._purge = step + 1
+        for name in ("metrics.jsonl", "winrate.jsonl"):
+            path = self.path / name
+            if path.is_file():
+                keep = [r for r in read_jsonl(path, ("step",), self._note) if r["step"] <= step]
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+        for folder in (self.path, self.path / "rollouts", self.path / "eval", self.path / "checkpoints"):
+            remove_partials(folder)
+        for f in [*(self.path / "rollouts").glob("step_*.parquet"), *(self.path / "eval").glob("step_*.parquet")]:
+            if int(f.stem.split("_")[1]) > step:
+                f.unlink()
+        for d in (self.path / "checkpoints").glob("step_*"):
+            if CHECKPOINT_RE.fullmatch(d.name) and int(d.name[5:]) > step:
+                shutil.rmtree(d)
+
+    def _note(self, msg: str) -> None:
+        if msg not in self.notes:
+            self.notes.append(msg)
+
+    def read_json(self, name: str) -> dict:
+        p = self.path / name
+        if not p.is_file():
+            return {}
+        try:
+            return json.loads(p.read_bytes().decode("utf-8"))
+        except ValueError as err:
+            raise RunStateError(f"{p} is damaged ({str(err)[:80]})") from None
+
+    def log_metrics(self, row: dict) -> None:
+        append_line(self.path / "metrics.jsonl", row)
+        self._scalars("train", row, row["step"])
+
+    def log_winrate(self, row: dict) -> None:
+        """Held-out win rate against the initial policy, one line per evaluation."""
+        append_line(self.path / "winrate.jsonl", row)
+        self._scalars("eval", row, row["step"])
+
+    def log_judgements(self, rows: list[dict], step: int) -> None:
+        (self.path / "eval").mkdir(exist_ok=True)
+        with atomic_path(self.path / "eval" / f"step_{step:06d}.parquet") as tmp:
+            pq.write_table(pa.Table.from_pylist(rows, schema=JUDGEMENTS), tmp)
+
+    def _scalars(self, prefix: str, row: dict, step: int) -> None:
+        """TensorBoard event files in RUN/tensorboard (optional dependency: without the
+        `tensorboard` package, metrics.jsonl alone; said once)."""
+        if self._tb is None and self._tb_wanted:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.path / "tensorboard"), purge_step=self._purge)
+            except ImportError:
+                self._tb_wanted = False
+                print("note: tensorboard is not installed (pip install tensorboard); metrics.jsonl only")
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def log_rollouts(self, batch: pa.RecordBatch, step: int) -> None:
+        table = pa.Table.from_batches([batch])
+        logp_sum = pa.array([float(sum(x)) for x in batch.column("behaviour_logprobs").to_pylist()], pa.float32())
+        table = table.append_column("behaviour_logprob_sum", logp_sum)
+        table = table.append_column("step_trained", pa.array([step] * batch.num_rows, pa.int64()))
+        with atomic_path(self.path / "rollouts" / f"step_{step:06d}.parquet") as tmp:
+            pq.write_table(table, tmp)
+
+    def checkpoint_dir(self, step: int) -> Path:
+        """Where step's checkpoint goes; the learner writes it under a temp name and renames
+        it complete (PolicyLearner.save), then `mark_checkpoint` points `latest` at it."""
+        return self.path / "checkpoints" / f"step_{step:06d}"
+
+    def mark_checkpoint(self, step: int) -> None:
+        ck = self.checkpoint_dir(step)
+        # never point `latest` at a checkpoint that is not whole (a learner on another node
+        # without a shared file system writes where the driver cannot look: not checked)
+        problem = read_checkpoint_state(ck)[1] if ck.exists() else None
+        if problem:
+            raise RunStateError(f"checkpoint {ck} {problem}; checkpoints/latest still names the previous one")
+        atomic_write_text(self.path / "checkpoints" / "latest", f"step_{step:06d}\n")
+
+    def write_json(self, name: str, data: dict) -> None:
+        atomic_write_json(self.path / name, data)
+
+
+def read_rollouts(run_dir: str | Path) -> pa.Table:
+    return pq.read_table(Path(run_dir) / "rollouts")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """metrics.jsonl's rows (a torn last line, from a crash while it was written, is left out)."""
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")

@@ -1,0 +1,203 @@
+"""Every check that needs files, models or the command being run, in one place, before Ray
+or any actor starts (rules on the config alone are pydantic validators in config.py).
+
+`preflight(cfg, command, out=...)` re-validates the config (a config edited in code after
+loading is checked again), checks the output (never overwritten: see `check_output`) or the
+run folder to resume (`runlog.check_resume`), then what that command needs, and returns what
+it loaded on the way (`train`: the task's prompts; `eval`: the two policies; `eval-labeler`:
+the user's pair files, read and checked whole). `train` also logs a warning when the
+pipeline's torch threads oversubscribe the cores (layout.thread_warnings; a slower run, not
+a wrong one, so not an error). With `overwrite=True` an existing output is moved aside to
+OUT.replaced-TIMESTAMP, the last thing it does, once every check has passed (nothing is
+deleted)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlaif_ray.config import Config, ConfigError, config_from_dict
+from rlaif_ray.data.files import DataError
+from rlaif_ray.data.tasks import BUNDLED, task_prompts
+from rlaif_ray.engines.models import is_checkpoint, load_tokenizer, model_context, model_path_problem
+from rlaif_ray.feedback.judgements import harmless_on
+from rlaif_ray.feedback.pairs import load_exemplars, looks_like_file, read_pair_file
+from rlaif_ray.run.folder import check_resume
+from rlaif_ray.cpu.threads import thread_warnings
+from rlaif_ray.storage import move_aside
+
+COMMANDS = ("train", "eval", "sft", "train-rm", "sample-pairs", "label", "eval-labeler", "serve-labeler", "signal",
+            "run")
+# the output is one file (eval-labeler's --out; its --report is a folder); every other command's is a folder
+FILE_OUTPUTS = ("sample-pairs", "eval-labeler")
+
+
+def preflight(cfg: Config, command: str, out: str | Path | None = None, *, overwrite: bool = False,
+              resume: str | Path | None = None, log=print, report: str | Path | None = None,
+              pair_data: list[str] | None = None, shots: int = 0):
+    """`report` (eval-labeler): the report folder, checked like `out` (a folder);
+    `pair_data` (eval-labeler --data): bundled names and pair files, each file read and
+    checked whole (returned as {entry: PairFile}) with `shots` exemplars taken from its end."""
+    if command not in COMMANDS:
+        raise ValueError(f"preflight: unknown command {command!r}")
+    config_from_dict(cfg.model_dump(), "(as given)")  # validators again: raises ConfigError naming the field
+    if resume is not None:
+        if overwrite:
+            raise ConfigError("--resume continues a run and --overwrite replaces one: give one of them")
+        if out is not None and Path(out).resolve() != Path(resume).resolve():
+            raise ConfigError(f"--resume {resume} writes into that run folder: drop --out {out}")
+        check_resume(resume, cfg)  # the folder, its config, a complete checkpoint, readable records
+        out = None
+    replace = [check_output(out, command, overwrite) if out is not None else None,
+               check_output(report, command, overwrite, folder=True, flag="--report") if report is not None else None]
+    result = _checks(cfg, command)
+    if command == "eval-labeler":
+        result = pair_sources(pair_data or [], shots)
+    if command == "train":
+        for line in thread_warnings(cfg):
+            log(f"warning: {line}")
+    for old in replace:  # every check passed: only now is an old output moved aside
+        if old is not None:
+            log(f"--overwrite: moved the existing {old} to {move_aside(old)} (delete it when no longer needed)")
+    return result
+
+
+def pair_sources(entries: list[str], shots: int = 0) -> dict:
+    """eval-labeler --data: each entry a bundled pair set or a file of human-labelled pairs
+    (pair_data.read_pair_file: a missing file, an unknown format or a row missing a field
+    stops here, naming the file, row and field); {entry: PairFile} for the files."""
+    out = {}
+    for entry in entries:
+        if entry in BUNDLED:
+            continue
+        if not looks_like_file(entry):
+            raise ConfigError(f"eval-labeler --data: unknown pair set {entry!r}; known: {', '.join(sorted(BUNDLED))}, "
+                              "or a JSONL/Parquet file of human-labelled pairs (a path: .jsonl, .jsonl.gz, .parquet)")
+        if not Path(entry).is_file():
+            raise ConfigError(f"eval-labeler --data {entry}: no such file")
+        pf = read_pair_file(entry)
+        if len(pf.rows) <= shots:
+            raise DataError(f"{entry}: {len(pf.rows)} usable pairs; a {shots}-shot prompt variant takes its exemplars "
+                            "from the last usable rows and needs at least one more to evaluate")
+        out[entry] = pf
+    return out
+
+
+def check_output(out: str | Path, command: str, overwrite: bool = False, folder: bool | None = None,
+                 flag: str = "--out") -> Path | None:
+    """A run is never overwritten: an existing non-empty output folder (or an existing output
+    file) is refused, unless `overwrite`, in which case it is returned (preflight moves it
+    aside once every other check has passed). An empty folder is used as it is. `folder`:
+    whether this output is a folder (default: every command's but FILE_OUTPUTS'); `flag`:
+    the option that names it, in the message."""
+    out = Path(out)
+    is_file_output = command in FILE_OUTPUTS if folder is None else not folder
+    if not (out.exists() or out.is_symlink()):
+        return None
+    if not is_file_output and out.is_dir() and not any(out.iterdir()):
+        return None
+    if overwrite:
+        return out
+    kind = ("is a folder, not a file" if out.is_dir() else "exists") if is_file_output else (
+        "exists and is not empty" if out.is_dir() else "exists and is a file, not a folder")
+    hint = f", --resume {out} to continue it," if command == "train" and (out / "checkpoints").is_dir() else ""
+    raise ConfigError(f"{command}: output {out} {kind} (outputs are never overwritten): choose another {flag}"
+                      f"{hint} or pass --overwrite to move the old one aside to {out.name}.replaced-TIMESTAMP")
+
+
+def check_model_paths(cfg: Config, command: str) -> None:
+    """Every model the command loads that is named by a local path is a model folder: a
+    missing one stops here, naming its field, before anything loads (a hub id is left to
+    transformers). eval's policies are `_policy`'s."""
+    labeler = ("reward.model", cfg.reward.model) if cfg.reward.model else ("model.name", cfg.model.name)
+    policy = ("model.name", cfg.model.name)
+    fields = {"train": [policy, labeler], "run": [policy, labeler], "sft": [policy],
+              "train-rm": [("rm.init", cfg.rm.init) if cfg.rm.init else policy],
+              "sample-pairs": [("sample_pairs.policy", cfg.sample_pairs.policy) if cfg.sample_pairs.policy else policy],
+              }.get(command, [labeler])
+    for field, name in fields:
+        problem = model_path_problem(name)
+        if problem:
+            raise ConfigError(f"{field}: {problem}")
+
+
+def _checks(cfg: Config, command: str):
+    check_model_paths(cfg, command)
+    _openai_rules(cfg, command)
+    if cfg.reward.pairwise.shots and command in ("train", "eval", "label", "serve-labeler"):
+        load_exemplars(cfg.reward.pairwise.exemplars_path, cfg.reward.pairwise.shots)  # a bad file stops here
+    if command == "train":
+        return _train(cfg)
+    if command == "eval":
+        return _policy(cfg.eval.policy_a, cfg), _policy(cfg.eval.policy_b, cfg)
+    if command == "train-rm" and cfg.rm.labels:
+        _label_output(cfg.rm.labels)
+    return None
+
+
+def _label_output(labels: str) -> None:
+    """rm.labels as a folder: every Parquet file whole, and a `label` output (its LABELS
+    columns) finished (its _summary.json is written last): a partial one stops here with the
+    fix, not as an ArrowInvalid traceback from inside train-rm."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = Path(labels)
+    if not folder.is_dir():
+        return
+    fix = (f"rerun `rlaif-ray label CONFIG --output NEW_FOLDER` (or --output {folder} --overwrite) "
+           "and point rm.labels at its output")
+    files = sorted(f for f in folder.rglob("*.parquet")
+                   if not any(part.startswith((".", "_")) for part in f.relative_to(folder).parts))
+    if not files:
+        raise ConfigError(f"rm.labels: {folder} holds no Parquet files; {fix}")
+    from_label = False
+    for f in files:
+        try:
+            names = pq.read_schema(f).names
+        except (pa.ArrowException, OSError) as err:
+            raise ConfigError(f"rm.labels: {folder} is a partial or damaged label output ({f.name}: "
+                              f"{str(err).splitlines()[0][:100]}); {fix}") from None
+        from_label = from_label or "prompt_config" in names
+    if from_label and not (folder / "_summary.json").is_file():
+        raise ConfigError(f"rm.labels: {folder} is an unfinished `label` output (no _summary.json: that label "
+                          f"run stopped before its end); {fix}")
+
+
+def _openai_rules(cfg: Config, command: str) -> None:
+    """reward.backend=openai reads "1"/"2" from an endpoint's top log-probs: pairs only."""
+    if cfg.reward.backend != "openai":
+        return
+    if command == "train" and cfg.reward.source != "pairwise":
+        raise ConfigError("reward.backend=openai reads '1'/'2' from an endpoint's top log-probs: "
+                          "it needs reward.source=pairwise")
+    judging = command == "eval" or (command == "train" and cfg.eval.win_rate and cfg.eval.num_prompts)
+    if judging and (harmless_on(cfg) or cfg.eval.judge == "scorer"):
+        raise ConfigError("reward.backend=openai judges pairs only: set eval.harmless_rate=off and eval.judge=pairwise, "
+                          "or judge with a local labeler (reward.backend hf or vllm)")
+    if command == "eval":
+        raise ConfigError("eval judges with a local labeler: set reward.backend to hf or vllm")
+
+
+def _train(cfg: Config):
+    context = model_context(cfg.model.name)
+    if cfg.task.max_prompt_tokens + cfg.generation.max_new_tokens > context:
+        raise ConfigError(f"task.max_prompt_tokens={cfg.task.max_prompt_tokens} + generation.max_new_tokens="
+                          f"{cfg.generation.max_new_tokens} exceeds the model's context of {context} tokens")
+    if cfg.reward.source == "rm" and not is_checkpoint(cfg.reward.rm_path):
+        raise ConfigError(f"reward.rm_path={cfg.reward.rm_path}: no model.safetensors (train one with `rlaif-ray train-rm`)")
+    prompts = task_prompts(cfg.task, load_tokenizer(cfg.model.name))
+    if cfg.rl.prompts_per_step > len(prompts.train):
+        raise ConfigError(f"rl.prompts_per_step={cfg.rl.prompts_per_step} exceeds the {len(prompts.train)} train prompts")
+    return prompts
+
+
+def _policy(name: str | None, cfg: Config) -> str:
+    """A checkpoint folder (what `train` writes) or a model name; a path that is not a
+    checkpoint stops here, before any actor starts."""
+    name = name or cfg.model.name
+    p = Path(name)
+    if p.is_dir() and not is_checkpoint(p):
+        raise ConfigError(f"eval policy {name}: not a checkpoint folder (no model.safetensors)")
+    if not p.exists() and (p.is_absolute() or name.startswith((".", "~"))):
+        raise ConfigError(f"eval policy {name}: no such checkpoint folder")
+    return name
+
