@@ -1,7 +1,7 @@
 """LabelerEndpoint: the project's labeler model behind an OpenAI-compatible
 /v1/completions (with `logprobs`), served by Ray Serve on 127.0.0.1 by default.
 
-The request checks, the limits and the answer's shape live in rlaif_ray/openai_api.py; this
+The request checks, the limits and the answer's shape live in rlaif_ray/feedback/openai_api.py; this
 file is the Ray Serve shell. If serve.api_key_env names a set variable when the server starts,
 requests must carry that key as a Bearer token; only its SHA-256 reaches the replicas, never
 the key.

@@ -11,22 +11,22 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
-from rlaif_ray.config import Config, ConfigError, RoleResources
+from rlaif_ray.config import Config, ConfigError, RayConfig, RoleResources
 from rlaif_ray.run.layout import bundle, check_layout, placement
 
 
-def start_ray(cfg: Config) -> bool:
+def start_ray(ray_cfg: RayConfig) -> bool:
     """Start (or join) Ray; returns whether this call started it."""
     if ray.is_initialized():
         return False
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+    if ray_cfg.address or os.environ.get("RAY_ADDRESS"):
         # a cluster: ray.address, or the one a `ray job submit` job runs in (RAY_ADDRESS is set);
         # the job's own runtime env (working dir) is kept, ours only adds variables
-        ray.init(address=cfg.ray.address or "auto", runtime_env={"env_vars": env})
+        ray.init(address=ray_cfg.address or "auto", runtime_env={"env_vars": env})
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
-                 dashboard_host=cfg.ray.dashboard_host, runtime_env={"env_vars": env})
+        ray.init(num_cpus=ray_cfg.num_cpus, include_dashboard=ray_cfg.include_dashboard,
+                 dashboard_host=ray_cfg.dashboard_host, runtime_env={"env_vars": env})
     return True
 
 
@@ -35,7 +35,7 @@ def ray_session(cfg: Config, check_fit: bool = False):
     """`with ray_session(cfg):` -- Ray for the block; shut down after it only if this block
     started it (a caller's or a job's Ray is left running). `check_fit`: refuse a layout
     the cluster cannot hold before any actor starts."""
-    started = start_ray(cfg)
+    started = start_ray(cfg.ray)
     try:
         if check_fit:
             check_cluster_fits(cfg)

@@ -3,7 +3,7 @@ RL loop itself, on one screen. Ray futures are used directly: up to rl.max_stale
 batches are in flight, so generators sample batch k+1 (and labelers score it) while the
 learner trains on batch k; with max_staleness = 0 it is the synchronous on-policy loop. The
 machinery (actors, weight sync, recovery) is in actors/pipeline.py; `rlaif-ray train`
-(rlaif_ray/commands/train.py) checks everything first and calls `run_training`.
+(actors/training.py) checks everything first and calls `run_training`.
 """
 from __future__ import annotations
 

@@ -62,9 +62,7 @@ def describe(run_dir: Path, staleness: int) -> dict:
             "busy_share": {k: v / loop_s for k, v in stages.items()},
             "idle_share": {k: 1 - v / loop_s for k, v in stages.items()},
             "slowest_stage": slowest, "slowest_stage_bound_per_s": bound, "of_bound": cps / bound,
-            "summary_loop_s": s["loop_s"],
-            # pipeline.share_idle_cores: each actor's mean threads while it computed (absent: off)
-            "threads_mean": s.get("stage_threads_mean") or None}
+            "summary_loop_s": s["loop_s"]}
 
 
 def main() -> None:
@@ -82,7 +80,7 @@ def main() -> None:
     from rlaif_ray.config import load_config
 
     base = FIXED + args.overrides
-    start_ray(load_config(args.config, base))
+    start_ray(load_config(args.config, base).ray)
     runs = []
     load_before, t_start = load(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory() as tmp:

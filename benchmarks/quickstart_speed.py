@@ -1,18 +1,16 @@
-"""The quickstart's RL loop before and after a change, in one run (issue 22: completions/s at
-least 2x, same settings and seeds, identical rewards on the first step).
+"""The quickstart's RL loop before and after a change, in one run: completions/s of the same
+settings and seeds, and the first step's rewards, which must be identical.
 
-    python -m benchmarks.quickstart_speed [--before a079d50] [--steps 6] [--rounds 1]
+    python -m benchmarks.quickstart_speed [--before c9e402b] [--steps 16] [--rounds 1]
 
 Three runs a round, one after another on this machine, each under benchmarks.trl_compare's
 sampler (peak sum of PSS, CPU seconds):
 
 * before: the code at `--before` (a git worktree of that revision, its own packages first on
   the path), its own configs/quickstart.yaml;
-* after, same settings: this checkout running that same config file, byte for byte (the
-  old overlapped mode, threads and fixed beta; settings added since keep their defaults,
-  which compute the same thing);
-* after, bundled: this checkout's configs/quickstart.yaml as it ships (synchronous stages,
-  threads that fit the cores, adaptive KL from step 2 on).
+* after, same settings: this checkout running that same config file, byte for byte
+  (settings added since keep their defaults, which compute the same thing);
+* after, bundled: this checkout's configs/quickstart.yaml as it ships.
 
 All three take the same overrides: rl.steps, and no evaluation, rollout logs, report or
 intermediate checkpoints, so the loop is what is timed (metrics.jsonl's elapsed_s at the
@@ -36,7 +34,7 @@ from benchmarks.trl_compare import ROOT, run_rlaif
 RESULTS = Path(__file__).parent / "results"
 QUIET = ["eval.num_prompts=0", "eval.signal_posts=0", "eval.win_rate=false", "run.log_rollouts=false",
          "run.report=false", "run.tensorboard=false", "run.progress=false", "run.checkpoint_every=0"]
-BEFORE = "a079d50"  # main before issue 22's work (BENCHMARKS.md's 0.207 completions/s)
+BEFORE = "c9e402b"  # main before issue 37 (architecture part 2): the cleanup must cost no speed
 
 
 def worktree(rev: str, where: Path) -> Path:
@@ -53,7 +51,7 @@ def drop(where: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", default=BEFORE, help="the revision to compare against (default: %(default)s)")
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="more overrides, every run")
     ap.add_argument("--out", default=str(RESULTS / "quickstart_speed.json"))
@@ -90,7 +88,7 @@ def main() -> None:
                                           "cpu_s_per_completion", "loop_s")} for v in variants}
     first = {v: sorted({r["reward_mean_by_step"][0] for r in runs if r["variant"] == v}) for v in variants}
     result = {
-        "what": "the quickstart's RL loop, the code before issue 22's work against this checkout, alternated in one run",
+        "what": f"the quickstart's RL loop, the code at {rev} against this checkout, one after another in one run",
         "before": rev, "after": head + ("+uncommitted" if dirty else ""), "steps": args.steps, "rounds": args.rounds,
         "overrides": common,
         "variants": {"before": f"{rev}: its own code and configs/quickstart.yaml",

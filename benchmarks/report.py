@@ -14,8 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-# the heading of a run kept from another of this project's 2-core machines (benchmarks.overhead.cpu)
-AVX2_RUN = ", the run before on an AVX2-only CPU"
 
 
 def _load(name: str) -> dict | None:
@@ -145,7 +143,7 @@ def _scaling(sc: dict) -> list[str]:
     t, ck = sc["stage_times"], sc["check_g1_l1"]
     out = ["## Scaling model (predicted)", "",
            f"{sc['what']}: `{sc['config']}` ({sc['source_time']}, {sc['cpus']} cores, {_load_str(sc)}), "
-           f"`rlaif_ray/scaling.py`. Per completion on one actor: generation t_g = {t['t_g']:.3f} s, labeling "
+           f"`rlaif_ray/run/scaling.py`. Per completion on one actor: generation t_g = {t['t_g']:.3f} s, labeling "
            f"t_l = {t['t_l']:.3f} s, learner t_t = {t['t_t']:.3f} s; t_s = {t['t_s']:.2f} s per step outside "
            f"the actors (weight sync, dispatch); n = {t['n']} completions per step.", "",
            f"`{sc['formula']}`.", "",
@@ -207,9 +205,6 @@ def render() -> str:
     ov = _load("overlap")
     if ov:
         out += _overlap(ov)
-    ov = _load("overlap_avx2")
-    if ov:
-        out += _overlap(ov, AVX2_RUN)
     sc = _load("scaling")
     if sc:
         out += _scaling(sc)
@@ -217,10 +212,8 @@ def render() -> str:
     if oh:
         out += _overhead(oh)
     out += _trl_compare(_load("trl_compare"))
-    out += _trl_compare(_load("trl_compare_avx2"), AVX2_RUN)
     out += _quickstart_speed(_load("quickstart_speed"))
-    out += _learner_malloc(_load("learner_malloc"))
-    for gen, title in ((_load("generation"), ""), (_load("generation_avx2"), AVX2_RUN)):
+    for gen, title in ((_load("generation"), ""),):
         if not gen:
             continue
         out += [f"## Generation throughput and weight updates{title}", "",
@@ -290,7 +283,6 @@ def render() -> str:
     if demo:
         out += ["## Quickstart (`make demo`)", "", f"{demo['note']}", "",
                 "| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in demo["figures"].items()] + [""]
-    out += _search(_load("quickstart_search"))
     wr = _load("quickstart_winrate")
     if wr:
         out += ["## Quickstart: did it learn? (held-out win rate against the initial policy)", "", wr["note"], "",
@@ -318,51 +310,14 @@ def render() -> str:
                 for k, v in rma["rm"].items()]
         out.append("")
     out += _weight_update(_load("weight_update"))
-    out += _generator_threads(_load("generator_threads"))
-    out += _attention(_load("attention"))
-    out += _adamw(_load("adamw"))
     out += _gpu(_load("gpu_check"))
     out += _endpoint_load(_load("endpoint_load"))
     out += _value_baseline(_load("value_baseline"))
     out += _settings(_load("settings"))
+    history = ROOT / "benchmarks" / "history.md"  # the one-off studies' figures, kept as they were
+    if history.is_file():
+        out += ["## " + history.read_text().lstrip("# ")]
     return "\n".join(out)
-
-
-def _search(qs: dict | None) -> list[str]:
-    """results/quickstart_search.json (benchmarks/quickstart_search.py): quickstart settings
-    ranked by measures that are not the training reward."""
-    if not qs:
-        return []
-
-    def change(m: dict | None, d: int = 3) -> str:
-        if not m:
-            return "-"
-        half = m.get("ci95_halfwidth")
-        return f"{m['before']:.{d}f} -> {m['after']:.{d}f} ({m['change']:+.{d}f} +- {half:.{d}f})" if half is not None \
-            else f"{m['before']:.{d}f} -> {m['after']:.{d}f}"
-
-    out = ["## Quickstart settings searched by independent measures (`python -m benchmarks.quickstart_search`)", "",
-           f"Each row is a full `rlaif-ray train {qs['config']}` run with the overrides shown (the same seeds), one after "
-           f"another on {qs['cpus']} cores ({qs['time']}). Held-out prompts before -> after training with paired 95% "
-           "CIs: ROUGE-L F1 against the human TL;DR, the share of responses that begin like commentary (lower is "
-           "better), the debiased pairwise win rate of the final policy against the initial one (Wilson 95% CI), and "
-           "the training judge's own reward change, which ranks nothing (docs/method.md §7.6). Wall time is the whole "
-           "`rlaif-ray train` command, other work on the machine included (see the load).", "",
-           "| setting | overrides | training reward change | ROUGE-L F1 | ROUGE-1 F1 | commentary share | win rate vs initial "
-           "| final KL/seq | hacking? | wall s (load before) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in qs["rows"]:
-        ind, rc, w, h = r.get("independent") or {}, r.get("reward_change") or {}, r.get("win_rate") or {}, r.get("hacking") or {}
-        wr = f"{w['win_rate']:.1%} ({w['ci95'][0]:.1%}-{w['ci95'][1]:.1%}, n={w['n']})" if w.get("win_rate") is not None else "-"
-        rch = f"{rc['mean']:+.3f} +- {rc['ci95_halfwidth']:.3f}" if rc else "-"
-        kl = _num(r.get("final_kl_per_seq"), ".2f")
-        load = f"{r['load_before'][0]:.2f}" if r.get("load_before") else "?"
-        out.append(f"| {r['name']} | `{' '.join(r['overrides'])}` | {rch} | {change(ind.get('rougeL'))} "
-                   f"| {change(ind.get('rouge1'))} | {change(ind.get('commentary'))} | {wr} | {kl} "
-                   f"| {'**yes**: ' + h.get('reason', '') if h.get('hacking') else 'no'} "
-                   f"| {r['wall_s']:.0f} ({load}) |")
-    out += [f"- {r['name']}: {r['note']}" + (f"; {r['wall_note']}" if r.get("wall_note") else "")
-            for r in qs["rows"] if r.get("note")]
-    return out + [""]
 
 
 def _trl_compare(tc: dict | None, title: str = "") -> list[str]:
@@ -438,20 +393,6 @@ def _quickstart_speed(qs: dict | None) -> list[str]:
     return out + [""]
 
 
-def _learner_malloc(lm_: dict | None) -> list[str]:
-    """results/learner_malloc.json (benchmarks/learner_malloc.py): the learner's allocator."""
-    if not lm_:
-        return []
-    out = ["## Learner allocator (`python -m benchmarks.learner_malloc`)", "",
-           f"{lm_['what']}: {lm_['rounds']} round(s), {lm_['steps']} timed steps after a warm-up, "
-           f"{lm_['threads']} torch threads; the TRL comparison's batch (4 prompts of up to 400 tokens x 2 responses "
-           f"of 48 tokens, gradient checkpointing, reference log-probs in the batch); {_setting(lm_)}.", "",
-           "| allocator | step s (median) | peak RSS GiB | RSS after the step's trim GiB |", "|---|---|---|---|"]
-    out += [f"| {n} | {m['step_s_median']:.2f} | {m['peak_rss_gib']:.2f} | {m['rss_after_gib']:.2f} |"
-            for n, m in lm_["medians"].items()]
-    return out + [""]
-
-
 def _weight_update(wu: dict | None) -> list[str]:
     """benchmarks/weight_update.py: one policy update per receiver, broadcast buckets vs the object store."""
     if not wu:
@@ -468,63 +409,6 @@ def _weight_update(wu: dict | None) -> list[str]:
                    f"{r['install_s']:.2f} | {r['extra_mb']:.0f} | "
                    f"{'-' if r['staged_payload_mb'] is None else round(r['staged_payload_mb'])} |")
     return out + [""]
-
-
-def _generator_threads(gt: dict | None) -> list[str]:
-    """benchmarks/generator_threads.py: compute calls in one thread against two."""
-    if not gt:
-        return []
-    one, two = gt["wall_s_median"]
-    out = ["## Generator threads (`python -m benchmarks.generator_threads`)", "",
-           f"{gt['what']}; `{gt['config']}`, model {gt['model']}; {_setting(gt)}. Tokens per batch identical in every run (the same seeds): "
-           f"{'yes' if gt['same_samples'] else '**no**'}. *Compute threads*: threads that ran compute calls (the "
-           "actor's info); *busy threads*: threads of the actor's process with over 1 CPU-second (the one that loaded "
-           "the model, and OpenMP workers, included).", "",
-           "| variant | seconds (median) | completions/s | compute threads | busy threads |", "|---|---|---|---|---|"]
-    for name in (one, two):
-        rs = [r for r in gt["runs"] if r["variant"] == name]
-        out.append(f"| {name} | {gt['wall_s_median'][name]:.1f} | "
-                   f"{statistics.median(r['completions_per_s'] for r in rs):.3f} | "
-                   f"{'/'.join(str(r['compute_threads']) for r in rs)} | "
-                   f"{'/'.join(str(r['threads_over_1_cpu_s']) for r in rs)} |")
-    return out + ["", f"Speed-up of one compute thread: **{gt['speedup_one_thread']:.2f}x** (per round: "
-                      f"{', '.join(f'{x:.2f}' for x in gt['pair_speedups'])}).", ""]
-
-
-def _adamw(ad: dict | None) -> list[str]:
-    """benchmarks/adamw.py: the learner's AdamW step, single-tensor loop against fused."""
-    if not ad:
-        return []
-    names = list(next(iter(ad["medians"].values())))
-    out = ["## AdamW kernel (`python -m benchmarks.adamw`)", "",
-           f"{ad['what']}: model {ad['model']} ({ad['parameters'] / 1e6:.0f}M parameters), {ad['rounds']} rounds of "
-           f"{ad['steps']} timed steps after a warm-up; {_setting(ad)}. Largest weight difference between the kernels "
-           f"after {ad['steps'] + 1} steps: {ad['max_abs_weight_diff']:.1e}; peak RSS a step adds: " +
-           ", ".join(f"{k} {v:.0f} MB" for k, v in ad["extra_mb_max"].items()) + ".", "",
-           "| torch threads | " + " | ".join(f"{n} s (median)" for n in names) + " | speed-up |",
-           "|---|" + "---|" * len(names) + "---|"]
-    out += [f"| {t} | " + " | ".join(f"{m[n]:.3f}" for n in names) + f" | **{ad['speedup'][t]:.2f}x** |"
-            for t, m in ad["medians"].items()]
-    return out + [""]
-
-
-def _attention(at: dict | None) -> list[str]:
-    """benchmarks/attention.py: transformers' SDPA against the grouped-query SDPA on CPU."""
-    if not at:
-        return []
-    before, after = at["medians"]
-    yes = lambda ok: "yes" if ok else "**no**"  # noqa: E731
-    out = ["## Attention (`python -m benchmarks.attention`)", "",
-           f"{at['what']}; `{at['config']}`, model {at['model']} ({at['heads']['query']} query heads, "
-           f"{at['heads']['kv']} KV heads); {_setting(at)}. The same tokens and behaviour log-probs from both: "
-           f"{yes(at['same_samples'])}; the learner's log-probs identical: {yes(at['same_learner_logprobs'])}.", "",
-           "| implementation | generation s (median) | learner forward + backward s (median) |", "|---|---|---|"]
-    for name in (before, after):
-        m = at["medians"][name]
-        out.append(f"| {name} | {m['generate_s']:.2f} | {m['learner_s']:.2f} |")
-    sp = at["speedup"]
-    return out + ["", f"Speed-up of the grouped-query SDPA: generation **{sp['generate_s']:.2f}x**, learner "
-                      f"{sp['learner_s']:.2f}x.", ""]
 
 
 def _gpu(gc: dict | None) -> list[str]:

@@ -31,14 +31,10 @@ if __name__ == "__main__":
     run("-m", "benchmarks.labeling", "--pairs", "16", "--rounds", "3")
     run("-m", "benchmarks.labeling", "--pairs", "16", "--rounds", "3", "--shots", "2")
     run("-m", "benchmarks.weight_update", "--buckets", "16,64,256", "--repeats", "3")
-    run("-m", "benchmarks.generator_threads", "--rounds", "3")
-    run("-m", "benchmarks.attention", "--rounds", "3")
-    run("-m", "benchmarks.adamw", "--rounds", "3")
     run("-m", "benchmarks.demo")  # the full quickstart under the memory sampler: results/memory.json too
-    run("-m", "benchmarks.learner_malloc", "--rounds", "2")
-    # the quickstart before issue 22's work against this checkout: needs that revision (not in a shallow clone)
+    # the quickstart loop before issue 37's cleanup against this checkout: needs that revision
     if subprocess.run(["git", "cat-file", "-e", f"{BEFORE}^{{commit}}"], capture_output=True).returncode == 0:
-        run("-m", "benchmarks.quickstart_speed", "--steps", "6")
+        run("-m", "benchmarks.quickstart_speed", "--steps", "16")
     else:
         print(f"revision {BEFORE} is not in this clone: skipping benchmarks.quickstart_speed", flush=True)
     if subprocess.run([sys.executable, "-c", "import trl"], capture_output=True).returncode == 0:  # the optional extra

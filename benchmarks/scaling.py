@@ -1,6 +1,6 @@
 """Scaling model: predicted completions/s as the generator and labeler pools grow, from the
 per-stage times measured by benchmarks/overlap.py (its synchronous runs), with the model of
-rlaif_ray/scaling.py; also the model against the measured overlapped run.
+rlaif_ray/run/scaling.py; also the model against the measured overlapped run.
 
     python -m benchmarks.scaling [--overlap benchmarks/results/overlap.json]
 

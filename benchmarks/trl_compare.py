@@ -55,7 +55,7 @@ SHARED = ["task.max_prompt_tokens=400", "task.on_long_prompt=truncate", "generat
 SYSTEMS = {
     "rlaif-hf": ("rlaif-ray, HF generator, max_staleness 1", ["generation.backend=hf", "rl.max_staleness=1"]),
     "rlaif-vllm": ("rlaif-ray, vLLM generator, max_staleness 1", ["generation.backend=vllm", "rl.max_staleness=1"]),
-    # the bundled configs' mode on 2 cores: the stages take turns, each on both cores (rlaif_ray/threads.py)
+    # the bundled configs' mode on 2 cores: the stages take turns, each on both cores (rlaif_ray/cpu/threads.py)
     "rlaif-hf-sync": ("rlaif-ray, HF generator, max_staleness 0", ["generation.backend=hf", "rl.max_staleness=0"]),
     "rlaif-vllm-sync": ("rlaif-ray, vLLM generator, max_staleness 0",
                         ["generation.backend=vllm", "rl.max_staleness=0"]),

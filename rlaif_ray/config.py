@@ -261,7 +261,7 @@ class ServeConfig(_Strict):
     # if this variable is set when the server starts, requests must send it as a Bearer key
     # (serve-labeler warns when serve.host is not loopback and it is not set)
     api_key_env: str = "RLAIF_RAY_SERVE_API_KEY"
-    # What one request may ask of a replica (rlaif_ray/openai_api.py; each refusal is an
+    # What one request may ask of a replica (rlaif_ray/feedback/openai_api.py; each refusal is an
     # OpenAI-shaped error naming the key). Content-Type must be application/json (else 415).
     max_prompts_per_request: int = Field(64, gt=0, le=4096)  # 400 beyond
     max_body_bytes: int = Field(1 << 20, gt=0, le=64 << 20)  # 413 beyond (checked before parsing)

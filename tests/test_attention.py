@@ -1,4 +1,4 @@
-"""rlaif_ray/attention.py: grouped-query attention without copying KV heads on CPU computes
+"""rlaif_ray/cpu/attention.py: grouped-query attention without copying KV heads on CPU computes
 what transformers' own SDPA path computes (forward to the bit, gradients to float rounding),
 and load_model picks it only where it applies."""
 import pytest

@@ -182,62 +182,14 @@ def test_weight_update(weight_update):
     assert positive(staged)  # the object store stages a model copy; the broadcast does not
 
 
-@pytest.fixture(scope="module")
-def generator_threads(results, tiny_model_path):
-    bench("generator_threads", "--rounds", "1", "--batches", "3", *tiny_sets(tiny_model_path),
-          "--out", str(results / "generator_threads.json"))
-    return json.loads((results / "generator_threads.json").read_text())
-
-
-def test_generator_threads(generator_threads):
-    r = generator_threads
-    runs = {x["variant"]: x for x in r["runs"]}
-    assert runs["one compute thread (shipped)"]["compute_threads"] == 1  # every batch on the same thread
-    assert runs["two threads (max_concurrency=2)"]["compute_threads"] in (1, 2)  # either thread takes a call
-    assert r["same_samples"] and all(x["completions"] == 3 * 2 * 2 for x in r["runs"])  # 3 batches x 2 prompts x 2
-    assert positive(r["speedup_one_thread"]) and len(r["pair_speedups"]) == 1
-
-
-@pytest.fixture(scope="module")
-def attention(results, tiny_model_path):
-    bench("attention", "--rounds", "2", "--batches", "2", *tiny_sets(tiny_model_path),
-          "--out", str(results / "attention.json"))
-    return json.loads((results / "attention.json").read_text())
-
-
-def test_attention(attention):
-    r = attention
-    assert r["heads"] == {"query": 2, "kv": 1}  # the tiny model groups its KV heads
-    assert r["same_samples"] and r["same_learner_logprobs"]
-    assert [x["completions"] for x in r["runs"]] == [2 * 2 * 2] * 4  # 2 batches x 2 prompts x 2 samples, 2 x 2 runs
-    assert [x["variant"] for x in r["runs"][:2]] == list(r["medians"]) == list(reversed([x["variant"] for x in r["runs"][2:]]))
-    assert all(positive(v) for v in r["speedup"].values())
-
-
-@pytest.fixture(scope="module")
-def adamw(results, tiny_model_path):
-    bench("adamw", "--model", tiny_model_path, "--rounds", "2", "--steps", "2", "--out", str(results / "adamw.json"))
-    return json.loads((results / "adamw.json").read_text())
-
-
-def test_adamw(adamw):
-    r = adamw
-    check_common(r)
-    kernels = ["single-tensor loop (before)", "fused (now)"]
-    assert [(x["round"], x["threads"]) for x in r["runs"]] == [(i, n) for i in (0, 1) for n in (1, 2) for _ in kernels]
-    assert [x["kernel"] for x in r["runs"][:2]] == kernels == [x["kernel"] for x in r["runs"][5:3:-1]]  # alternated
-    assert all(len(x["step_s"]) == 2 and all(map(positive, x["step_s"])) for x in r["runs"])
-    assert set(r["medians"]) == {"1", "2"} and all(positive(v) for v in r["speedup"].values())
-    assert r["max_abs_weight_diff"] < 1e-5  # the same update to float rounding
-
-
 def test_report_renders_every_section(results, overlap, overhead, scaling, generation, memory, weight_update,
-                                      generator_threads, attention, adamw, tmp_path):
+                                      tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     bench("report", "--results", str(results), "--out", str(out))
     text = out.read_text()
     for heading in ("## Pipeline overlap", "## Scaling model", "## Framework overhead",
-                    "## Generation throughput", "## Peak memory", "## Weight updates", "## Generator threads", "## Attention", "## AdamW kernel", "## GPU"):
+                    "## Generation throughput", "## Peak memory", "## Weight updates", "## GPU",
+                    "## History: one-off studies", "### Attention (`python -m benchmarks.attention`)"):
         assert heading in text
     assert not re.search(r"\bnan\b", text, re.IGNORECASE)
 
@@ -262,22 +214,6 @@ def test_trl_compare(tiny_model_path, tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     bench("report", "--results", str(results), "--out", str(out))
     assert "## rlaif-ray vs TRL" in out.read_text() and not re.search(r"\bnan\b", out.read_text(), re.IGNORECASE)
-
-
-def test_learner_malloc(tiny_model_path, tmp_path):
-    """Every allocator variant runs the learner step in its own process, and the process
-    really runs on the allocator it was given."""
-    out = tmp_path / "learner_malloc.json"
-    bench("learner_malloc", "--rounds", "1", "--steps", "1", "--set", f"model.name={tiny_model_path}",
-          "--set", "generation.max_new_tokens=4", "--out", str(out))
-    r = json.loads(out.read_text())
-    check_common(r)
-    assert [x["variant"] for x in r["runs"]] == list(r["medians"])
-    for x in r["runs"]:
-        assert len(x["step_s"]) == 1 and positive(x["step_s_median"]) and positive(x["peak_rss_gib"])
-        assert x["allocator"] == ("jemalloc" if "LD_PRELOAD" in x["env"] else "system")
-        assert all(not v.startswith("/") for v in x["env"].values())  # no machine paths in results
-        assert len(x["prompt_tokens"]) == 4 and max(x["prompt_tokens"]) <= 400
 
 
 @pytest.mark.skipif(subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0,

@@ -127,7 +127,7 @@ def test_reward_model_data_keeps_held_out_contexts_out(tiny_model_path, tokenize
     (tmp_path / "labels").mkdir()
     pq.write_table(pa.Table.from_pylist(train_rows), tmp_path / "labels" / "p.parquet")
     cfg = chain_cfg(tiny_model_path, tmp_path, rm={"labels": str(tmp_path / "labels"), "eval_data": str(tmp_path / "held.jsonl")})
-    train, heldout, counts = rm_data(cfg, tokenizer)
+    train, heldout, counts = rm_data(cfg.rm, tokenizer)
     assert counts["dropped_heldout_overlap"] == 1 and len(train) == 29 and len(heldout) == 20
     assert counts["heldout_unusable"] == 1
 

@@ -1,4 +1,4 @@
-"""The throughput model of rlaif_ray/scaling.py (pure arithmetic)."""
+"""The throughput model of rlaif_ray/run/scaling.py (pure arithmetic)."""
 import pytest
 
 from rlaif_ray.run.scaling import StageTimes, bottleneck, stage_times, step_time, table, throughput

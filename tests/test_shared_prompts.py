@@ -40,7 +40,7 @@ def test_same_logprobs_and_gradients_as_full_sequences(tiny_model_path, attn, sa
 
     from rlaif_ray.cpu import attention
 
-    attention.register()  # the CPU GQA path load_model picks (rlaif_ray/attention.py)
+    attention.register()  # the CPU GQA path load_model picks (rlaif_ray/cpu/attention.py)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation=attn)
     head = torch.nn.Linear(model.config.hidden_size, 1)

@@ -26,7 +26,7 @@ def sample_pairs(cfg: Config, out: str | Path | None = None, log=print, overwrit
     out = Path(out or sp.output)
     preflight(cfg, "sample-pairs", out=out, overwrite=overwrite, log=log)  # an existing file is never overwritten
     # train prompts only, minus the contexts whose pairs measure the reward model (no leak)
-    held = {normalize_text(x["context"]) for x in rm_heldout(cfg)[0]}
+    held = {normalize_text(x["context"]) for x in rm_heldout(cfg.rm)[0]}
     train = task_prompts(cfg.task, load_tokenizer(cfg.model.name)).train
     kept = [it for it in train if normalize_text(it["context"]) not in held]
     items = kept[:sp.num_prompts]

@@ -1,6 +1,6 @@
 """`rlaif-ray serve-labeler`: the labeler model behind an OpenAI-compatible /v1/completions
 (Ray Serve; actors/labeler_server.py), on 127.0.0.1 unless serve.host says otherwise. Each
-replica enforces the `serve.*` request limits (rlaif_ray/openai_api.py, EndpointLimits)."""
+replica enforces the `serve.*` request limits (rlaif_ray/feedback/openai_api.py, EndpointLimits)."""
 from __future__ import annotations
 
 import hashlib
@@ -28,7 +28,7 @@ def serve_labeler(cfg) -> str:
     warning = exposure_warning(s.host, s.port, s.api_key_env, bool(key))
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    start_ray(cfg)
+    start_ray(cfg.ray)
     serve.start(http_options={"host": s.host, "port": s.port})
     model_name = cfg.reward.model or cfg.model.name
     app = LabelerEndpoint.options(num_replicas=s.num_replicas,

@@ -19,7 +19,7 @@ def run_train_rm(cfg: Config, out: str | Path | None = None, log=print, overwrit
     preflight(cfg, "train-rm", out=out, overwrite=overwrite, log=log)
     init = r.init or cfg.model.name
     tok = load_tokenizer(init)
-    train, held, counts = rm_data(cfg, tok)
+    train, held, counts = rm_data(cfg.rm, tok)
     counts["left_out_per_epoch"] = check_batch(r.trainer, r.batch_size, "rm", len(train))
     log(f"train-rm: {counts['pairs']} {r.label_kind}-labelled pairs ({counts['skipped_no_label']} without a usable "
         f"label, {counts['truncated_texts']} texts cut to {r.max_tokens} tokens), {len(held)} held-out human pairs; "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlaif_ray.config import Config, ConfigError
+from rlaif_ray.config import ConfigError, RMConfig
 from rlaif_ray.data.files import DataError, bundled_path, read_records
 from rlaif_ray.data.tasks import BUNDLED, EXEMPLAR_ROWS, post_block, split_transcript
 from rlaif_ray.feedback.prompts import Exemplar, harmful_question
@@ -235,11 +235,10 @@ def normalize_text(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def rm_heldout(cfg: Config) -> tuple[list[dict], int]:
+def rm_heldout(r: RMConfig) -> tuple[list[dict], int]:
     """The reward model's held-out human-labelled pairs: the last rm.eval_n usable rows of
     rm.eval_data (a bundled set, minus its exemplar rows; or a file), and how many rows were
     unusable. Their contexts are never fine-tuned on, sampled or labelled for training."""
-    r = cfg.rm
     if r.eval_data in BUNDLED:
         rows = load_pairs(r.eval_data, keep_bad=True, skip_last=EXEMPLAR_ROWS if r.eval_data.startswith("hh_") else 0)[0]
     elif Path(r.eval_data).is_file():

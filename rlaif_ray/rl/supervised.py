@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from rlaif_ray.config import Config, ConfigError, TrainerConfig
+from rlaif_ray.config import Config, ConfigError, RMConfig, TrainerConfig
 from rlaif_ray.data.files import read_records
 from rlaif_ray.data.tasks import task_prompts
 from rlaif_ray.feedback.pairs import BUNDLED, load_pairs, normalize_text, read_label_input, rm_heldout
@@ -108,7 +108,7 @@ def sft_data(cfg: Config, tok) -> tuple[list[dict], list[dict], dict]:
     task = cfg.task.model_copy(update={"data_path": s.data_path or cfg.task.data_path})
     ps = task_prompts(task, tok)  # TL;DR reference summaries, or HH chosen responses
     # posts whose pairs measure the reward model are never fine-tuned on (the RM starts from SFT)
-    held_ctx = {normalize_text(x["context"]) for x in rm_heldout(cfg)[0]}
+    held_ctx = {normalize_text(x["context"]) for x in rm_heldout(cfg.rm)[0]}
     kept = [it for it in ps.train if normalize_text(it["context"]) not in held_ctx]
     rm_overlap = len(ps.train) - len(kept)
     items = [it for it in kept if it.get("reference")]
@@ -124,11 +124,10 @@ def sft_data(cfg: Config, tok) -> tuple[list[dict], list[dict], dict]:
                                               "dropped_rm_heldout_posts": rm_overlap}
 
 
-def rm_data(cfg: Config, tok) -> tuple[list[dict], list[dict], dict]:
+def rm_data(r: RMConfig, tok) -> tuple[list[dict], list[dict], dict]:
     """(train, held-out) encoded pairs: training pairs from rm.labels (the output of `label`,
     or any pairs file with a human label for rm.label_kind=human); held-out pairs with a
     human label from rm.eval_data, never trained on (same contexts are dropped, counted)."""
-    r = cfg.rm
     if not r.labels:
         raise ConfigError("rm.labels: the output folder of `rlaif-ray label` (or a pairs file with human labels)")
     path = Path(r.labels)
@@ -140,7 +139,7 @@ def rm_data(cfg: Config, tok) -> tuple[list[dict], list[dict], dict]:
         rows = read_label_input(str(path)) if r.label_kind == "human" else read_records(path)
     else:
         raise ConfigError(f"rm.labels: {path} not found")
-    held_rows, unusable_held = rm_heldout(cfg)
+    held_rows, unusable_held = rm_heldout(r)
     # a training pair on a held-out context (the same post or dialogue) would leak: dropped, counted
     held_ctx = {normalize_text(x["context"]) for x in held_rows}
     overlap = sum(1 for x in rows if normalize_text(x.get("context") or "") in held_ctx)
