@@ -50,3 +50,9 @@ class ActorGroup:
 
     def __getitem__(self, i):
         return self.actors[i]
+
+    def __add__(self, other) -> list:  # actors of several pools as one list (to kill them all)
+        return self.actors + list(other)
+
+    def __radd__(self, other) -> list:
+        return list(other) + self.actors

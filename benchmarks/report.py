@@ -334,8 +334,9 @@ def _trl_compare(tc: dict | None, title: str = "") -> list[str]:
            f"samples = {s['prompts_per_step'] * s['samples_per_prompt']} completions a step, up to "
            f"{s['max_new_tokens']} new tokens at temperature {s['temperature']}; lr {s['lr']:g}, beta {s['beta']}, "
            f"{s['steps']} steps, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, seed "
-           f"{s['seed']}; the d-RLAIF 1-10 reward (`{s['scorer']}`) read from a frozen copy of the same model, "
-           f"with rlaif-ray's judge code on both sides. Prompts: rlaif-ray's own (task.max_prompt_tokens="
+           f"{s['seed']}; the d-RLAIF 1-10 reward (`{s['scorer']}`) read from a frozen copy of the same model"
+           + (", with rlaif-ray's judge code on both sides" if tc.get("trl_judge", "rlaif") == "rlaif" else
+              "; TRL's reward function a plain padded forward of the judge") + f". Prompts: rlaif-ray's own (task.max_prompt_tokens="
            f"{s['max_prompt_tokens']}, on_long_prompt={s['on_long_prompt']}; mean {_num(s.get('prompt_tokens_mean'), '.0f')} "
            f"tokens) in its sampler's order, handed to TRL as the same chat strings (same token ids after TRL's "
            f"tokenization: {s.get('trl_prompts_same_token_ids', '?')}). TRL: one process, {s['trl_torch_threads']} "
@@ -351,6 +352,12 @@ def _trl_compare(tc: dict | None, title: str = "") -> list[str]:
                    f"| {bold(r, 'completions_per_s')} | {bold(r, 'peak_pss_gib')} | {bold(r, 'cpu_s_per_completion')} |")
     out += ["", "CPU-s per completion: user + system CPU seconds of every process of the run over the same timed "
             "window, per completion: less sensitive than wall time to other work sharing the cores."]
+    ab = tc.get("after_over_before") or {}
+    if ab:
+        out += ["", f"This checkout against the code at {tc['before']} (the same systems, alternated in this run), "
+                "completions/s and memory: " + "; ".join(
+                    f"{name} **{x['completions_per_s']:.3f}x** at {x['peak_pss_gib']:.2f}x the memory"
+                    for name, x in ab.items()) + "."]
     pr = tc.get("per_round_ratios_over_trl") or {}
     if pr:
         out += ["", "Per round, rlaif-ray / TRL (completions/s, memory): " + "; ".join(

