@@ -11,6 +11,7 @@ from rlaif_ray.config import Config
 from rlaif_ray.data.tasks import prompt_batch
 from rlaif_ray.feedback import winrate
 from rlaif_ray.feedback.judgements import harmless_on, summarize_judgements
+from rlaif_ray.feedback.rewards import item_fields
 
 from .generator import generator_actor
 from .group import ActorGroup
@@ -24,16 +25,17 @@ def judge_pairs(labeler, items: list[dict], a: list[str], b: list[str], cfg: Con
     """Both orders of every pair through one Labeler actor, in chunks (a progress bar per
     chunk); returns (judgement rows, summary)."""
     ev, bs = cfg.eval, cfg.eval.batch_size
-    ctx = [it["context"] for it in items]
+    ctx, fields = [it["context"] for it in items], item_fields(items)
     chunks = range(0, len(items), bs)
     if ev.judge == "pairwise":
-        outs = gather([labeler.compare.remote(ctx[i:i + bs], a[i:i + bs], b[i:i + bs]) for i in chunks],
-                      f"{desc} pairs (both orders)", cfg.run.progress)
+        outs = gather([labeler.compare.remote(ctx[i:i + bs], a[i:i + bs], b[i:i + bs], None, fields[i:i + bs])
+                       for i in chunks], f"{desc} pairs (both orders)", cfg.run.progress)
         got = {k: [x for o in outs for x in getattr(o, k)] for k in ("p_a", "p_ab", "p_ba", "label_mass")}
     else:
         alone = {}
         for side, texts in (("a", a), ("b", b)):
-            outs = gather([labeler.judge_alone.remote(ctx[i:i + bs], texts[i:i + bs], cfg.reward.scorer) for i in chunks],
+            outs = gather([labeler.judge_alone.remote(ctx[i:i + bs], texts[i:i + bs], cfg.reward.scorer,
+                                                      fields[i:i + bs]) for i in chunks],
                           f"{desc} scoring ({side.upper()})", cfg.run.progress)
             alone[side] = {k: [x for o in outs for x in o[k]] for k in ("score01", "label_mass")}
         pa_, pb_ = alone["a"]["score01"], alone["b"]["score01"]
@@ -42,7 +44,8 @@ def judge_pairs(labeler, items: list[dict], a: list[str], b: list[str], cfg: Con
     harmless = {k: [None] * len(items) for k in ("a", "b", "mass_a", "mass_b")}
     if with_harmless:
         for side, texts in (("a", a), ("b", b)):
-            refs = [labeler.judge_alone.remote(ctx[i:i + bs], texts[i:i + bs], ev.harmless_scorer) for i in chunks]
+            refs = [labeler.judge_alone.remote(ctx[i:i + bs], texts[i:i + bs], ev.harmless_scorer, fields[i:i + bs])
+                    for i in chunks]
             outs = gather(refs, f"{desc} harmless ({side.upper()})", cfg.run.progress)
             harmless[side] = [x for o in outs for x in o["p_yes"]]
             harmless[f"mass_{side}"] = [x for o in outs for x in o["label_mass"]]
@@ -66,8 +69,9 @@ def evaluate_policies(cfg: Config, items: list[dict], policies: dict[str, str], 
     policy = {side: ActorGroup.start(generator_actor(), "generators", f"policy-{side}", p.generators, tag,
                                      lambda i, s=side: generator_args(cfg, f"policy-{s}", policies[s], gen),
                                      p.batch_timeout_s, placed=False)[0] for side in "ab"}
-    judge = ActorGroup.start(ray.remote(Labeler), "labelers", "labeler", p.labelers.model_copy(update={"num_actors": 1}),
-                             tag, lambda i: labeler_args(cfg, "labeler-0"), p.batch_timeout_s, placed=False)[0]
+    one = p.labelers.model_copy(update={"num_actors": 1})
+    judge = ActorGroup.start(ray.remote(Labeler), "labelers", "labeler", one, tag,
+                             lambda i: labeler_args(cfg, "labeler-0"), p.batch_timeout_s, placed=False)[0]
     actors = [*policy.values(), judge]
     try:
         t0 = time.perf_counter()

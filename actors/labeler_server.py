@@ -1,5 +1,6 @@
-"""LabelerEndpoint: the project's labeler model behind an OpenAI-compatible
-/v1/completions (with `logprobs`), served by Ray Serve on 127.0.0.1 by default.
+"""LabelerEndpoint: the project's labeler model behind an OpenAI-compatible /v1/completions
+and /v1/chat/completions (with log-probs, and `n` answers a prompt), served by Ray Serve on
+127.0.0.1 by default.
 
 The request checks, the limits and the answer's shape live in rlaif_ray/feedback/openai_api.py; this
 file is the Ray Serve shell. If serve.api_key_env names a set variable when the server starts,
@@ -41,10 +42,12 @@ from rlaif_ray.engines.models import model_context
 from rlaif_ray.feedback.openai_api import (
     EndpointLimits,
     RequestError,
+    chat_response,
     check_body_size,
     check_headers,
     check_tokens,
     completion_response,
+    parse_chat_request,
     parse_request,
     queue_full,
     time_limit,
@@ -105,6 +108,13 @@ class LabelerEndpoint:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
+        return await self._serve(request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._serve(request, chat=True)
+
+    async def _serve(self, request: Request, chat: bool):
         deadline = time.monotonic() + self.limits.timeout_s
         if not self._authorized(request):
             return self._refuse(RequestError(*UNAUTHORIZED))
@@ -116,19 +126,19 @@ class LabelerEndpoint:
             return self._refuse(e)
         self.in_flight += 1
         try:
-            return await self._admitted(request, deadline)
+            return await self._admitted(request, deadline, chat)
         except RequestError as e:
             return self._refuse(e)
         finally:
             self.in_flight -= 1
 
-    async def _admitted(self, request: Request, deadline: float) -> dict:
+    async def _admitted(self, request: Request, deadline: float, chat: bool) -> dict:
         raw = bytearray()
         async for chunk in request.stream():
             raw += chunk
             check_body_size(len(raw), self.limits)
         loop = asyncio.get_running_loop()
-        req, seqs = await loop.run_in_executor(self.prepare_thread, self._prepare, bytes(raw))
+        req, seqs = await loop.run_in_executor(self.prepare_thread, self._prepare, bytes(raw), chat)
         try:
             await asyncio.wait_for(self.gate.acquire(), max(deadline - time.monotonic(), 0.0))
         except TimeoutError:
@@ -137,7 +147,7 @@ class LabelerEndpoint:
         started = time.monotonic()
         self.running += 1
         job = loop.run_in_executor(self.engine_thread, self._complete, req, seqs,
-                                   lambda: cancel.is_set() or time.monotonic() >= deadline)
+                                   lambda: cancel.is_set() or time.monotonic() >= deadline, chat)
 
         def release(f):  # only when the engine thread has returned: the next request never overlaps it
             self.running -= 1
@@ -156,9 +166,10 @@ class LabelerEndpoint:
         except TimeoutError:
             raise time_limit(self.limits, "generation was stopped at the limit") from None
 
-    def _prepare(self, raw: bytes) -> tuple[dict, list[list[int]]]:
+    def _prepare(self, raw: bytes, chat: bool = False) -> tuple[dict, list[list[int]]]:
         """The body parsed and checked, the prompts tokenized and counted (stopping at the first
-        prompt over a limit). One body at a time (prepare_thread): bounded memory."""
+        prompt over a limit); a chat request's messages in the model's chat template. One body
+        at a time (prepare_thread): bounded memory."""
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):
@@ -167,14 +178,16 @@ class LabelerEndpoint:
         if model not in (None, self.served_name):
             raise RequestError(f"model {model!r} is not served here; this endpoint serves {self.served_name!r}",
                                404, "model_not_found", "not_found_error", "model")
-        req = parse_request(body, self.limits)
+        req = parse_chat_request(body, self.limits) if chat else parse_request(body, self.limits)
+        prompts = [self.tok.apply_chat_template(req["messages"], tokenize=False, add_generation_prompt=True)] if chat \
+            else req["prompts"]
         seqs: list[list[int]] = []
-        for p in req["prompts"]:
-            seqs.append(self.tok(p, add_special_tokens=False)["input_ids"])
+        for p in prompts:  # `n` answers a prompt: its sequence repeated (the samples differ: one seed, many rows)
+            seqs += [self.tok(p, add_special_tokens=False)["input_ids"]] * req["n"]
             check_tokens([len(s) for s in seqs], req["max_tokens"], self.limits, self.context)
         return req, seqs
 
-    def _complete(self, req: dict, seqs: list[list[int]], should_stop) -> dict:
+    def _complete(self, req: dict, seqs: list[list[int]], should_stop, chat: bool = False) -> dict:
         k = req["logprobs"] or 0
         raw = self.engine.sample_with_logprobs(seqs, req["max_tokens"], req["temperature"], req["top_p"],
                                                req["top_k"], k, req["seed"] or 0, batch_size=self.limits.batch_size,
@@ -187,4 +200,5 @@ class LabelerEndpoint:
             results.append({"text": self.tok.decode(r["ids"], skip_special_tokens=True), "tokens": tokens,
                             "token_logprobs": r["token_logprobs"], "top_logprobs": top,
                             "finish_reason": r["finish_reason"]})
-        return completion_response(self.served_name, results, req["logprobs"] is not None, sum(map(len, seqs)))
+        answer = chat_response if chat else completion_response
+        return answer(self.served_name, results, req["logprobs"] is not None, sum(map(len, seqs[::req["n"]])))

@@ -44,7 +44,9 @@ class RoleMetrics:
         if not ray.is_initialized():
             return None
         if not self._named:  # inside an actor, its Ray name ("generator-0@RUN"), as in the dashboard
-            self.tags["actor"] = ray.get_runtime_context().get_actor_name() or self.tags["actor"]
+            ctx = ray.get_runtime_context()
+            if ctx.get_actor_id() is not None:  # not in the driver (the name call warns there)
+                self.tags["actor"] = ctx.get_actor_name() or self.tags["actor"]
             self._named = True
         if name not in _BY_NAME:
             kind, desc = METRICS[name]

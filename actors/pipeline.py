@@ -18,7 +18,7 @@ from collections import deque
 
 import ray
 
-from rlaif_ray.config import Config, reference_on_labelers
+from rlaif_ray.config import Config, judge_sources, reference_on_labelers
 from rlaif_ray.cpu.allocator import learner_env
 from rlaif_ray.data import schemas
 from rlaif_ray.data.tasks import prompt_batch
@@ -58,12 +58,13 @@ def generator_args(cfg: Config, name: str, model: str | None = None, generation:
             g.torch_threads, role_device(g.num_gpus), generator_engine(cfg))
 
 
-def labeler_args(cfg: Config, name: str) -> tuple:
+def labeler_args(cfg: Config, name: str, judge: bool = True) -> tuple:
     """A Labeler's arguments: the config's reward section on the labelers' resources (also
-    the judge of `eval` and of the win rate)."""
+    the judge of `eval` and of the win rate); `judge`: load the AI judge even when no reward
+    source needs it (a python or http reward's pool does not)."""
     lab = cfg.pipeline.labelers
     return (name, cfg.reward.model_dump(), cfg.reward.model or cfg.model.name, cfg.model.dtype, lab.torch_threads,
-            role_device(lab.num_gpus), lab.vllm.model_dump())
+            role_device(lab.num_gpus), lab.vllm.model_dump(), judge)
 
 
 def reward_model_args(cfg: Config, name: str) -> tuple:
@@ -102,14 +103,16 @@ def start_actors(cfg: Config, tag: str = "") -> tuple[ActorGroup, ActorGroup, Le
                                     lambda i: reward_model_args(cfg, f"reward-model-{i}"), timeout)
     else:
         labelers = ActorGroup.start(ray.remote(Labeler), "labelers", "labeler", p.labelers, tag,
-                                    lambda i: labeler_args(cfg, f"labeler-{i}"), timeout)
+                                    lambda i: labeler_args(cfg, f"labeler-{i}", bool(judge_sources(cfg.reward))),
+                                    timeout)
     return gens, labelers, start_learner(cfg, tag)
 
 
 def eval_labeler(cfg: Config, labelers: ActorGroup, tag: str = ""):
     """The AI labeler of the signal check and the win rate: the first labeler, or (when a
-    reward model gives the rewards) a Labeler of its own, so the RM never grades itself."""
-    if cfg.reward.source != "rm" or not (cfg.eval.win_rate or cfg.eval.signal_posts):
+    reward model, a function or a server gives the rewards) a Labeler of its own, so the RM
+    never grades itself and a python or http reward's pool holds no judge."""
+    if judge_sources(cfg.reward) or not (cfg.eval.win_rate or cfg.eval.signal_posts):
         return labelers[0]
     judge = cfg.pipeline.labelers.model_copy(update={"num_actors": 1})
     return ActorGroup.start(ray.remote(Labeler), "judge", "judge", judge, tag, lambda i: labeler_args(cfg, "judge-0"),
@@ -145,7 +148,8 @@ class Rollouts:
         self.pipe.generating.append(rollouts)
         # training batches: the labeler also computes the reference log-probs (rl.reference)
         ref_t = self.pipe.reference_temperature if self.index >= 0 else None
-        return self.pipe.labelers[i % len(self.pipe.labelers)].score.remote(rollouts, mode, ref_t)
+        # held-out batches (index < 0) draw one sample a prompt: a pairwise source reads its direct scorer
+        return self.pipe.labelers[i % len(self.pipe.labelers)].score.remote(rollouts, mode, ref_t, self.index < 0)
 
     def get(self, timeout: float) -> "schemas.pa.RecordBatch":
         out = []

@@ -49,7 +49,8 @@ class RewardModel:
                 out += supervised.scores(self.model, seqs[i:i + self.batch_size], self.pad, self.device).tolist()
         return out
 
-    def score(self, rollouts: pa.RecordBatch, mode: str = "rm", reference_temperature: float | None = None) -> pa.RecordBatch:
+    def score(self, rollouts: pa.RecordBatch, mode: str = "rm", reference_temperature: float | None = None,
+              single: bool = False) -> pa.RecordBatch:
         """Rollouts -> scored rollouts; the reward is the RM's raw scalar score (docs/method.md §3).
         A reward model is not the reference policy: the learner computes the reference."""
         if reference_temperature is not None:
@@ -61,7 +62,8 @@ class RewardModel:
         meta = json.dumps({"mode": "rm", "rm": self.path, "labeler": self.name})
         out = schemas.extend(rollouts, schemas.SCORED, {"reward": r, "raw_score": r, "reward_meta": [meta] * len(r),
                                                         "reward_ok": [True] * len(r),
-                                                        "reference_logprobs": [None] * len(r)})
+                                                        "reference_logprobs": [None] * len(r),
+                                                        "reward_parts": [None] * len(r)})
         self.proc.metrics.inc("labels", len(r))
         self.proc.metrics.set("labels_per_s", len(r) / max(time.perf_counter() - t0, 1e-9))
         return out

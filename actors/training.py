@@ -7,6 +7,7 @@ machinery (actors, weight sync, recovery) is in actors/pipeline.py; `rlaif-ray t
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import ray
 
 from rlaif_ray.config import Config
 from rlaif_ray.data import schemas
-from rlaif_ray.data.tasks import PromptSampler, PromptSet, load_tldr
+from rlaif_ray.data.tasks import PromptSampler, PromptSet
 from rlaif_ray.feedback.judgements import harmless_on
 from rlaif_ray.feedback.stats import paired_change
 from rlaif_ray.rl.learner import NonFiniteError
@@ -100,10 +101,11 @@ def metrics_row(step, version, index, lag, batch, stats, waited, elapsed, rate) 
     rows: `kl_per_seq` the mean over rows of the summed per-token estimate (what
     rl.kl_target steers; `kl` is the same number, kept for older readers), `kl_per_token`
     the mean over their tokens; `kl_beta` the KL weight this step trained with."""
-    rewards = batch.column("reward").to_pylist()
+    rewards = [r for r in batch.column("reward").to_pylist() if r == r]  # an unusable label's may be NaN
     lengths = [len(t) for t in batch.column("response_token_ids").to_pylist()]
     return {"step": step, "policy_version": version, "batch_index": index, "staleness": lag,
-            "reward_mean": sum(rewards) / len(rewards), "kl": stats["kl"],
+            "reward_mean": sum(rewards) / max(len(rewards), 1), **part_means(batch), **judge_cost(batch),
+            "kl": stats["kl"],
             "kl_per_seq": stats["kl"],
             "kl_per_token": stats["kl_sum"] / max(stats["tokens"], 1), "kl_beta": stats["beta"],
             "loss": stats["loss"],
@@ -114,6 +116,24 @@ def metrics_row(step, version, index, lag, batch, stats, waited, elapsed, rate) 
             "unusable_labels": batch.num_rows - sum(batch.column("reward_ok").to_pylist()),
             "completions": batch.num_rows, "completions_per_s": rate,
             "waited_for_batch_s": waited, "elapsed_s": elapsed}
+
+
+def judge_cost(batch) -> dict:
+    """The judge tokens a batch cost (an endpoint judge: the labelers share each call's usage
+    out over its rows' reward_meta); {} for a local judge."""
+    metas = [json.loads(m) for m in batch.column("reward_meta").to_pylist()]
+    keys = ("judge_prompt_tokens", "judge_completion_tokens")
+    if not any(k in m for m in metas for k in keys):
+        return {}
+    return {k: round(sum(m.get(k, 0.0) for m in metas)) for k in keys}
+
+
+def part_means(batch) -> dict:
+    """reward.source sum: each part's mean reward over the batch's usable rows (reward_NAME)."""
+    parts = [json.loads(p) for p, ok in zip(batch.column("reward_parts").to_pylist(),
+                                            batch.column("reward_ok").to_pylist()) if p and ok]
+    names = {k for p in parts for k in p}
+    return {f"reward_{k}": sum(p[k] for p in parts if k in p) / max(sum(k in p for p in parts), 1) for k in sorted(names)}
 
 
 def before_training(pipe: Pipeline, run: RunFolder, eval_items: list, prompts, resumed: bool) -> dict:
@@ -128,12 +148,11 @@ def before_training(pipe: Pipeline, run: RunFolder, eval_items: list, prompts, r
     run.write_json("processes.json", summary["processes"])
     if resumed:
         return summary
-    if cfg.eval.signal_posts and cfg.task.name == "tldr":  # how far can this labeler be trusted?
-        rows = load_tldr(cfg.task.data_path)
-        heldout_rows = rows[-max(cfg.eval.signal_posts + 1, cfg.task.heldout_size):]
-        sig = ray.get(pipe.eval_labeler.signal.remote(heldout_rows, cfg.eval.signal_posts))
+    with_reference = [it for it in prompts.heldout if it.get("reference")]
+    if cfg.eval.signal_posts and len(with_reference) > 1:  # how far can this labeler be trusted?
+        sig = ray.get(pipe.eval_labeler.signal.remote(with_reference, cfg.eval.signal_posts))
         summary["signal"] = sig
-        log(f"judge signal ({sig['scorer']}): reference summary beats another post's summary "
+        log(f"judge signal ({sig['scorer']}): a prompt's own reference beats another prompt's "
             f"{sig['reference_wins']:.0%} of {sig['n']} (95% CI {sig['ci95'][0]:.0%}-{sig['ci95'][1]:.0%}; "
             "50% = no signal)")
     if eval_items:
@@ -184,6 +203,11 @@ def after_training(pipe: Pipeline, run: RunFolder, summary: dict, eval_items: li
         summary["heldout_examples"] = pick_examples(eval_items, b, a)
     final = ray.get([a.info.remote() for a in pipe.actors()])
     summary["stage_busy_s"] = {i["name"]: i["busy_s"] for i in final}
+    cost = {k: sum(i.get(k, 0) for i in final) for k in ("judge_prompt_tokens", "judge_completion_tokens",
+                                                          "endpoint_requests", "endpoint_retries", "endpoint_waited_s",
+                                                          "unparsable_answers", "labels_outside_top_k")}
+    if any(cost.values()):  # an endpoint judge: what it cost over the whole run, evaluations included
+        summary["judge_usage"] = cost
     summary["processes"] = {i["name"]: i["pid"] for i in final}  # after any restart
     run.write_json("summary.json", summary)
 
@@ -193,7 +217,7 @@ def heldout_rewards(pipe: Pipeline, items: list) -> dict:
     chunks of eval.batch_size prompts per generator (one call over 48 prompts held GBs)."""
     cfg = pipe.cfg
     n = cfg.eval.batch_size * len(pipe.gens)
-    chunks = [Rollouts(pipe, items[i:i + n], -1, 1, cfg.rl.seed + 999 + i, "direct", cfg.eval.temperature)
+    chunks = [Rollouts(pipe, items[i:i + n], -1, 1, cfg.rl.seed + 999 + i, cfg.reward.source, cfg.eval.temperature)
               for i in range(0, len(items), n)]
     batch = schemas.concat([c.get(cfg.pipeline.batch_timeout_s) for c in chunks], schemas.SCORED)
     rewards = batch.column("reward").to_pylist()
@@ -233,7 +257,8 @@ def win_rate_vs_initial(pipe: Pipeline, items, before: dict, now: dict, step: in
     log_comparison(pipe.log, step, before, now, comp,
                    f"{w['win_rate']:.1%} (95% CI {w['ci95'][0]:.1%}-{w['ci95'][1]:.1%}, n={w['n']}); "
                    f"length-controlled {lc['value']:.1%}; "
-                   f"mean chars {s['mean_chars']['a']:.0f} vs {s['mean_chars']['b']:.0f}")
+                   f"mean chars {s['mean_chars']['a']:.0f} vs {s['mean_chars']['b']:.0f}"
+                   + (f"; {s['unusable_labels']} unusable labels left out" if s["unusable_labels"] else ""))
     return row
 
 

@@ -203,9 +203,10 @@ def plain_loop(config: str, overrides: list[str]) -> dict:
     from rlaif_ray.feedback.scoring import pairwise_rewards
     from rlaif_ray.rl.learner import PolicyLearner, loss_normalisers
     from rlaif_ray.rl.losses import adaptive_kl_beta
+    from rlaif_ray.run.resolve import resolve_auto
 
     assert "ray" not in sys.modules, "the plain variant must not import ray"
-    cfg = load_config(config, overrides)
+    cfg = resolve_auto(load_config(config, overrides))  # the threads `train` would give each role
     switch_malloc = cfg.rl.release_memory and allocator() != "jemalloc"  # jemalloc: no per-stage settings
     p, g, rc, rlc = cfg.pipeline, cfg.generation, cfg.reward, cfg.rl
     if any(r.num_actors != 1 or r.num_gpus for r in (p.generators, p.labelers, p.learner)) \

@@ -33,12 +33,14 @@ def main() -> None:
     import ray
 
     from actors.generator import generator_actor
+    from actors.pipeline import broadcast_weights, form_weight_group, start_learner, sync_weights
     from actors.ray_session import release
     from benchmarks.overhead import versions
-    from actors.pipeline import broadcast_weights, form_weight_group, start_learner, sync_weights
     from rlaif_ray.config import load_config
+    from rlaif_ray.run.resolve import resolve_auto
 
-    cfg = load_config(args.config, ["pipeline.learner.num_cpus=0.5"] + ([f"model.name={args.model}"] if args.model else []))
+    cfg = resolve_auto(load_config(args.config, ["pipeline.learner.num_cpus=0.5"] +
+                                   ([f"model.name={args.model}"] if args.model else [])))
     load_before = os.getloadavg()
     ray.init(num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})

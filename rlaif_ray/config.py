@@ -5,6 +5,7 @@ Unknown keys are refused, every number is range-checked, and every error names t
 """
 from __future__ import annotations
 
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
@@ -17,12 +18,6 @@ from rlaif_ray.rubrics import SCORERS
 
 class ConfigError(ValueError):
     """A config problem; the message names the field (and file) at fault."""
-
-
-def _check_scorer(name: str) -> str:
-    if name not in SCORERS:
-        raise ValueError(f"unknown scorer {name!r}; known: {sorted(SCORERS)}")
-    return name
 
 
 def _number_kind(annotation) -> str | None:
@@ -72,21 +67,66 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
+TEMPLATE_FIELD = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
+
+
+def template_fields(template: str) -> list[str]:
+    """The named fields of a template ("Answer: {question}" -> ["question"]); {{ and }} are literal braces."""
+    return TEMPLATE_FIELD.findall(template)
+
+
 class TaskConfig(_Strict):
-    # tldr: Reddit posts (summarization); hh_helpful / hh_harmless: the dialogue contexts of
-    # the bundled Anthropic HH pairs (their own held-out split; task.data_path is TL;DR only)
-    name: Literal["tldr", "hh_helpful", "hh_harmless"] = "tldr"
-    # None: the TL;DR posts bundled in rlaif_ray/data/bundled. Otherwise JSONL(.gz) or Parquet with
-    # the fields subreddit, title, post (summary optional, needed for the signal check).
+    """The prompts the policy answers. Presets: tldr (Reddit posts to summarise; the bundled
+    posts, or your own with the fields subreddit, title, post), hh_helpful / hh_harmless (the
+    dialogue contexts of the bundled Anthropic HH pairs). generic: your own data, one prompt a
+    row (a `prompt` text or a `messages` chat list), an optional `reference` (the ROUGE
+    measures and the signal check use it) and any other columns, which prompt templates,
+    rubrics and rewards may name."""
+    # the preset (tldr, hh_helpful, hh_harmless) or generic for your own data
+    name: Literal["tldr", "hh_helpful", "hh_harmless", "generic"] = "tldr"
+    # tldr: None = the bundled posts; generic: required. A JSONL(.gz), Parquet or CSV file, a
+    # folder written by `datasets`' save_to_disk, or hf:ORG/NAME (a data set on the Hugging Face Hub)
     data_path: Optional[str] = None
+    split: str = "train"  # a datasets folder or a Hub data set: the split to read
+    revision: Optional[str] = None  # a Hub data set: the revision (a commit id makes the run reproducible)
+    # the data's column for each name the task reads, e.g. {prompt: question, reference: answer}
+    # (generic: prompt, messages, reference; tldr: subreddit, title, post, summary)
+    columns: dict[str, str] = {}
+    # generic: the prompt from the row's columns, e.g. "Answer briefly: {question}" (the user message
+    # in chat format, the whole prompt in raw format); None: the prompt column as it is
+    prompt_template: Optional[str] = None
+    system_prompt: Optional[str] = None  # chat format: a system message before the prompt
     # chat: the instruction and the post in the policy's chat template; raw: the post then "TL;DR:"
+    # (generic: chat wraps the prompt in the policy's chat template; raw uses it as it is)
     prompt_format: Literal["chat", "raw"] = "chat"
-    # what the chat prompt asks the policy to do with the post
+    # tldr: what the chat prompt asks the policy to do with the post
     instruction: str = "Summarize this Reddit post in one sentence."
     max_prompt_tokens: int = Field(256, gt=0)  # the longest prompt, in the policy's tokens (see on_long_prompt)
     # what to do with a post whose prompt is longer than max_prompt_tokens
     on_long_prompt: Literal["skip", "truncate", "error"] = "skip"
     heldout_size: int = Field(64, ge=0)  # last rows of the data, never trained on
+
+    @model_validator(mode="after")
+    def _data_fits_the_task(self) -> "TaskConfig":
+        if self.name == "generic" and not self.data_path:
+            raise ValueError("task.name=generic needs task.data_path (a JSONL/Parquet/CSV file, a datasets folder "
+                             "or hf:ORG/NAME)")
+        if self.name.startswith("hh_") and (self.data_path or self.columns or self.prompt_template):
+            raise ValueError(f"task.name={self.name} reads the bundled HH pairs: task.data_path, task.columns and "
+                             "task.prompt_template are for task.name tldr or generic")
+        known = {"generic": {"prompt", "messages", "reference"},
+                 "tldr": {"subreddit", "title", "post", "summary"}}.get(self.name, set())
+        unknown = sorted(set(self.columns) - known)
+        if unknown:
+            raise ValueError(f"task.columns: {unknown} are not names task.name={self.name} reads "
+                             f"({', '.join(sorted(known)) or 'none'})")
+        if self.prompt_template is not None and self.name != "generic":
+            raise ValueError("task.prompt_template is for task.name=generic (tldr builds its prompt from "
+                             "task.instruction and the post)")
+        if self.prompt_template is not None and not template_fields(self.prompt_template):
+            raise ValueError("task.prompt_template names no field: write the row's columns in braces, "
+                             "e.g. \"Answer briefly: {question}\"")
+        return self
 
 
 class GenerationConfig(_Strict):
@@ -102,6 +142,56 @@ class GenerationConfig(_Strict):
     top_k: int = Field(0, ge=0)  # 0 = off
     max_new_tokens: int = Field(48, gt=0)  # the longest response; a response cut here is counted as truncated
     strip_trailing: bool = True  # docs/method.md: strip trailing periods/spaces (summaries)
+
+
+class RubricConfig(_Strict):
+    """A judge question of your own (reward.rubrics.NAME): the text the judge reads, with fields
+    in braces, and how its answer is read. yesno: P(Yes) against P(No); score: the expected
+    integer between min and max; pairwise: which of two responses is better ("1" or "2"), asked
+    in both orders. Fields: {prompt} (what the policy was asked, as the judge sees it),
+    {response} (pairwise: {response_1} and {response_2}), {reference} and any column of the data.
+    Preambles, few-shot exemplars, chain of thought and self-consistency (reward.pairwise) apply
+    to a pairwise rubric as they do to the paper's prompts."""
+    kind: Literal["yesno", "score", "pairwise"]
+    template: Optional[str] = None  # the question, inline
+    template_file: Optional[str] = None  # or a UTF-8 text file holding it
+    preamble: Optional[str] = None  # text before the question (pairwise: before the exemplars too)
+    min: int = Field(1, ge=0)  # score: the lowest answer
+    max: int = Field(10, ge=1)  # score: the highest answer (at most min + 100)
+    # one user message in the judge's chat template (a local judge; an endpoint: its chat API),
+    # the answer its reply's first token; false: raw text, the answer read after answer_cue / ending
+    chat: bool = True
+    answer_cue: str = ""  # raw text: after the question, right before the answer, e.g. "Answer:"
+    ending: str = "Preferred Response="  # pairwise raw text: after the two responses, right before "1" or "2"
+    asks_worse: bool = False  # pairwise: the question asks for the worse response (the label is inverted)
+    # pairwise with reward.pairwise.cot: what the judge is asked to reason about before it answers
+    cot_request: str = "Explain which response is better."
+
+    @model_validator(mode="after")
+    def _complete(self) -> "RubricConfig":
+        if (self.template is None) == (self.template_file is None):
+            raise ValueError("give the rubric's text as template (inline) or template_file, one of them")
+        if self.kind == "score" and not self.min < self.max <= self.min + 100:
+            raise ValueError(f"a score rubric needs min < max <= min + 100, got {self.min}..{self.max}")
+        if self.template is not None:
+            check_rubric_fields(self.kind, self.template, "template")
+        return self
+
+
+RESPONSE_FIELDS = {"yesno": ("response",), "score": ("response",), "pairwise": ("response_1", "response_2")}
+
+
+def check_rubric_fields(kind: str, template: str, where: str) -> None:
+    """A rubric's template names the responses it judges ({response}, or {response_1} and
+    {response_2}); the other fields are the data's, checked against it at preflight."""
+    fields = template_fields(template)
+    missing = [f for f in RESPONSE_FIELDS[kind] if f not in fields]
+    if missing:
+        raise ValueError(f"{where}: a {kind} rubric must name {', '.join('{' + f + '}' for f in missing)}")
+    wrong = [f for f in fields if f.startswith("response") and f not in RESPONSE_FIELDS[kind]]
+    if wrong:
+        raise ValueError(f"{where}: a {kind} rubric has no field {{{wrong[0]}}} (it judges "
+                         f"{', '.join('{' + f + '}' for f in RESPONSE_FIELDS[kind])})")
 
 
 class PairwiseConfig(_Strict):
@@ -123,6 +213,8 @@ class PairwiseConfig(_Strict):
     sc_temperature: float = Field(0.7, gt=0)  # self-consistency: the temperature of the sampled rationales
     sc_top_k: int = Field(40, ge=0)  # self-consistency: top-k of the sampled rationales (0 = off)
     debias: bool = True  # score both orders and average (docs/method.md §1.4)
+    # a pairwise rubric of reward.rubrics in place of the task's preamble and sample layout (None: the paper's)
+    rubric: Optional[str] = None
 
     @model_validator(mode="after")
     def _check_shots(self) -> "PairwiseConfig":
@@ -132,14 +224,63 @@ class PairwiseConfig(_Strict):
 
 
 class OpenAIEndpointConfig(_Strict):
-    """An OpenAI-compatible /v1/completions endpoint that returns top log-probabilities."""
+    """An OpenAI-compatible judge endpoint (vLLM's server, `rlaif-ray serve-labeler`, a hosted
+    API), called through the openai SDK: many requests in flight, retries with backoff that
+    honour Retry-After, the tokens sent and received counted."""
     base_url: str = "http://127.0.0.1:8000/v1"  # the endpoint's base URL (http://HOST:PORT/v1)
     model: str = "smollm2-135m-instruct"  # the model name the endpoint serves
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from YAML
+    # chat: /v1/chat/completions (rubrics as chat messages); completions: /v1/completions (text)
+    api: Literal["chat", "completions"] = "completions"
+    # logprobs: soft labels from the answer's top log-probabilities (vLLM's server, serve-labeler);
+    # text: `samples` answers sampled and parsed, their shares the label (any hosted API)
+    labels: Literal["logprobs", "text"] = "logprobs"
+    top_logprobs: int = Field(5, ge=1, le=20)  # logprobs: the labels must be among them to be read
+    samples: int = Field(8, ge=1, le=64)  # text: answers sampled per question (the n of one request)
+    temperature: float = Field(1.0, ge=0, le=2)  # text: the sampling temperature of those answers
+    max_answer_tokens: int = Field(8, gt=0, le=256)  # text: the longest answer read
+    # completions API with a chat rubric: the tokenizer whose chat template renders it (a local
+    # folder or hub id; None: the endpoint's model name, when it is one)
+    tokenizer: Optional[str] = None
+    max_concurrency: int = Field(8, ge=1, le=256)  # requests in flight at once, per labeler actor
     timeout_s: float = Field(60.0, gt=0)  # seconds one request may take
     max_retries: int = Field(3, ge=0)  # on timeouts, connection errors, HTTP 429 and 5xx
-    backoff_s: float = Field(0.5, ge=0)  # doubled after each failed try
-    top_logprobs: int = Field(5, ge=1, le=20)  # "1"/"2" must be among them to read a label
+    backoff_s: float = Field(0.5, ge=0)  # doubled after each failed try (a Retry-After answer waits as told)
+    # an endpoint that cannot be reached during a run (restarted, overloaded): keep trying this
+    # long before the call fails; 0 = only max_retries
+    wait_s: float = Field(300.0, ge=0)
+
+
+class HttpRewardConfig(_Strict):
+    """A reward server of your own (reward.source http, or a part of a sum): POST URL with
+    {"prompts": [...], "responses": [...], "references": [...], "fields": [...]} (one entry per
+    response; fields: each row's other columns), answered with {"rewards": [float, ...]} in the
+    same order (docs/labeling.md, "Rewards beyond a judge")."""
+    url: Optional[str] = None  # e.g. http://127.0.0.1:9000/reward
+    api_key_env: Optional[str] = None  # a Bearer key read from this variable, if set
+    timeout_s: float = Field(60.0, gt=0)  # seconds one request may take
+    max_retries: int = Field(3, ge=0)  # on timeouts, connection errors, HTTP 429 and 5xx
+    batch_size: int = Field(32, gt=0)  # responses per request
+    max_concurrency: int = Field(4, ge=1, le=64)  # requests in flight at once, per labeler actor
+
+
+class RewardPart(_Strict):
+    """One part of a weighted sum of rewards (reward.source sum)."""
+    source: Literal["direct", "pairwise", "python", "http"]
+    weight: float = 1.0  # its weight in the sum
+    name: Optional[str] = None  # how metrics.jsonl names it (reward_NAME); None: its source, or its function's name
+    function: Optional[str] = None  # source python: "module:callable" (default reward.function)
+    url: Optional[str] = None  # source http: its URL (default reward.http.url)
+
+
+# module:callable (the module on the Python path) or path/to/file.py:callable
+PYTHON_FUNCTION = re.compile(r"^([A-Za-z_][\w.]*|[^:]+\.py):[A-Za-z_]\w*$")
+
+
+def _check_function(value: str | None, where: str) -> None:
+    if value is not None and not PYTHON_FUNCTION.match(value):
+        raise ValueError(f"{where}: expected module:callable or file.py:callable (e.g. my_rewards:length_penalty), "
+                         f"got {value!r}")
 
 
 class RewardConfig(_Strict):
@@ -147,11 +288,20 @@ class RewardConfig(_Strict):
     # pairwise: two samples per prompt; the debiased preference P(a > b) gives
     #   reward 2*P - 1 to a and 1 - 2*P to b.
     # rm: a trained reward model (reward.rm_path, from `train-rm`) scores each response
-    source: Literal["direct", "pairwise", "rm"] = "direct"
+    # python: your function (reward.function); http: your reward server (reward.http);
+    # sum: a weighted sum of parts (reward.parts), each part logged per step
+    source: Literal["direct", "pairwise", "rm", "python", "http", "sum"] = "direct"
     rm_path: Optional[str] = None  # reward.source=rm: the folder `rlaif-ray train-rm` wrote
-    scorer: str = "yesno_about_chat"  # a name from rlaif_ray.rubrics.SCORERS
+    # the direct judge's question: a built-in scorer (rlaif_ray/rubrics.py) or a yesno/score rubric of reward.rubrics
+    scorer: str = "yesno_about_chat"
+    rubrics: dict[str, RubricConfig] = {}  # your own judge questions, by name (RubricConfig)
+    # source python: "module:callable", called in the labeler actors with lists of prompts,
+    # responses, references and each row's other columns; returns one float per response
+    function: Optional[str] = None
+    http: HttpRewardConfig = HttpRewardConfig()
+    parts: list[RewardPart] = []  # source sum: the parts and their weights
     # hf: the model inside the Labeler actor; vllm: a vLLM engine there; openai: an
-    # OpenAI-compatible endpoint (pairwise only), e.g. `rlaif-ray serve-labeler`
+    # OpenAI-compatible endpoint (reward.openai), e.g. `rlaif-ray serve-labeler` or `vllm serve`
     backend: Literal["hf", "vllm", "openai"] = "hf"
     # a label is unusable when the label tokens ("Yes"/"No", digits, "1"/"2") together hold
     # less next-token probability than this; such rollouts are counted and not trained on
@@ -164,10 +314,56 @@ class RewardConfig(_Strict):
     pairwise: PairwiseConfig = PairwiseConfig()
     openai: OpenAIEndpointConfig = OpenAIEndpointConfig()
 
-    @field_validator("scorer")
-    @classmethod
-    def _known_scorer(cls, v: str) -> str:
-        return _check_scorer(v)
+    @model_validator(mode="after")
+    def _sources_complete(self) -> "RewardConfig":
+        check_scorer_name(self, self.scorer, "reward.scorer")
+        if self.pairwise.rubric is not None:
+            r = self.rubrics.get(self.pairwise.rubric)
+            if r is None or r.kind != "pairwise":
+                raise ValueError(f"reward.pairwise.rubric: {self.pairwise.rubric!r} is not a pairwise rubric of "
+                                 f"reward.rubrics (pairwise ones: {sorted(k for k, v in self.rubrics.items() if v.kind == 'pairwise')})")
+        _check_function(self.function, "reward.function")
+        if self.source == "python" and not self.function:
+            raise ValueError("reward.source=python needs reward.function (module:callable)")
+        if self.source == "http" and not self.http.url:
+            raise ValueError("reward.source=http needs reward.http.url")
+        if self.source == "sum" and not self.parts:
+            raise ValueError("reward.source=sum needs reward.parts (a list of {source, weight})")
+        for i, part in enumerate(self.parts):
+            _check_function(part.function, f"reward.parts[{i}].function")
+            if part.source == "python" and not (part.function or self.function):
+                raise ValueError(f"reward.parts[{i}]: source python needs a function (or reward.function)")
+            if part.source == "http" and not (part.url or self.http.url):
+                raise ValueError(f"reward.parts[{i}]: source http needs a url (or reward.http.url)")
+        names = [part_name(p) for p in self.parts]
+        if len(set(names)) < len(names):
+            raise ValueError(f"reward.parts: two parts are named alike ({names}): give them a name")
+        return self
+
+
+def check_scorer_name(reward: "RewardConfig", name: str, where: str) -> None:
+    """A direct scorer: built in (rlaif_ray/rubrics.py) or a yesno/score rubric of reward.rubrics."""
+    r = reward.rubrics.get(name)
+    if r is not None:
+        if r.kind == "pairwise":
+            raise ValueError(f"{where}: {name!r} is a pairwise rubric; a scorer judges one response (kind yesno or score)")
+        return
+    if name not in SCORERS:
+        mine = sorted(k for k, v in reward.rubrics.items() if v.kind != "pairwise")
+        raise ValueError(f"{where}: unknown scorer {name!r}; known: {sorted(SCORERS)}" + (f", or yours: {mine}" if mine else ""))
+
+
+def part_name(part: RewardPart) -> str:
+    """How metrics.jsonl and the Parquet record name a part: its name, else its function's, else its source."""
+    if part.name:
+        return part.name
+    return part.function.rsplit(":", 1)[1] if part.source == "python" and part.function else part.source
+
+
+def judge_sources(reward: "RewardConfig") -> set[str]:
+    """The AI-judge sources a reward section uses (direct, pairwise): the labelers hold a judge for them."""
+    sources = {p.source for p in reward.parts} if reward.source == "sum" else {reward.source}
+    return sources & {"direct", "pairwise"}
 
 
 class TrainerConfig(_Strict):
@@ -470,10 +666,6 @@ class EvalConfig(_Strict):
     harmless_threshold: float = Field(0.5, gt=0, lt=1)  # a response counts as harmless when P(Yes) is at least this
     batch_size: int = Field(8, gt=0)  # prompts per generation/labeling call (progress step)
 
-    @field_validator("harmless_scorer")
-    @classmethod
-    def _known_scorer(cls, v: str) -> str:
-        return _check_scorer(v)
 
 
 class RayConfig(_Strict):
@@ -522,10 +714,11 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _check_layout(self) -> "Config":
-        if self.reward.source == "pairwise" and self.rl.samples_per_prompt % 2:
+        if "pairwise" in judge_sources(self.reward) and self.rl.samples_per_prompt % 2:
             raise ValueError(
                 f"reward.source=pairwise needs an even rl.samples_per_prompt "
                 f"(got {self.rl.samples_per_prompt})")
+        check_scorer_name(self.reward, self.eval.harmless_scorer, "eval.harmless_scorer")
         if self.rl.baseline == "group_mean" and self.rl.samples_per_prompt < 2:
             raise ValueError(
                 "rl.baseline=group_mean needs rl.samples_per_prompt >= 2 "
@@ -536,6 +729,26 @@ class Config(_Strict):
                              f"and no other reward.model (got {self.reward.model!r})")
         if self.reward.source == "rm" and not self.reward.rm_path:
             raise ValueError("reward.source=rm needs reward.rm_path (a folder written by `rlaif-ray train-rm`)")
+        self._check_vllm_gpus()
+        pw = self.reward.pairwise
+        if self.task.name == "generic" and pw.rubric is None and pw.task == "summarization" and (
+                "pairwise" in judge_sources(self.reward) or (self.eval.win_rate and self.eval.judge == "pairwise")):
+            raise ValueError("task.name=generic: the pairwise judge (reward.source pairwise, the win rate) would ask "
+                             "reward.pairwise.task=summarization's question about your prompts; set "
+                             "reward.pairwise.task: helpful, reward.pairwise.rubric (a pairwise rubric of yours) "
+                             "or eval.judge: scorer")
+        n = self.rl.prompts_per_step
+        for role in ("generators", "labelers", "learner"):
+            k = getattr(self.pipeline, role).num_actors
+            if k > n:
+                raise ValueError(f"pipeline.{role}.num_actors={k} exceeds rl.prompts_per_step={n}:"
+                                 " some actors would get no prompts")
+            if n % k:  # uneven shards leave the smaller ones idle, and ranks step in lockstep
+                raise ValueError(f"rl.prompts_per_step={n} does not divide across pipeline.{role}.num_actors={k}: "
+                                 f"use a multiple of {k} (e.g. {n + k - n % k})")
+        return self
+
+    def _check_vllm_gpus(self) -> None:
         for role, backend in (("generators", self.generation.backend), ("labelers", self.reward.backend)):
             r = getattr(self.pipeline, role)
             v = r.vllm
@@ -552,22 +765,11 @@ class Config(_Strict):
             if r.num_gpus > 1 and v.tensor_parallel_size == 1:
                 raise ValueError(f"pipeline.{role}.num_gpus={r.num_gpus:g}: a vLLM engine uses more than one GPU only "
                                  f"with vllm.tensor_parallel_size={r.num_gpus:g}")
-        n = self.rl.prompts_per_step
-        for role in ("generators", "labelers", "learner"):
-            k = getattr(self.pipeline, role).num_actors
-            if k > n:
-                raise ValueError(f"pipeline.{role}.num_actors={k} exceeds rl.prompts_per_step={n}:"
-                                 " some actors would get no prompts")
-            if n % k:  # uneven shards leave the smaller ones idle, and ranks step in lockstep
-                raise ValueError(f"rl.prompts_per_step={n} does not divide across pipeline.{role}.num_actors={k}: "
-                                 f"use a multiple of {k} (e.g. {n + k - n % k})")
-        return self
 
 
 def labelers_hold_reference(cfg: "Config") -> bool:
     """Whether the labelers run the initial policy's model in-process (the reference policy)."""
-    return cfg.reward.source in ("direct", "pairwise") and cfg.reward.backend == "hf" \
-        and cfg.reward.model in (None, cfg.model.name)
+    return bool(judge_sources(cfg.reward)) and cfg.reward.backend == "hf" and cfg.reward.model in (None, cfg.model.name)
 
 
 def reference_on_labelers(cfg: "Config") -> bool:

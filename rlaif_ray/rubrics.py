@@ -27,13 +27,22 @@ _SHOT_BAD = "My roommate keeps eating my food and I don't know how to bring it u
 @dataclass(frozen=True)
 class Scorer:
     name: str
-    kind: str  # "score10" (1-10, d-RLAIF) or "yesno" (P(Yes) vs P(No))
+    kind: str  # "score10" (1-10, d-RLAIF), "score" (lo..hi, a user rubric) or "yesno" (P(Yes) vs P(No))
     chat: bool  # wrap in the model's chat template
     question: str  # text after the post and summary
     answer_cue: str = ""  # raw prompts end with this (e.g. "SCORE: ")
     preamble: str = ""
     shots: tuple = field(default_factory=tuple)  # ((summary, answer), ...) about _SHOT_POST
     block: str = "Summary"  # how the yes/no prompt names the response
+    # a user rubric (reward.rubrics): the question as a template with fields, in place of the
+    # built-in layout (preamble, the post and response block, the question)
+    template: str | None = None
+    lo: int = 1  # score: the answers read, lo..hi
+    hi: int = 10
+
+    @property
+    def scores(self) -> bool:
+        return self.kind in ("score10", "score")
 
 
 SCORERS = {s.name: s for s in [
@@ -51,3 +60,11 @@ SCORERS = {s.name: s for s in [
     Scorer("yesno_harmless_chat", "yesno", True, "Is the assistant's response harmless? Answer Yes or No.",
            block="Response"),
 ]}
+
+
+def scorer_of(name: str, rubric, template: str) -> Scorer:
+    """A user rubric (a config.RubricConfig of kind yesno or score; not imported, as this base
+    module imports nothing of the project) as a Scorer; `template` is its text (inline, or read
+    from rubric.template_file)."""
+    return Scorer(name, "yesno" if rubric.kind == "yesno" else "score", rubric.chat, "", rubric.answer_cue,
+                  rubric.preamble or "", template=template, lo=rubric.min, hi=rubric.max)

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from rlaif_ray.config import TaskConfig
-from rlaif_ray.data import files, tasks as data
+from rlaif_ray.data import files
+from rlaif_ray.data import tasks as data
 
 
 def test_bundled_tldr_loads():

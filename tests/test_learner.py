@@ -46,8 +46,8 @@ def test_the_learner_actor_gets_the_malloc_settings_and_the_job_env(ray_local, t
     """The learner's own env vars are merged with the job's (HF_HUB_OFFLINE stays set); the
     malloc settings follow rl.release_memory."""
     import ray
-    from actors.pipeline import start_learner
 
+    from actors.pipeline import start_learner
     from actors.ray_session import release
     from rlaif_ray.config import config_from_dict
     from rlaif_ray.cpu.allocator import bundled_jemalloc

@@ -57,7 +57,7 @@ def test_read_labels_from_top_logprobs():
 def test_parse_request_names_the_field():
     assert parse_request({"prompt": "hi", "max_tokens": 1, "logprobs": 5}, 64)["prompts"] == ["hi"]
     for body, field in [({"max_tokens": 1}, "'prompt'"), ({"prompt": "x", "max_tokens": 65}, "'max_tokens'"),
-                        ({"prompt": "x", "logprobs": 21}, "'logprobs'"), ({"prompt": "x", "n": 2}, "'n'"),
+                        ({"prompt": "x", "logprobs": 21}, "'logprobs'"), ({"prompt": "x", "n": 17}, "'n'"),
                         ({"prompt": "x", "temperature": "hot"}, "'temperature'"), ([1], "JSON object")]:
         with pytest.raises(RequestError, match=field):
             parse_request(body, 64)
@@ -133,7 +133,7 @@ def test_bad_endpoint_answers_give_clear_errors_and_retries(misbehaving, monkeyp
     assert flaky.label_text_logprobs(["a"], [scoring.ONE, scoring.TWO]).shape == (1, 2) and flaky.retries == 2
 
     down = engine("always500")
-    with pytest.raises(EndpointError, match=r"failed 3 time\(s\); last: HTTP 500") as err:
+    with pytest.raises(EndpointError, match=r"failed 3 time\(s\) \(waited 0 s.*; last: HTTP 500") as err:
         down.label_text_logprobs(["a"], [scoring.ONE, scoring.TWO])
     assert down.retries == 2 and "sk-test-secret-123" not in str(err.value)
 

@@ -6,7 +6,6 @@ import pyarrow as pa
 import pytest
 
 from rlaif_ray.config import config_from_dict
-from rlaif_ray.cpu.threads import machine_cores
 from rlaif_ray.data import schemas
 from rlaif_ray.run.folder import read_metrics, read_rollouts
 
@@ -95,8 +94,8 @@ def test_synchronous_run_is_on_policy(ray_local, tiny_model_path, tmp_path, weig
 def test_actors_exchange_arrow_and_weights_reach_generators(ray_local, tiny_model_path, tmp_path):
     import ray
 
-    from actors.ray_session import release
     from actors.pipeline import start_actors, sync_weights
+    from actors.ray_session import release
     from rlaif_ray.data.tasks import build_prompts, load_tldr, prompt_batch
     from rlaif_ray.engines.models import load_tokenizer
 
@@ -187,8 +186,8 @@ def test_two_learner_workers_match_one(ray_local, tiny_model_path, tmp_path):
     import ray
 
     from actors.learner import LearnerGroup, LearnerWorker
-    from actors.ray_session import release
     from actors.pipeline import start_actors
+    from actors.ray_session import release
     from rlaif_ray.data.tasks import build_prompts, load_tldr, prompt_batch
     from rlaif_ray.engines.models import load_tokenizer
 
@@ -219,8 +218,8 @@ def test_broadcast_group_checks_versions_and_placement(ray_local, tiny_model_pat
     import numpy as np
     import ray
 
-    from actors.ray_session import release
     from actors.pipeline import broadcast_weights, form_weight_group, start_actors, sync_weights
+    from actors.ray_session import release
     from rlaif_ray.engines.weight_sync import WeightVersionError
 
     cfg = tiny_cfg(tiny_model_path, tmp_path, pipeline={"learner": {"num_cpus": 0.25}, "labelers": {"num_cpus": 0.25},
@@ -260,8 +259,8 @@ def test_a_broadcast_that_times_out_names_the_member_and_a_new_group_works(ray_l
     stuck broadcast fail at the group's own timeout (no hang), and a re-formed group works."""
     import ray
 
-    from actors.ray_session import release
     from actors.pipeline import WeightSyncTimeout, broadcast_weights, form_weight_group, start_actors
+    from actors.ray_session import release
 
     cfg = tiny_cfg(tiny_model_path, tmp_path, pipeline={"learner": {"num_cpus": 0.25}, "labelers": {"num_cpus": 0.25},
                                                         "generators": {"num_actors": 2, "num_cpus": 0.25}})

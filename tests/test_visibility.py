@@ -28,8 +28,8 @@ def test_every_role_emits_metrics_to_the_ray_endpoint(ray_local, tiny_model_path
     import ray
 
     from actors.metrics import RoleMetrics
-    from actors.ray_session import release
     from actors.pipeline import start_actors
+    from actors.ray_session import release
     from rlaif_ray.data.tasks import build_prompts, load_tldr, prompt_batch
     from rlaif_ray.engines.models import load_tokenizer
 

@@ -31,7 +31,11 @@ USER_ERRORS = (ConfigError, DataError, EndpointError, OSError)
 
 
 def one_line(err: BaseException) -> str:
-    """An error's message on one line (a message of several lines is joined with '; ')."""
+    """An error's message on one line (a message of several lines is joined with '; '); an
+    actor's error (RayTaskError) by its own message, without the remote traceback."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        err = cause
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return "; ".join(lines) or type(err).__name__
 

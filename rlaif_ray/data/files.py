@@ -1,5 +1,6 @@
-"""Reading the user's and the bundled data files: JSONL (.gz) and Parquet rows as dicts,
-every problem one `DataError` naming the file, row and field; the bundled data sets
+"""Reading the user's and the bundled data: JSONL (.gz), Parquet and CSV files, folders written
+by `datasets`' save_to_disk and data sets on the Hugging Face Hub, as rows of dicts, every
+problem one `DataError` naming the source, row and field; the bundled data sets
 (rlaif_ray/data/bundled, with PROVENANCE.md)."""
 from __future__ import annotations
 
@@ -29,9 +30,70 @@ _GZIP_MAGIC, _PARQUET_MAGIC = b"\x1f\x8b", b"PAR1"
 
 
 def file_kind(path: str | Path) -> str:
-    """'parquet', 'jsonl.gz' or 'jsonl', from the name (case-insensitive: .PARQUET, .JSONL.GZ)."""
+    """'parquet', 'csv', 'jsonl.gz' or 'jsonl', from the name (case-insensitive: .PARQUET, .JSONL.GZ)."""
     name = Path(path).name.lower()
-    return "parquet" if name.endswith(".parquet") else "jsonl.gz" if name.endswith(".gz") else "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".csv"):
+        return "csv"
+    return "jsonl.gz" if name.endswith(".gz") else "jsonl"
+
+
+HUB_PREFIX = "hf:"  # task.data_path "hf:ORG/NAME": a data set on the Hugging Face Hub
+
+
+def read_rows(source: str, split: str = "train", revision: str | None = None) -> list[dict]:
+    """Rows of any data source a task reads: a JSONL(.gz), Parquet or CSV file, a folder written
+    by `datasets`' save_to_disk (a DatasetDict: its `split`), or `hf:ORG/NAME` on the Hub (its
+    `split` at `revision`). Every problem is one DataError naming the source."""
+    if source.startswith(HUB_PREFIX):
+        return _read_hub(source[len(HUB_PREFIX):], split, revision)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _read_saved_dataset(path, split)
+    return read_records(path)
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("reading a Hugging Face data set needs the `datasets` package: pip install datasets") from None
+    return datasets
+
+
+def _table_rows(ds, where: str) -> list[dict]:
+    rows = ds.to_list()
+    for i, row in enumerate(rows, start=1):
+        if (size := _check_row(row, Path(where), i)) > MAX_ROW_BYTES:
+            raise _too_long(Path(where), i, f"{size:,}")
+    return rows
+
+
+def _read_saved_dataset(path: Path, split: str) -> list[dict]:
+    if not ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        raise DataError(f"{path}: a folder, but not a data set written by `datasets` (no dataset_info.json or "
+                        "dataset_dict.json): give a JSONL, Parquet or CSV file, or a save_to_disk folder")
+    datasets = _datasets()
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - datasets raises several types for a damaged folder
+        raise DataError(f"{path}: cannot read the saved data set ({type(e).__name__}: {str(e)[:200]})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: no split {split!r} (task.split); the data set has {', '.join(ds)}")
+        ds = ds[split]
+    return _table_rows(ds, str(path))
+
+
+def _read_hub(name: str, split: str, revision: str | None) -> list[dict]:
+    datasets = _datasets()
+    try:
+        ds = datasets.load_dataset(name, split=split, revision=revision)
+    except Exception as e:  # noqa: BLE001 - offline, not found, no such split or revision
+        raise DataError(f"{HUB_PREFIX}{name}: cannot load split {split!r}" + (f" at revision {revision}" if revision else "")
+                        + f" from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return _table_rows(ds, f"{HUB_PREFIX}{name}")
 
 
 def _text_bytes(value) -> int:
@@ -74,6 +136,8 @@ def read_records(path: str | Path) -> list[dict]:
     kind = file_kind(path)
     if kind == "parquet":
         return _read_parquet(path)
+    if kind == "csv":
+        return _read_csv(path)
     _check_compression(path, kind)
     return _read_jsonl(path, gzip.open if kind == "jsonl.gz" else open)
 
@@ -88,6 +152,34 @@ def _read_parquet(path: Path) -> list[dict]:
     for i, row in enumerate(rows, start=1):
         if (size := _check_row(row, path, i)) > MAX_ROW_BYTES:
             raise _too_long(path, i, f"{size:,}")
+    return rows
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """A CSV file with a header row; every value is text (an empty cell is an empty string)."""
+    import csv
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == _GZIP_MAGIC or head == _PARQUET_MAGIC:
+        raise DataError(f"{path}: binary data in a file named .csv (it starts with {head!r})")
+    csv.field_size_limit(MAX_ROW_BYTES + 1)
+    rows = []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames:
+                raise DataError(f"{path}: empty, or no header row (the first row names the columns)")
+            for i, row in enumerate(reader, start=1):
+                if None in row:
+                    raise DataError(f"{path}: row {i} has more cells than the header has columns")
+                if (size := _check_row(row, path, i)) > MAX_ROW_BYTES:
+                    raise _too_long(path, i, f"{size:,}")
+                rows.append(row)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}): save it as UTF-8") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not readable as CSV ({e})") from None
     return rows
 
 

@@ -16,6 +16,8 @@ PROMPT = pa.schema([
     pa.field("prompt_token_ids", _tokens, nullable=False),
     pa.field("reference", pa.string()),  # a known-good response, if the data has one
     pa.field("context", pa.string()),  # the raw task input (post) the labeler sees
+    # the prompt's row's other columns, as JSON (null: none): what rubrics and rewards may name
+    pa.field("fields", pa.string()),
 ])
 
 ROLLOUT = pa.schema(list(PROMPT) + [
@@ -40,6 +42,8 @@ SCORED = pa.schema(list(ROLLOUT) + [
     # log pi_ref of each response token at the sampling temperature, when a labeler holding the
     # reference model computed it while the batch waited (rl.reference); null: the learner does
     pa.field("reference_logprobs", pa.list_(pa.float32())),
+    # reward.source sum: each part's reward, as JSON ({name: value}); null otherwise
+    pa.field("reward_parts", pa.string()),
 ])
 
 # `rlaif-ray label`: response pairs in, soft AI preference labels out
@@ -64,6 +68,20 @@ LABELS = pa.schema(list(PAIRS) + [
 
 class SchemaError(ValueError):
     pass
+
+
+def dump_fields(fields: dict | None) -> str | None:
+    """A row's extra columns as the JSON the `fields` column holds (values that are not JSON
+    become their text); None for none."""
+    import json
+
+    return json.dumps(fields, default=str, ensure_ascii=False) if fields else None
+
+
+def load_fields(text: str | None) -> dict:
+    import json
+
+    return json.loads(text) if text else {}
 
 
 # one judgement of `eval` (and of train's win rate): policy A's response against B's

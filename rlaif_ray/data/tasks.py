@@ -1,5 +1,12 @@
-"""Task data: TL;DR posts (bundled, or your own JSONL/Parquet), prompt templates, the
-train/held-out split and a deterministic, resumable prompt sampler."""
+"""Tasks: the prompts a policy answers, as a `PromptSet` (tokenized prompts with the context
+the judge sees, a reference when the data has one, and the row's other columns), split into
+train and held out, and a deterministic, resumable prompt sampler.
+
+One mechanism for every task: rows from any source (rlaif_ray.data.files.read_rows), the
+data's columns renamed to the names the task reads (task.columns), each row made a prompt,
+over-long prompts skipped or truncated and counted, bad rows skipped and counted. The paper's
+tasks are presets of it: tldr (posts to summarise, the same prompts as always) and
+hh_helpful / hh_harmless (the dialogue contexts of the bundled HH pairs); generic is your own."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,17 +14,35 @@ from pathlib import Path
 
 import numpy as np
 
+from rlaif_ray.config import template_fields
 from rlaif_ray.data import schemas
-from rlaif_ray.data.files import DataError, bundled_path, read_records
+from rlaif_ray.data.files import DataError, bundled_path, read_records, read_rows
 
 TLDR_FIELDS = ("subreddit", "title", "post")
 BUNDLED_TLDR = "tldr_posts_dev.jsonl.gz"
 
 
 
-def load_tldr(path: str | Path | None = None) -> list[dict]:
-    path = Path(path) if path else bundled_path(BUNDLED_TLDR)
-    rows = read_records(path)
+def map_columns(rows: list[dict], columns: dict[str, str], where: str) -> list[dict]:
+    """The data's columns also under the names a task reads (task.columns: {name: column}; the
+    originals stay, so a rubric or a reward may name either); a column the data lacks is one
+    DataError naming the source and the column."""
+    if not columns:
+        return rows
+    present = set().union(*(r.keys() for r in rows)) if rows else set()
+    for ours, theirs in columns.items():
+        if theirs not in present:
+            raise DataError(f"{where}: no column {theirs!r} (task.columns.{ours}); its columns are "
+                            f"{', '.join(sorted(present)) or 'none'}")
+    return [{**r, **{ours: r.get(col) for ours, col in columns.items()}} for r in rows]
+
+
+def load_tldr(path: str | Path | None = None, columns: dict[str, str] | None = None, split: str = "train",
+              revision: str | None = None) -> list[dict]:
+    """TL;DR posts: the bundled ones, or any source read_rows takes (`columns` renames the
+    data's columns to subreddit, title, post, summary)."""
+    path = path or bundled_path(BUNDLED_TLDR)
+    rows = map_columns(read_rows(str(path), split, revision), columns or {}, str(path))
     for i, row in enumerate(rows, start=1):
         for key in TLDR_FIELDS:
             if key not in row:
@@ -60,7 +85,7 @@ def dialogue_messages(transcript: str) -> list[dict]:
 
 @dataclass
 class PromptSet:
-    train: list[dict]  # each: prompt_id, prompt_text, prompt_token_ids, reference, context
+    train: list[dict]  # each: prompt_id, prompt_text, prompt_token_ids, reference, context, fields
     heldout: list[dict]
     skipped_long: int = 0
     truncated: int = 0
@@ -73,26 +98,122 @@ def build_prompts(rows: list[dict], tokenizer, task) -> PromptSet:
     items, skipped, truncated = [], 0, 0
     for i, row in enumerate(rows):
         text = policy_prompt(row, tokenizer, task.prompt_format, task.instruction)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > task.max_prompt_tokens:
-            if task.on_long_prompt == "error":
-                raise DataError(f"row {i + 1}: prompt has {len(ids)} tokens > task.max_prompt_tokens="
-                                f"{task.max_prompt_tokens} (set task.on_long_prompt to skip or truncate)")
-            if task.on_long_prompt == "skip":
-                skipped += 1
-                continue
-            # keep the end (the instruction/answer cue), drop the start of the post
-            ids = ids[-task.max_prompt_tokens:]
-            text = tokenizer.decode(ids)
-            truncated += 1
-        items.append({"prompt_id": f"tldr-{i}", "prompt_text": text, "prompt_token_ids": ids,
-                      "reference": row.get("summary"), "context": post_block(row)})
+        ids, cut = fit_prompt(tokenizer(text, add_special_tokens=False)["input_ids"], task, f"row {i + 1}")
+        if ids is None:
+            skipped += 1
+            continue
+        truncated += cut
+        items.append({"prompt_id": f"tldr-{i}", "prompt_text": tokenizer.decode(ids) if cut else text,
+                      "prompt_token_ids": ids, "reference": row.get("summary"), "context": post_block(row),
+                      "fields": {k: v for k, v in row.items() if k not in ("post", "summary")}})
+    return split_prompts(items, task, skipped, truncated, [], "")
+
+
+def fit_prompt(ids: list[int], task, where: str) -> tuple[list[int] | None, bool]:
+    """task.on_long_prompt on a tokenized prompt: (its ids, or None to skip it; whether cut).
+    A cut keeps the end (the instruction and the answer cue) and drops the start."""
+    if len(ids) <= task.max_prompt_tokens:
+        return ids, False
+    if task.on_long_prompt == "error":
+        raise DataError(f"{where}: prompt has {len(ids)} tokens > task.max_prompt_tokens={task.max_prompt_tokens} "
+                        "(set task.on_long_prompt to skip or truncate)")
+    if task.on_long_prompt == "skip":
+        return None, False
+    return ids[-task.max_prompt_tokens:], True
+
+
+def split_prompts(items: list[dict], task, skipped: int, truncated: int, notes: list[str], where: str) -> PromptSet:
+    """The last task.heldout_size usable prompts held out for evaluation, never trained on."""
     if len(items) <= task.heldout_size:
-        raise DataError(f"only {len(items)} usable prompts (skipped {skipped} longer than "
-                        f"task.max_prompt_tokens={task.max_prompt_tokens}); need more than "
-                        f"task.heldout_size={task.heldout_size}")
+        raise DataError(f"{where + ': ' if where else ''}only {len(items)} usable prompts (skipped {skipped} longer than "
+                        f"task.max_prompt_tokens={task.max_prompt_tokens}" + (f"; {notes[0]}" if notes else "")
+                        + f"); need more than task.heldout_size={task.heldout_size}")
     cut = len(items) - task.heldout_size
-    return PromptSet(train=items[:cut], heldout=items[cut:], skipped_long=skipped, truncated=truncated)
+    return PromptSet(train=items[:cut], heldout=items[cut:], skipped_long=skipped, truncated=truncated, notes=notes)
+
+
+def transcript(messages: list[dict]) -> str:
+    """A chat as the judge reads it: "Human: ...\n\nAssistant: ..." (the HH convention)."""
+    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    return "\n\n".join(f"{names.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
+
+
+def render(template: str, row: dict) -> str:
+    """A template's fields filled from a row ({{ and }} are literal braces)."""
+    return template.format_map({k: "" if row.get(k) is None else row[k] for k in template_fields(template)})
+
+
+def check_template(template: str, present: set[str], key: str, where: str) -> None:
+    """Every field of a template is a column of the data: else one DataError naming both."""
+    missing = [f for f in template_fields(template) if f not in present]
+    if missing:
+        raise DataError(f"{key} uses {{{missing[0]}}}, which {where} has no column of; its columns are "
+                        f"{', '.join(sorted(present)) or 'none'}")
+
+
+def _row_prompt(row: dict, task) -> tuple[list[dict] | None, str]:
+    """(chat messages or None, the prompt's text) of a generic row; ValueError says what is
+    wrong with the row (skipped and counted by the caller)."""
+    if task.prompt_template is not None:
+        empty = [k for k in template_fields(task.prompt_template)
+                 if row.get(k) is None or (isinstance(row.get(k), str) and not row[k].strip())]
+        if empty:
+            raise ValueError(f"no value for {', '.join(empty)}")
+        return None, render(task.prompt_template, row)
+    messages = row.get("messages")
+    if messages is not None:
+        if not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)):
+            raise ValueError("'messages' is not a list of {role, content} texts")
+        if messages[-1]["role"] != "user":
+            raise ValueError("'messages' does not end with a user turn")
+        return [{"role": m["role"], "content": m["content"]} for m in messages], transcript(messages)
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("empty 'prompt'" if isinstance(prompt, str) or prompt is None else "'prompt' is not text")
+    return None, prompt
+
+
+def _tokens(tokenizer, messages: list[dict] | None, text: str, task) -> list[int]:
+    if task.prompt_format == "raw":
+        return tokenizer(transcript(messages) + "\n\nAssistant:" if messages else text,
+                         add_special_tokens=False)["input_ids"]
+    chat = ([{"role": "system", "content": task.system_prompt}] if task.system_prompt else []) + \
+        (messages or [{"role": "user", "content": text}])
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def generic_prompts(task, tokenizer) -> PromptSet:
+    """Your own prompts (task.name generic): one a row, from a `prompt` text, a `messages` chat
+    list or task.prompt_template; bad rows are skipped and counted (the first few named)."""
+    rows = map_columns(read_rows(task.data_path, task.split, task.revision), task.columns, task.data_path)
+    present = set().union(*(r.keys() for r in rows)) if rows else set()
+    if task.prompt_template is not None:
+        check_template(task.prompt_template, present, "task.prompt_template", task.data_path)
+    elif not present & {"prompt", "messages"}:
+        raise DataError(f"{task.data_path}: no column 'prompt' or 'messages' (name yours with task.columns.prompt, "
+                        f"or write task.prompt_template); its columns are {', '.join(sorted(present)) or 'none'}")
+    items, bad, skipped, truncated = [], [], 0, 0
+    for i, row in enumerate(rows, start=1):
+        try:
+            messages, text = _row_prompt(row, task)
+        except ValueError as e:
+            bad.append(f"row {i}: {e}")
+            continue
+        ids, cut = fit_prompt(_tokens(tokenizer, messages, text, task), task, f"{task.data_path} row {i}")
+        if ids is None:
+            skipped += 1
+            continue
+        truncated += cut
+        items.append({"prompt_id": f"row-{i}", "prompt_text": tokenizer.decode(ids), "prompt_token_ids": ids,
+                      "reference": row.get("reference") if isinstance(row.get("reference"), str) else None,
+                      "context": text, "fields": {k: v for k, v in row.items()
+                                                  if k not in ("prompt", "messages", "reference")}})
+    notes = [f"{len(bad)} rows skipped as unusable ({'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''})"] \
+        if bad else []
+    return split_prompts(items, task, skipped, truncated, notes, task.data_path)
 
 
 BUNDLED = {  # name -> (file, labeler task)
@@ -131,28 +252,24 @@ def dialogue_prompts(name: str, tokenizer, task) -> PromptSet:
             bad += 1
             continue
         ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        if len(ids) > task.max_prompt_tokens:
-            if task.on_long_prompt == "error":
-                raise DataError(f"{name} row {i}: prompt has {len(ids)} tokens > task.max_prompt_tokens="
-                                f"{task.max_prompt_tokens}")
-            if task.on_long_prompt == "skip":
-                skipped += 1
-                continue
-            ids, truncated = ids[-task.max_prompt_tokens:], truncated + 1
+        ids, cut = fit_prompt(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids), task,
+                              f"{name} row {i}")
+        if ids is None:
+            skipped += 1
+            continue
+        truncated += cut
         items.append({"prompt_id": f"{name}-{i}", "prompt_text": tokenizer.decode(ids), "prompt_token_ids": ids,
-                      "reference": chosen, "context": context})
-    if len(items) <= task.heldout_size:
-        raise DataError(f"{name}: only {len(items)} usable prompts; need more than task.heldout_size={task.heldout_size}")
-    cut = len(items) - task.heldout_size
-    return PromptSet(train=items[:cut], heldout=items[cut:], skipped_long=skipped, truncated=truncated,
-                     notes=[f"{bad} rows without a shared dialogue context skipped"] if bad else [])
+                      "reference": chosen, "context": context, "fields": {}})
+    return split_prompts(items, task, skipped, truncated,
+                         [f"{bad} rows without a shared dialogue context skipped"] if bad else [], name)
 
 
 def task_prompts(task, tokenizer) -> PromptSet:
-    """The RL prompt set of a task: TL;DR posts, or HH dialogue contexts."""
+    """The RL prompt set of a task: TL;DR posts, HH dialogue contexts, or your own (generic)."""
     if task.name == "tldr":
-        return build_prompts(load_tldr(task.data_path), tokenizer, task)
+        return build_prompts(load_tldr(task.data_path, task.columns, task.split, task.revision), tokenizer, task)
+    if task.name == "generic":
+        return generic_prompts(task, tokenizer)
     return dialogue_prompts(task.name, tokenizer, task)
 
 
@@ -186,5 +303,7 @@ class PromptSampler:
 
 
 def prompt_batch(items: list[dict]):
-    return schemas.make_batch(schemas.PROMPT, {
-        name: [it[name] for it in items] for name in schemas.PROMPT.names})
+    """Prompt items as a PROMPT batch; an item's `fields` (its row's other columns) travel as JSON."""
+    cols = {name: [it.get(name) for it in items] for name in schemas.PROMPT.names}
+    cols["fields"] = [schemas.dump_fields(it.get("fields")) for it in items]
+    return schemas.make_batch(schemas.PROMPT, cols)

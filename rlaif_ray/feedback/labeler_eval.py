@@ -1,12 +1,11 @@
 """How far can the AI labeler be trusted? Its agreement with human labels and its position
 bias on bundled pair sets or the user's own file of labelled pairs (`eval-labeler`,
-docs/method.md §7), and the signal check: does a scorer rank a post's own reference summary
-above another post's (`train`, `signal`)."""
+docs/method.md §7), and the signal check: does a scorer rank a prompt's own reference above
+another prompt's (`train`, `signal`; any task whose data has a reference)."""
 from __future__ import annotations
 
 from rlaif_ray.config import ConfigError, PairwiseConfig
 from rlaif_ray.data.files import DataError
-from rlaif_ray.data.tasks import post_block
 from rlaif_ray.feedback.labeling import Judge
 from rlaif_ray.feedback.pairs import PairFile, exemplar_pairs, file_exemplars, file_pairs, load_pairs
 from rlaif_ray.feedback.stats import alignment, position_bias, wilson_interval
@@ -52,13 +51,17 @@ def evaluate_labeler(judge: Judge, name: str, variant: str, n: int, seed: int, c
             **position_bias(pref.answer1_ab, pref.answer1_ba)}
 
 
-def mismatched_pairs(rows: list[dict], n: int) -> list[tuple[str, str, str]]:
-    """(post, its reference summary, the next post's summary) for the first n usable rows."""
-    rows = [r for r in rows if r.get("summary")][: n + 1]
-    if len(rows) < 2:
-        raise ValueError("the signal check needs at least 2 rows with a 'summary' field")
-    k = min(n, len(rows) - 1)
-    return [(post_block(rows[i]), rows[i]["summary"], rows[i + 1]["summary"]) for i in range(k)]
+def mismatched_pairs(items: list[dict], n: int) -> list[tuple[str, str, str]]:
+    """(a prompt's context, its own reference, the next prompt's reference) for the first n
+    prompts that have a reference (PromptSet items: any task with a reference column); the
+    last one's mismatch is the first one's reference when there are no more."""
+    items = [it for it in items if it.get("reference")]
+    if len(items) < 2:
+        raise ValueError("the signal check needs at least 2 prompts with a reference (a 'reference' column; "
+                         "TL;DR: 'summary')")
+    k = min(n, len(items))
+    nxt = items[:k + 1] if len(items) > k else items[:k] + items[:1]
+    return [(nxt[i]["context"], nxt[i]["reference"], nxt[i + 1]["reference"]) for i in range(k)]
 
 
 def signal_from_scores(ref: list[float], other: list[float]) -> dict:
@@ -69,8 +72,10 @@ def signal_from_scores(ref: list[float], other: list[float]) -> dict:
             "mean_reward_reference": sum(ref) / n, "mean_reward_mismatched": sum(other) / n}
 
 
-def measure_signal(judge: Judge, rows: list[dict], n: int) -> dict:
-    pairs = mismatched_pairs(rows, n)
+def measure_signal(judge: Judge, items: list[dict], n: int) -> dict:
+    """Does the judge's scorer rank a prompt's own reference above another prompt's? (50%:
+    no signal.) `items`: prompts with `context` and `reference`."""
+    pairs = mismatched_pairs(items, n)
     contexts = [p for p, _, _ in pairs]
     ref, _, _ = judge.score(contexts, [r for _, r, _ in pairs])
     other, _, _ = judge.score(contexts, [o for _, _, o in pairs])

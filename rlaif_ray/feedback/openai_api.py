@@ -1,23 +1,29 @@
-"""The OpenAI-compatible /v1/completions protocol, both sides, without Ray:
+"""The OpenAI-compatible protocol, both sides, without Ray:
 
-- `OpenAIEngine`, the `openai` labeler backend: a client for any completions endpoint that
-  returns top log-probabilities (vLLM's server, a hosted API, or `rlaif-ray serve-labeler`).
-  The key comes from an environment variable and never appears in messages or logs.
-- `parse_request` / `completion_response`: what `serve-labeler` accepts and answers, and
-  its limits (`EndpointLimits`, `check_headers`, `check_tokens`; the `serve.*` config keys).
+- `OpenAIEngine`: the client of a judge endpoint (`reward.backend: openai`): vLLM's server,
+  `rlaif-ray serve-labeler` or a hosted API, through the openai SDK (its retries with
+  backoff honour Retry-After), /v1/chat/completions or /v1/completions, many requests in
+  flight, the tokens sent and received counted. The key comes from an environment variable
+  and never appears in messages or logs.
+- `parse_request`, `parse_chat_request`, `completion_response`, `chat_response`: what
+  `serve-labeler` accepts and answers, and its limits (`EndpointLimits`, `check_headers`,
+  `check_tokens`; the `serve.*` config keys).
 
-Reading a label from an endpoint: the endpoint only returns the top-k next tokens, so
-P("1") and P("2") are summed over the spellings found there ("1", " 1", ...). A label that is
-not among the top k gets, as its log-prob, the smallest log-prob returned (an upper bound,
-which keeps the preference away from 0/1 rather than inventing certainty); when neither
-label is among them the answer is unusable and the label mass is 0 (counted by the caller).
+Reading a label from an endpoint's log-probs: the endpoint only returns the top-k tokens at
+each position, so a label's probability is summed over the spellings found there ("1", " 1",
+...). A label that is not among the top k gets, as its log-prob, the smallest log-prob
+returned (an upper bound, which keeps the preference away from 0/1 rather than inventing
+certainty); when no label is among them the answer is unusable and the label mass is 0
+(counted by the caller). Without log-probs (labels: text), answers are sampled and parsed.
 """
 from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 
@@ -25,78 +31,173 @@ class EndpointError(RuntimeError):
     """The endpoint could not give a usable answer; the message says why (never the key)."""
 
 
-RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
-
-
 class OpenAIEngine:
+    """A judge endpoint. `prompts` are texts or chat messages: the chat API takes both (a text
+    is one user message); the completions API takes texts, and chat messages rendered with
+    `tokenizer`'s chat template (a name for rlaif_ray's loader, or a loaded tokenizer).
+    `wait_s`: how long to keep trying an endpoint that cannot be reached (restarted during a
+    run) beyond the SDK's `max_retries`, backing off up to 10 s between tries."""
+
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 60.0,
-                 max_retries: int = 3, backoff_s: float = 0.5, top_logprobs: int = 5):
-        import requests
+                 max_retries: int = 3, backoff_s: float = 0.5, top_logprobs: int = 5, api: str = "completions",
+                 max_concurrency: int = 8, wait_s: float = 0.0, tokenizer=None, **_):
+        import openai
 
-        self.url = base_url.rstrip("/") + "/completions"
-        self.model, self.timeout, self.max_retries, self.backoff = model, timeout_s, max_retries, backoff_s
-        self.top_logprobs = top_logprobs
-        self.session = requests.Session()
-        key = os.environ.get(api_key_env)
-        if key:
-            self.session.headers["Authorization"] = f"Bearer {key}"
-        self.retries = 0  # failed tries that were retried (reported by the actor)
-        self.labels_outside_top_k = 0  # one label missing from the top-k: bounded, counted
+        self.url = base_url.rstrip("/") + ("/chat/completions" if api == "chat" else "/completions")
+        self.model, self.api, self.timeout, self.max_retries = model, api, timeout_s, max_retries
+        self.backoff, self.wait_s, self.top_logprobs = backoff_s, wait_s, top_logprobs
+        self._tokenizer = tokenizer
+        self._sent = threading.local()
+        self._lock = threading.Lock()
+        # the SDK's own HTTP client (its defaults), with a hook that counts each try
+        client_cls = getattr(openai, "DefaultHttpx2Client", None) or openai.DefaultHttpxClient
+        http = client_cls(event_hooks={"request": [self._on_request]})
+        # the key from the environment only; an endpoint without keys gets a placeholder
+        self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "none",
+                                    timeout=timeout_s, max_retries=max_retries, http_client=http)
+        self.pool = ThreadPoolExecutor(max(1, max_concurrency), thread_name_prefix="judge-endpoint")
+        self.retries = 0  # tries that were retried (reported by the actor)
+        self.labels_outside_top_k = 0  # a label missing from the top-k: bounded, counted
+        self.unparsable_answers = 0  # labels: text, an answer that named no label: counted, never guessed
+        self.waited_s = 0.0  # time spent waiting for an endpoint that could not be reached
+        self.usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
-    def _post(self, body: dict) -> dict:
-        import requests
+    def _on_request(self, request) -> None:
+        self._sent.n = getattr(self._sent, "n", 0) + 1
 
-        last, wait = "", 0.0
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self.retries += 1
-                time.sleep(max(self.backoff * 2 ** (attempt - 1), wait))
-            wait = 0.0
+    # ---- one request, with the SDK's retries and the wait for an endpoint that is down ----
+
+    def _create(self, prompts: list, **params):
+        """One request for `prompts` (the completions API takes several, the chat API one)."""
+        import openai
+
+        started, pause, last = time.monotonic(), self.backoff, ""
+        while True:
+            self._sent.n = 0
             try:
-                r = self.session.post(self.url, json=body, timeout=self.timeout)
-            except requests.Timeout:
-                last = f"no answer within {self.timeout:g} s (openai.timeout_s)"
-                continue
-            except requests.ConnectionError as e:
-                last = f"cannot connect ({type(e).__name__})"
-                continue
-            if r.status_code in RETRY_STATUS:
-                last = f"HTTP {r.status_code}: {r.text[:200]}"
-                wait = retry_after_s(r.headers.get("Retry-After"), self.timeout)  # a busy server's own estimate
-                continue
-            if r.status_code != 200:  # 400/401/404...: retrying cannot help
-                raise EndpointError(f"{self.url} answered HTTP {r.status_code}: {r.text[:300]}")
-            try:
-                return r.json()
-            except ValueError:
-                raise EndpointError(f"{self.url} answered HTTP 200 with a body that is not JSON: {r.text[:200]!r}") from None
-        raise EndpointError(f"{self.url} failed {self.max_retries + 1} time(s); last: {last}")
+                out = self._call(prompts, **params)
+                self._count(out, self._sent.n - 1)
+                return out
+            except openai.APIStatusError as e:
+                self._count(None, self._sent.n - 1)
+                detail = f"HTTP {e.status_code}: {_message(e)}"
+                if e.status_code not in (429, 502, 503, 504) and e.status_code < 500:
+                    raise EndpointError(f"{self.url} answered {detail}") from None
+                last = detail
+            except openai.APITimeoutError:
+                self._count(None, self._sent.n - 1)
+                last = f"no answer within {self.timeout:g} s (reward.openai.timeout_s)"
+            except openai.APIConnectionError as e:
+                self._count(None, self._sent.n - 1)
+                last = f"cannot connect ({type(e.__cause__ or e).__name__})"
+            if time.monotonic() - started + pause > self.wait_s:
+                raise EndpointError(f"{self.url} failed {self._sent.n} time(s) (waited {time.monotonic() - started:.0f} s, "
+                                    f"reward.openai.wait_s={self.wait_s:g}); last: {last}")
+            time.sleep(pause)  # down (restarting?): keep trying until reward.openai.wait_s
+            with self._lock:
+                self.waited_s += pause
+            pause = min(pause * 2, 10.0)
 
-    def _choices(self, texts: list[str], **params) -> list[dict]:
-        out = self._post({"model": self.model, "prompt": texts, **params})
-        choices = out.get("choices") if isinstance(out, dict) else None
-        if not isinstance(choices, list) or len(choices) != len(texts):
-            raise EndpointError(f"{self.url}: expected {len(texts)} choices, got {str(out)[:200]}")
-        return sorted(choices, key=lambda c: c.get("index", 0))
+    def _call(self, prompts: list, **params):
+        if self.api == "chat":
+            (prompt,) = prompts
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            return self.client.chat.completions.create(model=self.model, messages=messages, **params)
+        texts = [self._text(p) for p in prompts]
+        return self.client.completions.create(model=self.model, prompt=texts, **params)
 
-    def label_text_logprobs(self, texts: list[str], groups: list[list[str]]):
-        """[B, len(groups)] log-probs of each label (summed over its spellings) as the next token."""
+    def _text(self, prompt) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        if self._tokenizer is None:
+            raise EndpointError(f"{self.url}: a chat rubric on the completions API needs a tokenizer whose chat "
+                                "template renders it (reward.openai.tokenizer), or reward.openai.api: chat")
+        if isinstance(self._tokenizer, str):
+            from rlaif_ray.engines.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self._tokenizer)
+        return self._tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+    def _count(self, out, retried: int) -> None:
+        usage = getattr(out, "usage", None)
+        with self._lock:
+            self.retries += max(retried, 0)
+            self.usage["requests"] += 1
+            self.usage["prompt_tokens"] += int(getattr(usage, "prompt_tokens", 0) or 0)
+            self.usage["completion_tokens"] += int(getattr(usage, "completion_tokens", 0) or 0)
+
+    def _each(self, prompts: list, **params) -> list:
+        """One answer object per prompt (its choices), the requests in flight at once."""
+        per = 1 if self.api == "chat" else 8  # prompts per request: the chat API takes one
+        batches = [prompts[i:i + per] for i in range(0, len(prompts), per)]
+        outs = list(self.pool.map(lambda b: self._create(b, **params), batches))
+        if self.api == "chat":
+            return [list(o.choices) for o in outs]
+        n = params.get("n", 1)
+        per_prompt = []
+        for b, o in zip(batches, outs):
+            choices = sorted(o.choices, key=lambda c: c.index)
+            if len(choices) != len(b) * n:
+                raise EndpointError(f"{self.url}: expected {len(b) * n} choices, got {len(choices)}")
+            per_prompt += [choices[k * n:(k + 1) * n] for k in range(len(b))]
+        return per_prompt
+
+    # ---- what the labelers ask --------------------------------------------------------------
+
+    def answer_logprobs(self, prompts: list, positions: int = 1) -> list[list[dict[str, float]]]:
+        """Per prompt, the top-k log-probs {token: logprob} at each of the first `positions`
+        tokens of the greedy answer (temperature 0)."""
+        params = dict(max_tokens=positions, temperature=0.0)
+        if self.api == "chat":
+            params.update(logprobs=True, top_logprobs=self.top_logprobs)
+        else:
+            params["logprobs"] = self.top_logprobs
+        return [top_logprobs_of(choices[0], self.url, positions) for choices in self._each(prompts, **params)]
+
+    def label_text_logprobs(self, prompts: list, groups: list[list[str]]):
+        """[B, len(groups)] log-probs of each label (summed over its spellings) as the first token."""
         import torch
 
-        choices = self._choices(texts, max_tokens=1, temperature=0.0, logprobs=self.top_logprobs)
-        out = torch.empty(len(texts), len(groups), device="cpu")
-        for b, c in enumerate(choices):
-            top = top_logprobs_of(c, self.url)
-            row, missing = read_labels(top, groups)
+        out = torch.empty(len(prompts), len(groups), device="cpu")
+        for b, tops in enumerate(self.answer_logprobs(prompts)):
+            row, missing = read_labels(tops[0], groups)
             self.labels_outside_top_k += missing
             out[b] = torch.tensor(row, device="cpu")
         return out
 
-    def complete_text(self, texts: list[str], max_tokens: int, temperature: float, top_k: int, seed: int) -> list[str]:
+    def sample_answers(self, prompts: list, n: int, max_tokens: int, temperature: float, seed: int) -> list[list[str]]:
+        """`n` sampled answers per prompt (the labels: text mode)."""
+        choices = self._each(prompts, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        return [[_choice_text(c) for c in cs] for cs in choices]
+
+    def complete_text(self, prompts: list, max_tokens: int, temperature: float, top_k: int, seed: int) -> list[str]:
         params = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
         if temperature > 0 and top_k:
-            params["top_k"] = top_k  # vLLM and serve-labeler accept it; others ignore it
-        return [c.get("text") or "" for c in self._choices(texts, **params)]
+            params["extra_body"] = {"top_k": top_k}  # vLLM and serve-labeler take it; others ignore it
+        return [_choice_text(cs[0]) for cs in self._each(prompts, **params)]
+
+    def counters(self) -> dict:
+        return {"endpoint_retries": self.retries, "endpoint_waited_s": round(self.waited_s, 1),
+                "labels_outside_top_k": self.labels_outside_top_k,
+                "unparsable_answers": self.unparsable_answers, "endpoint_requests": self.usage["requests"],
+                "judge_prompt_tokens": self.usage["prompt_tokens"],
+                "judge_completion_tokens": self.usage["completion_tokens"]}
+
+
+def _message(e) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        msg = err.get("message") if isinstance(err, dict) else err
+        return str(msg)[:300]
+    return str(getattr(e, "message", e))[:300]
+
+
+def _choice_text(choice) -> str:
+    message = getattr(choice, "message", None)
+    if message is not None:
+        return message.content or ""
+    return getattr(choice, "text", None) or ""
 
 
 def retry_after_s(value: str | None, cap: float) -> float:
@@ -108,14 +209,24 @@ def retry_after_s(value: str | None, cap: float) -> float:
     return min(max(s, 0.0), cap) if not math.isnan(s) else 0.0
 
 
-def top_logprobs_of(choice: dict, url: str = "the endpoint") -> dict[str, float]:
-    lp = choice.get("logprobs")
-    tops = lp.get("top_logprobs") if isinstance(lp, dict) else None
-    if not tops or not isinstance(tops[0], dict):
-        raise EndpointError(f"{url} returned no log-probabilities (choices[].logprobs.top_logprobs is "
-                            f"{'missing' if lp is None else 'empty'}): the labeler needs an endpoint that "
-                            "honours the 'logprobs' parameter of /v1/completions")
-    return tops[0]
+def top_logprobs_of(choice, url: str = "the endpoint", positions: int = 1) -> list[dict[str, float]]:
+    """The top-k log-probs {token: logprob} at the first `positions` tokens of a choice, from
+    either API's answer (chat: logprobs.content[i].top_logprobs; completions:
+    logprobs.top_logprobs[i]); an answer without them is an EndpointError saying so."""
+    lp = getattr(choice, "logprobs", None) if not isinstance(choice, dict) else choice.get("logprobs")
+    tops = []
+    if lp is not None:
+        content = getattr(lp, "content", None) if not isinstance(lp, dict) else lp.get("content")
+        if content:  # chat
+            tops = [{t.token: t.logprob for t in (c.top_logprobs or [])} for c in content]
+        else:
+            raw = getattr(lp, "top_logprobs", None) if not isinstance(lp, dict) else lp.get("top_logprobs")
+            tops = [dict(t) for t in (raw or []) if t is not None]
+    if not tops or not tops[0]:
+        raise EndpointError(f"{url} returned no log-probabilities (the answer's logprobs are "
+                            f"{'missing' if lp is None else 'empty'}): for soft labels the endpoint must honour the "
+                            "'logprobs' parameter (vLLM's server, serve-labeler); else set reward.openai.labels: text")
+    return tops[:positions]
 
 
 def read_labels(top: dict[str, float], groups: list[list[str]]) -> tuple[list[float], int]:
@@ -243,28 +354,68 @@ def parse_request(body, limits: "EndpointLimits | int") -> dict:
                            "(serve.max_prompts_per_request)", code="max_prompts_per_request", param="prompt")
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise RequestError("'prompt' must be a string or a non-empty list of strings", param="prompt")
-    if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
-        raise RequestError("'n' and 'best_of' must be 1 (one completion per prompt)", param="n")
+    if body.get("best_of", 1) != 1:
+        raise RequestError("'best_of' must be 1", param="best_of")
     if body.get("echo"):
         raise RequestError("'echo' is not supported", param="echo")
+    out = {"prompts": prompts, **_sampling(body, {"logprobs": ((int, type(None)), None)})}
+    if out["logprobs"] is not None and not 0 <= out["logprobs"] <= 20:
+        raise RequestError(f"'logprobs' must be in 0..20, got {out['logprobs']}", param="logprobs")
+    _check_sampling(out, limits)
+    return out
+
+
+MAX_N = 16  # answers per prompt one request may ask for (`n`: the judge's text mode samples several)
+
+
+def _sampling(body: dict, more: dict) -> dict:
+    """The sampling settings both APIs share, type-checked (a boolean is not a number)."""
     if body.get("stream"):
         raise RequestError("'stream' is not supported", param="stream")
     fields = {"max_tokens": (int, 16), "temperature": ((int, float), 1.0), "top_p": ((int, float), 1.0),
-              "top_k": (int, 0), "logprobs": ((int, type(None)), None), "seed": ((int, type(None)), None)}
-    out = {"prompts": prompts}
+              "top_k": (int, 0), "seed": ((int, type(None)), None), "n": (int, 1), **more}
+    out = {}
     for name, (kind, default) in fields.items():
         value = body.get(name, default)
         if isinstance(value, bool) or not isinstance(value, kind):
             raise RequestError(f"'{name}' must be a number, got {value!r}", param=name)
         out[name] = value
+    if not 1 <= out["n"] <= MAX_N:
+        raise RequestError(f"'n' must be in 1..{MAX_N} (answers per prompt), got {out['n']}", param="n")
+    return out
+
+
+def _check_sampling(out: dict, limits: "EndpointLimits") -> None:
     if not 1 <= out["max_tokens"] <= limits.max_tokens:
         raise RequestError(f"'max_tokens' must be in 1..{limits.max_tokens} (serve.max_tokens_limit), got "
                            f"{out['max_tokens']}", code="max_tokens_limit", param="max_tokens")
     if not (math.isfinite(out["temperature"]) and math.isfinite(out["top_p"])) or out["temperature"] < 0 \
             or not 0 < out["top_p"] <= 1 or out["top_k"] < 0:
         raise RequestError("'temperature' must be >= 0, 'top_p' in (0, 1], 'top_k' >= 0")
-    if out["logprobs"] is not None and not 0 <= out["logprobs"] <= 20:
-        raise RequestError(f"'logprobs' must be in 0..20, got {out['logprobs']}", param="logprobs")
+
+
+def parse_chat_request(body, limits: "EndpointLimits") -> dict:
+    """Validate a /v1/chat/completions body: `messages` (system, user, assistant texts) and the
+    sampling settings; `logprobs: true` with `top_logprobs` (0..20) asks for log-probs.
+    Returns them with `logprobs` as the number of top log-probs (None: not asked)."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    messages = body.get("messages")
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+            for m in messages)):
+        raise RequestError("'messages' must be a non-empty list of {role: system|user|assistant, content: text}",
+                           param="messages")
+    if "max_completion_tokens" in body and "max_tokens" not in body:
+        body = {**body, "max_tokens": body["max_completion_tokens"]}
+    out = {"messages": messages, **_sampling(body, {"top_logprobs": (int, 0)})}
+    want = body.get("logprobs", False)
+    if not isinstance(want, bool):
+        raise RequestError(f"'logprobs' must be true or false, got {want!r}", param="logprobs")
+    if not 0 <= out["top_logprobs"] <= 20:
+        raise RequestError(f"'top_logprobs' must be in 0..20, got {out['top_logprobs']}", param="top_logprobs")
+    out["logprobs"] = out.pop("top_logprobs") if want else None
+    _check_sampling(out, limits)
     return out
 
 
@@ -308,6 +459,27 @@ def exposure_warning(host: str, port: int, key_env: str, key_set: bool) -> str |
     return (f"WARNING: serve.host={host} is not a loopback address and {key_env} (serve.api_key_env) is not set: "
             f"anyone who can reach port {port} can use the model and this machine's CPU/GPU without a key "
             f"(and keep the replica busy). Set {key_env} to require a Bearer key, or serve on 127.0.0.1.")
+
+
+def chat_response(model: str, results: list[dict], want_logprobs: bool, prompt_tokens: int) -> dict:
+    """OpenAI chat completions answer, one choice per result (as completion_response's)."""
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "replace"))}
+
+    choices = []
+    for i, r in enumerate(results):
+        lp = None
+        if want_logprobs:
+            tops = r["top_logprobs"] or [{}] * len(r["tokens"])
+            lp = {"content": [{**entry(t, l), "top_logprobs": [entry(k, v) for k, v in top.items()]}
+                              for t, l, top in zip(r["tokens"], r["token_logprobs"], tops)]}
+        choices.append({"index": i, "message": {"role": "assistant", "content": r["text"]}, "logprobs": lp,
+                        "finish_reason": r["finish_reason"]})
+    completion = sum(len(r["tokens"]) for r in results)
+    return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": prompt_tokens + completion}}
 
 
 def completion_response(model: str, results: list[dict], want_logprobs: bool, prompt_tokens: int) -> dict:

@@ -54,6 +54,9 @@ COT_REQUEST = {  # zero-shot CoT ending, before "Rationale:" (harmless: this pro
                  "overall and why. Finally, select which response is the most harmful."),
 }
 
+# a chat rubric with CoT: the user message after the judge's rationale, before the label
+CHAT_COT_ANSWER = "So which response is better? Reply with 1 or 2 only."
+
 # CoT rewording of the preamble's final paragraph: an explanation is asked for, not an answer
 COT_REWORD = ("output 1 or 2 to indicate which", "explain which")
 
@@ -69,8 +72,32 @@ class Exemplar:
     rationale: str = ""
 
 
-def preamble(task: str, kind: str, cot: bool = False) -> str:
+@dataclass(frozen=True)
+class PairwiseRubric:
+    """A pairwise question of the user's (reward.rubrics, kind pairwise) in place of a task's
+    preamble and layout: `template` is the sample block, with {prompt}, {response_1},
+    {response_2} and any column of the data; exemplars, CoT and self-consistency compose with
+    it as with the paper's tasks."""
+    template: str
+    preamble: str = ""
+    ending: str = "Preferred Response="
+    asks_worse: bool = False
+    cot_request: str = "Explain which response is better."
+    # chat: the prompt is one user message (the judge's chat template, or its chat API) and the
+    # answer is the reply's first token, so `ending` is not used; with CoT the rationale is the
+    # reply and CHAT_COT_ANSWER the next user message
+    chat: bool = False
+
+    def sample(self, context: str, first: str, second: str, fields: dict | None = None) -> str:
+        from rlaif_ray.data.tasks import render
+
+        return render(self.template, {**(fields or {}), "prompt": context, "response_1": first, "response_2": second})
+
+
+def preamble(task: "str | PairwiseRubric", kind: str, cot: bool = False) -> str:
     """The preamble text; with `cot` its final paragraph asks to explain instead of to answer."""
+    if isinstance(task, PairwiseRubric):
+        return task.preamble.strip()
     if task not in LAYOUT:
         raise ValueError(f"labeler task: unknown task {task!r} (one of {sorted(LAYOUT)})")
     path = resources.files("rlaif_ray.feedback") / "templates" / f"{task}_{kind}.txt"
@@ -83,17 +110,24 @@ def preamble(task: str, kind: str, cot: bool = False) -> str:
     return text
 
 
-def thoughts_cue(task: str) -> str:
-    """The few-shot CoT cue: "Thoughts on Summary 1 -" (dialogue: "Thoughts on Response 1 -")."""
-    return f"Thoughts on {LAYOUT[task][1]} 1 -"
+def thoughts_cue(task: "str | PairwiseRubric") -> str:
+    """The few-shot CoT cue: "Thoughts on Summary 1 -" (dialogue, and a rubric: "Thoughts on Response 1 -")."""
+    return f"Thoughts on {'Response' if isinstance(task, PairwiseRubric) else LAYOUT[task][1]} 1 -"
 
 
-def harmful_question(task: str) -> bool:
+def harmful_question(task: "str | PairwiseRubric") -> bool:
     """True when the prompt asks for the worse response, so P(1) must be inverted."""
-    return task == "harmless"
+    return task.asks_worse if isinstance(task, PairwiseRubric) else task == "harmless"
 
 
-def sample_block(task: str, context: str, first: str, second: str) -> str:
+def ending(task: "str | PairwiseRubric") -> str:
+    """What the prompt ends with, right before the label "1" or "2"."""
+    return task.ending if isinstance(task, PairwiseRubric) else LAYOUT[task][2]
+
+
+def sample_block(task: "str | PairwiseRubric", context: str, first: str, second: str, fields: dict | None = None) -> str:
+    if isinstance(task, PairwiseRubric):
+        return task.sample(context, first, second, fields)
     ctx, resp, _ = LAYOUT[task]
     return f"{ctx} - {context}\n{resp} 1 - {first}\n{resp} 2 - {second}"
 
@@ -107,13 +141,15 @@ def _few_shot_cot(task: str, exemplars: tuple[Exemplar, ...]) -> bool:
     return bool(exemplars) and with_rationale == len(exemplars)
 
 
-def build(task: str, context: str, first: str, second: str, *, kind: str = "base",
-          exemplars: tuple[Exemplar, ...] = (), rationale: str | None = None, cot: bool = False) -> str:
-    """The prompt text. With `cot=True` and no rationale yet it ends with the reasoning request
+def build(task: "str | PairwiseRubric", context: str, first: str, second: str, *, kind: str = "base",
+          exemplars: tuple[Exemplar, ...] = (), rationale: str | None = None, cot: bool = False,
+          fields: dict | None = None) -> "str | list[dict]":
+    """The prompt text (a chat rubric: chat messages). With `cot=True` and no rationale yet it ends with the reasoning request
     and `Rationale:` (zero-shot) or with "Thoughts on Summary 1 -" (exemplars with rationales)
-    (step 1); pass the decoded `rationale` to get the scoring prompt (step 2)."""
-    parts = [preamble(task, kind, cot)]  # checks the task and preamble names
-    _, _, ending = LAYOUT[task]
+    (step 1); pass the decoded `rationale` to get the scoring prompt (step 2). `task`: a
+    paper's task name or a user's PairwiseRubric; `fields`: the row's columns its template names."""
+    parts = [p for p in [preamble(task, kind, cot)] if p]  # checks the task and preamble names
+    end = ending(task)
     cue = thoughts_cue(task)
     thoughts = cot and _few_shot_cot(task, exemplars)
     if exemplars:
@@ -123,15 +159,30 @@ def build(task: str, context: str, first: str, second: str, *, kind: str = "base
                 body = ex.rationale.strip()
                 body = body[len(cue):].strip() if body.startswith(cue) else body
                 shot += f"\n\n{cue}\n{body}"
-            parts.append(f"{shot}\n{ending}{ex.label}")
+            parts.append(f"{shot}\n{end}{ex.label}")
         parts.append(EXAMPLE_CLOSE)
-    parts.append(sample_block(task, context, first, second))
+    parts.append(sample_block(task, context, first, second, fields))
+    request = task.cot_request if isinstance(task, PairwiseRubric) else COT_REQUEST[task]
+    if isinstance(task, PairwiseRubric) and task.chat:
+        return _chat(parts, cot, thoughts, cue, request, rationale)
     if not cot:
-        return "\n\n".join(parts) + f"\n{ending}"
-    head = "\n\n".join(parts) + ("\n\n" + cue if thoughts else f"\n\n{COT_REQUEST[task]}\nRationale:")
+        return "\n\n".join(parts) + f"\n{end}"
+    head = "\n\n".join(parts) + ("\n\n" + cue if thoughts else f"\n\n{request}\nRationale:")
     if rationale is None:
         return head
-    text = rationale.split(ending)[0].rstrip()  # cut where it writes the ending itself
+    text = rationale.split(end)[0].rstrip() if end else rationale.rstrip()  # cut where it writes the ending itself
     if text and not text[0].isspace():
         text = " " + text  # a decoded continuation may have lost its leading space
-    return f"{head}{text}\n{ending}"
+    return f"{head}{text}\n{end}"
+
+
+def _chat(parts: list[str], cot: bool, thoughts: bool, cue: str, request: str, rationale: str | None) -> list[dict]:
+    """A chat rubric's prompt as messages: the question as one user message; with CoT, the
+    reasoning request, then (step 2) the judge's rationale as its reply and the answer request."""
+    body = "\n\n".join(parts)
+    if not cot:
+        return [{"role": "user", "content": body}]
+    question = [{"role": "user", "content": body + ("\n\n" + cue if thoughts else f"\n\n{request}")}]
+    if rationale is None:
+        return question
+    return question + [{"role": "assistant", "content": rationale.strip()}, {"role": "user", "content": CHAT_COT_ANSWER}]

@@ -2,6 +2,9 @@
 preferences (docs/method.md §1 and §4), and the named scorer variants."""
 from __future__ import annotations
 
+import math
+import re
+
 import torch
 
 from rlaif_ray.rubrics import _SHOT_POST, Scorer
@@ -46,6 +49,95 @@ def debias(p_first_ab: torch.Tensor, p_first_ba: torch.Tensor) -> torch.Tensor:
     return (p_first_ab + (1 - p_first_ba)) / 2
 
 
+class AnswerTrie:
+    """The token sequences of a set of answers (the whole numbers of a score, each as the
+    tokenizer writes it), for reading the probability of each *whole* answer from next-token
+    distributions: P(answer) is the product of its tokens' probabilities, less the probability
+    of going on to a longer answer ("1" then "0" is 10, not 1): P("1" whole) = P("1") (1 -
+    P("0" | "1")), and a tokenizer that writes "10" as one token needs no such correction.
+
+    `deepest`: the prefixes to run (each a sequence prompt + prefix whose last len(prefix) + 1
+    positions give the distributions after every shorter prefix too); `tokens`: the token ids
+    to read there; `probabilities(nexts)` from {prefix: [B, len(tokens)] log-probs}."""
+
+    def __init__(self, answers: list[list[int]]):
+        self.answers = [tuple(a) for a in answers]
+        if any(not a for a in self.answers):
+            raise ValueError("an answer with no tokens")
+        self.prefixes = {a[:j] for a in self.answers for j in range(len(a))}  # strict prefixes, () included
+        self.deepest = sorted(p for p in self.prefixes
+                              if not any(len(q) > len(p) and q[:len(p)] == p for q in self.prefixes))
+        self.tokens = sorted({t for a in self.answers for t in a})
+        self._col = {t: i for i, t in enumerate(self.tokens)}
+        # a node's continuations toward a longer answer: the tokens that extend it within the trie
+        self.children = {p: sorted({a[len(p)] for a in self.answers if len(a) > len(p) and a[:len(p)] == p})
+                         for p in self.prefixes}
+
+    def probabilities(self, nexts: dict) -> torch.Tensor:
+        """[B, len(answers)] probability of each whole answer."""
+        out = []
+        for a in self.answers:
+            logp = sum(nexts[a[:j]][:, self._col[a[j]]] for j in range(len(a)))
+            p = logp.exp()
+            going_on = self.children.get(a, [])
+            if going_on:
+                p = p * (1 - torch.stack([nexts[a][:, self._col[t]].exp() for t in going_on]).sum(0)).clamp(min=0)
+            out.append(p)
+        return torch.stack(out, dim=1)
+
+
+def integers_from_top(tops: list[dict[str, float]], lo: int, hi: int) -> tuple[torch.Tensor, int]:
+    """The probability of each whole number lo..hi from an endpoint's top log-probs along its
+    greedy answer (`tops[j]`: {token: logprob} at position j). A number is read digit token by
+    digit token along the greedy path; a number that goes on past a prefix the greedy answer
+    did not take is read as that prefix alone (its continuation is not in the answer), and
+    counted in the second value."""
+    probs = torch.zeros(hi - lo + 1, device="cpu")
+    prefix, p_prefix, unread = "", 1.0, 0
+    for j, top in enumerate(tops):
+        digits = {t.strip(): math.exp(v) for t, v in top.items() if t.strip().isdigit() and (j == 0 or t == t.strip())}
+        if prefix and digits:  # the greedy prefix goes on: it is whole only with what is left
+            k = int(prefix)
+            if lo <= k <= hi:
+                probs[k - lo] -= p_prefix * sum(digits.values())
+        for d, p in digits.items():
+            k = int(prefix + d)
+            if lo <= k <= hi:
+                probs[k - lo] += p_prefix * p
+                if j + 1 == len(tops) or d != max(top, key=top.get).strip():
+                    unread += int(any(lo <= int(prefix + d + x) <= hi for x in "0123456789"))
+        greedy = max(top, key=top.get)
+        if not greedy.strip().isdigit():
+            break
+        prefix, p_prefix = prefix + greedy.strip(), p_prefix * math.exp(top[greedy])
+    return probs.clamp(min=0), unread
+
+
+_WORD = re.compile(r"[A-Za-z]+|\d+")
+
+
+def parse_yes_no(text: str) -> int | None:
+    """0 for an answer that starts with yes, 1 for no, None otherwise (never guessed)."""
+    words = _WORD.findall(text)
+    first = words[0].lower() if words else ""
+    return 0 if first == "yes" else 1 if first == "no" else None
+
+
+def parse_choice(text: str) -> int | None:
+    """0 for "1", 1 for "2": the first standalone 1 or 2 of the answer; None if there is none."""
+    m = re.search(r"(?<!\d)([12])(?!\d)", text)
+    return None if m is None else int(m.group(1)) - 1
+
+
+def parse_integer(text: str, lo: int, hi: int) -> int | None:
+    """The index (from lo) of the first whole number of the answer when it is in lo..hi; else None."""
+    m = re.search(r"(?<![\d.])-?\d+(?![\d.]*\d)", text)
+    if m is None:
+        return None
+    k = int(m.group(0))
+    return k - lo if lo <= k <= hi else None
+
+
 def pairwise_rewards(p_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards in [-1, 1] for a and b from the debiased preference P(a > b)."""
     return 2 * p_a - 1, 1 - 2 * p_a
@@ -60,11 +152,23 @@ def _sample_block(context: str, response: str, scorer: Scorer) -> str:
     return f"{context}\n\n{scorer.block}: {response}"
 
 
-def scorer_prompt(scorer: Scorer, context: str, response: str, tokenizer) -> str:
-    """The full prompt after which the label token (digit or Yes/No) is read."""
+# A judge's prompt: raw text, or chat messages that the label engine renders (a local judge
+# with its tokenizer's chat template, an endpoint through its chat API)
+Prompt = "str | list[dict]"
+
+
+def scorer_request(scorer: Scorer, context: str, response: str, fields: dict | None = None):
+    """The prompt after which the label (digits, Yes/No) is read: chat messages for a chat
+    scorer, else text. `fields`: the row's reference and other columns (a user rubric's template
+    may name them; {prompt} is `context`, {response} the response)."""
     def user_text(ctx: str, resp: str) -> str:
         parts = [scorer.preamble] if scorer.preamble else []
-        parts.append(_sample_block(ctx, resp, scorer))
+        if scorer.template is not None:
+            from rlaif_ray.data.tasks import render
+
+            parts.append(render(scorer.template, {**(fields or {}), "prompt": ctx, "response": resp}))
+        else:
+            parts.append(_sample_block(ctx, resp, scorer))
         if scorer.question:
             parts.append(scorer.question)
         return "\n\n".join(parts)
@@ -75,12 +179,24 @@ def scorer_prompt(scorer: Scorer, context: str, response: str, tokenizer) -> str
             messages += [{"role": "user", "content": user_text(_SHOT_POST, shot_summary)},
                          {"role": "assistant", "content": answer}]
         messages.append({"role": "user", "content": user_text(context, response)})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return messages
     shots = "".join(f"{user_text(_SHOT_POST, s)}\n{scorer.answer_cue} {a}\n\n" for s, a in scorer.shots)
     cue = scorer.answer_cue
     # "SCORE: " keeps its trailing space (the tokenizer then emits the digit alone);
     # "Answer:" is followed by " Yes"/" No", so both spellings are read.
     return f"{shots}{user_text(context, response)}\n\n{cue}" if cue else f"{shots}{user_text(context, response)}"
+
+
+def as_text(prompt, tokenizer) -> str:
+    """A judge prompt as the text a model reads: chat messages in `tokenizer`'s chat template."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def scorer_prompt(scorer: Scorer, context: str, response: str, tokenizer, fields: dict | None = None) -> str:
+    """The full prompt text after which the label token (digit or Yes/No) is read."""
+    return as_text(scorer_request(scorer, context, response, fields), tokenizer)
 
 
 def label_token_ids(tokenizer, spellings: list[str]) -> list[int]:

@@ -6,7 +6,7 @@ before any actor starts, and the check is testable without a cluster.
 """
 from __future__ import annotations
 
-from rlaif_ray.config import Config, ConfigError, RoleResources
+from rlaif_ray.config import Config, ConfigError, RoleResources, judge_sources
 
 DEFAULT_PLACEMENT = {"generators": "SPREAD", "labelers": "SPREAD", "learner": "PACK"}
 
@@ -26,7 +26,7 @@ def roles(cfg: Config) -> list[tuple[str, RoleResources]]:
     evaluates gets a separate judge, a labeler with the labelers' resources."""
     p = cfg.pipeline
     out = [("generators", p.generators), ("labelers", p.labelers), ("learner", p.learner)]
-    if cfg.reward.source == "rm" and (cfg.eval.win_rate or cfg.eval.signal_posts):
+    if not judge_sources(cfg.reward) and (cfg.eval.win_rate or cfg.eval.signal_posts):
         out.append(("judge", p.labelers.model_copy(update={"num_actors": 1, "placement": "NONE"})))
     return out
 

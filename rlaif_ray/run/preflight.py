@@ -15,13 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlaif_ray.config import Config, ConfigError, config_from_dict
+from rlaif_ray.cpu.threads import thread_warnings
 from rlaif_ray.data.files import DataError
 from rlaif_ray.data.tasks import BUNDLED, task_prompts
 from rlaif_ray.engines.models import is_checkpoint, load_tokenizer, model_context, model_path_problem
-from rlaif_ray.feedback.judgements import harmless_on
 from rlaif_ray.feedback.pairs import load_exemplars, looks_like_file, read_pair_file
 from rlaif_ray.run.folder import check_resume
-from rlaif_ray.cpu.threads import thread_warnings
+from rlaif_ray.run.reward_checks import check_reward
 from rlaif_ray.storage import move_aside
 
 COMMANDS = ("train", "eval", "sft", "train-rm", "sample-pairs", "label", "eval-labeler", "serve-labeler", "signal",
@@ -121,13 +121,19 @@ def check_model_paths(cfg: Config, command: str) -> None:
 
 def _checks(cfg: Config, command: str):
     check_model_paths(cfg, command)
-    _openai_rules(cfg, command)
     if cfg.reward.pairwise.shots and command in ("train", "eval", "label", "serve-labeler"):
         load_exemplars(cfg.reward.pairwise.exemplars_path, cfg.reward.pairwise.shots)  # a bad file stops here
     if command == "train":
-        return _train(cfg)
+        prompts = _train(cfg)
+        check_reward(cfg, command, data_columns(prompts.train + prompts.heldout), _source(cfg))
+        return prompts
     if command == "eval":
-        return _policy(cfg.eval.policy_a, cfg), _policy(cfg.eval.policy_b, cfg)
+        policies = _policy(cfg.eval.policy_a, cfg), _policy(cfg.eval.policy_b, cfg)
+        prompts = task_prompts(cfg.task, load_tokenizer(cfg.model.name)) if cfg.eval.prompts == "heldout" else None
+        check_reward(cfg, command, data_columns(prompts.heldout) if prompts else set(), _source(cfg))
+        return policies
+    if command in ("label", "eval-labeler", "serve-labeler"):
+        check_reward(cfg, command, None)
     if command == "train-rm" and cfg.rm.labels:
         _label_output(cfg.rm.labels)
     return None
@@ -162,19 +168,13 @@ def _label_output(labels: str) -> None:
                           f"run stopped before its end); {fix}")
 
 
-def _openai_rules(cfg: Config, command: str) -> None:
-    """reward.backend=openai reads "1"/"2" from an endpoint's top log-probs: pairs only."""
-    if cfg.reward.backend != "openai":
-        return
-    if command == "train" and cfg.reward.source != "pairwise":
-        raise ConfigError("reward.backend=openai reads '1'/'2' from an endpoint's top log-probs: "
-                          "it needs reward.source=pairwise")
-    judging = command == "eval" or (command == "train" and cfg.eval.win_rate and cfg.eval.num_prompts)
-    if judging and (harmless_on(cfg) or cfg.eval.judge == "scorer"):
-        raise ConfigError("reward.backend=openai judges pairs only: set eval.harmless_rate=off and eval.judge=pairwise, "
-                          "or judge with a local labeler (reward.backend hf or vllm)")
-    if command == "eval":
-        raise ConfigError("eval judges with a local labeler: set reward.backend to hf or vllm")
+def data_columns(items: list[dict]) -> set[str]:
+    """The columns of a task's rows that rubrics and rewards may name (each prompt's `fields`)."""
+    return {k for it in items for k in (it.get("fields") or {})}
+
+
+def _source(cfg: Config) -> str:
+    return cfg.task.data_path or f"the bundled {cfg.task.name} data"
 
 
 def _train(cfg: Config):
