@@ -62,7 +62,8 @@ class PairLabeler:
         self.prompt_config = json.dumps({"backend": cfg.backend, "model": served, "task": pw.task,
                                          "preamble": pw.preamble, "shots": pw.shots, "exemplars": pw.exemplars_path,
                                          "cot": pw.cot, "cot_max_tokens": pw.cot_max_tokens,
-                                         "self_consistency": pw.self_consistency, "debias": pw.debias})
+                                         "self_consistency": pw.self_consistency, "debias": pw.debias,
+                                         "rubric": pw.rubric})
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         with self.proc.busy():

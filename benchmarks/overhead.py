@@ -45,7 +45,7 @@ RESULTS = Path(__file__).parent / "results"
 FIXED = ["rl.max_staleness=0", "eval.num_prompts=0", "eval.signal_posts=0", "run.log_rollouts=false",
          "run.report=false", "run.tensorboard=false", "run.progress=false"]
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-LEARNER = (65536, 1048576)  # actors.ray_session.GLIBC_LEARNER's values (tests/test_benchmarks.py checks): the
+LEARNER = (65536, 1048576)  # rlaif_ray.cpu.allocator.GLIBC_LEARNER's values (tests/test_benchmarks.py checks): the
 # learner actor's glibc fallback; where Ray ships jemalloc the actor runs on that instead
 GLIBC_CEILING = (32 << 20, 64 << 20)  # where glibc's dynamic threshold ends up (trim = 2x)
 

@@ -312,6 +312,7 @@ def render() -> str:
     out += _weight_update(_load("weight_update"))
     out += _gpu(_load("gpu_check"))
     out += _endpoint_load(_load("endpoint_load"))
+    out += _judge_concurrency(_load("judge_concurrency"))
     out += _value_baseline(_load("value_baseline"))
     out += _settings(_load("settings"))
     history = ROOT / "benchmarks" / "history.md"  # the one-off studies' figures, kept as they were
@@ -453,6 +454,22 @@ def _endpoint_load(el: dict | None) -> list[str]:
             f"max {v['max_s']} s. Replica RSS {rss['before']:.0f} MB before, {rss['peak_during']:.0f} MB peak during, "
             f"{rss['after']:.0f} MB after.", ""]
     return out
+
+
+def _judge_concurrency(jc: dict | None) -> list[str]:
+    """results/judge_concurrency.json (benchmarks/judge_concurrency.py): an endpoint judge by requests in flight."""
+    if not jc:
+        return []
+    out = ["## A judge behind vLLM's server: requests in flight (`python -m benchmarks.judge_concurrency`)", "",
+           f"{jc['what']}; {jc['pairs']} {jc['task']} pairs ({jc['requests_per_round']} requests a round), "
+           f"{jc['rounds']} rounds alternated, {jc['cpus']} cores ({jc['cpu']}), load average before "
+           f"{jc['load_before'][0]:.2f}, after {jc['load_after'][0]:.2f}; {jc['time']}. The server started in "
+           f"{jc['server_start_s']} s.", "",
+           "| reward.openai.max_concurrency | labels/s (median) | speed-up over 1 | largest label difference |",
+           "|---|---|---|---|"]
+    out += [f"| {c} | {v:.2f} | {jc['speedup_over_1'][c]:.2f} | {jc['max_label_difference'][c]:.1e} |"
+            for c, v in jc["labels_per_s"].items()]
+    return out + [""]
 
 
 def _value_baseline(vb: dict | None) -> list[str]:

@@ -68,3 +68,15 @@ def scorer_of(name: str, rubric, template: str) -> Scorer:
     from rubric.template_file)."""
     return Scorer(name, "yesno" if rubric.kind == "yesno" else "score", rubric.chat, "", rubric.answer_cue,
                   rubric.preamble or "", template=template, lo=rubric.min, hi=rubric.max)
+
+
+def rubric_text(name: str, rubric) -> str:
+    """A rubric's template (config.RubricConfig): inline, or read from its file (UTF-8)."""
+    from pathlib import Path
+
+    if rubric.template is not None:
+        return rubric.template
+    try:
+        return Path(rubric.template_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"reward.rubrics.{name}.template_file: cannot read {rubric.template_file} ({e})") from None

@@ -120,8 +120,8 @@ def test_overhead(overhead):
     assert {"RolloutGenerator", "Labeler", "LearnerWorker", "driver"} <= set(overhead["runs"][0]["cpu_s_by_process"])
 
     # the plain loop switches to the learner actor's malloc settings before its step
-    from actors.ray_session import GLIBC_LEARNER
     from benchmarks.overhead import LEARNER
+    from rlaif_ray.cpu.allocator import GLIBC_LEARNER
 
     env = dict(GLIBC_LEARNER)
     assert LEARNER == (int(env["MALLOC_MMAP_THRESHOLD_"]), int(env["MALLOC_TRIM_THRESHOLD_"]))

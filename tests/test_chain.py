@@ -161,9 +161,10 @@ def test_run_executes_the_whole_chain(ray_local, tiny_model_path, tmp_path):
     assert ev["policy_b"] == str(folder / "sft") and ev["policy_a"].endswith("step_000002")
 
 
-# quickstart-vllm.yaml trains (vLLM generators) in tests/test_vllm.py::test_train_with_vllm_generators
+# quickstart-vllm.yaml trains (vLLM generators) in tests/test_vllm.py::test_train_with_vllm_generators;
+# own-data-openai-judge.yaml against vLLM's server in tests/test_own_judge.py
 CONFIGS = sorted(p.name for p in __import__("pathlib").Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")
-                 if p.name != "quickstart-vllm.yaml")
+                 if p.name not in ("quickstart-vllm.yaml", "own-data-openai-judge.yaml"))
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -125,17 +125,18 @@ def test_scorer_judge_compares_two_separate_scores(ray_local, tiny_model_path, t
 
 
 def test_a_judgement_train_cannot_make_is_refused_before_training(tiny_model_path, tmp_path):
-    """openai judges pairs only: a harmless rate (or eval.judge=scorer) at the end of a run
-    would fail after all the training; it stops before any actor starts instead."""
+    """A judge every phase would ask but nobody answers (an endpoint that is not up), or a
+    harmless scorer that does not exist: stopped before any actor starts, not after training."""
     from rlaif_ray.commands.train import train
     from rlaif_ray.config import ConfigError
 
     cfg = eval_cfg(tiny_model_path, tmp_path)
-    cfg.reward.source, cfg.reward.backend, cfg.rl.samples_per_prompt = "pairwise", "openai", 2
-    cfg.reward.pairwise.task = "harmless"
-    with pytest.raises(ConfigError, match="openai judges pairs only"):
+    cfg.reward.backend = "openai"
+    cfg.reward.openai.base_url = "http://127.0.0.1:9/v1"
+    with pytest.raises(ConfigError, match=r"reward.openai.base_url: cannot reach http://127.0.0.1:9/v1"):
         train(cfg, tmp_path / "run", log=lambda *_: None)
     cfg.reward.backend = "hf"
-    with pytest.raises(ValueError, match="harmless_scorer"):  # a config validator: refused on assignment
-        cfg.eval.harmless_scorer = "no_such_scorer"
+    cfg.eval.harmless_scorer = "no_such_scorer"  # checked against reward.rubrics: by the whole config's validator
+    with pytest.raises(ConfigError, match=r"eval.harmless_scorer: unknown scorer 'no_such_scorer'"):
+        train(cfg, tmp_path / "run2", log=lambda *_: None)
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()

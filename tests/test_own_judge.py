@@ -19,35 +19,39 @@ ROOT = Path(__file__).resolve().parents[1]
 JUDGE = "smollm2-135m-instruct"
 
 
-def own_data_cfg(policy: str, out: Path, reward: dict, **sections) -> "Config":  # noqa: F821
-    """examples/data/questions.jsonl with the example rubrics (a 1-10 score naming the
-    data's `question` column, a chat pairwise rubric for the win rate)."""
-    data = {
+def own_data_cfg(policy: str, out: Path, reward: dict, **sections):
+    """configs/own-data-openai-judge.yaml as shipped (the data's `question` column in a 1-10
+    score rubric, a chat pairwise rubric for the win rate), shrunk: a tiny policy, 2 steps of
+    1 prompt x 2 samples, 4 held-out prompts. Paths in it are relative to the repository."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "configs" / "own-data-openai-judge.yaml").read_text())
+    small = {
         "run": {"out_dir": str(out), "name": "own"},
         "model": {"name": policy},
-        "task": {"name": "generic", "data_path": str(ROOT / "examples/data/questions.jsonl"),
-                 "columns": {"prompt": "question", "reference": "answer"}, "max_prompt_tokens": 128,
-                 "heldout_size": 4},
+        "task": {"heldout_size": 4},
         "generation": {"max_new_tokens": 8},
-        "reward": {"scorer": "helpful", "pairwise": {"rubric": "helpful_pair"}, "rubrics": {
-            "helpful": {"kind": "score", "min": 1, "max": 10,
-                        "template_file": str(ROOT / "examples/rubrics/helpful_score.txt")},
-            "helpful_pair": {"kind": "pairwise", "template_file": str(ROOT / "examples/rubrics/helpful_pair.txt")}},
-            **reward},
-        "rl": {"steps": 2, "prompts_per_step": 1, "samples_per_prompt": 2, "max_staleness": 0},
-        "pipeline": {"generators": {"num_cpus": 0.25, "torch_threads": 1}, "labelers": {"num_cpus": 0.25, "torch_threads": 1},
+        "reward": reward,
+        "rl": {"steps": 2, "prompts_per_step": 1, "samples_per_prompt": 2, "max_staleness": 0,
+               "gradient_checkpointing": False},
+        "pipeline": {"generators": {"num_cpus": 0.25, "torch_threads": 1},
+                     "labelers": {"num_cpus": 0.25, "torch_threads": 1},
                      "learner": {"num_cpus": 0.5, "torch_threads": 1}},
         "eval": {"num_prompts": 4, "signal_posts": 4, "batch_size": 4},
+        "ray": {"num_cpus": 2},
     }
-    for k, v in sections.items():
-        data.setdefault(k, {}).update(v)
+    for section in (small, sections):
+        for k, v in section.items():
+            if k == "reward" and "openai" in v:
+                data[k]["openai"] = {**data[k].get("openai", {}), **v["openai"]}
+                v = {x: y for x, y in v.items() if x != "openai"}
+            data.setdefault(k, {}).update(v)
     return config_from_dict(data)
 
 
 def endpoint(url: str, labels: str, **more) -> dict:
-    return {"backend": "openai", "openai": {"base_url": url, "model": JUDGE, "api": "chat", "labels": labels,
-                                            "top_logprobs": 20, "samples": 4, "max_answer_tokens": 4,
-                                            "backoff_s": 0.2, **more}}
+    return {"openai": {"base_url": url, "model": JUDGE, "labels": labels, "top_logprobs": 20, "samples": 4,
+                       "max_answer_tokens": 4, "backoff_s": 0.2, **more}}
 
 
 def check_judged_run(run: Path, steps: int) -> dict:
@@ -64,6 +68,11 @@ def check_judged_run(run: Path, steps: int) -> dict:
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
     assert all(m["judge_prompt_tokens"] > 0 for m in metrics)
     return summary
+
+
+@pytest.fixture(autouse=True)
+def in_repository(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the shipped config's paths (examples/...) are relative to it
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +158,7 @@ def test_train_judged_by_serve_labeler_chat_logprobs_and_text(ray_local, tiny_mo
         serve.shutdown()
 
 
-def test_python_http_and_summed_rewards_log_each_part(ray_local, tiny_model_path, tmp_path, monkeypatch):
+def test_python_http_and_summed_rewards_log_each_part(ray_local, tiny_model_path, tmp_path):
     """reward.source python alone, then a weighted sum of the judge (the tiny policy's own
     model, in the labeler), a Python function and the example reward server over HTTP: every
     part per step in metrics.jsonl and per rollout in the Parquet record; the reward is the
@@ -159,7 +168,6 @@ def test_python_http_and_summed_rewards_log_each_part(ray_local, tiny_model_path
 
     from rlaif_ray.commands.train import train
 
-    monkeypatch.chdir(ROOT)  # the examples' module path and file path, as a user runs them
     spec = importlib.util.spec_from_file_location("example_reward_server", ROOT / "examples" / "reward_server.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -168,7 +176,7 @@ def test_python_http_and_summed_rewards_log_each_part(ray_local, tiny_model_path
     url = f"http://127.0.0.1:{server.server_address[1]}/"
     local_judge = {"min_label_mass": 0.0}  # a random model's labels carry little mass
     try:
-        python = own_data_cfg(tiny_model_path, tmp_path, {"source": "python",
+        python = own_data_cfg(tiny_model_path, tmp_path, {"source": "python", "backend": "hf",
                                                            "function": "examples/rewards.py:reference_overlap",
                                                            **local_judge})
         run = train(python, tmp_path / "python", log=lambda *_: None)
@@ -180,7 +188,8 @@ def test_python_http_and_summed_rewards_log_each_part(ray_local, tiny_model_path
         parts = [{"source": "direct", "weight": 1.0},
                  {"source": "python", "function": "examples.rewards:within_word_budget", "weight": 0.5},
                  {"source": "http", "url": url, "weight": 0.25, "name": "budget_server"}]
-        summed = own_data_cfg(tiny_model_path, tmp_path, {"source": "sum", "parts": parts, **local_judge},
+        summed = own_data_cfg(tiny_model_path, tmp_path, {"source": "sum", "backend": "hf", "parts": parts,
+                                                           **local_judge},
                               eval={"win_rate": False, "signal_posts": 0})
         run = train(summed, tmp_path / "sum", log=lambda *_: None)
     finally:

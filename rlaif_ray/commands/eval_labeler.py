@@ -56,6 +56,7 @@ def run_eval_labeler(cfg: Config, data: str, prompts: str, n: int, out: str | No
     counted in the table and listed in it). An existing `out` or `report` is refused unless
     `overwrite` (then moved aside, as every command's output)."""
     from rlaif_ray.run.preflight import preflight
+    from rlaif_ray.run.resolve import inline_rubrics
 
     variants = GRID if prompts == "grid" else prompts.split(",")
     datasets = data.split(",")
@@ -63,6 +64,7 @@ def run_eval_labeler(cfg: Config, data: str, prompts: str, n: int, out: str | No
     files = preflight(cfg, "eval-labeler", out=out, overwrite=overwrite, log=log,
                       report=folder if cfg.run.report else None, pair_data=datasets,
                       shots=max(parse_variant(v)[2] for v in variants))
+    cfg = cfg.model_copy(update={"reward": inline_rubrics(cfg.reward)})  # the actors need no rubric files
     task_from = "--task" if task else "reward.pairwise.task"
     task = task or cfg.reward.pairwise.task
     rows: list[dict] = []

@@ -19,6 +19,7 @@ from rlaif_ray.data.schemas import LABELS, PAIRS
 from rlaif_ray.feedback.pairs import read_label_input
 from rlaif_ray.feedback.stats import alignment
 from rlaif_ray.run.preflight import preflight
+from rlaif_ray.run.resolve import inline_rubrics
 from rlaif_ray.storage import atomic_write_json, publish_dir, temp_path
 
 
@@ -33,6 +34,7 @@ def label_file(cfg: Config, source: str | None = None, output: str | None = None
                           "(hh_harmless, hh_helpful, pandalm, tldr_ai_judged)")
     out = Path(output or cfg.label.output)
     preflight(cfg, "label", out=out, overwrite=overwrite, log=log)  # an existing output is never overwritten
+    cfg = cfg.model_copy(update={"reward": inline_rubrics(cfg.reward)})  # the actors need no rubric files
     rows = read_label_input(source)
     table = pa.Table.from_pylist(rows, schema=PAIRS)
     bad_input = sum(1 for r in rows if r["error"])

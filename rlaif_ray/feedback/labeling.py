@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -24,7 +23,7 @@ from rlaif_ray.engines.backends import load_engine
 from rlaif_ray.engines.hf import HFEngine
 from rlaif_ray.feedback import prompts, scoring
 from rlaif_ray.feedback.openai_api import OpenAIEngine
-from rlaif_ray.rubrics import SCORERS, Scorer, scorer_of
+from rlaif_ray.rubrics import SCORERS, Scorer, rubric_text, scorer_of
 
 
 class LocalLabels:
@@ -111,6 +110,7 @@ class EndpointLabels:
     def __init__(self, endpoint: OpenAIEngine, mode: str = "logprobs", samples: int = 8, temperature: float = 1.0,
                  max_answer_tokens: int = 8):
         self.engine, self.truncated = endpoint, 0  # the endpoint refuses what it cannot hold
+        self.in_flight = endpoint.max_concurrency
         self.mode, self.samples, self.temperature, self.max_answer = mode, samples, temperature, max_answer_tokens
         self.seed = 0
 
@@ -180,7 +180,10 @@ class Judge:
         self.scorers = {**SCORERS, **(scorers or {})}
         if scorer not in self.scorers:
             raise ValueError(f"reward.scorer: unknown scorer {scorer!r}; known: {sorted(self.scorers)}")
-        self.labels, self.scorer, self.batch_size = labels, self.scorers[scorer], batch_size
+        # an endpoint judges at least as many at once as it has requests in flight
+        # (reward.openai.max_concurrency); a local engine, reward.batch_size (its padding cost)
+        self.labels, self.scorer = labels, self.scorers[scorer]
+        self.batch_size = max(batch_size, getattr(labels, "in_flight", 0))
         self.rubrics = rubrics or {}
         self.tok = labels.tok
 
@@ -298,16 +301,6 @@ class Judge:
             ps.append(p_k)
             masses.append(m_k)
         return torch.stack(ps).mean(0), torch.stack(masses).min(0).values, rats
-
-
-def rubric_text(name: str, rubric) -> str:
-    """A rubric's template: inline, or read from its file (UTF-8)."""
-    if rubric.template is not None:
-        return rubric.template
-    try:
-        return Path(rubric.template_file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"reward.rubrics.{name}.template_file: cannot read {rubric.template_file} ({e})") from None
 
 
 def user_rubrics(reward: RewardConfig) -> tuple[dict[str, Scorer], dict[str, prompts.PairwiseRubric]]:

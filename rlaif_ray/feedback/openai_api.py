@@ -55,7 +55,8 @@ class OpenAIEngine:
         # the key from the environment only; an endpoint without keys gets a placeholder
         self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "none",
                                     timeout=timeout_s, max_retries=max_retries, http_client=http)
-        self.pool = ThreadPoolExecutor(max(1, max_concurrency), thread_name_prefix="judge-endpoint")
+        self.max_concurrency = max(1, max_concurrency)
+        self.pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="judge-endpoint")
         self.retries = 0  # tries that were retried (reported by the actor)
         self.labels_outside_top_k = 0  # a label missing from the top-k: bounded, counted
         self.unparsable_answers = 0  # labels: text, an answer that named no label: counted, never guessed

@@ -15,7 +15,7 @@ ALWAYS = {"prompt", "reference"} | {f for fs in RESPONSE_FIELDS.values() for f i
 
 def check_reward(cfg: Config, command: str, columns: set[str] | None, source: str = "the task's data") -> None:
     """`columns`: the data's columns a rubric may name (None: not known for this command)."""
-    from rlaif_ray.feedback.labeling import rubric_text
+    from rlaif_ray.rubrics import rubric_text
 
     r = cfg.reward
     for name, rubric in r.rubrics.items():

