@@ -26,11 +26,15 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 demo: setup
 	$(BIN)/rlaif-ray train configs/quickstart.yaml
 
+# test files spread over TEST_WORKERS processes (pytest-xdist; each file stays in one, so a
+# module's Ray, model or server fixture starts once); TEST_WORKERS=0 runs them in this process
+TEST_WORKERS ?= 2
+TEST_ARGS = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: setup-vllm
-	$(BIN)/python -m pytest -q -ra --durations=25
+	$(BIN)/python -m pytest -q -ra --durations=25 $(TEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" $(TEST_ARGS)
 
 bench: setup
 	$(BIN)/python -m benchmarks.run

@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from judged_runs import ROOT, check_judged_run, endpoint, own_data_cfg
 
 from rlaif_ray.engines import lm
 from rlaif_ray.feedback import prompts, scoring
@@ -152,18 +153,20 @@ def test_bad_endpoint_answers_give_clear_errors_and_retries(misbehaving, monkeyp
 
 
 @pytest.mark.slow
-def test_openai_backend_against_serve_labeler(ray_local, monkeypatch, tmp_path):
+def test_openai_backend_against_serve_labeler(ray_local, tiny_model_path, monkeypatch, tmp_path):
     """serve-labeler (Ray Serve, real model) on loopback: only 127.0.0.1 listens; the
     endpoint's label log-probs and greedy text equal the local model's; a Judge over the
     `openai` backend labels pairs (debiased, CoT two-step); `rlaif-ray label` with a pool of
     2 openai-backend actors labels a file, and the row the endpoint refuses (too long) comes
-    out with the endpoint's reason; then, with a key set, the key is enforced."""
+    out with the endpoint's reason; `train` on your own data runs with it as its judge (chat
+    API, labels from log-probs and from parsed text); then, with a key set, the key is enforced."""
     import psutil
     import pyarrow.parquet as pq
     from ray import serve
 
     from rlaif_ray.commands.label import label_file
     from rlaif_ray.commands.serve_labeler import serve_labeler
+    from rlaif_ray.commands.train import train
     from rlaif_ray.config import PairwiseConfig, load_config
     from rlaif_ray.engines.hf import HFEngine
     from rlaif_ray.engines.models import DEFAULT_MODEL, load_model, load_tokenizer
@@ -214,6 +217,14 @@ def test_openai_backend_against_serve_labeler(ray_local, monkeypatch, tmp_path):
         for r, want in zip(rows, p_a):  # the same endpoint, the same preferences
             assert out[r["id"]]["p_a"] == pytest.approx(want, abs=2e-3)
         assert "HTTP 400" in out["too-long"]["error"] and "exceeds the model's context" in out["too-long"]["error"]
+
+        # `train` on your own data judged by this endpoint over the chat API: labels from the top
+        # log-probs, then from `n` sampled answers, parsed (tests/test_own_judge.py: vLLM's server)
+        monkeypatch.chdir(ROOT)  # the shipped config's paths are relative to the repository
+        for labels in ("logprobs", "text"):
+            own = own_data_cfg(tiny_model_path, tmp_path, endpoint(url, labels, samples=2),  # one engine thread: few
+                               eval={"num_prompts": 2, "signal_posts": 2, "batch_size": 2})
+            check_judged_run(train(own, tmp_path / f"own-{labels}", log=lambda *_: None), 2, n=2)
 
         monkeypatch.setenv("TEST_SERVE_KEY", "sk-serve-secret")
         serve_labeler(load_config(None, serve_args))  # redeployed: now the key is required

