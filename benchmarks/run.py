@@ -32,7 +32,9 @@ if __name__ == "__main__":
     run("-m", "benchmarks.labeling", "--pairs", "16", "--rounds", "3", "--shots", "2")
     run("-m", "benchmarks.weight_update", "--buckets", "16,64,256", "--repeats", "3")
     if subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True).returncode == 0:
-        run("-m", "benchmarks.judge_concurrency", "--pairs", "32", "--rounds", "3")  # vLLM's server: 1 vs 8 in flight
+        # vLLM's server, 1 vs 8 requests in flight: the bundled model (compute-bound here), a tiny one (spare compute)
+        run("-m", "benchmarks.judge_concurrency", "--pairs", "32", "--rounds", "3")
+        run("-m", "benchmarks.judge_concurrency", "--pairs", "32", "--rounds", "3", "--model", "tiny", "--concurrency", "1,8,32")
     run("-m", "benchmarks.demo")  # the full quickstart under the memory sampler: results/memory.json too
     # the quickstart loop before issue 37's cleanup against this checkout: needs that revision
     if subprocess.run(["git", "cat-file", "-e", f"{BEFORE}^{{commit}}"], capture_output=True).returncode == 0:

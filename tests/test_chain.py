@@ -201,7 +201,7 @@ def test_configs_run_one_step(name, ray_local, tiny_model_path, trained_rm, tmp_
                  f"run.out_dir={tmp_path}", "run.report=false", "ray.num_cpus=2"]
     overrides += [f"pipeline.{r}.num_actors=1" for r in ("generators", "labelers", "learner")]
     overrides += [f"pipeline.{r}.num_cpus=0.5" for r in ("generators", "labelers", "learner")]
-    if cfg.reward.source == "rm":
+    if load_config(path).reward.source == "rm":
         overrides.append(f"reward.rm_path={trained_rm}")
     cfg = load_config(path, overrides)
     run = train(cfg, tmp_path / "run", log=lambda *_: None)
