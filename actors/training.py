@@ -68,6 +68,10 @@ def rl_loop(pipe: Pipeline, run: RunFolder, sampler: PromptSampler, first_step: 
                  f"| kl {row['kl_per_seq']:+.4f}/seq {row['kl_per_token']:+.5f}/tok | beta {row['kl_beta']:.4g} "
                  f"| loss {row['loss']:+.4f} | {row['completions_per_s']:.2f} compl/s "
                  f"| staleness {lag} | len {row['response_len']:.1f}")
+        if row["unusable_labels"] == batch.num_rows and not summary.get("warned_unusable"):
+            summary["warned_unusable"] = True  # said once; the counts go on in metrics.jsonl
+            pipe.log(f"warning: step {step}: none of its {batch.num_rows} labels was usable (reward.min_label_mass="
+                     f"{cfg.reward.min_label_mass}){judge_problem(pipe)}")
         if step == cfg.rl.steps or (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0):
             checkpoint(pipe, run, step, sampler)
         if cfg.eval.win_rate and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.rl.steps \
@@ -205,11 +209,24 @@ def after_training(pipe: Pipeline, run: RunFolder, summary: dict, eval_items: li
     summary["stage_busy_s"] = {i["name"]: i["busy_s"] for i in final}
     cost = {k: sum(i.get(k, 0) for i in final) for k in ("judge_prompt_tokens", "judge_completion_tokens",
                                                           "endpoint_requests", "endpoint_retries", "endpoint_waited_s",
-                                                          "unparsable_answers", "labels_outside_top_k")}
+                                                          "unparsable_answers", "unusable_answers",
+                                                          "labels_outside_top_k")}
     if any(cost.values()):  # an endpoint judge: what it cost over the whole run, evaluations included
-        summary["judge_usage"] = cost
+        summary["judge_usage"] = {**cost, "problem": next((i["endpoint_problem"] for i in final
+                                                           if i.get("endpoint_problem")), None)}
+        if cost["unusable_answers"]:
+            log(f"warning: the judge endpoint gave {cost['unusable_answers']} unusable answers (counted as unusable "
+                f"labels): {summary['judge_usage']['problem']}")
+    summary.pop("warned_unusable", None)
     summary["processes"] = {i["name"]: i["pid"] for i in final}  # after any restart
     run.write_json("summary.json", summary)
+
+
+def judge_problem(pipe: Pipeline) -> str:
+    """What an endpoint judge's answers lacked, if it said (': ...'), for a warning line."""
+    infos = ray.get([a.info.remote() for a in pipe.labelers])
+    problem = next((i["endpoint_problem"] for i in infos if i.get("endpoint_problem")), "")
+    return f": {problem}" if problem else ""
 
 
 def heldout_rewards(pipe: Pipeline, items: list) -> dict:

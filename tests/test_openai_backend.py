@@ -88,6 +88,12 @@ class _Misbehaving(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"internal error")
             return
+        if mode == "garbage":  # HTTP 200, a JSON body that is no OpenAI answer
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"result": "ok"}')
+            return
         if mode == "badkey":
             self.send_response(401)
             self.end_headers()
@@ -127,8 +133,13 @@ def test_bad_endpoint_answers_give_clear_errors_and_retries(misbehaving, monkeyp
     logp = ok.label_text_logprobs(["a", "b"], [scoring.ONE, scoring.TWO])
     assert logp.shape == (2, 2) and logp[0, 0].item() == pytest.approx(-0.1)
 
-    with pytest.raises(EndpointError, match="no log-probabilities"):
-        engine("nologprobs").label_text_logprobs(["a"], [scoring.ONE, scoring.TWO])
+    # answers without log-probs, or no OpenAI answer at all: those labels are unusable (mass 0),
+    # counted, and the first problem kept in words for the run's summary; the run goes on
+    for mode, problem in (("nologprobs", "returned no log-probabilities"), ("garbage", "not an OpenAI answer")):
+        bad = engine(mode)
+        logp = bad.label_text_logprobs(["a", "b"], [scoring.ONE, scoring.TWO])
+        assert torch.isinf(logp).all() and bad.counters()["unusable_answers"] == 2
+        assert problem in bad.counters()["endpoint_problem"]
 
     flaky = engine("flaky")  # two HTTP 500s, then an answer: retried with backoff
     assert flaky.label_text_logprobs(["a"], [scoring.ONE, scoring.TWO]).shape == (1, 2) and flaky.retries == 2

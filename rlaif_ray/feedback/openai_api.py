@@ -61,6 +61,8 @@ class OpenAIEngine:
         self.labels_outside_top_k = 0  # a label missing from the top-k: bounded, counted
         self.unparsable_answers = 0  # labels: text, an answer that named no label: counted, never guessed
         self.waited_s = 0.0  # time spent waiting for an endpoint that could not be reached
+        self.unusable_answers = 0  # answers without log-probs, or not an OpenAI answer at all: counted
+        self.problem = ""  # the first such problem, in words (the run's summary shows it)
         self.usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
     def _on_request(self, request) -> None:
@@ -128,20 +130,33 @@ class OpenAIEngine:
             self.usage["completion_tokens"] += int(getattr(usage, "completion_tokens", 0) or 0)
 
     def _each(self, prompts: list, **params) -> list:
-        """One answer object per prompt (its choices), the requests in flight at once."""
+        """One answer per prompt (its list of choices), the requests in flight at once. A
+        request answered with something that is not an OpenAI answer (garbage, the wrong number
+        of choices) gives its prompts no choices: their labels are unusable, counted, and the
+        first such problem kept for the run's summary (`problem`)."""
         per = 1 if self.api == "chat" else 8  # prompts per request: the chat API takes one
+        n = params.get("n", 1)
         batches = [prompts[i:i + per] for i in range(0, len(prompts), per)]
         outs = list(self.pool.map(lambda b: self._create(b, **params), batches))
-        if self.api == "chat":
-            return [list(o.choices) for o in outs]
-        n = params.get("n", 1)
         per_prompt = []
         for b, o in zip(batches, outs):
-            choices = sorted(o.choices, key=lambda c: c.index)
-            if len(choices) != len(b) * n:
-                raise EndpointError(f"{self.url}: expected {len(b) * n} choices, got {len(choices)}")
-            per_prompt += [choices[k * n:(k + 1) * n] for k in range(len(b))]
+            choices = getattr(o, "choices", None)
+            if not isinstance(choices, list) or not choices or (self.api != "chat" and len(choices) != len(b) * n):
+                got = f"{len(choices)} choices for {len(b) * n}" if isinstance(choices, list) else \
+                    f"a {type(o).__name__} that is not an OpenAI answer ({str(o)[:80]!r})"
+                self._unusable(len(b), f"{self.url} answered {got}")
+                per_prompt += [[] for _ in b]
+            elif self.api == "chat":
+                per_prompt.append(choices)
+            else:
+                choices = sorted(choices, key=lambda c: c.index)
+                per_prompt += [choices[k * n:(k + 1) * n] for k in range(len(b))]
         return per_prompt
+
+    def _unusable(self, k: int, problem: str) -> None:
+        with self._lock:
+            self.unusable_answers += k
+            self.problem = self.problem or problem
 
     # ---- what the labelers ask --------------------------------------------------------------
 
@@ -153,7 +168,14 @@ class OpenAIEngine:
             params.update(logprobs=True, top_logprobs=self.top_logprobs)
         else:
             params["logprobs"] = self.top_logprobs
-        return [top_logprobs_of(choices[0], self.url, positions) for choices in self._each(prompts, **params)]
+        out = []
+        for choices in self._each(prompts, **params):
+            try:
+                out.append(top_logprobs_of(choices[0], self.url, positions) if choices else [])
+            except EndpointError as e:  # no log-probs in this answer: unusable, counted, said once
+                self._unusable(1, str(e))
+                out.append([])
+        return out
 
     def label_text_logprobs(self, prompts: list, groups: list[list[str]]):
         """[B, len(groups)] log-probs of each label (summed over its spellings) as the first token."""
@@ -161,7 +183,7 @@ class OpenAIEngine:
 
         out = torch.empty(len(prompts), len(groups), device="cpu")
         for b, tops in enumerate(self.answer_logprobs(prompts)):
-            row, missing = read_labels(tops[0], groups)
+            row, missing = read_labels(tops[0] if tops else {}, groups)
             self.labels_outside_top_k += missing
             out[b] = torch.tensor(row, device="cpu")
         return out
@@ -169,18 +191,19 @@ class OpenAIEngine:
     def sample_answers(self, prompts: list, n: int, max_tokens: int, temperature: float, seed: int) -> list[list[str]]:
         """`n` sampled answers per prompt (the labels: text mode)."""
         choices = self._each(prompts, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
-        return [[_choice_text(c) for c in cs] for cs in choices]
+        return [[_choice_text(c) for c in cs] for cs in choices]  # no choices: no answers, the label unusable
 
     def complete_text(self, prompts: list, max_tokens: int, temperature: float, top_k: int, seed: int) -> list[str]:
         params = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
         if temperature > 0 and top_k:
             params["extra_body"] = {"top_k": top_k}  # vLLM and serve-labeler take it; others ignore it
-        return [_choice_text(cs[0]) for cs in self._each(prompts, **params)]
+        return [_choice_text(cs[0]) if cs else "" for cs in self._each(prompts, **params)]
 
     def counters(self) -> dict:
         return {"endpoint_retries": self.retries, "endpoint_waited_s": round(self.waited_s, 1),
                 "labels_outside_top_k": self.labels_outside_top_k,
-                "unparsable_answers": self.unparsable_answers, "endpoint_requests": self.usage["requests"],
+                "unparsable_answers": self.unparsable_answers, "unusable_answers": self.unusable_answers,
+                "endpoint_problem": self.problem, "endpoint_requests": self.usage["requests"],
                 "judge_prompt_tokens": self.usage["prompt_tokens"],
                 "judge_completion_tokens": self.usage["completion_tokens"]}
 
@@ -233,7 +256,8 @@ def top_logprobs_of(choice, url: str = "the endpoint", positions: int = 1) -> li
 def read_labels(top: dict[str, float], groups: list[list[str]]) -> tuple[list[float], int]:
     """Label log-probs from one position's top-k: logsumexp over each label's spellings; a
     label absent from the top-k gets the smallest log-prob returned (an upper bound); both
-    absent -> all -inf (label mass 0). Returns (log-probs, number of labels bounded)."""
+    absent, or no top-k at all -> all -inf (label mass 0). Returns (log-probs, number of
+    labels bounded)."""
     found = [[v for k, v in top.items() if k in g] for g in groups]
     if not any(found):
         return [-math.inf] * len(groups), 0
