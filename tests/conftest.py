@@ -37,3 +37,11 @@ def ray_local():
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(items):
+    """A test that starts the session's Ray runs real actors (seconds to a minute each): it is
+    `slow`, so `make test-fast` (-m "not slow") skips it without a mark by hand."""
+    for item in items:
+        if "ray_local" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)

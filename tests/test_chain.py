@@ -80,38 +80,6 @@ def test_train_rm_on_two_workers_learns_the_ai_preference(trained_rm):
         assert (trained_rm / f).is_file()
 
 
-def test_reward_model_actor_scores_rollouts_in_the_rl_loop(ray_local, tiny_model_path, trained_rm, tmp_path):
-    from actors.reward_model import RewardModel
-    from rlaif_ray.commands.train import train
-    from rlaif_ray.run.folder import read_rollouts
-
-    cfg = chain_cfg(tiny_model_path, tmp_path, reward={"source": "rm", "rm_path": str(trained_rm)},
-                    eval={"num_prompts": 2, "win_rate": True})
-    run = train(cfg, tmp_path / "run", log=lambda *_: None)
-    table = read_rollouts(run)
-    assert table.num_rows == 2 * 2 * 2
-    meta = json.loads(table.column("reward_meta")[0].as_py())
-    assert meta["mode"] == "rm" and meta["labeler"] == "reward-model-0"
-    # the rewards are the RM's own scores of those responses
-    local = RewardModel("check", str(trained_rm), max_tokens=cfg.rm.max_tokens)
-    rows = table.slice(0, 3).to_pylist()
-    assert local.score_texts([r["context"] for r in rows], [r["response_text"] for r in rows]) == \
-        pytest.approx([r["reward"] for r in rows], abs=1e-4)
-    summary = json.loads((run / "summary.json").read_text())
-    assert "reward-model-0" in summary["processes"] and "judge-0" in summary["processes"]  # the RM never grades itself
-    assert summary["win_rate"]["n"] == 2
-
-
-def test_sft_lowers_heldout_loss(ray_local, tiny_model_path, tmp_path):
-    from rlaif_ray.commands.sft import run_sft
-    from rlaif_ray.engines.models import load_model
-
-    out = run_sft(chain_cfg(tiny_model_path, tmp_path), tmp_path / "sft", log=lambda *_: None)
-    hist = json.loads((out / "sft_summary.json").read_text())["history"]
-    assert hist[-1]["heldout_loss"] < hist[0]["heldout_loss"] - 0.5
-    assert load_model(str(out)) is not None and (out / "tokenizer.json").is_file()
-
-
 def test_reward_model_data_keeps_held_out_contexts_out(tiny_model_path, tokenizer, tmp_path):
     """A training pair on the same context as a held-out pair is dropped and counted, whatever
     its id; bad held-out rows are counted too."""
@@ -142,23 +110,50 @@ def test_batch_that_does_not_divide_across_workers_is_refused(tiny_model_path, t
 
 
 def test_run_executes_the_whole_chain(ray_local, tiny_model_path, tmp_path):
+    """`run`: sft (2 Ray Train workers) -> sample-pairs -> label -> train-rm -> train with the
+    reward model's actor -> eval, in one folder. Along the way: SFT lowers the held-out loss
+    and leaves a loadable model; the RL loop's rewards are the reward model's own scores of
+    those responses (its actor never grades itself: a separate judge runs the win rate)."""
+    from actors.reward_model import RewardModel
     from rlaif_ray.commands.run_chain import run_chain
+    from rlaif_ray.engines.models import load_model
+    from rlaif_ray.run.folder import read_rollouts
 
     cfg = chain_cfg(tiny_model_path, tmp_path, reward={"source": "pairwise"},
-                    sft={"epochs": 1, "max_examples": 24}, rm={"epochs": 1, "eval_data": "hh_helpful", "eval_n": 8})
+                    rm={"epochs": 1, "eval_data": "hh_helpful", "eval_n": 8}, eval={"num_prompts": 2, "win_rate": True})
     folder = run_chain(cfg, tmp_path / "chain", log=lambda *_: None)
     steps = json.loads((folder / "chain.json").read_text())
     assert [s["step"] for s in steps] == ["sft", "sample-pairs", "label", "train-rm", "train", "eval"]
+
+    sft = folder / "sft"
+    hist = json.loads((sft / "sft_summary.json").read_text())["history"]
+    assert hist[-1]["heldout_loss"] < hist[0]["heldout_loss"] - 0.5
+    assert load_model(str(sft)) is not None and (sft / "tokenizer.json").is_file()
+
     pairs = [json.loads(x) for x in (folder / "pairs.jsonl").read_text().splitlines()]
-    assert len(pairs) == 8 and all(p["policy"] == str(folder / "sft") for p in pairs)
+    assert len(pairs) == 8 and all(p["policy"] == str(sft) for p in pairs)
     labels = pq.read_table(folder / "labels").to_pylist()
     assert len(labels) == 8 and all(r["p_a"] is not None for r in labels)
     rm_sum = json.loads((folder / "rm" / "rm_summary.json").read_text())
-    assert rm_sum["pairs"] == 8 and rm_sum["init"] == str(folder / "sft")
-    train_cfg = (folder / "train" / "config.yaml").read_text()
-    assert f"rm_path: {folder / 'rm'}" in train_cfg and f"name: {folder / 'sft'}" in train_cfg
+    assert rm_sum["pairs"] == 8 and rm_sum["init"] == str(sft)
+
+    run = folder / "train"
+    train_cfg = (run / "config.yaml").read_text()
+    assert f"rm_path: {folder / 'rm'}" in train_cfg and f"name: {sft}" in train_cfg
+    table = read_rollouts(run)
+    assert table.num_rows == 2 * 2 * 2
+    meta = json.loads(table.column("reward_meta")[0].as_py())
+    assert meta["mode"] == "rm" and meta["labeler"] == "reward-model-0"
+    local = RewardModel("check", str(folder / "rm"), max_tokens=cfg.rm.max_tokens)
+    rows = table.slice(0, 3).to_pylist()
+    assert local.score_texts([r["context"] for r in rows], [r["response_text"] for r in rows]) == \
+        pytest.approx([r["reward"] for r in rows], abs=1e-4)
+    summary = json.loads((run / "summary.json").read_text())
+    assert "reward-model-0" in summary["processes"] and "judge-0" in summary["processes"]
+    assert summary["win_rate"]["n"] == 2
+
     ev = json.loads((folder / "eval" / "summary.json").read_text())
-    assert ev["policy_b"] == str(folder / "sft") and ev["policy_a"].endswith("step_000002")
+    assert ev["policy_b"] == str(sft) and ev["policy_a"].endswith("step_000002")
 
 
 # quickstart-vllm.yaml trains (vLLM generators) in tests/test_vllm.py::test_train_with_vllm_generators;

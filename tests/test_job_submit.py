@@ -22,6 +22,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_ray_job_submit_runs_train(tiny_model_path, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -79,6 +79,7 @@ def _ratios(learner_logps, behaviour_logps) -> np.ndarray:
     return np.exp(np.concatenate([np.subtract(a, b) for a, b in zip(learner_logps, behaviour_logps)]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["flat", "peaked"])
 def test_on_policy_ratio_is_one_for_every_sampling_setting_hf(model, tiny_model_path, peaked_path, tokenizer):
     """The generator's behaviour log-probs (HFEngine.generate, what the generator actor
