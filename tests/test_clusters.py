@@ -99,6 +99,40 @@ def test_check_refuses_rl_actors_on_the_head(tmp_path, capsys):
     assert "fit the head node, which must schedule no RL actors" in capsys.readouterr().err
 
 
+BAD_CLUSTER_FILES = {
+    "binary": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not UTF-8 text"),
+    "latin1": ("available_node_types: {k\u00f6ln: {resources: {CPU: 1}}}\n".encode("latin-1"), "not UTF-8 text"),
+    "empty": (b"", "neither a Ray cluster-launcher YAML"),
+    "bad_yaml": (b"available_node_types: {gpu: [1, 2}\n", "not valid YAML at line 1"),
+    "types_a_list": (b"available_node_types: [gpu_node]\n", "available_node_types must map node type names"),
+    "resources_text": (b"available_node_types: {gpu_node: {resources: lots}}\n",
+                       "available_node_types.gpu_node is not shaped as Ray expects"),
+    "gpu_count_text": (b"available_node_types: {gpu_node: {resources: {GPU: eight}}}\n",
+                       "available_node_types.gpu_node is not shaped as Ray expects"),
+    "kuberay_no_containers": (b"kind: RayCluster\nspec: {headGroupSpec: {template: {spec: {}}}}\n",
+                              "headGroupSpec is not shaped as Ray expects (missing 'containers')"),
+    "kuberay_bad_group": (b"kind: RayCluster\nspec:\n  headGroupSpec: {template: {spec: {containers: [{}]}}}\n"
+                          b"  workerGroupSpecs: [{replicas: two, groupName: g}]\n",
+                          "workerGroupSpecs[0] is not shaped as Ray expects"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CLUSTER_FILES))
+def test_check_refuses_a_bad_cluster_file_in_one_line(case, tmp_path, capsys):
+    """Binary, non-UTF-8, empty, broken or wrongly shaped cluster files: one `error:` line
+    naming the file (and the field), never a traceback."""
+    from rlaif_ray.commands.cli import main
+
+    content, expected = BAD_CLUSTER_FILES[case]
+    bad = tmp_path / f"{case}.yaml"
+    bad.write_bytes(content)
+    assert main(["check", str(ROOT / "configs" / "quickstart.yaml"), "--cluster", str(bad)]) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(bad) in lines[0], err
+    assert expected in lines[0] and "Traceback" not in err, err
+
+
 def test_kuberay_rayjob_structure():
     job = yaml.safe_load((CLUSTERS / "kuberay-rayjob.yaml").read_text())
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob" and job["metadata"]["name"]

@@ -44,31 +44,68 @@ def _node_from_ray_start(params: dict, container: dict | None) -> dict[str, floa
 
 
 def read_cluster(path: str | Path) -> list[NodeType]:
-    """Node types of a cluster-launcher YAML or a KubeRay RayJob/RayCluster manifest."""
+    """Node types of a cluster-launcher YAML or a KubeRay RayJob/RayCluster manifest. A file
+    that is not UTF-8 YAML, or whose node types are wrongly shaped, is one ConfigError naming
+    the file and the field."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--cluster {path}: no such file")
-    docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if isinstance(d, dict)]
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if isinstance(d, dict)]
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--cluster {path}: not UTF-8 text (byte {e.start}); a cluster file is YAML") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"--cluster {path}: not valid YAML{where} ({getattr(e, 'problem', None) or e})") from None
     for doc in docs:
         if "available_node_types" in doc:
-            head = doc.get("head_node_type")
-            return [NodeType(name, {k: float(v) for k, v in (t.get("resources") or {}).items()},
-                             int(t.get("min_workers", 0)), int(t.get("max_workers", 0)), head=name == head)
-                    for name, t in doc["available_node_types"].items()]
-        spec = doc.get("spec") or {}
+            return _launcher_nodes(path, doc)
+        spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else {}
         cluster = spec.get("rayClusterSpec") or (spec if doc.get("kind") == "RayCluster" else None)
         if cluster:
-            head = cluster["headGroupSpec"]
-            out = [NodeType("head", _node_from_ray_start(head.get("rayStartParams") or {},
-                                                          head["template"]["spec"]["containers"][0]), 0, 0, head=True)]
-            for g in cluster.get("workerGroupSpecs") or []:
-                n = int(g.get("replicas", 0))
-                out.append(NodeType(g["groupName"], _node_from_ray_start(g.get("rayStartParams") or {},
-                                                                         g["template"]["spec"]["containers"][0]),
-                                    int(g.get("minReplicas", n)), int(g.get("maxReplicas", n))))
-            return out
+            return _kuberay_nodes(path, cluster)
     raise ConfigError(f"--cluster {path}: neither a Ray cluster-launcher YAML (available_node_types) "
                       "nor a KubeRay RayJob/RayCluster manifest")
+
+
+def _shape_error(path: Path, field: str, e: Exception) -> ConfigError:
+    what = f"missing {e}" if isinstance(e, KeyError) else str(e)
+    return ConfigError(f"--cluster {path}: {field} is not shaped as Ray expects ({what})")
+
+
+def _launcher_nodes(path: Path, doc: dict) -> list[NodeType]:
+    types, head = doc["available_node_types"], doc.get("head_node_type")
+    if not isinstance(types, dict) or not types:
+        raise ConfigError(f"--cluster {path}: available_node_types must map node type names to their settings")
+    out = []
+    for name, t in types.items():
+        try:
+            out.append(NodeType(str(name), {str(k): float(v) for k, v in (t.get("resources") or {}).items()},
+                                int(t.get("min_workers", 0)), int(t.get("max_workers", 0)), head=name == head))
+        except (AttributeError, TypeError, ValueError) as e:
+            raise _shape_error(path, f"available_node_types.{name}", e) from None
+    return out
+
+
+def _kuberay_nodes(path: Path, cluster) -> list[NodeType]:
+    def container(group: dict) -> dict:
+        return group["template"]["spec"]["containers"][0]
+
+    try:
+        head = cluster["headGroupSpec"]
+        out = [NodeType("head", _node_from_ray_start(head.get("rayStartParams") or {}, container(head)), 0, 0,
+                        head=True)]
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+        raise _shape_error(path, "headGroupSpec", e) from None
+    for i, g in enumerate(cluster.get("workerGroupSpecs") or []):
+        try:
+            n = int(g.get("replicas", 0))
+            out.append(NodeType(str(g["groupName"]), _node_from_ray_start(g.get("rayStartParams") or {}, container(g)),
+                                int(g.get("minReplicas", n)), int(g.get("maxReplicas", n))))
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+            raise _shape_error(path, f"workerGroupSpecs[{i}]", e) from None
+    return out
 
 
 def plan(cfg: Config, nodes: list[NodeType]) -> list[str]:
