@@ -6,6 +6,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
+def _pin_xdist_worker() -> None:
+    """Under pytest-xdist (`make test` runs -n 2), each worker and all it starts (its own local
+    Ray, the actors, vLLM's engine process) computes on its own share of the cores. Unpinned,
+    two workers' runs each size their torch threads for every core (torch_threads: auto), so
+    twice the threads compute at once and OpenMP's barriers wait on threads the other run has
+    descheduled. Pinned, `auto` sees the worker's share (rlaif_ray.cpu.threads.machine_cores)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity") \
+            or os.environ.get("RLAIF_TEST_PIN", "1") == "0":
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= count:
+        os.sched_setaffinity(0, cores[int(worker[2:]) % count::count])
+
+
+_pin_xdist_worker()
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from rlaif_ray.engines.models import DEFAULT_MODEL, load_tokenizer
