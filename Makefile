@@ -10,7 +10,7 @@ VSTAMP := $(VENV)/.setup-vllm-done
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-vllm demo demo-vllm test test-fast bench bench-labeler gpu-check gpu-model image clean
+.PHONY: setup setup-vllm demo demo-vllm test test-fast bench bench-labeler gpu-check gpu-bench gpu-model image clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,12 @@ GPU_DTYPE ?= auto
 GPU_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 gpu-check:
 	$(GPU_PY) -m benchmarks.gpu_check --device $(DEVICE) --model $(GPU_MODEL) --dtype $(GPU_DTYPE) $(if $(SKIP),--skip $(SKIP))
+
+# the learner step (tokens/s, MFU, peak memory) and HF generation at Qwen2.5-1.5B and -7B shapes,
+# random weights built from their configs (nothing downloaded): one JSON line
+GPU_SHAPES ?= qwen2.5-1.5b,qwen2.5-7b
+gpu-bench:
+	$(GPU_PY) -m benchmarks.gpu_bench --device $(DEVICE) --shapes $(GPU_SHAPES)
 
 # a small random model with the real tokenizer (~15 MB) to carry to a GPU box without model files
 gpu-model: setup

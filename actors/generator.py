@@ -25,7 +25,7 @@ from rlaif_ray.engines.devices import dtype_name
 from rlaif_ray.engines.hf import HFEngine
 from rlaif_ray.run.memory import PeakRSS
 
-from .process import ActorProcess
+from .process import ActorProcess, exit_if_engine_dead, watch_engine
 
 
 class RolloutGenerator:
@@ -36,6 +36,7 @@ class RolloutGenerator:
         self.backend = load_engine(generation["backend"], model_name, device, dtype, vllm=vllm)
         if isinstance(self.backend, HFEngine):
             self.proc.tune(self.backend.model)
+        watch_engine(name, self.backend)  # vLLM in processes of its own: a dead one ends this actor
         self.weight_dtype = dtype_name(self.backend.dtype)  # what the learner casts weights to
         self.version = 0
         self._staged = None  # (weights, version) received but not yet installed
@@ -74,7 +75,7 @@ class RolloutGenerator:
     def receive_weights(self, version: int) -> int:
         """The broadcast path: rank 0's buckets are loaded into the engine as they arrive (no
         staged copy of the model), so this waits for a batch being generated to finish."""
-        with self._lock, PeakRSS() as mem:
+        with self._lock, PeakRSS() as mem, exit_if_engine_dead(self.name):
             self._compute_threads.add(threading.get_ident())
             t0 = time.perf_counter()
             self.backend.receive_weights(self.weight_spec, version, self.name, self.bucket_bytes)
@@ -101,12 +102,12 @@ class RolloutGenerator:
 
     def continuation_logprobs(self, prompt: list[int], continuation: list[int]) -> list[float]:
         """log p(continuation | prompt) at temperature 1 under the installed weights."""
-        with self._lock:
+        with self._lock, exit_if_engine_dead(self.name):
             self._install_staged()
             return self.backend.continuation_logprobs(prompt, continuation)
 
     def digest(self) -> tuple[int, float]:
-        with self._lock:
+        with self._lock, exit_if_engine_dead(self.name):
             self._install_staged()
             return self.version, self.backend.digest()
 

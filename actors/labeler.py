@@ -20,7 +20,7 @@ from rlaif_ray.feedback.labeling import LocalLabels, Preferences, load_judge
 from rlaif_ray.feedback.pairs import load_exemplars
 from rlaif_ray.feedback.rewards import RewardSources, row_fields
 
-from .process import ActorProcess
+from .process import ActorProcess, watch_engine
 
 
 def with_cost(metas: list[str], cost: dict) -> list[str]:
@@ -58,6 +58,8 @@ class Labeler:
             self.judge, self.model_name = load_judge(cfg, model_name, dtype, device, vllm)
             if local_model(self.judge) is not None:
                 self.proc.tune(local_model(self.judge))
+            # vLLM in processes of its own: a dead one ends this actor (Ray restarts it)
+            watch_engine(name, getattr(self.judge.labels, "engine", None))
         self.reward = RewardSources(cfg)
         self.unusable = 0  # labels whose tokens held too little probability (counted)
 

@@ -18,7 +18,7 @@ from collections import deque
 
 import ray
 
-from rlaif_ray.config import Config, judge_sources, reference_on_labelers
+from rlaif_ray.config import Config, broadcasts_weights, judge_sources, reference_on_labelers
 from rlaif_ray.cpu.allocator import learner_env
 from rlaif_ray.data import schemas
 from rlaif_ray.data.tasks import prompt_batch
@@ -195,7 +195,7 @@ class Pipeline:
         self.reference_temperature = cfg.generation.temperature if reference_on_labelers(cfg) else None
         p = cfg.pipeline
         gpus = p.learner.num_gpus > 0 and p.generators.num_gpus > 0
-        self.broadcast = p.weight_sync == "broadcast" or (p.weight_sync == "auto" and gpus)
+        self.broadcast = broadcasts_weights(p)
         self.group_device, self.regroup = ("cuda" if gpus else "cpu"), self.broadcast
         self.max_retries = max(p.generators.max_restarts, p.labelers.max_restarts)
         self.recoveries: list[dict] = []

@@ -20,6 +20,33 @@ import torch
 from .metrics import RoleMetrics
 
 
+def engine_died(name: str, detail: str) -> None:
+    """vLLM's engine process died inside this live actor (a GPU fault, an OOM kill, an NCCL
+    abort): the engine cannot be restarted in place, so the actor ends as if it had crashed.
+    Ray then restarts it (max_restarts) and the driver's recovery runs as for any dead actor:
+    the shard re-dispatched once the new process has the current weights."""
+    print(f"{name}: vLLM's engine process died ({detail}); exiting so Ray restarts this actor", flush=True)
+    os._exit(70)
+
+
+def watch_engine(name: str, engine) -> None:
+    """A vLLM engine in processes of its own: end this actor when one of them dies, even in
+    the middle of a call that would otherwise wait on it for ever (VLLMEngine.watch_engine)."""
+    if hasattr(engine, "watch_engine"):
+        engine.watch_engine(lambda pid: engine_died(name, f"process {pid} exited"))
+
+
+@contextmanager
+def exit_if_engine_dead(name: str):
+    """A call that raised vLLM's EngineDeadError: engine_died."""
+    try:
+        yield
+    except Exception as err:
+        if type(err).__name__ == "EngineDeadError":  # vllm.v1.engine.exceptions; no vLLM import on other paths
+            engine_died(name, f"{type(err).__name__}: {err}")
+        raise
+
+
 class ActorProcess:
     """`role`: generator, labeler, learner, reward_model, endpoint (the dashboard's tag);
     `device`: cpu or cuda (rlaif_ray.engines.devices.role_device); `release_memory`: hand
@@ -50,10 +77,12 @@ class ActorProcess:
     @contextmanager
     def busy(self, metric: str = "batch_s"):
         """Around one compute call: its seconds count as busy and go to the dashboard as
-        `metric`; then (CPU) the heap the call freed goes back to the OS."""
+        `metric`; then (CPU) the heap the call freed goes back to the OS. A dead engine
+        process ends the actor (exit_if_engine_dead)."""
         t0 = time.perf_counter()
         try:
-            yield
+            with exit_if_engine_dead(self.name):
+                yield
         finally:
             dt = time.perf_counter() - t0
             self.busy_s += dt

@@ -491,6 +491,11 @@ class RLConfig(_Strict):
     # recompute each layer's activations in the backward pass instead of keeping them:
     # less learner memory for more learner time (BENCHMARKS.md "Settings chosen by measurement")
     gradient_checkpointing: bool = False
+    # tokens (each row's prompt and response) per forward and backward on a learner rank: its
+    # shard goes through in micro-batches whose gradients add up before the one optimizer
+    # step, the same update as one pass to float rounding (a prompt's samples stay together:
+    # its group baseline). 0: the whole shard in one pass
+    micro_batch_tokens: int = Field(0, ge=0)
     # each distinct prompt through the policy and the reference once for all its samples (one
     # packed sequence per prompt with a block attention mask: lm.PromptGroups); off = one full
     # sequence per sample. Same log-probs to float rounding (tests/test_shared_prompts.py)
@@ -573,6 +578,11 @@ class VLLMConfig(_Strict):
     # model.dtype (bf16 on GPU and on CPUs that compute bf16 with vector instructions, else
     # fp32); bfloat16 or float32: as given, on any device
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    # vLLM's engine core in a process of its own (true) or inside the actor (false). auto: its
+    # own process on GPU (vLLM's default there), inside the actor on CPU, where weight updates
+    # from the object store then reach the model by reference. In its own process they go
+    # through a safetensors file in shared memory (rlaif_ray.engines.vllm_engine.load_weights)
+    engine_process: Union[bool, Literal["auto"]] = "auto"
 
     @field_validator("kv_cache_gib")
     @classmethod
@@ -625,12 +635,35 @@ class PipelineConfig(_Strict):
     batch_timeout_s: float = Field(1800.0, gt=0)  # one generation/labeling call
     # object_store: rank 0's weights through Ray's object store (CPU; any cluster);
     # broadcast: rank 0 broadcasts to the generators over a process group of their own
-    # (NCCL on GPU, gloo on CPU); auto: broadcast when learner and generators have GPUs
+    # (NCCL on GPU, gloo on CPU); auto: broadcast when learner and generators each have
+    # whole GPUs, the object store when either shares a GPU (NCCL takes one member a GPU)
     weight_sync: Literal["auto", "object_store", "broadcast"] = "auto"
     # the pre-flight check compares the layout with what Ray reports at start; an
     # autoscaling cluster starts small, so give its full-scale totals here, e.g. {GPU: 64}
     cluster_resources: dict[str, float] = {}
     check_resources: bool = True  # refuse, before any actor starts, a layout the cluster cannot hold
+
+    @model_validator(mode="after")
+    def _one_gpu_per_nccl_member(self):
+        """NCCL refuses two members of one group on one GPU ("Duplicate GPU detected"), and Ray
+        may place two actors of a fractional num_gpus on the same one."""
+        shared = [k for k in ("generators", "learner") if 0 < getattr(self, k).num_gpus < 1]
+        if self.weight_sync == "broadcast" and self.learner.num_gpus > 0 and self.generators.num_gpus > 0 and shared:
+            raise ValueError(f"weight_sync=broadcast runs NCCL, which takes one GPU per member, but pipeline."
+                             f"{shared[0]}.num_gpus={getattr(self, shared[0]).num_gpus:g} lets two members share "
+                             "a GPU: use weight_sync: auto or object_store with shared GPUs, or whole GPUs")
+        if self.learner.num_actors > 1 and 0 < self.learner.num_gpus < 1:
+            raise ValueError(f"pipeline.learner.num_gpus={self.learner.num_gpus:g} with num_actors="
+                             f"{self.learner.num_actors}: the learner's ranks form an NCCL group, which takes one GPU "
+                             "per rank; give each rank a whole GPU (num_gpus: 1)")
+        return self
+
+
+def broadcasts_weights(p: PipelineConfig) -> bool:
+    """pipeline.weight_sync resolved: broadcast, or auto where learner and generators each
+    hold whole GPUs (a shared GPU goes through the object store)."""
+    whole = p.learner.num_gpus >= 1 and p.generators.num_gpus >= 1
+    return p.weight_sync == "broadcast" or (p.weight_sync == "auto" and whole)
 
 
 class EvalConfig(_Strict):

@@ -77,6 +77,9 @@ def rubric_text(name: str, rubric) -> str:
     if rubric.template is not None:
         return rubric.template
     try:
-        return Path(rubric.template_file).read_text(encoding="utf-8")
+        text = Path(rubric.template_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"reward.rubrics.{name}.template_file: cannot read {rubric.template_file} ({e})") from None
+    if not text.strip():
+        raise ValueError(f"reward.rubrics.{name}.template_file: {rubric.template_file} is empty")
+    return text

@@ -9,13 +9,21 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_learner import _batch, _weights
+from test_learner import _batch, _batch4, _weights
 
 CFG = dict(lr=1e-3, samples_per_prompt=2, seed=3)
 
 
+def _rows(rl: dict) -> list[dict]:
+    """The batch: _batch, or with micro-batches _batch4 (4 prompts)."""
+    return _batch4() if rl.get("micro_batch_tokens") else _batch().to_pylist()
+
+
 def _shards(rows):
-    """What LearnerGroup.shard gives 2 ranks: one prompt each."""
+    """What LearnerGroup.shard gives 2 ranks: one prompt each; or (4 prompts) p0, p1 on rank 0
+    (26 tokens) and the longer q0, q1 on rank 1 (36)."""
+    if len(rows) > 4:
+        return [[r for r in rows if r["prompt_id"].startswith(p)] for p in ("p", "q")]
     return [[r for r in rows if r["prompt_id"] == p] for p in ("p0", "p1")]
 
 
@@ -33,7 +41,7 @@ def _rank(rank: int, world: int, port: int, model: str, out: str, rl: dict) -> N
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     learner = PolicyLearner(model, rl, 0.9)
     assert learner.sharded and type(next(learner.policy.parameters())).__name__ == "DTensor"
-    rows = _batch().to_pylist()
+    rows = _rows(rl)
     stats = [learner.step(_shards(rows)[rank], _tokens(rows), len(rows)) for _ in range(2)]
     weights = _weights(learner)  # a collective: every rank gathers
     learner.save(Path(out) / "ckpt", {"step": 2})
@@ -52,18 +60,22 @@ def _two_ranks(model: str, out: Path, rl: dict) -> list[list[dict]]:
 
 
 @pytest.mark.slow  # two gloo processes
-@pytest.mark.parametrize("rl", [dict(CFG, gradient_checkpointing=True), dict(CFG, baseline="value")],
-                         ids=["group_mean+checkpointing", "value_baseline"])
+@pytest.mark.parametrize("rl", [dict(CFG, gradient_checkpointing=True), dict(CFG, baseline="value"),
+                                # rank 0's shard fits 30 tokens, rank 1's needs 2 passes: both run 2
+                                dict(CFG, baseline="value", micro_batch_tokens=30)],
+                         ids=["group_mean+checkpointing", "value_baseline", "micro_batches"])
 def test_two_gloo_ranks_match_one_rank_and_resume_on_one(tiny_model_path, tmp_path, rl):
     from transformers import AutoModelForCausalLM
 
     from rlaif_ray.rl.learner import PolicyLearner
 
     sharded = _two_ranks(tiny_model_path, tmp_path, rl)
-    one = PolicyLearner(tiny_model_path, {**rl, "gradient_checkpointing": False}, 0.9)
+    one = PolicyLearner(tiny_model_path, {**rl, "gradient_checkpointing": False, "micro_batch_tokens": 0}, 0.9)
     assert not one.sharded
-    rows = _batch().to_pylist()
+    rows = _rows(rl)
     single = [one.step(rows, _tokens(rows), len(rows)) for _ in range(2)]
+    if rl.get("micro_batch_tokens"):
+        assert [[s["micro_batches"] for s in r] for r in sharded] == [[2, 2], [2, 2]]
     for step in range(2):  # the ranks' loss sums add up to the one-rank loss of the whole batch
         for key in ("loss_sum", "pg_loss_sum", "kl_sum", "tokens"):
             assert sum(s[step][key] for s in sharded) == pytest.approx(single[step][key], abs=1e-5), key

@@ -102,3 +102,23 @@ def test_vllm_tensor_parallel_engines_hold_their_gpus():
     with pytest.raises(ConfigError, match=r"num_gpus=2: a vLLM engine uses more than one GPU only with "
                                           r"vllm.tensor_parallel_size=2"):
         _vllm(generators={"num_gpus": 2})
+
+
+def test_shared_gpus_never_put_two_nccl_members_on_one_gpu():
+    """NCCL takes one GPU per member ("Duplicate GPU detected" otherwise): a fractional num_gpus
+    with the broadcast path, or a learner group on shared GPUs, is one line at validation; auto
+    sends the weights of a shared-GPU layout through the object store instead."""
+    from rlaif_ray.config import broadcasts_weights
+
+    shared = {"learner": {"num_gpus": 0.5}, "generators": {"num_gpus": 0.5}}
+    with pytest.raises(ConfigError, match=r"weight_sync=broadcast runs NCCL, which takes one GPU per member, but "
+                                          r"pipeline.generators.num_gpus=0.5 lets two members share a GPU"):
+        cfg(**shared, weight_sync="broadcast")
+    with pytest.raises(ConfigError, match=r"pipeline.learner.num_gpus=0.5 with num_actors=2: the learner's ranks "
+                                          r"form an NCCL group"):
+        cfg(learner={"num_actors": 2, "num_gpus": 0.5})
+    assert not broadcasts_weights(cfg(**shared).pipeline)  # auto: the object store
+    assert not broadcasts_weights(cfg(learner={"num_gpus": 1}, generators={"num_gpus": 0.5}).pipeline)
+    assert broadcasts_weights(cfg(learner={"num_gpus": 1}, generators={"num_gpus": 1}).pipeline)
+    assert not broadcasts_weights(cfg().pipeline)  # CPU: the object store unless asked
+    assert broadcasts_weights(cfg(weight_sync="broadcast").pipeline)  # gloo on CPU: no GPU to share

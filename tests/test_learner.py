@@ -228,3 +228,59 @@ def test_a_checkpoint_saved_with_another_adamw_kernel_resumes_on_the_fused_one(t
     theirs = _weights(resumed)
     for k, v in _weights(learner).items():
         np.testing.assert_array_equal(theirs[k], v, err_msg=k)
+
+
+def _batch4() -> list[dict]:
+    """_batch's two prompts and two more (q0, q1) whose responses are twice as long: groups of
+    13, 13, 18 and 18 tokens (prompt + response of each row)."""
+    rows = _batch().to_pylist()
+    more = [dict(r, prompt_id=r["prompt_id"].replace("p", "q"), rollout_id=r["rollout_id"].replace(":p", ":q"),
+                 response_token_ids=r["response_token_ids"] * 2, behaviour_logprobs=r["behaviour_logprobs"] * 2)
+            for r in rows]
+    return rows + more
+
+
+def test_micro_batches_keep_prompt_groups_within_the_token_budget():
+    from rlaif_ray.rl.learner import plan_micro_batches
+
+    rows = _batch4()
+
+    def groups(plan):
+        return [sorted({rows[i]["prompt_id"] for i in mb}) for mb in plan]
+
+    assert plan_micro_batches(rows, 0) == [list(range(8))]  # 0: one pass
+    plan = plan_micro_batches(rows, 31)  # the fewest within 31 tokens: a long group with a short one
+    assert groups(plan) == [["p0", "q0"], ["p1", "q1"]]
+    assert sorted(i for mb in plan for i in mb) == list(range(8))
+    assert all(sum(len(rows[i]["prompt_token_ids"]) + len(rows[i]["response_token_ids"]) for i in mb) <= 31
+               for mb in plan)
+    assert groups(plan_micro_batches(rows, 1)) == [["q0"], ["q1"], ["p0"], ["p1"]]  # over the budget: one group each
+    assert len(plan_micro_batches(rows, 0, count=3)) == 3  # as many as another rank needs
+    assert len(plan_micro_batches(rows, 0, count=9)) == 4  # never more than one per group
+    assert plan_micro_batches([], 16) == [[]]
+
+
+@pytest.mark.parametrize("baseline", ["group_mean", "value"])
+def test_micro_batches_give_the_update_of_one_pass(tiny_model_path, baseline):
+    """rl.micro_batch_tokens: the shard in 2 or 4 forward/backward passes whose gradients add up
+    gives the one-pass update (two steps: the second uses AdamW state and a nonzero KL; with
+    the value baseline the head starts at the whole batch's mean return)."""
+    from rlaif_ray.config import RLConfig
+    from rlaif_ray.rl.learner import PolicyLearner
+
+    rows = _batch4()
+    counts = (sum(len(r["response_token_ids"]) for r in rows), len(rows))
+    runs = {}
+    for budget in (0, 31, 1):
+        learner = PolicyLearner(tiny_model_path, RLConfig(lr=1e-3, samples_per_prompt=2, baseline=baseline,
+                                                          micro_batch_tokens=budget), 0.9)
+        runs[budget] = ([learner.step(rows, *counts) for _ in range(2)], _weights(learner))
+    (one, w1) = runs[0]
+    for budget, passes in ((31, 2), (1, 4)):
+        stats, w = runs[budget]
+        assert [s["micro_batches"] for s in stats] == [passes, passes] and one[0]["micro_batches"] == 1
+        for key in ("loss_sum", "pg_loss_sum", "value_loss_sum", "kl_sum", "tokens", "return_sum"):
+            assert [s[key] for s in stats] == pytest.approx([s[key] for s in one], abs=1e-5), (budget, key)
+        assert [s["grad_norm"] for s in stats] == pytest.approx([s["grad_norm"] for s in one], rel=1e-4)
+        for k in w1:
+            np.testing.assert_allclose(w[k], w1[k], atol=1e-6, err_msg=f"{budget} {k}")

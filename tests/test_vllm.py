@@ -81,19 +81,50 @@ def test_vllm_generator_actor_logprobs_and_weight_updates(ray_local, tokenizer):
         version, _ = ray.get(gen.digest.remote())
         assert version == 1
         assert ray.get(gen.info.remote())["prefix_caching"] is True
-        rollouts = ray.get(gen.generate.remote(prompt_batch(prompts.train[:1]), 1, 1, 0))
-        assert rollouts.column("policy_version").to_pylist() == [1]
+        rollouts = ray.get(gen.generate.remote(prompt_batch(prompts.train[:2]), 1, 2, 7))
+        assert rollouts.column("policy_version").to_pylist() == [1] * 4
+        # one seed per batch (the workers' generator seeded before it, no per-request seeds): a
+        # prompt's two samples still differ (same-seed repeats: test_one_seed_per_batch_repeats)
+        tokens = rollouts.column("response_token_ids").to_pylist()
+        assert tokens[0] != tokens[1] and tokens[2] != tokens[3]
     finally:
         ray.kill(gen)
+
+
+def test_one_seed_per_batch_repeats_its_samples(tokenizer):
+    """VLLMEngine.generate seeds the workers' generator once per batch (per-request seeds put
+    every request on vLLM's slow sampling path): the same prompts and seed give the same
+    samples, another seed others, and repeated prompts in one batch differ. fp32, so that the
+    prefix cache's reuse of the prompts' KV (a different kernel path) changes no logit."""
+    from rlaif_ray.engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine("smollm2-135m-instruct", dtype="float32", device="cpu", max_model_len=128, kv_sequences=8,
+                        weight_dtype="float32")
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"]
+               for t in ("Once upon a time", "The best way to cook rice", "Hello", "Why is the sky blue")] * 2
+    kw = dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16)
+    first, again, other = (engine.generate(prompts, seed=s, **kw)[0] for s in (3, 3, 4))
+    assert first == again and first != other
+    assert all(first[i] != first[i + 4] for i in range(4))  # a repeated prompt's samples differ
 
 
 @pytest.mark.parametrize("sync", [["pipeline.weight_sync=object_store"],
                                   # bucketed broadcast into the vLLM workers: 270 MB (bf16) or 540 MB (fp32) in 64 MB buckets
                                   ["pipeline.weight_sync=broadcast", "pipeline.sync_bucket_mb=64"]],
                          ids=["object_store", "broadcast-buckets"])
-def test_train_with_vllm_generators(ray_local, tmp_path, sync):
+def test_train_with_vllm_generators_in_their_engine_process(ray_local, tmp_path, sync):
+    """The GPU process topology on CPU: vLLM's engine core in its own process
+    (pipeline.generators.vllm.engine_process, vLLM's default on GPU), where no Python object
+    but picklable arguments reaches the model. Both weight paths install every version; in
+    the broadcast run the engine process is killed after step 1 (as a GPU fault or an OOM
+    kill would), the generator actor exits on the EngineDeadError, Ray restarts it, it
+    catches up through the object store (a shared-memory file) and rejoins the weight group."""
     import json
+    import threading
+    import time
     from pathlib import Path
+
+    import psutil
 
     from rlaif_ray.commands.train import train
     from rlaif_ray.config import load_config
@@ -103,18 +134,40 @@ def test_train_with_vllm_generators(ray_local, tmp_path, sync):
     # the broadcast run forces the dtype this CPU's rule would not pick (pipeline.generators.vllm.dtype):
     # the learner casts to whatever the engine holds, both ways get exercised on any machine
     rule = vllm_dtype("auto", "cpu")
-    dtype = ("float32" if rule == "bfloat16" else "bfloat16") if "broadcast" in sync[0] else rule
+    kill = "broadcast" in sync[0]
+    dtype = ("float32" if rule == "bfloat16" else "bfloat16") if kill else rule
     root = Path(__file__).resolve().parents[1]
+    steps = 3
     cfg = load_config(root / "configs" / "quickstart-vllm.yaml", [
-        "rl.steps=2", "rl.prompts_per_step=2", "rl.samples_per_prompt=2", "generation.max_new_tokens=12", "eval.num_prompts=0",
-        "eval.signal_posts=0", "pipeline.learner.num_cpus=0.5", "rl.max_staleness=0", f"run.out_dir={tmp_path}", *sync]
+        f"rl.steps={steps}", "rl.prompts_per_step=2", "rl.samples_per_prompt=2", "generation.max_new_tokens=12",
+        "eval.num_prompts=0", "eval.signal_posts=0", "pipeline.learner.num_cpus=0.5", "rl.max_staleness=0",
+        f"run.out_dir={tmp_path}", "pipeline.generators.vllm.engine_process=true", *sync]
         + (["pipeline.generators.vllm.dtype=" + dtype] if dtype != rule else []))
-    run = train(cfg, tmp_path / "run", log=lambda *_: None)
-    assert json.loads((run / "summary.json").read_text())["generator_weight_dtype"] == dtype
-    assert [m["policy_version"] for m in read_metrics(run)] == [1, 2]
+    run, result, lines = tmp_path / "run", {}, []
+    worker = threading.Thread(target=lambda: result.setdefault("run", train(cfg, run, log=lines.append)))
+    worker.start()
+    engine = None
+    if kill:
+        deadline = time.time() + 600
+        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
+            assert time.time() < deadline and worker.is_alive(), lines[-5:]
+            time.sleep(0.2)
+        actor = psutil.Process(json.loads((run / "processes.json").read_text())["generator-0"])
+        engine = next(p for p in actor.children(recursive=True) if "EngineCore" in " ".join(p.cmdline() + [p.name()]))
+        engine.kill()
+    worker.join(timeout=900)
+    assert "run" in result, f"the run did not finish: {lines[-5:]}"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["generator_weight_dtype"] == dtype
+    assert [m["policy_version"] for m in read_metrics(run)] == list(range(1, steps + 1))
     table = read_rollouts(run)
-    assert table.num_rows == 8 and set(table.column("generator").to_pylist()) == {"generator-0"}
-    assert max(table.column("policy_version").to_pylist()) == 1  # the second batch came from synced weights
+    ids = table.column("rollout_id").to_pylist()
+    assert len(ids) == len(set(ids)) == steps * 4 and set(table.column("generator").to_pylist()) == {"generator-0"}
+    # each batch sampled by the version trained before it: every update reached the engine process
+    assert table.column("policy_version").to_pylist() == [v for v in range(steps) for _ in range(4)]
+    if kill:
+        assert any("shard" in r for r in summary["recoveries"]), summary["recoveries"]
+        assert summary["processes"]["generator-0"] != actor.pid and not engine.is_running()
 
 
 def test_vllm_labeler_matches_hf_labeler(ray_local):

@@ -27,9 +27,11 @@ def map_columns(rows: list[dict], columns: dict[str, str], where: str) -> list[d
     """The data's columns also under the names a task reads (task.columns: {name: column}; the
     originals stay, so a rubric or a reward may name either); a column the data lacks is one
     DataError naming the source and the column."""
+    if not rows:
+        raise DataError(f"{where}: no rows (the file is empty)")
     if not columns:
         return rows
-    present = set().union(*(r.keys() for r in rows)) if rows else set()
+    present = set().union(*(r.keys() for r in rows))
     for ours, theirs in columns.items():
         if theirs not in present:
             raise DataError(f"{where}: no column {theirs!r} (task.columns.{ours}); its columns are "

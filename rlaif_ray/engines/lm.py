@@ -2,9 +2,11 @@
 inputs, response log-probs, sampling. Every tensor is built on the device it is given (the
 model's), never on the default device.
 
-Logits always come from the model's own forward (`head_logits`), so whatever a family does
-after its LM head (Gemma-2's final soft-capping, Cohere's logit_scale) applies everywhere;
-the head runs on the positions needed only. Sampling uses exactly the settings passed
+Logits come from the model's own forward (`head_logits`), so whatever a family does after
+its LM head (Gemma-2's final soft-capping, Cohere's logit_scale) applies everywhere; the head
+runs on the positions needed only. The learner's log-probs run the head in chunks of
+positions (`chunked_logprobs`) when the model's logits are its head's output as they are
+(`ResponseScorer.plain_head`), so no [positions, vocabulary] tensor exists beyond a chunk. Sampling uses exactly the settings passed
 (`generate`): the model's generation_config.json adds no logits processor. The learner
 evaluates the distribution the sampler drew from (`sampled_logprobs`: temperature, then
 top-k, then top-p, as transformers and vLLM apply them)."""
@@ -60,14 +62,15 @@ def response_inputs(prompts: list[list[int]], responses: list[list[int]], pad_id
             torch.tensor(rmask, dtype=torch.float32, device=device), P)
 
 
-def head_logits(model, keep, hidden: bool = False, **inputs):
+def head_logits(model, keep, hidden: bool = False, logits: bool = True, **inputs):
     """Logits of the model's own forward (its LM head and whatever the model applies after it:
     Gemma-2's final soft-capping, Cohere's logit_scale), computed at the kept positions only
     (the vocabulary is large: no full-vocabulary logits for the others). `keep`: an int (the
     last `keep` positions) or a 1-D index tensor, the same for every row (the model's
     `logits_to_keep`: logits [B, K, V]); or a [B, K] tensor of positions per row (the head's
     input is gathered per row by a pre-hook on the output embeddings). Returns (logits,
-    the last hidden states at those positions [B, K, H] if `hidden`, else None)."""
+    the last hidden states at those positions [B, K, H] if `hidden`, else None); with
+    `logits` False the head runs on no position and the first is None (chunked_logprobs)."""
     head = model.get_output_embeddings()
     per_row = torch.is_tensor(keep) and keep.dim() == 2
     seen = []
@@ -79,8 +82,9 @@ def head_logits(model, keep, hidden: bool = False, **inputs):
         if per_row:
             h = h[torch.arange(h.shape[0], device=h.device)[:, None], keep]
         seen.append(h)
-        return (h, *args[1:])
+        return (h if logits else h[..., :0, :], *args[1:])
 
+    hidden = hidden or not logits
     handle = head.register_forward_pre_hook(pick) if (per_row or hidden) else None
     try:
         out = model(**inputs, logits_to_keep=0 if per_row else keep)
@@ -89,7 +93,31 @@ def head_logits(model, keep, hidden: bool = False, **inputs):
             handle.remove()
     if handle is not None and len(seen) != 1:
         raise RuntimeError(f"{type(model).__name__}: its forward ran the output embeddings {len(seen)} times, not once")
-    return out.logits, (seen[0] if hidden else None)
+    return (out.logits if logits else None), (seen[0] if hidden else None)
+
+
+# positions per chunk of the LM head in the learner's log-probs (ResponseScorer.logprob_chunk):
+# the largest [positions, vocab] tensor; at 152k vocabulary a 1024-row chunk is 0.6 GB in fp32
+LOGPROB_CHUNK = 1024
+
+
+def chunked_logprobs(head, h: torch.Tensor, tokens: torch.Tensor, temperature: float, top_k: int = 0,
+                     top_p: float = 1.0, chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
+    """sampled_logprobs(head(h), tokens) computed `chunk` positions at a time (h [..., H],
+    tokens [...]): each chunk's logits in fp32, its log-softmax and the gather, then dropped;
+    under autograd each chunk is recomputed in the backward (torch.utils.checkpoint), so no
+    [positions, vocabulary] tensor outlives its chunk, forward or backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    flat_h, flat_t = h.reshape(-1, h.shape[-1]), tokens.reshape(-1)
+
+    def one(hc, tc):
+        return sampled_logprobs(head(hc).float(), tc, temperature, top_k, top_p)
+
+    grad = torch.is_grad_enabled() and flat_h.requires_grad
+    parts = [checkpoint(one, flat_h[i:i + chunk], flat_t[i:i + chunk], use_reentrant=False) if grad
+             else one(flat_h[i:i + chunk], flat_t[i:i + chunk]) for i in range(0, flat_t.shape[0], chunk)]
+    return (torch.cat(parts) if parts else flat_h.new_zeros(0, dtype=torch.float32)).view(tokens.shape)
 
 
 SORT_ELEMENTS = 1 << 24  # top-p sorts the vocabulary: rows at a time, about this many elements per chunk
@@ -147,26 +175,46 @@ class ResponseScorer(torch.nn.Module):
     `model.lm_head` separately from outside would bypass the root's unshard hooks. The
     logits come from the model's own forward (head_logits), on response positions only."""
 
-    def __init__(self, model, value_head: torch.nn.Module | None = None):
+    def __init__(self, model, value_head: torch.nn.Module | None = None, logprob_chunk: int = LOGPROB_CHUNK):
         super().__init__()
         self.model, self.value_head = model, value_head
+        # positions per chunk of the LM head (chunked_logprobs); 0: all logits at once
+        self.logprob_chunk = logprob_chunk
+        self._plain_head: bool | None = None  # the model's logits are its head's output (plain_head)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, start: int | None, temperature: float,
                 top_k: int = 0, top_p: float = 1.0, groups: "PromptGroups | None" = None):
+        chunked = bool(self.logprob_chunk) and self.plain_head()
         if groups is not None:  # prompts shared by their responses (PromptGroups): [G, K] outputs
             allowed = attention_mask_4d(self.model, groups.attention, next(self.model.parameters()).dtype)
-            logits, h = head_logits(self.model, groups.keep, hidden=self.value_head is not None, input_ids=ids,
-                                    attention_mask=allowed, position_ids=groups.positions, use_cache=False)
-            tokens = groups.targets
+            keep, inputs, tokens = groups.keep, dict(attention_mask=allowed, position_ids=groups.positions), groups.targets
         else:
             # the states before each response token: positions start-1 .. T-2
             keep = torch.arange(start - 1, ids.shape[1] - 1, device=ids.device)
-            logits, h = head_logits(self.model, keep, hidden=self.value_head is not None, input_ids=ids,
-                                    attention_mask=mask, position_ids=positions(mask), use_cache=False)
-            tokens = ids[:, start:]
-        logp = sampled_logprobs(logits.float(), tokens, temperature, top_k, top_p)
+            inputs, tokens = dict(attention_mask=mask, position_ids=positions(mask)), ids[:, start:]
+        logits, h = head_logits(self.model, keep, hidden=self.value_head is not None, logits=not chunked,
+                                input_ids=ids, use_cache=False, **inputs)
+        if chunked:
+            logp = chunked_logprobs(self.model.get_output_embeddings(), h, tokens, temperature, top_k, top_p,
+                                    self.logprob_chunk)
+        else:
+            logp = sampled_logprobs(logits.float(), tokens, temperature, top_k, top_p)
         values = self.value_head(h).float().squeeze(-1) if self.value_head is not None else None
         return logp, values
+
+    def plain_head(self) -> bool:
+        """Whether the model's logits are its output embeddings' output as they are (checked
+        once, on three tokens): then the log-probs may run the head in chunks. A family that
+        changes them after the head (Gemma-2's soft-capping, Cohere's logit_scale) keeps the
+        model's own forward. Sharded, every rank runs this check in its first forward."""
+        if self._plain_head is None:
+            dev = next(self.model.parameters()).device
+            with torch.no_grad():
+                ids = torch.tensor([[1, 2, 3]], device=dev)
+                logits, h = head_logits(self.model, 1, hidden=True, input_ids=ids, use_cache=False)
+                mine = self.model.get_output_embeddings()(h)
+            self._plain_head = bool(torch.allclose(mine.float(), logits.float(), rtol=1e-3, atol=1e-3))
+        return self._plain_head
 
 
 def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,

@@ -1,9 +1,13 @@
 """The vLLM engine (same interface as rlaif_ray.engines.hf.HFEngine), used by the generator
 (`generation.backend: vllm`), the labeler (`reward.backend: vllm`) and the endpoint.
 
-The engine runs inside the actor's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the
-actor already is a separate process, and in-process weight updates pass tensors by
-reference instead of serialising them. Weight updates use vLLM's in-place reload
+Where the engine core runs (a pool's vllm.engine_process): on CPU inside the actor's own
+process by default (VLLM_ENABLE_V1_MULTIPROCESSING=0): the actor already is a separate
+process, and in-process weight updates pass tensors by reference. On GPU in vLLM's own engine
+process (its default), where nothing but picklable arguments crosses `collective_rpc`: the
+object-store path writes the weights to one safetensors file in shared memory and each vLLM
+worker streams it into its model (`WeightReceiver.rlaif_load_weights_file`); the broadcast
+path receives inside the workers in both cases. Weight updates use vLLM's in-place reload
 (`reload_weights` with checkpoint-format names), which re-runs the CPU backend's weight
 packing (q/k/v fusion, oneDNN prepacking); the prefix cache is reset after each update
 so no KV computed with old weights is reused.
@@ -11,6 +15,10 @@ so no KV computed with old weights is reused.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import threading
+import time
 
 import torch
 
@@ -21,11 +29,15 @@ INSTALL_HINT = ("vLLM is not installed. On CUDA machines: pip install -e '.[vllm
                 "torchvision/torchaudio/torchcodec it pulls in, which break beside this torch).")
 
 
-def _import_vllm(device: str = "cpu"):
-    # CPU: the engine inside this process (the object-store path hands it tensors by reference).
-    # GPU: vLLM's own engine process and workers (weights reach them through the weight group)
-    if device == "cpu":
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+def engine_in_process(device: str, engine_process: bool | str = "auto") -> bool:
+    """Whether the engine core runs inside this process (VLLMConfig.engine_process; auto:
+    on CPU only)."""
+    return device == "cpu" if engine_process == "auto" else not engine_process
+
+
+def _import_vllm(device: str = "cpu", engine_process: bool | str = "auto"):
+    # vLLM reads this when an engine starts (vllm.envs looks it up on each access)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if engine_in_process(device, engine_process) else "1"
     try:
         import vllm
     except ImportError as e:
@@ -54,16 +66,42 @@ def kv_cache_bytes(kv_cache_gib: float | str, token_bytes: int, max_model_len: i
     return int(token_bytes * max_model_len * sequences * 1.1)
 
 
+def write_shared_weights(weights: dict, dtype: torch.dtype) -> str:
+    """`weights` cast to `dtype` in one safetensors file for vLLM's engine process: in
+    /dev/shm (memory) where it has room, else the temp folder; readable by this user only.
+    Returns its path; the caller removes it."""
+    from safetensors.torch import save_file
+
+    size = sum(v.numel() for v in weights.values()) * dtype.itemsize
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 1.1 * size + (64 << 20) \
+        else tempfile.gettempdir()
+    fd, path = tempfile.mkstemp(prefix="rlaif-ray-weights-", suffix=".safetensors", dir=base)
+    os.close(fd)
+    try:
+        save_file({k: v.to("cpu", dtype).contiguous() for k, v in weights.items()}, path)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path
+
+
+def _child_pids() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
 class VLLMEngine:
     def __init__(self, model_name: str, dtype: str = "auto", device: str = "cpu",
                  max_model_len: int | None = None, kv_cache_gib: float | str = "auto", kv_sequences: int = 0,
                  seed: int = 0,
                  logprobs_mode: str = "processed_logprobs", gpu_memory_utilization: float = 0.85,
                  tensor_parallel_size: int = 1, enforce_eager: bool | None = None, max_num_seqs: int | None = None,
-                 weight_dtype: str = "auto"):
+                 weight_dtype: str = "auto", engine_process: bool | str = "auto"):
         # weight_dtype: the pool's vllm.dtype; auto: bf16 on GPU and on CPUs with fast bf16, else fp32
         dtype = vllm_dtype(dtype, device, choice=weight_dtype)
-        vllm = _import_vllm(device)
+        vllm = _import_vllm(device, engine_process)
+        self.in_process = engine_in_process(device, engine_process)
         from rlaif_ray.engines.models import load_tokenizer, model_context, resolve
 
         self.tok = load_tokenizer(model_name)
@@ -95,10 +133,36 @@ class VLLMEngine:
             # processes on them, each a rank of the learner's weight group
             kwargs.update(tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="mp")
         self.weight_ranks = tensor_parallel_size
+        started = _child_pids()
         self.llm = vllm.LLM(**kwargs)
+        # the engine core and its workers, when they run in processes of their own (watch_engine)
+        self.engine_pids = sorted(_child_pids() - started) if not self.in_process else []
         self.prefix_caching = bool(self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
         self.dtype = getattr(torch, dtype)
         self._vllm = vllm
+
+    def watch_engine(self, on_death, every_s: float = 1.0) -> None:
+        """Call `on_death(pid)` from a daemon thread once a process of the engine (its core or a
+        worker) has died. vLLM 0.32's offline LLM notices a dead engine core, but a call that
+        was waiting on it then waits for ever (the output thread stops without passing on the
+        error), so a caller that must not hang watches the processes itself."""
+        import psutil
+
+        procs = [psutil.Process(pid) for pid in self.engine_pids]
+
+        def watch():
+            while True:
+                for p in procs:
+                    try:
+                        alive = p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                    except psutil.NoSuchProcess:
+                        alive = False
+                    if not alive:
+                        return on_death(p.pid)
+                time.sleep(every_s)
+
+        if procs:
+            threading.Thread(target=watch, name="vllm-engine-watch", daemon=True).start()
 
     def _prompts(self, seqs):
         from vllm.inputs import TokensPrompt
@@ -106,9 +170,12 @@ class VLLMEngine:
         return [TokensPrompt(prompt_token_ids=list(s)) for s in seqs]
 
     def generate(self, prompts: list[list[int]], *, temperature, top_p, top_k, max_new_tokens, seed):
-        params = [self._vllm.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k or 0,
-                                            max_tokens=max_new_tokens, logprobs=0, seed=seed * 100_003 + i)
-                  for i in range(len(prompts))]
+        """One batch sampled from one seed: the workers' torch generator is seeded before it
+        (a seed per request would give each its own generator, vLLM's slow sampling path),
+        so the same batch and seed give the same samples, in a restarted actor too."""
+        params = self._vllm.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k or 0,
+                                           max_tokens=max_new_tokens, logprobs=0)
+        self.llm.collective_rpc("rlaif_seed", args=(seed,))
         outs = self.llm.generate(self._prompts(prompts), params, use_tqdm=False)
         tokens, logps, truncated = [], [], []
         for o in outs:
@@ -172,12 +239,21 @@ class VLLMEngine:
 
     def load_weights(self, weights: dict) -> None:
         """Install new weights (HF checkpoint names, torch tensors) in the running engine (the
-        object-store path; the engine runs in this process there)."""
+        object-store path, and a restarted generator's catch-up on either path). In this
+        process: by reference. In vLLM's engine process: through one safetensors file in
+        shared memory, which each worker streams into its model and which is removed after."""
         from rlaif_ray.engines.vllm_worker import with_tied_head
 
         tied = "lm_head.weight" not in weights
-        pairs = with_tied_head(((k, v.to(self.dtype)) for k, v in weights.items()), tied)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs, "is_checkpoint_format": True})
+        if self.in_process:
+            pairs = with_tied_head(((k, v.to(self.dtype)) for k, v in weights.items()), tied)
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs, "is_checkpoint_format": True})
+        else:
+            path = write_shared_weights(weights, self.dtype)
+            try:
+                self.llm.collective_rpc("rlaif_load_weights_file", args=(path, tied))
+            finally:
+                os.unlink(path)
         self.llm.reset_prefix_cache()
 
     def join_weight_group(self, master: str, port: int, first_rank: int, world: int, backend: str,

@@ -36,6 +36,25 @@ class WeightReceiver:
         return version
 
 
+    def rlaif_seed(self, seed: int) -> None:
+        """The sampler's generator for the next batch (requests without a seed of their own
+        draw from torch's default generator of the worker's device)."""
+        import torch
+
+        torch.manual_seed(seed)  # the CPU's and every CUDA device's
+
+    def rlaif_load_weights_file(self, path: str, tied_lm_head: bool) -> None:
+        """The object-store path into vLLM's engine process: stream the safetensors file the
+        engine wrote (rlaif_ray.engines.vllm_engine.write_shared_weights) into the model, one
+        tensor at a time onto this worker's device."""
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device=str(getattr(self, "device", "cpu"))) as f:
+            stream = ((name, f.get_tensor(name)) for name in f.keys())
+            self.model_runner.reload_weights(weights_iterator=with_tied_head(stream, tied_lm_head),
+                                             is_checkpoint_format=True)
+
+
 def with_tied_head(stream, tied: bool):
     """The learner sends a tied LM head once (as the embedding); vLLM's loader may ask for it
     by its own name too."""

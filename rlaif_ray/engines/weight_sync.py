@@ -149,6 +149,10 @@ def send_buckets(group, named, tensor_spec: list, version: int, bucket_bytes: in
         sent += buf.numel()
         largest = max(largest, buf.numel())
         del buf
+    if str(device).startswith("cuda"):
+        # NCCL's wait() only orders this device's stream after the broadcast; the host returns
+        # at once. Wait for the transfer so the caller's clock (weight_broadcast_s) measures it
+        torch.cuda.synchronize(device)
     return {"bytes": sent, "largest_bucket": largest}
 
 

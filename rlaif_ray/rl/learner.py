@@ -61,6 +61,35 @@ def loss_normalisers(response_token_ids: list[list[int]], reward_ok: list[bool])
     return max(sum(len(t) for t, u in zip(response_token_ids, ok) if u), 1), max(sum(ok), 1)
 
 
+def plan_micro_batches(rows: list[dict], budget: int, count: int | None = None) -> list[list[int]]:
+    """Row indices of each micro-batch: a prompt's rows (its group baseline) never split, the
+    groups dealt largest first to the lightest micro-batch (by tokens: prompt + response of
+    each row). `count` micro-batches (at most one per group), or with None the fewest whose
+    every micro-batch stays within `budget` tokens (0: one); a group over the budget alone
+    is one micro-batch of its own. Each micro-batch lists its rows in their order in `rows`."""
+    groups: dict = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r["prompt_id"], []).append(i)
+    size = {g: sum(len(rows[i]["prompt_token_ids"]) + len(rows[i]["response_token_ids"]) for i in idx)
+            for g, idx in groups.items()}
+    order = sorted(groups, key=lambda g: -size[g])
+
+    def deal(k: int) -> list[list]:
+        bins = [[0, []] for _ in range(k)]
+        for g in order:
+            b = min(bins, key=lambda x: x[0])
+            b[0] += size[g]
+            b[1].append(g)
+        return bins
+
+    if count is None:
+        count = 1
+        while budget and count < len(order) and any(t > budget and len(gs) > 1 for t, gs in deal(count)):
+            count += 1
+    bins = deal(max(1, min(count, len(order))))
+    return [sorted(i for g in gs for i in groups[g]) for _, gs in bins if gs] or [[]]
+
+
 def _decoder_layers(model) -> list:
     """The transformer blocks of a HF causal LM (its `_no_split_modules` classes): FSDP's units."""
     layers = decoder_layers(model)
@@ -191,30 +220,64 @@ class PolicyLearner:
     def step(self, rows: list[dict], num_tokens: int, num_seqs: int, beta: float | None = None) -> dict:
         """One update on this rank's rows (SCORED fields). Losses are normalised by the global
         batch (`num_tokens`, `num_seqs`: the usable tokens and rows of every rank's rows, as
-        `loss_normalisers` counts them), so gradients summed over ranks are the one-rank
-        gradient of the whole batch. Rows with `reward_ok` false stay out of the loss, the
-        baselines and the metrics. `beta`: this step's KL weight in place of rl.beta (the
-        adaptive KL controller's, rl.kl_control). Raises NonFiniteError (on every rank)
-        before any change."""
+        `loss_normalisers` counts them), so gradients summed over ranks and micro-batches
+        (rl.micro_batch_tokens) are the one-pass gradient of the whole batch. Rows with
+        `reward_ok` false stay out of the loss, the baselines and the metrics. `beta`: this
+        step's KL weight in place of rl.beta (the adaptive KL controller's, rl.kl_control).
+        Raises NonFiniteError (on every rank) before any change to the weights."""
         t0 = time.perf_counter()
+        beta = self.rl.beta if beta is None else beta
+        parts = [[rows[i] for i in idx] for idx in self._micro_batches(rows)]
+        # the value head starts at the whole batch's mean return (before any of its losses)
+        shift = self._value_start_shift(sum(self._return_sums(p, beta) for p in parts)) \
+            if self.value_bias is not None and not self.value_started else None
+        self.opt.zero_grad(set_to_none=True)
+        totals: dict = {}
+        for part in parts:
+            stats = self._accumulate(part, num_tokens, num_seqs, beta, shift)
+            totals = {k: totals.get(k, 0) + v for k, v in stats.items()}
+        grad_norm, value_grad_norm = self._apply(shift)
+        return {**totals, "grad_norm": float(grad_norm), "value_grad_norm": float(value_grad_norm),
+                "rows": max(len(rows), 1), "micro_batches": len(parts), "step_s": time.perf_counter() - t0}
+
+    def _micro_batches(self, rows: list[dict]) -> list[list[int]]:
+        """plan_micro_batches for rl.micro_batch_tokens; sharded, every rank runs as many
+        (FSDP's forward and backward are collectives): the most any rank needs, at most one
+        per prompt group of the rank with the fewest."""
+        budget = self.rl.micro_batch_tokens
+        plan = plan_micro_batches(rows, budget)
+        if self.world == 1 or not budget:
+            return plan
+        import torch.distributed as dist
+
+        need = torch.tensor([len(plan), -len({r["prompt_id"] for r in rows})], device=self.device)
+        dist.all_reduce(need, op=dist.ReduceOp.MAX)
+        return plan_micro_batches(rows, budget, count=min(int(need[0]), -int(need[1])))
+
+    def _return_sums(self, rows: list[dict], beta: float) -> torch.Tensor:
+        """[sum of the returns over the usable tokens, their count] under the current policy
+        (no gradient): what the value head's starting bias is computed from."""
+        with torch.no_grad():
+            b = self._batch(rows)
+        return rl.return_sums(b["logp"], b["ref_logp"], b["reward"], b["mask"], b["usable"], beta,
+                              self.rl.kl_estimator)
+
+    def _accumulate(self, rows: list[dict], num_tokens: int, num_seqs: int, beta: float,
+                    shift: torch.Tensor | None) -> dict:
+        """One micro-batch: forward, its share of the loss, backward (gradients add up)."""
         cfg = self.rl
-        beta = cfg.beta if beta is None else beta
         b = self._batch(rows)
-        shift = None
-        if b["values"] is not None and not self.value_started:
-            shift = self._value_start_shift(rl.return_sums(b["logp"], b["ref_logp"], b["reward"], b["mask"],
-                                                           b["usable"], beta, cfg.kl_estimator))
-            if shift is not None:  # none usable: the next batch starts it
-                b["values"] = b["values"] + shift  # as if the bias had been there in this forward
+        if shift is not None:
+            b["values"] = b["values"] + shift  # as if the bias had been there in this forward
         out = rl.surrogate(b["logp"], b["ref_logp"], b["behaviour"], b["reward"], b["mask"], usable=b["usable"],
                            values=b["values"], group_ids=[r["prompt_id"] for r in rows], beta=beta,
                            estimator=cfg.kl_estimator, baseline=cfg.baseline, is_clip=cfg.is_clip, how=cfg.loss_agg,
                            value_coef=cfg.value_coef, num_tokens=num_tokens, num_seqs=num_seqs)
         self._check_finite(rows, out["loss"], b["reward"], b["usable"])
-        grad_norm, value_grad_norm = self._apply(out["loss"], shift)
-        return {**self._step_stats(out, b, cfg.is_clip), "grad_norm": float(grad_norm),
-                "value_grad_norm": float(value_grad_norm), "rows": max(len(rows), 1),
-                "step_s": time.perf_counter() - t0}
+        # FSDP averages gradients over ranks; the loss is already a share of the global batch,
+        # so scale it back to get their sum
+        (out["loss"] * self.world if self.sharded else out["loss"]).backward()
+        return self._step_stats(out, b, cfg.is_clip)
 
     def _batch(self, rows: list[dict]) -> dict:
         """The tensors of a step: the policy's log-probs (with the gradient) and values, the
@@ -247,12 +310,9 @@ class PolicyLearner:
             raise NonFiniteError(f"non-finite loss or reward at learner rank {self.rank}; "
                                  f"non-finite rewards in rollouts {bad[:5]}; batch {rows[0].get('batch_index')}")
 
-    def _apply(self, loss: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backward, clip, AdamW step; returns the policy's and the value head's gradient norms."""
-        self.opt.zero_grad(set_to_none=True)
-        # FSDP averages gradients over ranks; the loss is already a share of the global batch,
-        # so scale it back to get their sum
-        (loss * self.world if self.sharded else loss).backward()
+    def _apply(self, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """After the backward passes: the value head's start, clip, AdamW step; returns the
+        policy's and the value head's gradient norms."""
         if shift is not None:  # the bias where this step's values put it (its gradient is the same)
             with torch.no_grad():
                 _local(self.value_bias).add_(shift.to(self.value_bias.dtype))
