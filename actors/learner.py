@@ -53,13 +53,14 @@ class LearnerWorker:
 
     def setup(self, master: str | None = None, port: int | None = None, timeout_s: float = 300.0) -> int:
         """Join the learner group (more than one rank) and load the models."""
+        store = None
         if self.world_size > 1:
             backend = collective_backend(self.device)
             store = self._stores["train"] if self.rank == 0 else \
                 weight_sync.join_store(master, port, self.world_size, timeout_s)
             dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
                                     timeout=datetime.timedelta(seconds=timeout_s))
-        self.learner = PolicyLearner(**self.args)
+        self.learner = PolicyLearner(**self.args, store=store)
         return os.getpid()
 
     def train_step(self, shard: pa.RecordBatch, num_tokens: int, num_seqs: int, beta: float | None = None) -> dict:

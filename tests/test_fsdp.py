@@ -117,3 +117,46 @@ def test_load_is_strict(tiny_model_path, tmp_path):
     save_file(weights, str(tmp_path / "c" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(RuntimeError, match="model.norm.weight"):
         PolicyLearner(tiny_model_path, CFG, 0.9).load(tmp_path / "c")
+
+
+def _slow_read_rank(rank: int, world: int, port: int, model: str, ckpt: str, out: str) -> None:
+    """A rank of a group whose collectives time out after 3 s, resuming while rank 0's read of
+    the checkpoint takes 6 s (as a 7B checkpoint's ~90 GB would take minutes)."""
+    import time
+
+    import torch.distributed as dist
+
+    from rlaif_ray.rl import learner as learner_module
+
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, world, False, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=3))
+    read = learner_module._load_weights
+    learner_module._load_weights = lambda path: (time.sleep(6), read(path))[1]
+    learner = learner_module.PolicyLearner(model, CFG, 0.9, store=store)
+    learner.load(ckpt)
+    weights = _weights(learner)
+    if rank == 0:
+        np.savez(Path(out) / "resumed.npz", **weights)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two gloo processes
+def test_ranks_wait_for_rank0s_checkpoint_read_outside_any_collective(tiny_model_path, tmp_path):
+    """While rank 0 reads a checkpoint the other ranks wait on the group's TCP store: a
+    collective would time out (NCCL's watchdog would abort the process). Both ranks then
+    hold the checkpoint's weights."""
+    import torch.distributed as dist
+
+    from rlaif_ray.rl.learner import PolicyLearner
+
+    one = PolicyLearner(tiny_model_path, CFG, 0.9)
+    rows = _batch().to_pylist()
+    one.step(rows, _tokens(rows), len(rows))
+    one.save(tmp_path / "ckpt", {"step": 1})
+    store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+    mp.start_processes(_slow_read_rank, args=(2, store.port, tiny_model_path, str(tmp_path / "ckpt"), str(tmp_path)),
+                       nprocs=2, start_method="spawn")
+    resumed, saved = dict(np.load(tmp_path / "resumed.npz")), _weights(one)
+    for k in saved:
+        np.testing.assert_allclose(resumed[k], saved[k], atol=1e-6, err_msg=k)

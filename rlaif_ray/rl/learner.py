@@ -15,6 +15,7 @@ the KL are computed in float32.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from contextlib import nullcontext
@@ -26,6 +27,10 @@ from rlaif_ray.engines import lm
 from rlaif_ray.engines.devices import compute_dtype, dtype_name, enable_tf32
 from rlaif_ray.engines.models import decoder_layers, load_model, load_tokenizer
 from rlaif_ray.rl import losses as rl
+
+
+# how long the other ranks wait for rank 0 to read a checkpoint (PolicyLearner._wait_for_rank0)
+LOAD_WAIT = datetime.timedelta(hours=2)
 
 
 class NonFiniteError(RuntimeError):
@@ -118,7 +123,8 @@ class PolicyLearner:
     (lm.sampled_logprobs), so the on-policy importance ratio is 1."""
 
     def __init__(self, model_name: str, rl_cfg, temperature: float, device: str = "cpu", dtype: str = "auto",
-                 shard_model: bool | None = None, top_k: int = 0, top_p: float = 1.0, reference: bool = True):
+                 shard_model: bool | None = None, top_k: int = 0, top_p: float = 1.0, reference: bool = True,
+                 store=None):
         import torch.distributed as dist
 
         from rlaif_ray.config import RLConfig
@@ -149,6 +155,8 @@ class PolicyLearner:
         self.autocast = (not self.sharded) and self.compute != torch.float32
         self.opt = self._optimizer()
         self.steps = 0
+        # the group's TCP store (torch.distributed): where ranks wait for rank 0's checkpoint read
+        self.store, self._loads = store, 0
 
     def _build_policy(self, policy) -> None:
         """The policy (fp32 master weights) with its value head when rl.baseline is value,
@@ -377,6 +385,20 @@ class PolicyLearner:
         return lm.shared_prompt_logprobs(scorer, prompts, responses, self.pad, self.temperature, top_k, top_p,
                                          share=self.rl.shared_prompts)
 
+    def _wait_for_rank0(self, failed: bool) -> None:
+        """The ranks other than 0 wait for rank 0's checkpoint read on the group's TCP store
+        (`store`), not inside a collective: a 7B policy's checkpoint is ~90 GB, and NCCL's
+        watchdog tears down a collective that waits past the group's timeout (gloo raises).
+        The collectives that follow then find every rank ready."""
+        if self.world == 1 or self.store is None:
+            return
+        key = f"rlaif-ray/load/{self._loads}"
+        self._loads += 1
+        if self.rank == 0:
+            self.store.set(key, "failed" if failed else "read")
+        else:
+            self.store.wait([key], LOAD_WAIT)
+
     def _agree_failed(self, failed: bool) -> bool:
         """Whether any rank failed (every rank learns it, so all stop together)."""
         if self.world == 1:
@@ -492,6 +514,7 @@ class PolicyLearner:
                            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
             else:
                 problem = self._optimizer_problem(path, optim_sd, model_sd)
+        self._wait_for_rank0(bool(problem))
         if self._agree_failed(bool(problem)):
             raise RuntimeError(problem or f"checkpoint {path} does not match the model (see learner rank 0)")
         bcast = self.world > 1
