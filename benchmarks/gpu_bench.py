@@ -26,12 +26,12 @@ import time
 
 import torch
 
-# the published configs' shapes (Hugging Face Qwen/Qwen2.5-1.5B and Qwen/Qwen2.5-7B config.json)
+from rlaif_ray.run.gpu_memory import KNOWN_SHAPES
+
+# the published configs' shapes (Qwen/Qwen2.5-1.5B and -7B config.json: the project's plan keeps them)
 SHAPES = {
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "qwen2.5-1.5b": KNOWN_SHAPES["Qwen/Qwen2.5-1.5B-Instruct"],
+    "qwen2.5-7b": KNOWN_SHAPES["Qwen/Qwen2.5-7B-Instruct"],
     # the suite's CPU run: the same code, a shape that steps in seconds
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True),

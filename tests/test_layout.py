@@ -122,3 +122,42 @@ def test_shared_gpus_never_put_two_nccl_members_on_one_gpu():
     assert broadcasts_weights(cfg(learner={"num_gpus": 1}, generators={"num_gpus": 1}).pipeline)
     assert not broadcasts_weights(cfg().pipeline)  # CPU: the object store unless asked
     assert broadcasts_weights(cfg(weight_sync="broadcast").pipeline)  # gloo on CPU: no GPU to share
+
+
+def test_the_memory_plan_per_gpu_by_hand():
+    """rlaif_ray/run/gpu_memory.py on a small shape: parameters, a learner rank's state,
+    reference, activations and logits, an engine's weights, KV room and need."""
+    from rlaif_ray.run import gpu_memory as gm
+
+    s = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True)
+    P = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64 + 1000 * 64
+    assert gm.param_count(s) == P
+    assert gm.kv_bytes_per_token(s) == 2 * 2 * 2 * 16 * 2
+    m = gm.learner_gib(s, ranks=2, tokens=100, checkpointing=True, reference=True, chunk=10)
+    layer = 100 * (10 * 64 + 3 * 128) * 2
+    assert m == pytest.approx({"state": 16 * P / 2 / 2**30, "reference": 2 * P / 2 / 2**30,
+                               "activations": (100 * 64 * 2 * 2 + layer) / 2**30, "logits": 4 * 10 * 1000 * 4 / 2**30})
+    e = gm.engine_gib(s, gpu_gib=10, share=0.5, tp=1, sequences=4, max_len=50)
+    assert e == pytest.approx({"weights": 2 * P / 2**30, "kv_room": 5 - 2 * P / 2**30 - gm.ENGINE_RESERVE_GIB,
+                               "kv_needed": 4 * 50 * 256 / 2**30})
+
+
+def test_check_prints_the_memory_plan_of_each_gpu_pool(capsys):
+    """`rlaif-ray check` on the shipped 8-GPU d-RLAIF config (its models' shapes are known
+    without downloading them): a line per pool; none for a CPU config."""
+    from pathlib import Path
+
+    from rlaif_ray.commands.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    assert main(["check", str(root / "configs/gpu/tldr-d-rlaif-8gpu.yaml"), "--gpu-gib", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "memory per GPU (estimates on 80 GiB GPUs" in out
+    assert "learner: 4 GPU(s), per GPU 14.6 GiB of 80 (18%): state 5.8, reference 0.7" in out
+    assert "generators: 2 x 1 GPU(s), per GPU 2.9 GiB of bf16 weights (Qwen/Qwen2.5-1.5B-Instruct)" in out
+    assert "labelers: 2 x 1 GPU(s), per GPU 14.2 GiB of bf16 weights (Qwen/Qwen2.5-7B-Instruct)" in out
+    assert main(["check", str(root / "configs/quickstart.yaml")]) == 0
+    assert "memory per GPU" not in capsys.readouterr().out
+    assert main(["check", str(root / "configs/quickstart.yaml"), "--gpu-gib", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: check --gpu-gib: must be a positive")

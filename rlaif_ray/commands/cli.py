@@ -106,6 +106,7 @@ def _labeler_commands(sub) -> None:
     p = sub.add_parser("check", help="validate a config (and its fit on a cluster file) without starting anything")
     _config_args(p)
     p.add_argument("--cluster", help="a Ray cluster YAML (clusters/*.yaml) or KubeRay manifest to plan the layout on")
+    p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU for the per-GPU plan (default 80)")
     sub.add_parser("prepare-model", help="convert the embedded default model to safetensors (cached)")
 
 
@@ -153,6 +154,15 @@ def _check(cfg, args) -> None:
 
     for line in thread_warnings(cfg):  # as train's preflight warns
         print(f"warning: {line}")
+    from rlaif_ray.run.gpu_memory import gpu_plan
+
+    if args.gpu_gib <= 0 or args.gpu_gib != args.gpu_gib:
+        raise ConfigError(f"check --gpu-gib: must be a positive number of GiB, got {args.gpu_gib:g}")
+    memory = gpu_plan(cfg, args.gpu_gib)
+    if memory:
+        print(f"memory per GPU (estimates on {args.gpu_gib:g} GiB GPUs; rlaif_ray/run/gpu_memory.py):")
+        for line in memory:
+            print("  " + line)
     if args.cluster:
         from rlaif_ray.run.cluster_plan import plan, read_cluster
 

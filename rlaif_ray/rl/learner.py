@@ -28,7 +28,6 @@ from rlaif_ray.engines.devices import compute_dtype, dtype_name, enable_tf32
 from rlaif_ray.engines.models import decoder_layers, load_model, load_tokenizer
 from rlaif_ray.rl import losses as rl
 
-
 # how long the other ranks wait for rank 0 to read a checkpoint (PolicyLearner._wait_for_rank0)
 LOAD_WAIT = datetime.timedelta(hours=2)
 
