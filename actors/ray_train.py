@@ -42,11 +42,12 @@ def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
-def _all_reduce(t):
+def _all_reduce(t, op: str = "sum"):
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)  # NCCL reduces CUDA tensors only: callers build t on the device
+        # NCCL reduces CUDA tensors only: callers build t on the device
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
 
 
@@ -90,11 +91,15 @@ def _sft_parts(c, model, device, rank, world, amp):
 
     train, held, pad = c["train"], c["eval"], c["pad"]
 
-    def batch_loss(batch):
+    def part_loss(batch, part):
+        """This worker's examples `part` of the global `batch`: their share of its loss."""
         tokens = sum(sum(1 for t in train[i]["labels"] if t != -100) for i in batch)
         with amp():
-            s, _ = supervised.sft_loss_sum(model, [train[i] for i in batch[rank::world]], pad, device)
+            s, _ = supervised.sft_loss_sum(model, [train[i] for i in part], pad, device)
         return s * world / max(tokens, 1)  # the global batch's token mean after DDP's average
+
+    def size(i: int) -> int:
+        return len(train[i]["ids"])
 
     def evaluate() -> dict:
         mine, tot = held[rank::world], torch.zeros(2, dtype=torch.float64, device=device)
@@ -106,7 +111,7 @@ def _sft_parts(c, model, device, rank, world, amp):
         _all_reduce(tot)
         return {"heldout_loss": float(tot[0] / max(tot[1], 1)), "heldout_tokens": int(tot[1])}
 
-    return batch_loss, evaluate
+    return part_loss, size, evaluate
 
 
 def _rm_parts(c, model, device, rank, world, amp):
@@ -116,14 +121,18 @@ def _rm_parts(c, model, device, rank, world, amp):
 
     train, held, pad, bs = c["train"], c["eval"], c["pad"], c["batch_size"]
 
-    def batch_loss(batch):
-        mine = [train[i] for i in batch[rank::world]]
+    def part_loss(batch, part):
+        """This worker's pairs `part` of the global `batch`: their share of its loss."""
+        mine = [train[i] for i in part]
         with amp():
             r_a = supervised.scores(model, [x["ids_a"] for x in mine], pad, device)
             r_b = supervised.scores(model, [x["ids_b"] for x in mine], pad, device)
         target = torch.tensor([x["target"] for x in mine], device=device)
         # DDP averages over ranks: scale the local sum so the mean is the global-batch mean
         return supervised.rm_loss(r_a, r_b, target).sum() * world / len(batch)
+
+    def size(i: int) -> int:
+        return len(train[i]["ids_a"]) + len(train[i]["ids_b"])
 
     def evaluate() -> dict:
         mine, ra, rb = held[rank::world], [], []
@@ -137,7 +146,7 @@ def _rm_parts(c, model, device, rank, world, amp):
                                          len(mine)], dtype=torch.float64, device=device))
         return {"heldout_accuracy": float(hits[0] / hits[1]) if hits[1] else float("nan"), "heldout_pairs": int(hits[1])}
 
-    return batch_loss, evaluate
+    return part_loss, size, evaluate
 
 
 def _load(c: dict):
@@ -164,7 +173,7 @@ def train_loop(c: dict) -> None:
     model = ray.train.torch.prepare_model(_load(c))
     amp, fused = _precision(device)
     opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"], **fused)
-    batch_loss, evaluate = (_sft_parts if c["kind"] == "sft" else _rm_parts)(c, model, device, rank, world, amp)
+    part_loss, size, evaluate = (_sft_parts if c["kind"] == "sft" else _rm_parts)(c, model, device, rank, world, amp)
 
     def held_out() -> dict:
         model.eval()
@@ -177,15 +186,35 @@ def train_loop(c: dict) -> None:
     for epoch in range(1, c["epochs"] + 1):
         total, steps, t0 = 0.0, 0, time.perf_counter()
         for batch in _batches(len(c["train"]), c["batch_size"], c["seed"], epoch):
-            loss = batch_loss(batch)
             opt.zero_grad()
-            loss.backward()
+            parts = _micro_batches(batch[rank::world], size, c["micro_batch_tokens"], device)
+            for j, part in enumerate(parts):
+                # DDP reduces the gradients once, in the last backward; the others accumulate
+                last = j == len(parts) - 1 or not hasattr(model, "no_sync")
+                with nullcontext() if last else model.no_sync():
+                    loss = part_loss(batch, part)
+                    loss.backward()
+                total += float(loss.detach())  # this rank's estimate of the global-batch mean
             torch.nn.utils.clip_grad_norm_(model.parameters(), c["max_grad_norm"])
             opt.step()
-            total += float(loss.detach())  # this rank's estimate of the global-batch mean
             steps += 1
         _report({"epoch": epoch, "train_loss": _mean_over_ranks(total / max(steps, 1), device), "steps": steps,
                  "epoch_s": time.perf_counter() - t0, **held_out()}, model, c["tokenizer"], history)
+
+
+def _micro_batches(mine: list[int], size, budget: int, device) -> list[list[int]]:
+    """This worker's examples `mine` in micro-batches of at most `budget` tokens (`size(i)`;
+    rlaif_ray.rl.learner.split_by_tokens). Every worker runs as many (DDP's forward is a
+    collective: it broadcasts buffers): the most any needs, at most one per example."""
+    import torch
+
+    from rlaif_ray.rl.learner import split_by_tokens
+
+    sizes = [size(i) for i in mine]
+    if not budget:
+        return [mine]
+    need = _all_reduce(torch.tensor([len(split_by_tokens(sizes, budget)), -len(mine)], device=device), "max")
+    return [[mine[k] for k in part] for part in split_by_tokens(sizes, budget, count=min(int(need[0]), -int(need[1])))]
 
 
 def loop_config(kind: str, section, init: str, train: list, held: list, pad: int) -> dict:
@@ -193,7 +222,7 @@ def loop_config(kind: str, section, init: str, train: list, held: list, pad: int
     return {"kind": kind, "init": init, "tokenizer": init, "train": train, "eval": held, "pad": pad,
             "epochs": section.epochs, "lr": section.lr, "weight_decay": section.weight_decay,
             "batch_size": section.batch_size, "max_grad_norm": section.max_grad_norm, "seed": section.seed,
-            "torch_threads": section.trainer.torch_threads}
+            "torch_threads": section.trainer.torch_threads, "micro_batch_tokens": section.trainer.micro_batch_tokens}
 
 
 def fit(loop_cfg: dict, tc: TrainerConfig, out: Path, name: str, log=print) -> list[dict]:

@@ -373,6 +373,10 @@ class TrainerConfig(_Strict):
     use_gpu: bool = False  # one GPU per worker
     torch_threads: int = Field(1, gt=0)  # torch threads per worker
     storage_path: Optional[str] = None  # Ray Train's run storage; None: beside the output folder
+    # tokens per forward and backward on a worker (SFT: each example's; RM: both responses'):
+    # a worker's share of a batch goes through in micro-batches whose gradients add up before
+    # the one optimizer step (every worker runs as many). 0: the share in one pass
+    micro_batch_tokens: int = Field(0, ge=0)
 
 
 class SFTConfig(_Strict):

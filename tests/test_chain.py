@@ -113,14 +113,17 @@ def test_run_executes_the_whole_chain(ray_local, tiny_model_path, tmp_path):
     """`run`: sft (2 Ray Train workers) -> sample-pairs -> label -> train-rm -> train with the
     reward model's actor -> eval, in one folder. Along the way: SFT lowers the held-out loss
     and leaves a loadable model; the RL loop's rewards are the reward model's own scores of
-    those responses (its actor never grades itself: a separate judge runs the win rate)."""
+    those responses (its actor never grades itself: a separate judge runs the win rate). SFT
+    and the RM train in micro-batches of at most 150 tokens a worker (DDP's no_sync path)."""
     from actors.reward_model import RewardModel
     from rlaif_ray.commands.run_chain import run_chain
     from rlaif_ray.engines.models import load_model
     from rlaif_ray.run.folder import read_rollouts
 
-    cfg = chain_cfg(tiny_model_path, tmp_path, reward={"source": "pairwise"},
-                    rm={"epochs": 1, "eval_data": "hh_helpful", "eval_n": 8}, eval={"num_prompts": 2, "win_rate": True})
+    micro = {"num_workers": 2, "num_cpus_per_worker": 0.5, "micro_batch_tokens": 150}
+    cfg = chain_cfg(tiny_model_path, tmp_path, reward={"source": "pairwise"}, sft={"trainer": micro},
+                    rm={"epochs": 1, "eval_data": "hh_helpful", "eval_n": 8, "trainer": micro},
+                    eval={"num_prompts": 2, "win_rate": True})
     folder = run_chain(cfg, tmp_path / "chain", log=lambda *_: None)
     steps = json.loads((folder / "chain.json").read_text())
     assert [s["step"] for s in steps] == ["sft", "sample-pairs", "label", "train-rm", "train", "eval"]

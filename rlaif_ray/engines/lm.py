@@ -71,7 +71,7 @@ def head_logits(model, keep, hidden: bool = False, logits: bool = True, **inputs
     input is gathered per row by a pre-hook on the output embeddings). Returns (logits,
     the last hidden states at those positions [B, K, H] if `hidden`, else None); with
     `logits` False the head runs on no position and the first is None (chunked_logprobs)."""
-    head = model.get_output_embeddings()
+    head = getattr(model, "module", model).get_output_embeddings()  # a DDP-wrapped model runs through its wrapper
     per_row = torch.is_tensor(keep) and keep.dim() == 2
     seen = []
 
@@ -203,18 +203,23 @@ class ResponseScorer(torch.nn.Module):
         return logp, values
 
     def plain_head(self) -> bool:
-        """Whether the model's logits are its output embeddings' output as they are (checked
-        once, on three tokens): then the log-probs may run the head in chunks. A family that
-        changes them after the head (Gemma-2's soft-capping, Cohere's logit_scale) keeps the
-        model's own forward. Sharded, every rank runs this check in its first forward."""
+        """head_is_plain for this scorer's model, checked once. Sharded, every rank runs the
+        check in its first forward."""
         if self._plain_head is None:
-            dev = next(self.model.parameters()).device
-            with torch.no_grad():
-                ids = torch.tensor([[1, 2, 3]], device=dev)
-                logits, h = head_logits(self.model, 1, hidden=True, input_ids=ids, use_cache=False)
-                mine = self.model.get_output_embeddings()(h)
-            self._plain_head = bool(torch.allclose(mine.float(), logits.float(), rtol=1e-3, atol=1e-3))
+            self._plain_head = head_is_plain(self.model)
         return self._plain_head
+
+
+def head_is_plain(model) -> bool:
+    """Whether a causal LM's logits are its output embeddings' output as they are (checked on
+    three tokens): then log-probs may run the head in chunks (chunked_logprobs). A family that
+    changes them after the head (Gemma-2's soft-capping, Cohere's logit_scale) keeps the
+    model's own forward."""
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        logits, h = head_logits(model, 1, hidden=True, input_ids=torch.tensor([[1, 2, 3]], device=dev), use_cache=False)
+        mine = model.get_output_embeddings()(h)
+    return bool(torch.allclose(mine.float(), logits.float(), rtol=1e-3, atol=1e-3))
 
 
 def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,

@@ -65,33 +65,39 @@ def loss_normalisers(response_token_ids: list[list[int]], reward_ok: list[bool])
     return max(sum(len(t) for t, u in zip(response_token_ids, ok) if u), 1), max(sum(ok), 1)
 
 
-def plan_micro_batches(rows: list[dict], budget: int, count: int | None = None) -> list[list[int]]:
-    """Row indices of each micro-batch: a prompt's rows (its group baseline) never split, the
-    groups dealt largest first to the lightest micro-batch (by tokens: prompt + response of
-    each row). `count` micro-batches (at most one per group), or with None the fewest whose
-    every micro-batch stays within `budget` tokens (0: one); a group over the budget alone
-    is one micro-batch of its own. Each micro-batch lists its rows in their order in `rows`."""
-    groups: dict = {}
-    for i, r in enumerate(rows):
-        groups.setdefault(r["prompt_id"], []).append(i)
-    size = {g: sum(len(rows[i]["prompt_token_ids"]) + len(rows[i]["response_token_ids"]) for i in idx)
-            for g, idx in groups.items()}
-    order = sorted(groups, key=lambda g: -size[g])
+def split_by_tokens(sizes: list[int], budget: int, count: int | None = None) -> list[list[int]]:
+    """Indices of items of `sizes` tokens in micro-batches: dealt largest first to the lightest.
+    `count` micro-batches (at most one per item), or with None the fewest whose every
+    micro-batch of more than one item stays within `budget` (0: one micro-batch). Each lists
+    its indices in order; [[]] for no items."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
 
     def deal(k: int) -> list[list]:
         bins = [[0, []] for _ in range(k)]
-        for g in order:
+        for i in order:
             b = min(bins, key=lambda x: x[0])
-            b[0] += size[g]
-            b[1].append(g)
+            b[0] += sizes[i]
+            b[1].append(i)
         return bins
 
     if count is None:
         count = 1
-        while budget and count < len(order) and any(t > budget and len(gs) > 1 for t, gs in deal(count)):
+        while budget and count < len(order) and any(t > budget and len(ix) > 1 for t, ix in deal(count)):
             count += 1
-    bins = deal(max(1, min(count, len(order))))
-    return [sorted(i for g in gs for i in groups[g]) for _, gs in bins if gs] or [[]]
+    return [sorted(ix) for _, ix in deal(max(1, min(count, len(order)))) if ix] or [[]]
+
+
+def plan_micro_batches(rows: list[dict], budget: int, count: int | None = None) -> list[list[int]]:
+    """Row indices of each micro-batch (split_by_tokens over prompt groups): a prompt's rows
+    (its group baseline) never split, a group's size the tokens of its rows (prompt +
+    response each); a group over the budget is a micro-batch of its own. Each micro-batch
+    lists its rows in their order in `rows`."""
+    groups: dict = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r["prompt_id"], []).append(i)
+    members = list(groups.values())
+    sizes = [sum(len(rows[i]["prompt_token_ids"]) + len(rows[i]["response_token_ids"]) for i in idx) for idx in members]
+    return [sorted(i for g in part for i in members[g]) for part in split_by_tokens(sizes, budget, count)]
 
 
 def _decoder_layers(model) -> list:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from rlaif_ray.config import Config, ConfigError, RMConfig, TrainerConfig
 from rlaif_ray.data.files import read_records
 from rlaif_ray.data.tasks import task_prompts
+from rlaif_ray.engines import lm
 from rlaif_ray.feedback.pairs import BUNDLED, load_pairs, normalize_text, read_label_input, rm_heldout
 
 
@@ -91,14 +92,33 @@ def sft_example(prompt_ids: list[int], response_ids: list[int], eos: int) -> dic
     return {"ids": ids, "labels": [-100] * len(prompt_ids) + response_ids + [eos]}
 
 
-def sft_loss_sum(model, batch: list[dict], pad: int, device: str = "cpu") -> tuple[torch.Tensor, int]:
-    """Summed token cross-entropy over the response tokens of a batch, and their count."""
+def sft_loss_sum(model, batch: list[dict], pad: int, device: str = "cpu",
+                 chunk: int = lm.LOGPROB_CHUNK) -> tuple[torch.Tensor, int]:
+    """Summed token cross-entropy over the response tokens of a batch, and their count.
+    `model` may be DDP-wrapped. The LM head runs on the response positions only, `chunk` of
+    them at a time (lm.chunked_logprobs: no [tokens, vocabulary] tensor beyond a chunk) when
+    the model's logits are its head's output (lm.head_is_plain); else, or with chunk 0, the
+    model's own logits at every position."""
     ids, mask = pad_right([b["ids"] for b in batch], pad, device)
     labels, _ = pad_right([b["labels"] for b in batch], -100, device, width=ids.shape[1])
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     target = labels[:, 1:]
+    inner = getattr(model, "module", model)
+    if chunk and _plain_head(inner):
+        _, h = lm.head_logits(model, 0, logits=False, input_ids=ids, attention_mask=mask)
+        scored = target != -100
+        logp = lm.chunked_logprobs(inner.get_output_embeddings(), h[:, :-1][scored], target[scored], 1.0,
+                                   chunk=chunk)
+        return -logp.sum(), int(scored.sum())
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum")
     return loss, int((target != -100).sum())
+
+
+def _plain_head(model) -> bool:
+    """lm.head_is_plain, checked once per model."""
+    if getattr(model, "_rlaif_plain_head", None) is None:
+        model._rlaif_plain_head = lm.head_is_plain(model)
+    return model._rlaif_plain_head
 
 
 def sft_data(cfg: Config, tok) -> tuple[list[dict], list[dict], dict]:
