@@ -34,12 +34,17 @@ def _tokens(rows):
 def _rank(rank: int, world: int, port: int, model: str, out: str, rl: dict) -> None:
     import torch.distributed as dist
 
+    from rlaif_ray.rl import learner as learner_module
     from rlaif_ray.rl.learner import PolicyLearner
 
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, world, False, timeout=datetime.timedelta(seconds=120))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    reads, load_model = [], learner_module.load_model
+    learner_module.load_model = lambda *a, **kw: (reads.append(a[0]), load_model(*a, **kw))[1]
     learner = PolicyLearner(model, rl, 0.9)
+    # the policy and the reference read from their files on rank 0 only (the others: meta, then rank 0's)
+    assert len(reads) == (2 if rank == 0 else 0), reads
     assert learner.sharded and type(next(learner.policy.parameters())).__name__ == "DTensor"
     rows = _rows(rl)
     stats = [learner.step(_shards(rows)[rank], _tokens(rows), len(rows)) for _ in range(2)]

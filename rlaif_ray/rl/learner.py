@@ -153,7 +153,7 @@ class PolicyLearner:
             raise ValueError("a learner group of more than one rank shards its model (FSDP); shard_model=False needs one")
         torch.manual_seed(self.rl.seed)
 
-        self._build_policy(load_model(model_name, "float32"))  # fp32 master weights
+        self._build_policy(self._load_lm("float32"))  # fp32 master weights
         if reference:
             self._load_reference()
         # unsharded bf16 compute: autocast (fp32 weights, bf16 matmuls); sharded: FSDP casts
@@ -186,7 +186,7 @@ class PolicyLearner:
             from torch.distributed.device_mesh import init_device_mesh
 
             self.mesh = init_device_mesh(self.device.type, (self.world,))
-            shard(self.policy, policy, self.mesh, self.compute if self.compute != torch.float32 else None)
+            self._shard_from_rank0(self.policy, policy, self.compute if self.compute != torch.float32 else None)
         else:
             self.policy.to(self.device)
         self.policy.train()
@@ -209,13 +209,44 @@ class PolicyLearner:
         it is loaded only if a batch comes without them: a policy-sized copy saved otherwise.
         Sharded, every rank loads it in the same step (a collective)."""
         if self._ref is None:
-            ref = lm.ResponseScorer(load_model(self.model_name, dtype_name(self.compute)).requires_grad_(False))
+            ref = lm.ResponseScorer(self._load_lm(dtype_name(self.compute)).requires_grad_(False))
             if self.sharded:
-                shard(ref, ref.model, self.mesh, None)
+                self._shard_from_rank0(ref, ref.model, None)
             else:
                 ref.to(self.device)
             self._ref = ref.eval()
         return self._ref
+
+    def _load_lm(self, dtype: str):
+        """The causal LM in `dtype`: read from its files on this process's CPU, or (sharded,
+        ranks other than 0) built on the meta device, holding no memory until its shards are
+        allocated and filled from rank 0 (_shard_from_rank0): one full copy per node group,
+        not per rank (8 ranks of a 7B policy in fp32 would hold 8 x 28 GiB of host memory)."""
+        if not self.sharded or self.rank == 0:
+            return load_model(self.model_name, dtype)
+        from transformers import AutoModelForCausalLM
+
+        from rlaif_ray.engines.models import model_config, quiet_transformers
+
+        quiet_transformers()
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(model_config(self.model_name), dtype=getattr(torch, dtype))
+
+    def _shard_from_rank0(self, module: torch.nn.Module, hf_model, param_dtype: torch.dtype | None) -> None:
+        """FSDP2 over the group (shard), each rank's shards filled from rank 0's full weights
+        (broadcast), and every buffer (rotary tables, which no state dict holds) copied from
+        rank 0: the other ranks built the model on the meta device (_load_lm)."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        full = {k: v for k, v in module.state_dict().items()} if self.rank == 0 else {}
+        shard(module, hf_model, self.mesh, param_dtype)  # moves rank 0's shards (and buffers) to its device
+        if self.rank != 0:
+            module.to_empty(device=self.device)  # allocated, not initialised: filled below
+        set_model_state_dict(module, full, options=self._options(broadcast_from_rank0=True, strict=True))
+        del full
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
 
     @property
     def ref(self) -> "lm.ResponseScorer":
