@@ -106,7 +106,8 @@ def chunked_logprobs(head, h: torch.Tensor, tokens: torch.Tensor, temperature: f
     """sampled_logprobs(head(h), tokens) computed `chunk` positions at a time (h [..., H],
     tokens [...]): each chunk's logits in fp32, its log-softmax and the gather, then dropped;
     under autograd each chunk is recomputed in the backward (torch.utils.checkpoint), so no
-    [positions, vocabulary] tensor outlives its chunk, forward or backward."""
+    [positions, vocabulary] tensor outlives its chunk, forward or backward. Positions that fit
+    one chunk run as one (no recomputation)."""
     from torch.utils.checkpoint import checkpoint
 
     flat_h, flat_t = h.reshape(-1, h.shape[-1]), tokens.reshape(-1)
@@ -114,6 +115,8 @@ def chunked_logprobs(head, h: torch.Tensor, tokens: torch.Tensor, temperature: f
     def one(hc, tc):
         return sampled_logprobs(head(hc).float(), tc, temperature, top_k, top_p)
 
+    if flat_t.shape[0] <= chunk:  # one chunk: nothing to save by recomputing it in the backward
+        return one(flat_h, flat_t).view(tokens.shape)
     grad = torch.is_grad_enabled() and flat_h.requires_grad
     parts = [checkpoint(one, flat_h[i:i + chunk], flat_t[i:i + chunk], use_reentrant=False) if grad
              else one(flat_h[i:i + chunk], flat_t[i:i + chunk]) for i in range(0, flat_t.shape[0], chunk)]
