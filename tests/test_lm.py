@@ -29,7 +29,7 @@ def test_learner_logprobs_match_behaviour_logprobs(tiny_model, tokenizer):
 
 
 CHUNK_PROBE = """
-import json, resource, sys
+import json, sys
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 from rlaif_ray.engines import lm
@@ -40,13 +40,18 @@ cfg = LlamaConfig(vocab_size=150_000, hidden_size=32, intermediate_size=64, num_
                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
 model = AutoModelForCausalLM.from_config(cfg)
 scorer = lm.ResponseScorer(model, logprob_chunk=int(sys.argv[1]))
-assert scorer.plain_head()  # a Llama's logits are its head's output (checked once, before the baseline)
+assert scorer.plain_head()  # a Llama's logits are its head's output (checked once, before the step)
 prompts, responses = [[5, 6, 7, 8]] * 4, [list(range(10, 266))] * 4  # 4 x 256 = 1024 response positions
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-logp, mask, _ = lm.response_logprobs(scorer, prompts, responses, 0, 0.9, top_k=50)
-logp.sum().backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"extra_mb": (peak - before) / 1024, "logp": logp.detach().sum().item(),
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    logp, mask, _ = lm.response_logprobs(scorer, prompts, responses, 0, 0.9, top_k=50)
+    logp.sum().backward()
+# bytes torch's CPU allocator handed out and took back, in time order (each op's own, and the
+# frees outside any op): the peak of what the step held, whatever malloc keeps or returns
+live = peak = 0
+for _, nbytes in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()):
+    live += nbytes
+    peak = max(peak, live)
+print(json.dumps({"peak_mb": peak / 2**20, "logp": logp.detach().sum().item(),
                   "grad": model.model.embed_tokens.weight.grad.norm().item()}))
 """
 
@@ -54,9 +59,10 @@ print(json.dumps({"extra_mb": (peak - before) / 1024, "logp": logp.detach().sum(
 def test_chunked_logprobs_hold_a_quarter_of_the_memory_at_a_150k_vocabulary():
     """The learner's log-probs (forward and backward) at a 150k vocabulary and 1024 response
     positions, whose fp32 logits alone are 0.6 GB: the LM head in chunks of 64 positions (each
-    recomputed in the backward) against all at once, each in a fresh process (peak RSS over
-    the step). Same log-probs and gradient; at most a quarter of the memory. What a chunk
-    holds scales with its positions, not with the batch's (lm.LOGPROB_CHUNK in a run)."""
+    recomputed in the backward) against all at once, each in a fresh process, the peak of
+    what torch allocated over the step (its profiler's memory records). Same log-probs and
+    gradient; at most a quarter of the memory. What a chunk holds scales with its positions,
+    not with the batch's (lm.LOGPROB_CHUNK in a run)."""
     import json
     import subprocess
     import sys
@@ -69,5 +75,5 @@ def test_chunked_logprobs_hold_a_quarter_of_the_memory_at_a_150k_vocabulary():
     whole, chunked = run(0), run(64)
     assert chunked["logp"] == pytest.approx(whole["logp"], rel=1e-5)
     assert chunked["grad"] == pytest.approx(whole["grad"], rel=1e-4)
-    assert whole["extra_mb"] > 1500  # several [positions, vocab] fp32 copies of 0.6 GB
-    assert chunked["extra_mb"] <= whole["extra_mb"] / 4, (chunked, whole)
+    assert whole["peak_mb"] > 1500, (chunked, whole)  # several [positions, vocab] fp32 copies of 0.6 GB
+    assert chunked["peak_mb"] <= whole["peak_mb"] / 4, (chunked, whole)
