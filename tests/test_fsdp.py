@@ -42,9 +42,12 @@ def _rank(rank: int, world: int, port: int, model: str, out: str, rl: dict) -> N
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     reads, load_model = [], learner_module.load_model
     learner_module.load_model = lambda *a, **kw: (reads.append(a[0]), load_model(*a, **kw))[1]
+    chunk = rl.pop("logprob_chunk", None)  # the LM head's positions per chunk (the scorer's, not RLConfig's)
     learner = PolicyLearner(model, rl, 0.9)
     # the policy and the reference read from their files on rank 0 only (the others: meta, then rank 0's)
     assert len(reads) == (2 if rank == 0 else 0), reads
+    if chunk:
+        learner.policy.logprob_chunk = chunk
     assert learner.sharded and type(next(learner.policy.parameters())).__name__ == "DTensor"
     rows = _rows(rl)
     stats = [learner.step(_shards(rows)[rank], _tokens(rows), len(rows)) for _ in range(2)]
@@ -67,14 +70,17 @@ def _two_ranks(model: str, out: Path, rl: dict) -> list[list[dict]]:
 @pytest.mark.slow  # two gloo processes
 @pytest.mark.parametrize("rl", [dict(CFG, gradient_checkpointing=True), dict(CFG, baseline="value"),
                                 # rank 0's shard fits 30 tokens, rank 1's needs 2 passes: both run 2
-                                dict(CFG, baseline="value", micro_batch_tokens=30)],
-                         ids=["group_mean+checkpointing", "value_baseline", "micro_batches"])
+                                dict(CFG, baseline="value", micro_batch_tokens=30),
+                                # the LM head 2 positions at a time, each chunk recomputed in FSDP's backward
+                                dict(CFG, gradient_checkpointing=True, logprob_chunk=2)],
+                         ids=["group_mean+checkpointing", "value_baseline", "micro_batches", "chunked_head"])
 def test_two_gloo_ranks_match_one_rank_and_resume_on_one(tiny_model_path, tmp_path, rl):
     from transformers import AutoModelForCausalLM
 
     from rlaif_ray.rl.learner import PolicyLearner
 
     sharded = _two_ranks(tiny_model_path, tmp_path, rl)
+    rl = {k: v for k, v in rl.items() if k != "logprob_chunk"}  # the one rank: all positions at once
     one = PolicyLearner(tiny_model_path, {**rl, "gradient_checkpointing": False, "micro_batch_tokens": 0}, 0.9)
     assert not one.sharded
     rows = _rows(rl)
