@@ -42,12 +42,11 @@ def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
-def _all_reduce(t, op: str = "sum"):
+def _all_reduce(t):
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_world_size() > 1:
-        # NCCL reduces CUDA tensors only: callers build t on the device
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        dist.all_reduce(t)  # NCCL reduces CUDA tensors only: callers build t on the device
     return t
 
 
@@ -204,17 +203,19 @@ def train_loop(c: dict) -> None:
 
 def _micro_batches(mine: list[int], size, budget: int, device) -> list[list[int]]:
     """This worker's examples `mine` in micro-batches of at most `budget` tokens (`size(i)`;
-    rlaif_ray.rl.learner.split_by_tokens). Every worker runs as many (DDP's forward is a
-    collective: it broadcasts buffers): the most any needs, at most one per example."""
-    import torch
+    rlaif_ray.rl.learner.split_by_tokens), as many on every worker (DDP's forward is a
+    collective: it broadcasts buffers; rlaif_ray.rl.learner.ranks_agree_count)."""
+    import torch.distributed as dist
 
-    from rlaif_ray.rl.learner import split_by_tokens
+    from rlaif_ray.rl.learner import ranks_agree_count, split_by_tokens
 
-    sizes = [size(i) for i in mine]
     if not budget:
         return [mine]
-    need = _all_reduce(torch.tensor([len(split_by_tokens(sizes, budget)), -len(mine)], device=device), "max")
-    return [[mine[k] for k in part] for part in split_by_tokens(sizes, budget, count=min(int(need[0]), -int(need[1])))]
+    sizes = [size(i) for i in mine]
+    count = None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        count = ranks_agree_count(len(split_by_tokens(sizes, budget)), len(mine), device)
+    return [[mine[k] for k in part] for part in split_by_tokens(sizes, budget, count)]
 
 
 def loop_config(kind: str, section, init: str, train: list, held: list, pad: int) -> dict:

@@ -40,7 +40,7 @@ cfg = LlamaConfig(vocab_size=150_000, hidden_size=32, intermediate_size=64, num_
                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
 model = AutoModelForCausalLM.from_config(cfg)
 scorer = lm.ResponseScorer(model, logprob_chunk=int(sys.argv[1]))
-assert scorer.plain_head()  # a Llama's logits are its head's output (checked once, before the step)
+assert lm.head_is_plain(model)  # a Llama's logits are its head's output (checked once, before the step)
 prompts, responses = [[5, 6, 7, 8]] * 4, [list(range(10, 266))] * 4  # 4 x 256 = 1024 response positions
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
     logp, mask, _ = lm.response_logprobs(scorer, prompts, responses, 0, 0.9, top_k=50)

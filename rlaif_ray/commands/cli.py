@@ -149,6 +149,8 @@ def check_arguments(cfg, args) -> None:
 
 
 def _check(cfg, args) -> None:
+    if not args.gpu_gib > 0:  # NaN too; before anything is printed
+        raise ConfigError(f"check --gpu-gib: must be a positive number of GiB, got {args.gpu_gib:g}")
     print(f"{args.config}: the config is valid (fields, batch arithmetic, engine settings)")
     from rlaif_ray.cpu.threads import thread_warnings
 
@@ -156,8 +158,6 @@ def _check(cfg, args) -> None:
         print(f"warning: {line}")
     from rlaif_ray.run.gpu_memory import gpu_plan
 
-    if args.gpu_gib <= 0 or args.gpu_gib != args.gpu_gib:
-        raise ConfigError(f"check --gpu-gib: must be a positive number of GiB, got {args.gpu_gib:g}")
     memory = gpu_plan(cfg, args.gpu_gib)
     if memory:
         print(f"memory per GPU (estimates on {args.gpu_gib:g} GiB GPUs; rlaif_ray/run/gpu_memory.py):")

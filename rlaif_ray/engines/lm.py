@@ -6,10 +6,10 @@ Logits come from the model's own forward (`head_logits`), so whatever a family d
 its LM head (Gemma-2's final soft-capping, Cohere's logit_scale) applies everywhere; the head
 runs on the positions needed only. The learner's log-probs run the head in chunks of
 positions (`chunked_logprobs`) when the model's logits are its head's output as they are
-(`ResponseScorer.plain_head`), so no [positions, vocabulary] tensor exists beyond a chunk. Sampling uses exactly the settings passed
-(`generate`): the model's generation_config.json adds no logits processor. The learner
-evaluates the distribution the sampler drew from (`sampled_logprobs`: temperature, then
-top-k, then top-p, as transformers and vLLM apply them)."""
+(`head_is_plain`), so no [positions, vocabulary] tensor exists beyond a chunk. Sampling uses
+exactly the settings passed (`generate`): the model's generation_config.json adds no logits
+processor. The learner evaluates the distribution the sampler drew from (`sampled_logprobs`:
+temperature, then top-k, then top-p, as transformers and vLLM apply them)."""
 from __future__ import annotations
 
 import torch
@@ -120,7 +120,7 @@ def chunked_logprobs(head, h: torch.Tensor, tokens: torch.Tensor, temperature: f
     grad = torch.is_grad_enabled() and flat_h.requires_grad
     parts = [checkpoint(one, flat_h[i:i + chunk], flat_t[i:i + chunk], use_reentrant=False) if grad
              else one(flat_h[i:i + chunk], flat_t[i:i + chunk]) for i in range(0, flat_t.shape[0], chunk)]
-    return (torch.cat(parts) if parts else flat_h.new_zeros(0, dtype=torch.float32)).view(tokens.shape)
+    return torch.cat(parts).view(tokens.shape)
 
 
 SORT_ELEMENTS = 1 << 24  # top-p sorts the vocabulary: rows at a time, about this many elements per chunk
@@ -183,11 +183,10 @@ class ResponseScorer(torch.nn.Module):
         self.model, self.value_head = model, value_head
         # positions per chunk of the LM head (chunked_logprobs); 0: all logits at once
         self.logprob_chunk = logprob_chunk
-        self._plain_head: bool | None = None  # the model's logits are its head's output (plain_head)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, start: int | None, temperature: float,
                 top_k: int = 0, top_p: float = 1.0, groups: "PromptGroups | None" = None):
-        chunked = bool(self.logprob_chunk) and self.plain_head()
+        chunked = bool(self.logprob_chunk) and head_is_plain(self.model)
         if groups is not None:  # prompts shared by their responses (PromptGroups): [G, K] outputs
             allowed = attention_mask_4d(self.model, groups.attention, next(self.model.parameters()).dtype)
             keep, inputs, tokens = groups.keep, dict(attention_mask=allowed, position_ids=groups.positions), groups.targets
@@ -205,24 +204,22 @@ class ResponseScorer(torch.nn.Module):
         values = self.value_head(h).float().squeeze(-1) if self.value_head is not None else None
         return logp, values
 
-    def plain_head(self) -> bool:
-        """head_is_plain for this scorer's model, checked once. Sharded, every rank runs the
-        check in its first forward."""
-        if self._plain_head is None:
-            self._plain_head = head_is_plain(self.model)
-        return self._plain_head
 
 
 def head_is_plain(model) -> bool:
-    """Whether a causal LM's logits are its output embeddings' output as they are (checked on
-    three tokens): then log-probs may run the head in chunks (chunked_logprobs). A family that
-    changes them after the head (Gemma-2's soft-capping, Cohere's logit_scale) keeps the
-    model's own forward."""
-    dev = next(model.parameters()).device
-    with torch.no_grad():
-        logits, h = head_logits(model, 1, hidden=True, input_ids=torch.tensor([[1, 2, 3]], device=dev), use_cache=False)
-        mine = model.get_output_embeddings()(h)
-    return bool(torch.allclose(mine.float(), logits.float(), rtol=1e-3, atol=1e-3))
+    """Whether a causal LM's logits are its output embeddings' output as they are (checked once
+    per model, on three tokens, and kept on it): then log-probs may run the head in chunks
+    (chunked_logprobs). A family that changes them after the head (Gemma-2's soft-capping,
+    Cohere's logit_scale) keeps the model's own forward. Sharded, every rank runs the check in
+    its first forward (a collective)."""
+    if getattr(model, "_rlaif_plain_head", None) is None:
+        dev = next(model.parameters()).device
+        with torch.no_grad():
+            ids = torch.tensor([[1, 2, 3]], device=dev)
+            logits, h = head_logits(model, 1, hidden=True, input_ids=ids, use_cache=False)
+            mine = model.get_output_embeddings()(h)
+        model._rlaif_plain_head = bool(torch.allclose(mine.float(), logits.float(), rtol=1e-3, atol=1e-3))
+    return model._rlaif_plain_head
 
 
 def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,

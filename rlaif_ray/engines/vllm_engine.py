@@ -35,9 +35,9 @@ def engine_in_process(device: str, engine_process: bool | str = "auto") -> bool:
     return device == "cpu" if engine_process == "auto" else not engine_process
 
 
-def _import_vllm(device: str = "cpu", engine_process: bool | str = "auto"):
+def _import_vllm(in_process: bool = True):
     # vLLM reads this when an engine starts (vllm.envs looks it up on each access)
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if engine_in_process(device, engine_process) else "1"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
     try:
         import vllm
     except ImportError as e:
@@ -100,8 +100,8 @@ class VLLMEngine:
                  weight_dtype: str = "auto", engine_process: bool | str = "auto"):
         # weight_dtype: the pool's vllm.dtype; auto: bf16 on GPU and on CPUs with fast bf16, else fp32
         dtype = vllm_dtype(dtype, device, choice=weight_dtype)
-        vllm = _import_vllm(device, engine_process)
         self.in_process = engine_in_process(device, engine_process)
+        vllm = _import_vllm(self.in_process)
         from rlaif_ray.engines.models import load_tokenizer, model_context, resolve
 
         self.tok = load_tokenizer(model_name)

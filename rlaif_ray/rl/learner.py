@@ -87,6 +87,17 @@ def split_by_tokens(sizes: list[int], budget: int, count: int | None = None) -> 
     return [sorted(ix) for _, ix in deal(max(1, min(count, len(order)))) if ix] or [[]]
 
 
+def ranks_agree_count(planned: int, items: int, device) -> int:
+    """How many micro-batches every rank of the default process group runs (FSDP's and DDP's
+    forwards are collectives, so all run as many): the most any rank `planned`, at most one
+    per item of the rank with the fewest `items`."""
+    import torch.distributed as dist
+
+    need = torch.tensor([planned, -items], device=device)
+    dist.all_reduce(need, op=dist.ReduceOp.MAX)
+    return min(int(need[0]), -int(need[1]))
+
+
 def plan_micro_batches(rows: list[dict], budget: int, count: int | None = None) -> list[list[int]]:
     """Row indices of each micro-batch (split_by_tokens over prompt groups): a prompt's rows
     (its group baseline) never split, a group's size the tokens of its rows (prompt +
@@ -239,7 +250,7 @@ class PolicyLearner:
         import torch.distributed as dist
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        full = {k: v for k, v in module.state_dict().items()} if self.rank == 0 else {}
+        full = module.state_dict() if self.rank == 0 else {}
         shard(module, hf_model, self.mesh, param_dtype)  # moves rank 0's shards (and buffers) to its device
         if self.rank != 0:
             module.to_empty(device=self.device)  # allocated, not initialised: filled below
@@ -292,11 +303,8 @@ class PolicyLearner:
         plan = plan_micro_batches(rows, budget)
         if self.world == 1 or not budget:
             return plan
-        import torch.distributed as dist
-
-        need = torch.tensor([len(plan), -len({r["prompt_id"] for r in rows})], device=self.device)
-        dist.all_reduce(need, op=dist.ReduceOp.MAX)
-        return plan_micro_batches(rows, budget, count=min(int(need[0]), -int(need[1])))
+        groups = len({r["prompt_id"] for r in rows})
+        return plan_micro_batches(rows, budget, count=ranks_agree_count(len(plan), groups, self.device))
 
     def _return_sums(self, rows: list[dict], beta: float) -> torch.Tensor:
         """[sum of the returns over the usable tokens, their count] under the current policy

@@ -103,7 +103,7 @@ def sft_loss_sum(model, batch: list[dict], pad: int, device: str = "cpu",
     labels, _ = pad_right([b["labels"] for b in batch], -100, device, width=ids.shape[1])
     target = labels[:, 1:]
     inner = getattr(model, "module", model)
-    if chunk and _plain_head(inner):
+    if chunk and lm.head_is_plain(inner):
         _, h = lm.head_logits(model, 0, logits=False, input_ids=ids, attention_mask=mask)
         scored = target != -100
         logp = lm.chunked_logprobs(inner.get_output_embeddings(), h[:, :-1][scored], target[scored], 1.0,
@@ -112,13 +112,6 @@ def sft_loss_sum(model, batch: list[dict], pad: int, device: str = "cpu",
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum")
     return loss, int((target != -100).sum())
-
-
-def _plain_head(model) -> bool:
-    """lm.head_is_plain, checked once per model."""
-    if getattr(model, "_rlaif_plain_head", None) is None:
-        model._rlaif_plain_head = lm.head_is_plain(model)
-    return model._rlaif_plain_head
 
 
 def sft_data(cfg: Config, tok) -> tuple[list[dict], list[dict], dict]:

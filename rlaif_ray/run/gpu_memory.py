@@ -42,7 +42,7 @@ KNOWN_SHAPES = {
 def model_shape(name: str) -> dict | None:
     """hidden_size, intermediate_size, layers, heads, KV heads, vocabulary, tied head: from the
     model's config where it is on this machine, else KNOWN_SHAPES, else None."""
-    shape = KNOWN_SHAPES.get(name.removesuffix("-Instruct") + "-Instruct") or KNOWN_SHAPES.get(name)
+    shape = KNOWN_SHAPES.get(name.removesuffix("-Instruct") + "-Instruct")  # a base model has its shape
     try:
         from rlaif_ray.engines.models import model_config
 
