@@ -107,8 +107,8 @@ class LearnerWorker:
         self.proc.metrics.observe("weight_broadcast_s", time.perf_counter() - t0)
         return {**out, "s": time.perf_counter() - t0}
 
-    def save(self, path: str, state: dict) -> None:
-        self.learner.save(path, state)
+    def save(self, path: str, state: dict, hf_weights: bool = True) -> None:
+        self.learner.save(path, state, hf_weights)
 
     def load(self, path: str) -> None:
         self.learner.load(path)
@@ -165,8 +165,10 @@ class LearnerGroup:
         refs = [w.get_weights.remote(dtype) for w in self.workers]
         return refs[0]
 
-    def save(self, path: str, state: dict) -> None:
-        ray.get([w.save.remote(path, state) for w in self.workers])  # collective; rank 0 writes
+    def save(self, path: str, state: dict, hf_weights: bool = True) -> None:
+        """Every rank takes part (a collective); rank 0 writes, or with more than one rank each
+        its DCP shard (`hf_weights`: also the full weights for from_pretrained)."""
+        ray.get([w.save.remote(path, state, hf_weights) for w in self.workers])
 
     def load(self, path: str) -> None:
         ray.get([w.load.remote(path) for w in self.workers])

@@ -270,10 +270,10 @@ class Pipeline:
         return adaptive_kl_beta(beta, stats["kl_sum"] / stats["usable_rows"], rl.kl_target, rl.kl_horizon,
                                 stats["usable_rows"])
 
-    def save(self, path: str, step: int, sampler) -> None:
+    def save(self, path: str, step: int, sampler, hf_weights: bool = True) -> None:
         state, index = self.resume_point(sampler)
         self.learner.save(path, {"step": step, "policy_version": self.version, "next_batch_index": index,
-                                 "sampler": state, "kl_beta": self.beta})
+                                 "sampler": state, "kl_beta": self.beta}, hf_weights)
         self.checkpoint, self.replay = path, []
 
     def resume(self, checkpoint: str, state: dict) -> None:

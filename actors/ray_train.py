@@ -25,6 +25,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from rlaif_ray.config import ConfigError, TrainerConfig
 from rlaif_ray.engines.devices import enable_tf32
 from rlaif_ray.engines.models import load_model, load_tokenizer, quiet_transformers, resolve
+from rlaif_ray.remote_folder import StorageFolder, filesystem, is_uri, join, parent
 from rlaif_ray.rl import supervised
 from rlaif_ray.storage import publish_dir, temp_path
 
@@ -226,11 +227,22 @@ def loop_config(kind: str, section, init: str, train: list, held: list, pad: int
             "torch_threads": section.trainer.torch_threads, "micro_batch_tokens": section.trainer.micro_batch_tokens}
 
 
-def fit(loop_cfg: dict, tc: TrainerConfig, out: Path, name: str, log=print) -> list[dict]:
+def storage_options(location) -> dict:
+    """Ray Train's RunConfig storage for a path or a URI (through our filesystem, so an
+    S3-compatible endpoint from AWS_ENDPOINT_URL reaches every worker as well)."""
+    if is_uri(location):
+        fs, path = filesystem(str(location))
+        return {"storage_path": path, "storage_filesystem": fs}
+    return {"storage_path": str(Path(location).resolve())}
+
+
+def fit(loop_cfg: dict, tc: TrainerConfig, out, name: str, log=print) -> list[dict]:
     """Run the loop on tc.num_workers Ray Train workers; copy the last checkpoint to `out`
     (into a hidden temp folder beside it, fsynced, then renamed: `out` appears complete or
-    not at all)."""
-    if out.exists() and any(out.iterdir()):
+    not at all). `out` may be a URI: Ray Train's storage is then on the same storage (workers
+    on any node report their checkpoints there), and `out` is uploaded from this node's copy."""
+    store = StorageFolder(out)
+    if store.files():
         raise ConfigError(f"{name}: output folder {out} exists and is not empty (checkpoints are never overwritten)")
     res = {"CPU": tc.num_cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
     trainer = TorchTrainer(
@@ -238,22 +250,24 @@ def fit(loop_cfg: dict, tc: TrainerConfig, out: Path, name: str, log=print) -> l
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=res),
         run_config=ray.train.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                       storage_path=str(Path(tc.storage_path or out.parent / "ray_train").resolve())))
+                                       **storage_options(tc.storage_path or join(parent(out), "ray_train"))))
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{name}: Ray Train finished without a checkpoint ({result.error})")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(out)
+    local = store.local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(local)
     try:
         tmp.mkdir()
         with result.checkpoint.as_directory() as d:
             for f in Path(d).iterdir():
                 shutil.copy2(f, tmp / f.name)
-        publish_dir(tmp, out)
+        publish_dir(tmp, local)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    history = json.loads((out / "train_log.json").read_text())
+    store.push()
+    history = json.loads((local / "train_log.json").read_text())
     for h in history:
         log(f"{name} epoch {h['epoch']}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                      for k, v in h.items() if k != "epoch"))

@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification
 
 from rlaif_ray.data import schemas
 from rlaif_ray.engines.devices import compute_dtype
-from rlaif_ray.engines.models import load_tokenizer, quiet_transformers
+from rlaif_ray.engines.models import load_tokenizer, quiet_transformers, resolve
 from rlaif_ray.rl import supervised
 
 from .process import ActorProcess
@@ -26,7 +26,7 @@ class RewardModel:
         self.name, self.path, self.device = name, path, device
         self.tok = load_tokenizer(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=compute_dtype(dtype, device), use_safetensors=True).to(device).eval()
+            resolve(path), dtype=compute_dtype(dtype, device), use_safetensors=True).to(device).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(f"reward.rm_path={path}: not a reward model (num_labels={self.model.config.num_labels}, "
                              "expected a scalar head from `rlaif-ray train-rm`)")

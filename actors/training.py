@@ -75,7 +75,7 @@ def rl_loop(pipe: Pipeline, run: RunFolder, sampler: PromptSampler, first_step: 
             pipe.log(f"warning: step {step}: none of its {batch.num_rows} labels was usable (reward.min_label_mass="
                      f"{cfg.reward.min_label_mass}){f': {problem}' if problem else ''}")
         if step == cfg.rl.steps or (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0):
-            checkpoint(pipe, run, step, sampler)
+            checkpoint(pipe, run, step, sampler, last=step == cfg.rl.steps)
         if cfg.eval.win_rate and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.rl.steps \
                 and "heldout_before" in summary:  # "is it learning?" while it runs
             win_rate_vs_initial(pipe, eval_items, summary["heldout_before"],
@@ -84,19 +84,20 @@ def rl_loop(pipe: Pipeline, run: RunFolder, sampler: PromptSampler, first_step: 
     summary["completions_per_s"] = trained / summary["loop_s"]
 
 
-def checkpoint(pipe: Pipeline, run: RunFolder, step: int, sampler: PromptSampler) -> None:
+def checkpoint(pipe: Pipeline, run: RunFolder, step: int, sampler: PromptSampler, last: bool = False) -> None:
     """The learner writes the checkpoint whole or not at all (PolicyLearner.save); only then
     does `latest` name it. A failed write (a full disk) stops the run with one line: `latest`
-    still names the previous checkpoint, and --resume continues from there."""
+    still names the previous checkpoint, and --resume continues from there. A sharded learner
+    writes its DCP shards, and full HF weights only into the `last` checkpoint."""
     previous = pipe.checkpoint
     try:
-        pipe.save(str(run.checkpoint_dir(step)), step, sampler)
+        pipe.save(str(run.checkpoint_dir(step)), step, sampler, hf_weights=last)
     except Exception as err:  # noqa: BLE001 - Ray wraps the learner's OSError
         cause = err if isinstance(err, OSError) else getattr(err, "cause", None)
         if not isinstance(cause, OSError):
             raise
         then = (f"checkpoints/latest still names {Path(previous).name}: free space, then "
-                f"`rlaif-ray train {run.path / 'config.yaml'} --resume {run.path}`") if previous else \
+                f"`rlaif-ray train {run.path / 'config.yaml'} --resume {run.location}`") if previous else \
             "no checkpoint was written before: free space and start the run again"
         raise RunStateError(f"step {step}: writing checkpoint {run.checkpoint_dir(step)} failed ({cause}); {then}") from None
     run.mark_checkpoint(step)
@@ -147,7 +148,7 @@ def before_training(pipe: Pipeline, run: RunFolder, eval_items: list, prompts, r
     reward before training (a resumed run reads them back)."""
     cfg, log = pipe.cfg, pipe.log
     summary = run.read_json("summary_start.json") if resumed else {}
-    summary.update({"run_dir": str(run.path), "skipped_long_prompts": prompts.skipped_long,
+    summary.update({"run_dir": str(run.location), "skipped_long_prompts": prompts.skipped_long,
                     # what the generators sample with (vLLM: pipeline.generators.vllm.dtype or its rule)
                     "generator_weight_dtype": pipe.weight_dtype,
                     "processes": {i["name"]: i["pid"] for i in ray.get([a.info.remote() for a in pipe.actors()])}})
@@ -182,7 +183,7 @@ def resume_run(pipe: Pipeline, run: RunFolder, sampler: PromptSampler) -> int:
     sampler.load_state(state["sampler"])
     run.truncate_after(state["step"])
     pipe.resume(checkpoint, state)
-    pipe.log(f"resumed {run.path} at step {state['step']} (policy version {state['policy_version']})")
+    pipe.log(f"resumed {run.location} at step {state['step']} (policy version {state['policy_version']})")
     return state["step"] + 1
 
 

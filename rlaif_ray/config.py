@@ -15,6 +15,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rlaif_ray.rubrics import SCORERS
 
+# run folders and outputs on shared storage by URI (read and written by rlaif_ray.remote_folder)
+URI_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
+SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")  # what pyarrow.fs opens
+
+
+def scheme_problem(location: str) -> str | None:
+    """Why `location` is not a usable folder URI or path (no network: config validation)."""
+    m = URI_RE.match(location)
+    if not m:
+        return None
+    scheme, rest = m.group(1).lower(), m.group(2)
+    if scheme == "file":
+        return None if rest.startswith("/") else f"{location}: a file:// URI needs an absolute path"
+    if scheme not in SCHEMES:
+        return f"{location}: unknown storage scheme {scheme}:// (use a path or one of {', '.join(SCHEMES)})"
+    if not rest.strip("/"):
+        return f"{location}: names no bucket or folder"
+    return None
+
 
 class ConfigError(ValueError):
     """A config problem; the message names the field (and file) at fault."""
@@ -372,7 +391,9 @@ class TrainerConfig(_Strict):
     num_cpus_per_worker: float = Field(1.0, ge=0)  # Ray CPUs per worker
     use_gpu: bool = False  # one GPU per worker
     torch_threads: int = Field(1, gt=0)  # torch threads per worker
-    storage_path: Optional[str] = None  # Ray Train's run storage; None: beside the output folder
+    # Ray Train's run storage (a path every worker's node sees, or a URI such as s3://BUCKET/ray_train);
+    # None: ray_train/ beside the output folder (on the same storage when the output is a URI)
+    storage_path: Optional[str] = None
     # tokens per forward and backward on a worker (SFT: each example's; RM: both responses'):
     # a worker's share of a batch goes through in micro-batches whose gradients add up before
     # the one optimizer step (every worker runs as many). 0: the share in one pass
@@ -713,7 +734,10 @@ class RayConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    out_dir: str = "runs"  # where run folders go (run.out_dir/run.name-TIMESTAMP)
+    # where run folders go (run.out_dir/run.name-TIMESTAMP): a path, or a URI of shared storage
+    # (s3://bucket/runs, gs://..., hdfs://...) that every node of a multi-node cluster reaches;
+    # credentials and endpoint from the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS)
+    out_dir: str = "runs"
     name: str = "run"  # the run folder's name before its timestamp
     # every N steps and at the end (0 = only at the end). 4: a crash of the 16-step quickstart
     # loses at most 3 steps (--resume), for 3 more checkpoints of ~4-14 s each (135M + AdamW: 1.6 GB)
@@ -730,6 +754,14 @@ class RunConfig(_Strict):
         if not v.strip() or v.strip(".") == "" or any(c in v for c in "/\\\0") or Path(v).is_absolute():
             raise ValueError(f"must be a plain folder name (no '/', '\\', '..' or absolute path), got {v!r}; "
                              "set run.out_dir to choose where runs go")
+        return v
+
+    @field_validator("out_dir")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        problem = scheme_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
 

@@ -63,3 +63,47 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "ray_local" in item.fixturenames:
             item.add_marker(pytest.mark.slow)
+
+
+BUCKET = "rlaif-runs"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """An S3 server on 127.0.0.1 with one bucket; the AWS_* variables every client reads point
+    at it (a child process inherits them: the CLI, the Ray it starts, its actors), and each
+    node's copies of URI folders go to a fresh staging folder (RLAIF_RAY_STAGING)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("moto")
+    import pyarrow.fs as pafs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": url, "RLAIF_RAY_STAGING": str(tmp_path_factory.mktemp("staging"))}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    pafs.S3FileSystem(endpoint_override=url, allow_bucket_creation=True).create_dir(BUCKET)
+    yield f"s3://{BUCKET}"
+    proc.terminate()
+    proc.wait()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -5,7 +5,7 @@ source (every import, at module level or inside a function):
 
 and inside the core, package by package (rlaif_ray/__init__.py):
 
-    base (config, storage, rubrics) <- data <- engines <- feedback <- rl <- run
+    base (config, storage, remote_folder, rubrics) <- data <- engines <- feedback <- rl <- run
 
 No core module imports Ray, `actors` or a command; the CPU package is imported on the
 start-up path only; no actor imports a command; there is no cycle among the project's
@@ -29,7 +29,7 @@ MAY_IMPORT = {
     "run": {"base", "data", "engines", "feedback", "rl", "run", "cpu"},
     "cpu": {"base", "engines", "cpu"},
 }
-BASE = {"rlaif_ray", "rlaif_ray.config", "rlaif_ray.storage", "rlaif_ray.rubrics"}
+BASE = {"rlaif_ray", "rlaif_ray.config", "rlaif_ray.storage", "rlaif_ray.remote_folder", "rlaif_ray.rubrics"}
 # the start-up path: the only modules outside rlaif_ray/cpu that may import it
 CPU_USERS = {"rlaif_ray.run.resolve", "rlaif_ray.run.preflight", "rlaif_ray.commands.cli", "actors.process",
              "actors.pipeline"}

@@ -109,40 +109,56 @@ def test_batch_that_does_not_divide_across_workers_is_refused(tiny_model_path, t
         run_sft(cfg, tmp_path / "x", log=lambda *_: None)
 
 
-def test_run_executes_the_whole_chain(ray_local, tiny_model_path, tmp_path):
-    """`run`: sft (2 Ray Train workers) -> sample-pairs -> label -> train-rm -> train with the
-    reward model's actor -> eval, in one folder. Along the way: SFT lowers the held-out loss
-    and leaves a loadable model; the RL loop's rewards are the reward model's own scores of
-    those responses (its actor never grades itself: a separate judge runs the win rate). SFT
-    and the RM train in micro-batches of at most 150 tokens a worker (DDP's no_sync path)."""
+def test_run_executes_the_whole_chain(s3, tiny_model_path, tmp_path):
+    """`rlaif-ray run` with run.out_dir on shared storage (an S3 server on loopback): sft (2 Ray
+    Train workers, Ray Train's storage on the bucket) -> sample-pairs -> label -> train-rm ->
+    train with the reward model's actor -> eval, every output in one folder of the bucket, each
+    model handed to the next step by URI (the actors fetch it, as on another node). Along the
+    way: SFT lowers the held-out loss and leaves a loadable model; the RL loop's rewards are the
+    reward model's own scores of those responses (its actor never grades itself: a separate
+    judge runs the win rate). SFT and the RM train in micro-batches of at most 150 tokens a
+    worker (DDP's no_sync path)."""
+    import subprocess
+    import sys
+
     from actors.reward_model import RewardModel
-    from rlaif_ray.commands.run_chain import run_chain
+    from rlaif_ray.config import dump_config
     from rlaif_ray.engines.models import load_model
+    from rlaif_ray.remote_folder import StorageFolder, materialize
     from rlaif_ray.run.folder import read_rollouts
 
     micro = {"num_workers": 2, "num_cpus_per_worker": 0.5, "micro_batch_tokens": 150}
     cfg = chain_cfg(tiny_model_path, tmp_path, reward={"source": "pairwise"}, sft={"trainer": micro},
                     rm={"epochs": 1, "eval_data": "hh_helpful", "eval_n": 8, "trainer": micro},
-                    eval={"num_prompts": 2, "win_rate": True})
-    folder = run_chain(cfg, tmp_path / "chain", log=lambda *_: None)
+                    eval={"num_prompts": 2, "win_rate": True}, ray={"num_cpus": 2},
+                    run={"out_dir": f"{s3}/chains"})
+    (tmp_path / "cfg.yaml").write_text(dump_config(cfg))
+    uri = f"{s3}/chains/one"
+    out = subprocess.run([sys.executable, "-m", "rlaif_ray.commands.cli", "run", str(tmp_path / "cfg.yaml"),
+                          "--out", uri], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # Ray Train's storage is the bucket too: its runs and their checkpoints, beside sft/ and rm/
+    assert any("checkpoint" in f and f.endswith("model.safetensors") for f in StorageFolder(f"{uri}/ray_train").files())
+    folder = materialize(uri, tmp_path / "fetched")  # what the bucket holds, fetched for the checks below
     steps = json.loads((folder / "chain.json").read_text())
     assert [s["step"] for s in steps] == ["sft", "sample-pairs", "label", "train-rm", "train", "eval"]
-
-    sft = folder / "sft"
+    assert [s["output"] for s in steps if s["step"] in ("sft", "train-rm", "train")] == \
+        [f"{uri}/sft", f"{uri}/rm", f"{uri}/train"]
+    sft_uri, sft = f"{uri}/sft", folder / "sft"
     hist = json.loads((sft / "sft_summary.json").read_text())["history"]
     assert hist[-1]["heldout_loss"] < hist[0]["heldout_loss"] - 0.5
     assert load_model(str(sft)) is not None and (sft / "tokenizer.json").is_file()
 
     pairs = [json.loads(x) for x in (folder / "pairs.jsonl").read_text().splitlines()]
-    assert len(pairs) == 8 and all(p["policy"] == str(sft) for p in pairs)
+    assert len(pairs) == 8 and all(p["policy"] == sft_uri for p in pairs)
     labels = pq.read_table(folder / "labels").to_pylist()
     assert len(labels) == 8 and all(r["p_a"] is not None for r in labels)
     rm_sum = json.loads((folder / "rm" / "rm_summary.json").read_text())
-    assert rm_sum["pairs"] == 8 and rm_sum["init"] == str(sft)
+    assert rm_sum["pairs"] == 8 and rm_sum["init"] == sft_uri
 
     run = folder / "train"
     train_cfg = (run / "config.yaml").read_text()
-    assert f"rm_path: {folder / 'rm'}" in train_cfg and f"name: {sft}" in train_cfg
+    assert f"rm_path: {uri}/rm" in train_cfg and f"name: {sft_uri}" in train_cfg
     table = read_rollouts(run)
     assert table.num_rows == 2 * 2 * 2
     meta = json.loads(table.column("reward_meta")[0].as_py())
@@ -156,7 +172,7 @@ def test_run_executes_the_whole_chain(ray_local, tiny_model_path, tmp_path):
     assert summary["win_rate"]["n"] == 2
 
     ev = json.loads((folder / "eval" / "summary.json").read_text())
-    assert ev["policy_b"] == str(sft) and ev["policy_a"].endswith("step_000002")
+    assert ev["policy_b"] == sft_uri and ev["policy_a"] == f"{uri}/train/checkpoints/step_000002"
 
 
 # quickstart-vllm.yaml trains (vLLM generators) in tests/test_vllm.py::test_train_with_vllm_generators;

@@ -40,11 +40,62 @@ def test_launcher_files_start_ray_in_the_venv_with_token_auth_and_an_idle_head(n
         assert "~/rlaif-ray/.venv/bin/ray " in cmd and not re.search(r"(^|[;\s])ray (start|stop)", cmd), cmd
     assert all("RAY_AUTH_MODE=token" in c for c in starts if " start " in c)
     assert raw["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
-    assert any(".venv" in c and "pip install" in c for c in raw["setup_commands"])
+    # every node installs into its venv under the lock on the shared mount, after mounting it
+    setup = raw["setup_commands"]
+    install = next(i for i, c in enumerate(setup) if "bash clusters/install-node.sh -e '.[vllm" in c)
+    assert any(" /shared" in c and "mount" in c for c in setup[:install])
     assert any("--num-cpus=0" in c for c in raw["head_start_ray_commands"])  # the head runs no RL actors
     if "available_node_types" in raw:
         head = raw["available_node_types"][raw["head_node_type"]]
         assert head["resources"].get("CPU", 0) == 0 and "GPU" not in head["resources"] and head["max_workers"] == 0
+
+
+def _wheel(tmp: Path, version: str) -> None:
+    """A tiny wheel `rlaifdemo-dep` of `version` in tmp/wheels (no index needed to install it)."""
+    import subprocess
+    import sys
+
+    src = tmp / f"dep-{version}"
+    (src / "rlaifdemo_dep").mkdir(parents=True)
+    (src / "rlaifdemo_dep" / "__init__.py").write_text(f"VERSION = {version!r}\n")
+    (src / "pyproject.toml").write_text(f'[project]\nname = "rlaifdemo-dep"\nversion = "{version}"\n'
+                                        '[build-system]\nrequires = ["setuptools"]\n'
+                                        'build-backend = "setuptools.build_meta"\n')
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp / "wheels"), str(src)], check=True)
+
+
+@pytest.mark.slow  # two venvs
+def test_install_node_keeps_every_node_on_the_first_nodes_versions(tmp_path):
+    """clusters/install-node.sh, as `ray up` runs it on each node: the first node installs the
+    newest release and writes its lock; a node started after a new release installs the lock's
+    version, not the new one (offline: a local folder of wheels is the index)."""
+    import os
+    import subprocess
+
+    _wheel(tmp_path, "1.0")
+    lock = tmp_path / "shared" / "rlaif-ray-lock.txt"
+    lock.parent.mkdir()
+    env = {**os.environ, "RLAIF_RAY_LOCK": str(lock), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path / "wheels"),
+           "PIP_CONSTRAINT": "", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env.pop("VIRTUAL_ENV", None)
+
+    def node(name: str) -> str:
+        home = tmp_path / name
+        home.mkdir()
+        out = subprocess.run(["bash", str(CLUSTERS / "install-node.sh"), "rlaifdemo-dep"], cwd=home, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return subprocess.run([str(home / ".venv" / "bin" / "python"), "-c",
+                               "import rlaifdemo_dep; print(rlaifdemo_dep.VERSION)"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert node("head") == "1.0"
+    assert "rlaifdemo-dep==1.0" in lock.read_text().splitlines()
+    _wheel(tmp_path, "2.0")  # released after the head started
+    assert node("worker-next-week") == "1.0"
+    lock.unlink()  # moving the cluster on: the next node resolves again and writes a new lock
+    assert node("worker-after-unlock") == "2.0" and "rlaifdemo-dep==2.0" in lock.read_text().splitlines()
 
 
 def test_gpu_cluster_worker_types_declare_the_role_resources():
@@ -75,6 +126,28 @@ def test_every_gpu_config_passes_check_on_every_cluster_it_is_meant_for(config, 
         assert main(["check", str(config), "--cluster", str(CLUSTERS / c)]) == 0, c
         out = capsys.readouterr().out
         assert "the config is valid" in out and "learner:" in out and "generators:" in out, out
+        # every cluster file mounts one shared file system at /shared, where the GPU configs write
+        assert "outputs: /shared/rlaif-runs (on /shared, a shared file system every node mounts)" in out, out
+
+
+@pytest.mark.parametrize("cluster", ["aws-gpu.yaml", "gcp-gpu.yaml", "kuberay-rayjob.yaml"])
+def test_check_refuses_outputs_on_a_nodes_own_disk_of_a_multi_node_cluster(cluster, capsys):
+    """The driver runs on the head and the actors on workers: a node-local run.out_dir is one
+    error line naming the field and the cluster's shared mounts; a URI or a folder under the
+    shared mount passes and says where the outputs go."""
+    from rlaif_ray.commands.cli import main
+    from rlaif_ray.run.cluster_plan import shared_mounts
+
+    assert shared_mounts(CLUSTERS / cluster) == ["/shared"]
+    config = str(ROOT / "configs" / "tldr-d-rlaif.yaml")
+    for out_dir in ("runs", "/data/runs", "/sharedx/runs"):
+        assert main(["check", config, "--cluster", str(CLUSTERS / cluster), "--set", f"run.out_dir={out_dir}"]) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+        assert len(err) == 1 and err[0].startswith(f"error: run.out_dir={out_dir} is on each node's own disk"), err
+        assert "this cluster file mounts: /shared" in err[0], err
+    for out_dir, where in (("s3://bucket/runs", "shared storage every node reaches"), ("/shared/x", "on /shared")):
+        assert main(["check", config, "--cluster", str(CLUSTERS / cluster), "--set", f"run.out_dir={out_dir}"]) == 0
+        assert f"outputs: {out_dir} ({where}" in capsys.readouterr().out
 
 
 def test_check_refuses_a_layout_the_cluster_cannot_hold(capsys):
@@ -134,7 +207,9 @@ def test_check_refuses_a_bad_cluster_file_in_one_line(case, tmp_path, capsys):
 
 
 def test_kuberay_rayjob_structure():
-    job = yaml.safe_load((CLUSTERS / "kuberay-rayjob.yaml").read_text())
+    claim, job = yaml.safe_load_all((CLUSTERS / "kuberay-rayjob.yaml").read_text())
+    # the outputs outlive the cluster: a ReadWriteMany claim every pod mounts at /shared
+    assert claim["kind"] == "PersistentVolumeClaim" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob" and job["metadata"]["name"]
     spec = job["spec"]
     assert spec["entrypoint"].startswith("rlaif-ray train configs/gpu/") and spec["shutdownAfterJobFinishes"] is True
@@ -153,6 +228,10 @@ def test_kuberay_rayjob_structure():
         assert env["RAY_AUTH_MODE"]["value"] == "token"
         assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "rlaif-ray-auth", "key": "auth_token"}
         assert "value" not in env["RAY_AUTH_TOKEN"] and c["image"] == IMAGE
+    for pod in [head, *groups]:
+        spec_ = pod["template"]["spec"]
+        assert spec_["volumes"] == [{"name": "shared", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}]
+        assert {"name": "shared", "mountPath": "/shared"} in spec_["containers"][0]["volumeMounts"]
     for g in groups:
         assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
         c = g["template"]["spec"]["containers"][0]

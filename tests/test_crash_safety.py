@@ -237,11 +237,11 @@ def test_a_failed_checkpoint_stops_the_run_with_one_line(tmp_path):
     class Pipe:
         checkpoint = str(tmp_path / "run" / "checkpoints" / "step_000004")
 
-        def save(self, *a):
+        def save(self, *a, **kw):
             raise OSError(errno.ENOSPC, "No space left on device")
 
     class Run:
-        path = tmp_path / "run"
+        path = location = tmp_path / "run"
 
         def checkpoint_dir(self, step):
             return self.path / "checkpoints" / f"step_{step:06d}"

@@ -43,6 +43,7 @@ def _rank(rank: int, world: int, port: int, model: str, out: str, rl: dict) -> N
     reads, load_model = [], learner_module.load_model
     learner_module.load_model = lambda *a, **kw: (reads.append(a[0]), load_model(*a, **kw))[1]
     chunk = rl.pop("logprob_chunk", None)  # the LM head's positions per chunk (the scorer's, not RLConfig's)
+    save_to, hf_weights = rl.pop("save_to", None) or Path(out) / "ckpt", rl.pop("hf_weights", True)
     learner = PolicyLearner(model, rl, 0.9)
     # the policy and the reference read from their files on rank 0 only (the others: meta, then rank 0's)
     assert len(reads) == (2 if rank == 0 else 0), reads
@@ -52,7 +53,7 @@ def _rank(rank: int, world: int, port: int, model: str, out: str, rl: dict) -> N
     rows = _rows(rl)
     stats = [learner.step(_shards(rows)[rank], _tokens(rows), len(rows)) for _ in range(2)]
     weights = _weights(learner)  # a collective: every rank gathers
-    learner.save(Path(out) / "ckpt", {"step": 2})
+    learner.save(save_to, {"step": 2}, hf_weights)
     if rank == 0:
         np.savez(Path(out) / "weights.npz", **weights)
     Path(out, f"stats{rank}.json").write_text(json.dumps(stats))
@@ -97,14 +98,17 @@ def test_two_gloo_ranks_match_one_rank_and_resume_on_one(tiny_model_path, tmp_pa
     for k in w1:
         np.testing.assert_allclose(w2[k], w1[k], atol=1e-6, err_msg=k)
 
-    # the checkpoint holds full weights that transformers loads on its own
+    # the checkpoint holds each rank's DCP shard, and full weights that transformers loads on its own
     ckpt = tmp_path / "ckpt"
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp"} <= {
+        p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*")}
+    assert not list(tmp_path.glob(".ckpt*"))  # the temp folder became ckpt
     loaded = AutoModelForCausalLM.from_pretrained(ckpt, use_safetensors=True)
     for k, v in loaded.named_parameters():
         if k in w1:
             np.testing.assert_allclose(v.detach().numpy(), w1[k], atol=1e-6, err_msg=k)
 
-    # resume the 2-rank checkpoint on 1 rank: the next step equals the uninterrupted run's
+    # resume the 2-rank checkpoint on 1 rank (DCP reshards): the next step equals the uninterrupted run's
     resumed = PolicyLearner(tiny_model_path, {**rl, "gradient_checkpointing": False}, 0.9)
     resumed.load(ckpt)
     a = resumed.step(rows, _tokens(rows), len(rows))
@@ -113,6 +117,40 @@ def test_two_gloo_ranks_match_one_rank_and_resume_on_one(tiny_model_path, tmp_pa
     wa, wb = _weights(resumed), _weights(one)
     for k in wa:
         np.testing.assert_allclose(wa[k], wb[k], atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow  # two gloo processes and an S3 server
+def test_sharded_checkpoint_on_s3_resumes_on_one_rank(s3, tiny_model_path, tmp_path):
+    """Two FSDP ranks write a run's intermediate checkpoint to s3:// as DCP shards (no gather,
+    no HF weights): each rank uploads its own shard, rank 0 the metadata and trainer_state.json
+    last, and nothing stays in their staging folders. One rank fetches it and resumes with the
+    2-rank run's weights."""
+    from rlaif_ray.remote_folder import StorageFolder, staging_root
+    from rlaif_ray.rl.learner import PolicyLearner
+    from rlaif_ray.run.folder import STATE_KEYS, read_checkpoint_state
+
+    uri = f"{s3}/fsdp/checkpoints/step_000002"
+    _two_ranks(tiny_model_path, tmp_path, dict(CFG, save_to=uri, hf_weights=False))
+    files = StorageFolder(uri).files()
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "trainer_state.json"} <= set(files)
+    assert not any(f.endswith("model.safetensors") for f in files)  # no full gather before the run's end
+    state = json.loads(StorageFolder(uri).read_bytes("trainer_state.json"))
+    assert state["optimizer_meta"]["format"] == "dcp" and state["files"] == {k: v for k, v in files.items()
+                                                                             if k != "trainer_state.json"}
+    # what the driver checks before `latest` names it (a run's state has every key; this one only step)
+    StorageFolder(uri).write_bytes("trainer_state.json", json.dumps(
+        {**{k: 0 for k in STATE_KEYS}, **state, "step": 2}).encode())
+    assert read_checkpoint_state(uri) == (json.loads(StorageFolder(uri).read_bytes("trainer_state.json")), None)
+    assert not [p for p in staging_root().rglob("*") if p.is_file() and "fsdp" in str(p)]
+
+    one = PolicyLearner(tiny_model_path, CFG, 0.9)
+    one.load(uri)
+    w2, w1 = dict(np.load(tmp_path / "weights.npz")), _weights(one)
+    for k in w1:
+        np.testing.assert_allclose(w1[k], w2[k], atol=1e-6, err_msg=k)
+    assert one.steps == 2 and one.opt.state  # the AdamW moments came back too
+    fetched = [p for p in staging_root().rglob("*") if p.is_file() and "fsdp" in str(p) and p.suffix != ".lock"]
+    assert not fetched  # the fetched copy went (an empty lock file of the per-node fetch stays)
 
 
 def test_load_is_strict(tiny_model_path, tmp_path):

@@ -181,7 +181,8 @@ def test_weight_sync_timeout_names_the_actor(ray_local):
 
 
 def test_two_learner_workers_match_one(ray_local, tiny_model_path, tmp_path):
-    """An FSDP group of 2 gloo ranks gives the same update as 1 worker (through Ray)."""
+    """An FSDP group of 2 gloo ranks gives the same update as 1 worker (through Ray), and its
+    sharded checkpoint resumes in a new group of 2."""
     import numpy as np
     import ray
 
@@ -193,20 +194,34 @@ def test_two_learner_workers_match_one(ray_local, tiny_model_path, tmp_path):
 
     cfg = tiny_cfg(tiny_model_path, tmp_path, pipeline={"learner": {"num_cpus": 0.25}})
     gens, labelers, learner1 = start_actors(cfg, "grad")
+    learners = []
     try:
         prompts = build_prompts(load_tldr()[:200], load_tokenizer(tiny_model_path), cfg.task)
         batch = ray.get(labelers[0].score.remote(gens[0].generate.remote(prompt_batch(prompts.train[:4]), 0, 2, 0)))
         kw = dict(model_name=tiny_model_path, dtype="float32", rl_cfg=cfg.rl.model_dump(), temperature=0.9,
                   torch_threads=1)
         learner2 = LearnerGroup(ray.remote(LearnerWorker), 2, {"num_cpus": 0.25}, "grad2", **kw)
+        learners.append(learner2)
         s1 = learner1.train(batch, "token_mean")
         s2 = learner2.train(batch, "token_mean")
         assert s1["loss"] == pytest.approx(s2["loss"], abs=1e-5) and s1["kl"] == pytest.approx(s2["kl"], abs=1e-6)
         w1, w2 = (ray.get(x.weights())["arrays"] for x in (learner1, learner2))
         for k in w1:
             np.testing.assert_allclose(w1[k], w2[k], atol=1e-6, err_msg=k)
+        # a run's intermediate checkpoint of the group: each rank's DCP shard, no full weights;
+        # a new group of 2 reads it back, each rank its own part
+        ck = tmp_path / "ck"
+        learner2.save(str(ck), {"step": 1}, hf_weights=False)
+        assert (ck / "dcp" / ".metadata").is_file() and not (ck / "model.safetensors").exists()
+        for a in learner2.workers:  # their CPUs go to the new group
+            ray.kill(a)
+        learners.append(LearnerGroup(ray.remote(LearnerWorker), 2, {"num_cpus": 0.25}, "grad3", **kw))
+        learners[-1].load(str(ck))
+        w3 = ray.get(learners[-1].weights())["arrays"]
+        for k in w2:
+            np.testing.assert_allclose(w3[k], w2[k], atol=0, err_msg=k)
     finally:
-        for a in gens + labelers + learner1.workers + learner2.workers:
+        for a in gens + labelers + learner1.workers + [w for g in learners for w in g.workers]:
             ray.kill(a)
         release("grad")
 

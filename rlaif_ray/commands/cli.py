@@ -164,10 +164,12 @@ def _check(cfg, args) -> None:
         for line in memory:
             print("  " + line)
     if args.cluster:
-        from rlaif_ray.run.cluster_plan import plan, read_cluster
+        from rlaif_ray.run.cluster_plan import plan, read_cluster, shared_mounts, storage_plan
 
+        nodes = read_cluster(args.cluster)
+        lines = plan(cfg, nodes) + [storage_plan(cfg, nodes, shared_mounts(args.cluster))]
         print(f"placement on {args.cluster}:")
-        for line in plan(cfg, read_cluster(args.cluster)):
+        for line in lines:
             print("  " + line)
 
 

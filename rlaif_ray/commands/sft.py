@@ -7,14 +7,15 @@ from actors.ray_session import ray_session
 from actors.ray_train import fit, loop_config
 from rlaif_ray.config import Config
 from rlaif_ray.engines.models import load_tokenizer
+from rlaif_ray.remote_folder import StorageFolder, as_location
 from rlaif_ray.rl.supervised import check_batch, sft_data
 from rlaif_ray.run.preflight import preflight
 from rlaif_ray.storage import atomic_write_json
 
 
-def run_sft(cfg: Config, out: str | Path | None = None, log=print, overwrite: bool = False) -> Path:
+def run_sft(cfg: Config, out: str | Path | None = None, log=print, overwrite: bool = False) -> Path | str:
     s = cfg.sft
-    out = Path(out or s.output)
+    out = as_location(out or s.output)  # a path or a URI of shared storage
     preflight(cfg, "sft", out=out, overwrite=overwrite, log=log)  # an existing output is never overwritten
     tok = load_tokenizer(cfg.model.name)
     train, held, counts = sft_data(cfg, tok)
@@ -23,5 +24,7 @@ def run_sft(cfg: Config, out: str | Path | None = None, log=print, overwrite: bo
         f"{s.trainer.num_workers} Ray Train worker(s)")
     with ray_session(cfg):
         history = fit(loop_config("sft", s, cfg.model.name, train, held, tok.pad_token_id), s.trainer, out, "sft", log)
-    atomic_write_json(out / "sft_summary.json", {**counts, "history": history})
+    store = StorageFolder(out)
+    atomic_write_json(store.local / "sft_summary.json", {**counts, "history": history})
+    store.push("sft_summary.json")
     return out

@@ -7,6 +7,7 @@ from pathlib import Path
 from actors.ray_session import ray_session
 from actors.training import run_training
 from rlaif_ray.config import Config
+from rlaif_ray.remote_folder import is_uri
 from rlaif_ray.run.folder import RunFolder, default_run_dir
 from rlaif_ray.run.preflight import preflight
 from rlaif_ray.run.report import train_report
@@ -14,12 +15,12 @@ from rlaif_ray.run.resolve import resolve_auto
 
 
 def train(cfg: Config, out: str | Path | None = None, log=print, resume: str | Path | None = None,
-          overwrite: bool = False) -> Path:
+          overwrite: bool = False) -> Path | str:
     """A new run in `out` (refused when it exists and is not empty, unless `overwrite`: the
     old one is moved aside), or `resume` a run folder from its last complete checkpoint."""
     cfg = resolve_auto(cfg)  # what `auto` means on this machine, recorded in the run's config.yaml
     if resume is None:
-        out = Path(out) if out else default_run_dir(cfg)
+        out = (str(out) if is_uri(out) else Path(out)) if out else default_run_dir(cfg)
     # every check that needs files or models (and the output or the run to resume), before Ray starts
     prompts = preflight(cfg, "train", out=out, overwrite=overwrite, resume=resume, log=log)
     log(f"prompts: {len(prompts.train)} train, {len(prompts.heldout)} held out; "
@@ -31,9 +32,9 @@ def train(cfg: Config, out: str | Path | None = None, log=print, resume: str | P
     try:
         with ray_session(cfg, check_fit=True):
             run_training(cfg, run, prompts, resume is not None, log)
+        if cfg.run.report:
+            log(f"report: {train_report(run.path)}")
     finally:
-        run.close()
-    if cfg.run.report:
-        log(f"report: {train_report(run.path)}")
-    log(f"run folder: {run.path}")
-    return run.path
+        run.close()  # a run on shared storage: what is not yet uploaded goes now
+    log(f"run folder: {run.location}")
+    return run.location if run.store is not None else run.path  # a run on shared storage: its URI

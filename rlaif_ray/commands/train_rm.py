@@ -7,14 +7,15 @@ from actors.ray_session import ray_session
 from actors.ray_train import fit, loop_config
 from rlaif_ray.config import Config
 from rlaif_ray.engines.models import load_tokenizer
+from rlaif_ray.remote_folder import StorageFolder, as_location
 from rlaif_ray.rl.supervised import check_batch, rm_data
 from rlaif_ray.run.preflight import preflight
 from rlaif_ray.storage import atomic_write_json
 
 
-def run_train_rm(cfg: Config, out: str | Path | None = None, log=print, overwrite: bool = False) -> Path:
+def run_train_rm(cfg: Config, out: str | Path | None = None, log=print, overwrite: bool = False) -> Path | str:
     r = cfg.rm
-    out = Path(out or r.output)
+    out = as_location(out or r.output)  # a path or a URI of shared storage
     # an existing output is never overwritten; a partial `label` output in rm.labels stops here
     preflight(cfg, "train-rm", out=out, overwrite=overwrite, log=log)
     init = r.init or cfg.model.name
@@ -26,6 +27,8 @@ def run_train_rm(cfg: Config, out: str | Path | None = None, log=print, overwrit
         f"init {init}; {r.trainer.num_workers} Ray Train worker(s)")
     with ray_session(cfg):
         history = fit(loop_config("rm", r, init, train, held, tok.pad_token_id), r.trainer, out, "train-rm", log)
-    atomic_write_json(out / "rm_summary.json", {**counts, "label_kind": r.label_kind, "init": init,
+    store = StorageFolder(out)
+    atomic_write_json(store.local / "rm_summary.json", {**counts, "label_kind": r.label_kind, "init": init,
                                                 "history": history})
+    store.push("rm_summary.json")
     return out

@@ -5,5 +5,5 @@ response log-probs, sampling, shared-prompt packing); model loading (models.py);
 and precision rule (devices.py); and the weight transfer from the learner (weight_sync.py,
 vllm_worker.py).
 
-May import: rlaif_ray.config, rlaif_ray.storage, rlaif_ray.data. No Ray.
+May import: rlaif_ray.config, rlaif_ray.storage, rlaif_ray.remote_folder, rlaif_ray.data. No Ray.
 """

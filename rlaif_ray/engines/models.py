@@ -7,6 +7,9 @@ import os
 import shutil
 from pathlib import Path
 
+from rlaif_ray.remote_folder import StorageFolder, is_uri, materialize, staging_root
+from rlaif_ray.storage import RunStateError
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -15,11 +18,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RLAIF_RAY_CACHE", Path.home() / ".cache" / "rlaif-ray"))
 
 
-def resolve(name: str) -> str:
+def resolve(name: str, weights: bool = True) -> str:
     """A path or hub id transformers can load; converts the embedded default on first use.
-    A local path that is not a model folder raises ModelNotFoundError naming it."""
+    A local path that is not a model folder raises ModelNotFoundError naming it. A URI (a
+    model on shared storage: the chain's sft/ and rm/, a checkpoint) is fetched once per node;
+    `weights=False` fetches only its small files (config, tokenizer), for a driver that needs
+    no weights (a 7B model is ~15 GB)."""
     if name == DEFAULT_MODEL:
         return str(ensure_default_model())
+    if is_uri(name):
+        return str(materialize(name, staging_root() / ("fetched" if weights else "fetched-meta"), weights=weights))
     problem = model_path_problem(name)
     if problem:
         raise ModelNotFoundError(f"model {problem}")
@@ -45,7 +53,13 @@ def looks_local(name: str) -> bool:
 
 
 def model_path_problem(name: str) -> str | None:
-    """Why a model name that is a local path cannot be loaded (None: it can be tried)."""
+    """Why a model name that is a local path or a URI cannot be loaded (None: it can be tried)."""
+    if is_uri(name):
+        try:
+            return None if StorageFolder(name).exists("config.json") else \
+                f"{name} holds no config.json: not a model folder (give {HUB_ID_HELP})"
+        except (OSError, RunStateError) as err:
+            return f"{name} cannot be read ({str(err).splitlines()[0][:120]})"
     p = Path(name).expanduser()
     if p.is_dir():
         if (p / "config.json").is_file():
@@ -120,6 +134,8 @@ def quiet_transformers() -> None:
 
 def is_checkpoint(path: str | Path) -> bool:
     """A safetensors model folder: one file, or shards with an index (large models)."""
+    if is_uri(path):
+        return bool({"model.safetensors", "model.safetensors.index.json"} & set(StorageFolder(path).files(recursive=False)))
     p = Path(path)
     return (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
 
@@ -127,7 +143,7 @@ def is_checkpoint(path: str | Path) -> bool:
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve(name))
+    tok = AutoTokenizer.from_pretrained(resolve(name, weights=False))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -161,7 +177,7 @@ def model_config(name: str):
     asks it for the context and for the KV cache's size. Read-only to callers."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(resolve(name))
+    return AutoConfig.from_pretrained(resolve(name, weights=False))
 
 
 def model_context(name: str) -> int:

@@ -3,6 +3,6 @@ returns, baselines, the surrogate loss, the adaptive KL controller), the policy 
 (learner.py: policy, reference, optimizer, one step, checkpoints, FSDP2), and SFT and
 reward-model training on AI labels (supervised.py).
 
-May import: rlaif_ray.config, rlaif_ray.storage, rlaif_ray.rubrics, rlaif_ray.data,
+May import: rlaif_ray.config, rlaif_ray.storage, rlaif_ray.remote_folder, rlaif_ray.rubrics, rlaif_ray.data,
 rlaif_ray.engines, rlaif_ray.feedback. No Ray.
 """

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,7 +27,9 @@ import torch
 from rlaif_ray.engines import lm
 from rlaif_ray.engines.devices import compute_dtype, dtype_name, enable_tf32
 from rlaif_ray.engines.models import decoder_layers, load_model, load_tokenizer
+from rlaif_ray.remote_folder import StorageFolder, is_uri, materialize, staging_for, staging_root
 from rlaif_ray.rl import losses as rl
+from rlaif_ray.storage import PARTIAL, atomic_write_json, publish_dir, temp_path
 
 # how long the other ranks wait for rank 0 to read a checkpoint (PolicyLearner._wait_for_rank0)
 LOAD_WAIT = datetime.timedelta(hours=2)
@@ -478,64 +481,128 @@ class PolicyLearner:
 
         return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
-    def save(self, path: str | Path, state: dict) -> None:
-        """Full (unsharded) weights as safetensors that `from_pretrained` loads (with config,
-        generation config and tokenizer), the value head, the full AdamW state keyed by
-        parameter name (a checkpoint of N ranks resumes on M), and `state` as JSON. Rank 0
-        writes; every rank must call (the gathers are collectives).
+    def save(self, path: str | Path, state: dict, hf_weights: bool = True) -> None:
+        """A checkpoint folder at `path` (a path or a URI); every rank must call.
+
+        One rank: full weights as safetensors that `from_pretrained` loads (with config,
+        generation config and tokenizer), the value head and the full AdamW state keyed by
+        parameter name in optimizer.safetensors, and `state` as trainer_state.json.
+
+        A sharded (FSDP) learner writes `dcp/`: torch.distributed.checkpoint's files, each rank
+        its own shard of weights and AdamW state (no gather, no full copy on rank 0; a
+        checkpoint of N ranks resumes on M, DCP reshards), plus with `hf_weights` (the run's last
+        checkpoint) the full weights as above, gathered once, for `from_pretrained` and eval.
 
         Crash-safe: everything goes into a hidden temp folder beside `path`; trainer_state.json
         (with every file's size) is written last, each file is fsynced, then the folder is
         renamed to `path` in one step. A crash or a full disk (ENOSPC) on the way leaves no
         `path` at all (the temp folder is removed), so `checkpoints/latest` never names a
-        partial checkpoint."""
-        from huggingface_hub import save_torch_state_dict
+        partial checkpoint. A URI `path` (a run on shared storage) is written to this node's
+        staging folder the same way, uploaded with trainer_state.json last, and removed here:
+        rank 0 may run on any node, the driver checks the upload before `latest` names it."""
+        if self.sharded:
+            return self._save_sharded(path, state, hf_weights)
         from safetensors.torch import save_file
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-        from rlaif_ray.storage import atomic_write_json, publish_dir, temp_path
 
         model_sd = get_model_state_dict(self.policy, options=self._options())
         optim_sd = get_optimizer_state_dict(self.policy, self.opt, options=self._options())
         if self.rank != 0:
             return
-        final = Path(path)
+        uri = str(path) if is_uri(path) else None
+        final = staging_for(uri) if uri else Path(path)
         final.parent.mkdir(parents=True, exist_ok=True)
         path = temp_path(final)
         try:
             path.mkdir()
-            weights = {k[len("model."):]: v for k, v in model_sd.items() if k.startswith("model.")}
-            if self.tied:
-                weights.pop("lm_head.weight", None)
-            inner = self.policy.model
-            inner.config.save_pretrained(path)
-            if inner.generation_config is not None:
-                inner.generation_config.save_pretrained(path)
-            save_torch_state_dict(weights, path, metadata={"format": "pt"})
-            load_tokenizer(self.model_name).save_pretrained(path)
+            self._write_hf(path, model_sd)
             tensors = {f"state.{fqn}.{k}": (v if torch.is_tensor(v) else torch.tensor(v, device="cpu")).contiguous()
                        for fqn, st in optim_sd["state"].items() for k, v in st.items()}
             tensors.update({k: v.contiguous() for k, v in model_sd.items() if k.startswith("value_head.")})
             save_file(tensors, str(path / "optimizer.safetensors"))
             meta = {"param_groups": optim_sd["param_groups"], "learner_steps": self.steps}
-            files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file()}
-            atomic_write_json(path / "trainer_state.json", {**state, "optimizer_meta": meta, "files": files})
+            atomic_write_json(path / "trainer_state.json", {**state, "optimizer_meta": meta, "files": _sizes(path)})
             publish_dir(path, final)
         except BaseException:
-            import shutil
-
             shutil.rmtree(path, ignore_errors=True)
             raise
+        if uri:
+            try:
+                StorageFolder(uri).delete()  # what an earlier try at this step left (a dead driver's)
+                StorageFolder(uri, final).push(last="trainer_state.json")
+            finally:
+                shutil.rmtree(final, ignore_errors=True)
+
+    def _write_hf(self, path: Path, model_sd: dict) -> None:
+        """The policy as a transformers model folder (safetensors, config, tokenizer)."""
+        from huggingface_hub import save_torch_state_dict
+
+        weights = {k[len("model."):]: v for k, v in model_sd.items() if k.startswith("model.")}
+        if self.tied:
+            weights.pop("lm_head.weight", None)
+        inner = self.policy.model
+        inner.config.save_pretrained(path)
+        if inner.generation_config is not None:
+            inner.generation_config.save_pretrained(path)
+        save_torch_state_dict(weights, path, metadata={"format": "pt"})
+        load_tokenizer(self.model_name).save_pretrained(path)
+
+    def _save_sharded(self, path, state: dict, hf_weights: bool) -> None:
+        """`save` of an FSDP learner: each rank writes (and for a URI uploads) its own DCP shard
+        into one temp folder (a shared file system, or each node's staging copy); after every
+        rank is done, rank 0 adds the HF weights and trainer_state.json and publishes."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        uri = str(path) if is_uri(path) else None
+        final = staging_for(uri) if uri else Path(path)
+        tmp = final.parent / f".{final.name}{PARTIAL}dcp"  # one name for every rank (temp_path's is per process)
+        if self.rank == 0 or uri:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "dcp").mkdir(parents=True, exist_ok=True)
+        if uri and self.rank == 0:
+            StorageFolder(uri).delete()  # what an earlier try at this step left (a dead driver's)
+        self._agree_failed(False)  # the folder exists before any rank writes into it
+        model_sd, optim_sd = get_state_dict(self.policy, self.opt)  # each rank's own shards
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+        full = get_model_state_dict(self.policy, options=self._options()) if hf_weights else None  # a gather
+        if uri:  # each rank uploads what it wrote (rank 0: also DCP's .metadata)
+            StorageFolder(uri, tmp).push("dcp", keep=lambda name: name.startswith(f"__{self.rank}_")
+                                         or (self.rank == 0 and not name.startswith("__")))
+        self._agree_failed(False)  # every shard is written (and uploaded)
+        if self.rank == 0:
+            try:
+                if full is not None:
+                    self._write_hf(tmp, full)
+                if uri:
+                    StorageFolder(uri, tmp).push(skip=("dcp",))
+                files = StorageFolder(uri).files() if uri else _sizes(tmp)
+                meta = {"format": "dcp", "learner_steps": self.steps, "ranks": self.world}
+                atomic_write_json(tmp / "trainer_state.json", {**state, "optimizer_meta": meta, "files": files})
+                if uri:
+                    StorageFolder(uri, tmp).push("trainer_state.json")
+                else:
+                    publish_dir(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        self._agree_failed(False)  # published: the staging copies can go
+        if uri:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def load(self, path: str | Path) -> None:
         """Resume from `save`'s folder: weights, value head and AdamW state, strictly (a
-        missing or unexpected key is an error). Rank 0 reads the files and broadcasts."""
+        missing or unexpected key is an error). A full checkpoint: rank 0 reads the files and
+        broadcasts. A sharded one (dcp/): every rank reads its part (DCP reshards N ranks to M)."""
+        if StorageFolder(path).exists("dcp/.metadata"):
+            return self._load_sharded(path)
         from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        path = Path(path)
         model_sd, optim_sd = {}, {}
-        meta = json.loads((path / "trainer_state.json").read_text())["optimizer_meta"]
+        meta = json.loads(StorageFolder(path).read_bytes("trainer_state.json"))["optimizer_meta"]
+        fetched = materialize(str(path), staging_root() / "fetched") if is_uri(path) and self.rank == 0 else None
+        path = fetched or Path(path)
         if self.rank == 0:
             weights = _load_weights(path)
             if self.tied and "lm_head.weight" not in weights:
@@ -566,8 +633,32 @@ class PolicyLearner:
         set_optimizer_state_dict(self.policy, self.opt, optim_sd, options=self._options(broadcast_from_rank0=bcast))
         for group in self.opt.param_groups:  # the kernel is this process's choice, not the checkpoint's
             group.update(ADAMW_KERNEL)
+        if fetched is not None:  # a 7B checkpoint is ~90 GB: a rebuild fetches it again
+            shutil.rmtree(fetched, ignore_errors=True)
         self.steps = int(meta.get("learner_steps", 0))
         self.value_started = True  # the value head resumes where it was
+
+    def _load_sharded(self, path) -> None:
+        """Every rank loads its shards of weights and AdamW state from `path`/dcp (fetched to
+        its node first when `path` is a URI: once per node, see materialize)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        meta = json.loads(StorageFolder(path).read_bytes("trainer_state.json"))["optimizer_meta"]
+        local = materialize(str(path), staging_root() / "fetched") if is_uri(path) else Path(path)
+        model_sd, optim_sd = get_state_dict(self.policy, self.opt)  # this rank's shards, to be filled
+        try:
+            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(local / "dcp"))
+        except Exception as err:  # noqa: BLE001 - DCP raises its own CheckpointException for a missing key
+            raise RuntimeError(f"checkpoint {path} does not match the model ({str(err)[:300]})") from None
+        set_state_dict(self.policy, self.opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        for group in self.opt.param_groups:
+            group.update(ADAMW_KERNEL)
+        self.steps = int(meta.get("learner_steps", 0))
+        self.value_started = True
+        self._agree_failed(False)  # every rank has read: the fetched copy can go
+        if is_uri(path):
+            shutil.rmtree(local, ignore_errors=True)
 
     def _optimizer_problem(self, path: Path, optim_sd: dict, model_sd: dict) -> str:
         """The AdamW state must match this optimizer exactly (torch would load a partial state
@@ -592,6 +683,11 @@ class PolicyLearner:
             if full is not None and tuple(st["exp_avg"].shape) != tuple(full.shape):
                 return f"{where}: exp_avg of {fqn} has shape {tuple(st['exp_avg'].shape)}, the parameter {tuple(full.shape)}"
         return ""
+
+
+def _sizes(folder: Path) -> dict[str, int]:
+    """{relative path: size} of every file under `folder`."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _load_weights(path: Path) -> dict:

@@ -6,12 +6,14 @@ manifests (RayJob / RayCluster: `workerGroupSpecs`). Pure: no Ray, no models.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from rlaif_ray.config import Config, ConfigError
+from rlaif_ray.remote_folder import is_uri
 from rlaif_ray.run.layout import _fits, _fmt, bundle, check_layout, placement, roles
 
 
@@ -43,10 +45,10 @@ def _node_from_ray_start(params: dict, container: dict | None) -> dict[str, floa
     return {k: v for k, v in res.items() if v > 0}
 
 
-def read_cluster(path: str | Path) -> list[NodeType]:
-    """Node types of a cluster-launcher YAML or a KubeRay RayJob/RayCluster manifest. A file
-    that is not UTF-8 YAML, or whose node types are wrongly shaped, is one ConfigError naming
-    the file and the field."""
+def _cluster_doc(path: str | Path) -> tuple[Path, dict, str]:
+    """(path, the document, "launcher" or "kuberay") of a cluster file: the cluster-launcher
+    YAML itself, or the KubeRay RayJob/RayCluster's rayClusterSpec. A file that is not UTF-8
+    YAML or neither kind is one ConfigError naming it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--cluster {path}: no such file")
@@ -60,13 +62,72 @@ def read_cluster(path: str | Path) -> list[NodeType]:
         raise ConfigError(f"--cluster {path}: not valid YAML{where} ({getattr(e, 'problem', None) or e})") from None
     for doc in docs:
         if "available_node_types" in doc:
-            return _launcher_nodes(path, doc)
+            return path, doc, "launcher"
         spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else {}
         cluster = spec.get("rayClusterSpec") or (spec if doc.get("kind") == "RayCluster" else None)
         if cluster:
-            return _kuberay_nodes(path, cluster)
+            return path, cluster, "kuberay"
     raise ConfigError(f"--cluster {path}: neither a Ray cluster-launcher YAML (available_node_types) "
                       "nor a KubeRay RayJob/RayCluster manifest")
+
+
+def read_cluster(path: str | Path) -> list[NodeType]:
+    """Node types of a cluster-launcher YAML or a KubeRay RayJob/RayCluster manifest. A file
+    that is not UTF-8 YAML, or whose node types are wrongly shaped, is one ConfigError naming
+    the file and the field."""
+    path, doc, kind = _cluster_doc(path)
+    return _launcher_nodes(path, doc) if kind == "launcher" else _kuberay_nodes(path, doc)
+
+
+# a network file system mounted by a setup command: `mount -t nfs4 ... /shared`, gcsfuse, mount-s3
+_MOUNT_RE = re.compile(r"\bmount\s+(?:-\S+\s+)*-t\s+(?:nfs\d?|efs|lustre|cifs|glusterfs|ceph|fuse\.\S+)\s.*?(/[\w./-]+)\s*(?:$|[;&|])"
+                       r"|\b(?:gcsfuse|mount-s3|s3fs|blobfuse2?)\b.*?\s(/[\w./-]+)\s*(?:$|[;&|])")
+_SHARED_VOLUMES = ("persistentVolumeClaim", "nfs", "csi", "cephfs", "glusterfs")
+
+
+def shared_mounts(path: str | Path) -> list[str]:
+    """The folders every node of the cluster file sees as one shared file system: for a
+    launcher YAML, the targets of network mounts in its setup commands (run on every node);
+    for KubeRay, the mountPaths of shared volumes (a PVC, NFS, CSI) that the head and every
+    worker group mount. Anything else (a node's own disk, file_mounts, which are copies) is
+    node-local."""
+    path, doc, kind = _cluster_doc(path)
+    if kind == "launcher":
+        cmds = [c for key in ("initialization_commands", "setup_commands")
+                for c in (doc.get(key) or []) if isinstance(c, str)]
+        return sorted({(m.group(1) or m.group(2)).rstrip("/") for c in cmds for m in _MOUNT_RE.finditer(c)})
+
+    def mounts(group) -> set[str]:
+        try:
+            spec = group["template"]["spec"]
+            shared = {v["name"] for v in spec.get("volumes") or [] if any(k in v for k in _SHARED_VOLUMES)}
+            return {m["mountPath"].rstrip("/") for m in spec["containers"][0].get("volumeMounts") or []
+                    if m.get("name") in shared}
+        except (AttributeError, IndexError, KeyError, TypeError):
+            return set()
+
+    groups = [doc.get("headGroupSpec") or {}, *(doc.get("workerGroupSpecs") or [])]
+    return sorted(set.intersection(*(mounts(g) for g in groups)))
+
+
+def storage_plan(cfg: Config, nodes: list[NodeType], mounts: list[str]) -> str:
+    """Where the run's outputs go on this cluster, or a ConfigError when they would land on
+    node-local disks of a multi-node layout: the driver runs on the head and the actors on
+    workers, so the driver's records and learner rank 0's checkpoints would sit on different
+    machines (and go with them)."""
+    out = cfg.run.out_dir
+    if is_uri(out):
+        return f"outputs: {out} (shared storage every node reaches; credentials from each node's environment)"
+    under = next((m for m in mounts if Path(out).is_absolute()
+                  and (Path(out) == Path(m) or Path(m) in Path(out).parents)), None)
+    if under:
+        return f"outputs: {out} (on {under}, a shared file system every node mounts)"
+    if not any(not n.head and n.max_workers > 0 for n in nodes):
+        return f"outputs: {out} (one node: its own disk)"
+    raise ConfigError(f"run.out_dir={out} is on each node's own disk, but this cluster runs the driver on the head "
+                      "and the actors on worker nodes: the records and learner rank 0's checkpoints would land on "
+                      "different machines and go with them. Set run.out_dir to s3://BUCKET/PATH (or gs://...) or to "
+                      f"a folder under a shared mount (this cluster file mounts: {', '.join(mounts) or 'none'})")
 
 
 def _shape_error(path: Path, field: str, e: Exception) -> ConfigError:

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from rlaif_ray.config import Config, dump_config
 from rlaif_ray.data.schemas import JUDGEMENTS
+from rlaif_ray.remote_folder import StorageFolder, is_uri, join
 from rlaif_ray.storage import (
     RunStateError,
     append_line,
@@ -40,58 +41,61 @@ CHECKPOINT_RE = re.compile(r"step_(\d{6,})")
 STATE_KEYS = ("step", "policy_version", "next_batch_index", "sampler", "optimizer_meta")
 
 
-def _safetensors_problem(f: Path) -> str | None:
+def _safetensors_problem(folder: StorageFolder, name: str, size: int) -> str | None:
     """A safetensors file's size must be its header's: 8 + header length + the last tensor's end."""
     try:
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
+        with folder.open(name) as fh:
             head = fh.read(8)
             if len(head) < 8:
-                return f"{f.name} is truncated ({size} bytes)"
+                return f"{name} is truncated ({size} bytes)"
             (n,) = struct.unpack("<Q", head)
             if n > size - 8:
-                return f"{f.name} is truncated ({size} bytes, its header alone is {n})"
+                return f"{name} is truncated ({size} bytes, its header alone is {n})"
             header = json.loads(fh.read(n).decode("utf-8"))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
-        return f"{f.name} is damaged ({str(err)[:80]})"
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        return f"{name} is damaged ({str(err)[:80]})"
     if size != 8 + n + end:
-        return f"{f.name} is truncated or damaged ({size} bytes, expected {8 + n + end})"
+        return f"{name} is truncated or damaged ({size} bytes, expected {8 + n + end})"
     return None
 
 
 def read_checkpoint_state(ck: str | Path) -> tuple[dict | None, str | None]:
-    """(trainer_state.json, None) for a complete checkpoint folder, else (None, what is wrong):
-    the state parses and has every key, its step is the folder's, every file it lists has its
-    recorded size, the weights and optimizer files are there and whole."""
-    ck = Path(ck)
-    if not ck.is_dir():
+    """(trainer_state.json, None) for a complete checkpoint folder (a path or a URI), else
+    (None, what is wrong): the state parses and has every key, its step is the folder's, every
+    file it lists has its recorded size, the weights and optimizer files (or a sharded
+    learner's dcp/ with its .metadata) are there and whole."""
+    folder = StorageFolder(ck)
+    if not folder.is_dir():
         return None, "does not exist"
-    p = ck / "trainer_state.json"
-    if not p.is_file():
+    sizes = folder.files()  # a sharded checkpoint's DCP files are in dcp/
+    if "trainer_state.json" not in sizes:
         return None, "has no trainer_state.json (incomplete)"
     try:
-        state = json.loads(p.read_bytes().decode("utf-8"))
+        state = json.loads(folder.read_bytes("trainer_state.json").decode("utf-8"))
     except ValueError as err:
         return None, f"has a damaged trainer_state.json ({str(err)[:80]})"
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
         return None, f"has a trainer_state.json without {', '.join(k for k in STATE_KEYS if k not in (state or {}))}"
-    m = CHECKPOINT_RE.fullmatch(ck.name)
+    m = CHECKPOINT_RE.fullmatch(str(ck).rstrip("/").rsplit("/", 1)[-1])
     if m and state["step"] != int(m.group(1)):
         return None, f"has the trainer_state.json of step {state['step']}"
-    files = state.get("files") or {}
-    for name, size in files.items():
-        f = ck / name
-        if not f.is_file() or f.stat().st_size != size:
-            return None, f"has {name} {'missing' if not f.is_file() else 'of the wrong size'} (incomplete)"
-    weights = (ck / "model.safetensors").is_file() or (ck / "model.safetensors.index.json").is_file()
-    if not weights or not (ck / "optimizer.safetensors").is_file():
+    for name, size in (state.get("files") or {}).items():
+        if sizes.get(name) != size:
+            return None, f"has {name} {'missing' if name not in sizes else 'of the wrong size'} (incomplete)"
+    weights = "model.safetensors" in sizes or "model.safetensors.index.json" in sizes
+    if "dcp/.metadata" not in sizes and (not weights or "optimizer.safetensors" not in sizes):
         return None, "has no model.safetensors or optimizer.safetensors (incomplete)"
-    for f in sorted(ck.glob("*.safetensors")):
-        problem = _safetensors_problem(f)
+    for name in sorted(n for n in sizes if n.endswith(".safetensors") and "/" not in n):
+        problem = _safetensors_problem(folder, name, sizes[name])
         if problem:
             return None, f"has {problem}"
     return state, None
+
+
+def _at(run, *parts: str):
+    """run/parts: a Path for a local run, a URI string for one on shared storage."""
+    return join(run, *parts) if is_uri(run) else Path(run).joinpath(*parts)
 
 
 def resume_checkpoint(run: str | Path) -> tuple[Path, dict, list[str]]:
@@ -99,14 +103,14 @@ def resume_checkpoint(run: str | Path) -> tuple[Path, dict, list[str]]:
     checkpoints/latest names when it is complete; else (latest missing, empty, garbled, or
     naming a missing or incomplete checkpoint) the newest complete checkpoint, with a note
     saying so; none complete: RunStateError."""
-    run = Path(run)
-    ckdir = run / "checkpoints"
-    latest = ckdir / "latest"
-    if not latest.is_file():
+    run = run if is_uri(run) else Path(run)
+    ckdir, store = _at(run, "checkpoints"), StorageFolder(_at(run, "checkpoints"))
+    listing = store.files(recursive=False) if store.is_dir() else {}
+    if "latest" not in listing:
         problem = "is missing"
     else:
         try:
-            text = latest.read_bytes().decode("ascii").strip()
+            text = store.read_bytes("latest").decode("ascii").strip()
         except UnicodeDecodeError:
             text = None
         if not text:
@@ -114,16 +118,17 @@ def resume_checkpoint(run: str | Path) -> tuple[Path, dict, list[str]]:
         elif not CHECKPOINT_RE.fullmatch(text):
             problem = f"is garbled ({text[:40]!r})"
         else:
-            state, why = read_checkpoint_state(ckdir / text)
+            state, why = read_checkpoint_state(_at(run, "checkpoints", text))
             if state is not None:
-                return ckdir / text, state, []
+                return _at(run, "checkpoints", text), state, []
             problem = f"names {text}, which {why}"
-    found = sorted((d for d in ckdir.glob("step_*") if d.is_dir() and CHECKPOINT_RE.fullmatch(d.name)),
-                   key=lambda d: int(d.name[5:]), reverse=True) if ckdir.is_dir() else []
+    found = sorted((d for d in (store.entries() if store.is_dir() else [])
+                    if CHECKPOINT_RE.fullmatch(d) and store.is_dir(d)), key=lambda d: int(d[5:]), reverse=True)
     for d in found:
-        state, _ = read_checkpoint_state(d)
+        state, _ = read_checkpoint_state(_at(run, "checkpoints", d))
         if state is not None:
-            return d, state, [f"checkpoints/latest {problem}: resuming from {d.name}, the newest complete checkpoint"]
+            return _at(run, "checkpoints", d), state, [
+                f"checkpoints/latest {problem}: resuming from {d}, the newest complete checkpoint"]
     if problem == "is missing" and not found:
         raise RunStateError(f"--resume {run}: no checkpoint in that run folder (it stopped before its first "
                             "checkpoint, see run.checkpoint_every): start it again with --out NEW_DIR or --overwrite")
@@ -154,9 +159,13 @@ def check_resume(run: str | Path, cfg: Config) -> tuple[Path, dict, list[str]]:
     """Everything `--resume RUN` needs, checked before Ray starts: the folder, its config
     (the same as `cfg`), a complete checkpoint (see resume_checkpoint), metrics.jsonl and
     winrate.jsonl readable (a torn last line is only reported), summary_start.json readable.
+    A run on shared storage (a URI) is checked through this node's copy of its records (`pull`,
+    without the checkpoints' weights, which stay where they are); its checkpoint where it is.
     Returns (checkpoint, trainer state, notes to print)."""
-    run = Path(run)
-    if not run.is_dir():
+    location, run = run, Path(run)
+    if is_uri(location):
+        run = _pull_records(location)
+    elif not run.is_dir():
         raise RunStateError(f"--resume {run}: no such run folder")
     cfg_file = run / "config.yaml"
     if not cfg_file.is_file():
@@ -167,7 +176,7 @@ def check_resume(run: str | Path, cfg: Config) -> tuple[Path, dict, list[str]]:
         raise RunStateError(f"--resume {run}: the config differs from the run's config.yaml"
                             + (f" ({', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''})" if diff else "")
                             + f"; resume with the run's own config (rlaif-ray train {cfg_file} --resume {run})")
-    ck, state, notes = resume_checkpoint(run)
+    ck, state, notes = resume_checkpoint(location)
     for name in ("metrics.jsonl", "winrate.jsonl"):
         if (run / name).is_file():
             rows = read_jsonl(run / name, ("step",), notes.append)
@@ -184,9 +193,20 @@ def check_resume(run: str | Path, cfg: Config) -> tuple[Path, dict, list[str]]:
     return ck, state, notes
 
 
-def default_run_dir(cfg: Config, kind: str = "") -> Path:
-    """run.out_dir/run.name[-kind]-TIMESTAMP."""
-    return Path(cfg.run.out_dir) / f"{cfg.run.name}{'-' + kind if kind else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+def _pull_records(uri: str) -> Path:
+    """This node's fresh copy of a URI run folder's records (everything but checkpoints/)."""
+    store = StorageFolder(uri)
+    if not store.is_dir():
+        raise RunStateError(f"--resume {uri}: no such run folder")
+    shutil.rmtree(store.local, ignore_errors=True)  # the storage is the truth, not what a dead driver left here
+    store.pull(skip=("checkpoints",))
+    return store.local
+
+
+def default_run_dir(cfg: Config, kind: str = "") -> Path | str:
+    """run.out_dir/run.name[-kind]-TIMESTAMP (a URI when run.out_dir is one)."""
+    name = f"{cfg.run.name}{'-' + kind if kind else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return join(cfg.run.out_dir, name) if is_uri(cfg.run.out_dir) else Path(cfg.run.out_dir) / name
 
 
 # ---- the run folder ----------------------------------------------------------------------------
@@ -197,19 +217,33 @@ class RunFolder:
     a torn last line, a fallback checkpoint)."""
 
     def __init__(self, cfg: Config, path: str | Path | None = None, resume: bool = False):
-        self.path = Path(path) if path is not None else default_run_dir(cfg)
+        self.location = path if path is not None else default_run_dir(cfg)
+        # a URI run is written to this node's staging copy, each file then uploaded (`_push`)
+        self.store = StorageFolder(self.location) if is_uri(self.location) else None
+        self.path = self.store.local if self.store else Path(self.location)
         self._tb, self._tb_wanted, self._purge = None, cfg.run.tensorboard, None
         self.notes: list[str] = []
         if resume:
-            self._resume = check_resume(self.path, cfg)
+            self._resume = check_resume(self.location, cfg)
             self.notes = list(self._resume[2])
             return
+        if self.store is not None and self.store.files():
+            raise RunStateError(f"{self.location} exists and is not empty (a run is never overwritten): "
+                                "choose another --out")
+        if self.store is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
         if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
             raise RunStateError(f"{self.path} exists and is not empty (a run is never overwritten): "
                                 "choose another --out, or --overwrite")
         (self.path / "rollouts").mkdir(parents=True, exist_ok=True)
         (self.path / "checkpoints").mkdir(exist_ok=True)
         atomic_write_text(self.path / "config.yaml", dump_config(cfg))
+        self._push("config.yaml")
+
+    def _push(self, rel: str = "", skip: tuple[str, ...] = ()) -> None:
+        """Upload what was just written here to the run's URI (nothing for a local run)."""
+        if self.store is not None:
+            self.store.push(rel, skip=skip)
 
     def latest_checkpoint(self) -> tuple[str, dict]:
         """The checkpoint to resume from (checked when this folder was opened with resume) and
@@ -228,6 +262,13 @@ class RunFolder:
             if path.is_file():
                 keep = [r for r in read_jsonl(path, ("step",), self._note) if r["step"] <= step]
                 atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+                self._push(name)
+        if self.store is not None:  # the same on the storage: records and checkpoints after `step` go
+            for folder in ("rollouts", "eval", "checkpoints"):
+                for name in self.store.entries(folder):
+                    m = re.fullmatch(r"step_(\d+)(\.parquet)?", name)
+                    if m and int(m.group(1)) > step:
+                        self.store.delete(f"{folder}/{name}")
         for folder in (self.path, self.path / "rollouts", self.path / "eval", self.path / "checkpoints"):
             remove_partials(folder)
         for f in [*(self.path / "rollouts").glob("step_*.parquet"), *(self.path / "eval").glob("step_*.parquet")]:
@@ -252,17 +293,20 @@ class RunFolder:
 
     def log_metrics(self, row: dict) -> None:
         append_line(self.path / "metrics.jsonl", row)
+        self._push("metrics.jsonl")  # an object store has no append: the (small) file again
         self._scalars("train", row, row["step"])
 
     def log_winrate(self, row: dict) -> None:
         """Held-out win rate against the initial policy, one line per evaluation."""
         append_line(self.path / "winrate.jsonl", row)
+        self._push("winrate.jsonl")
         self._scalars("eval", row, row["step"])
 
     def log_judgements(self, rows: list[dict], step: int) -> None:
         (self.path / "eval").mkdir(exist_ok=True)
         with atomic_path(self.path / "eval" / f"step_{step:06d}.parquet") as tmp:
             pq.write_table(pa.Table.from_pylist(rows, schema=JUDGEMENTS), tmp)
+        self._push(f"eval/step_{step:06d}.parquet")
 
     def _scalars(self, prefix: str, row: dict, step: int) -> None:
         """TensorBoard event files in RUN/tensorboard (optional dependency: without the
@@ -282,9 +326,12 @@ class RunFolder:
             self._tb.flush()
 
     def close(self) -> None:
+        """Close TensorBoard, and upload every file written here that is not yet on the run's
+        URI (the report, plots, TensorBoard events; checkpoints are the learner's)."""
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        self._push(skip=("checkpoints",))
 
     def log_rollouts(self, batch: pa.RecordBatch, step: int) -> None:
         table = pa.Table.from_batches([batch])
@@ -293,23 +340,28 @@ class RunFolder:
         table = table.append_column("step_trained", pa.array([step] * batch.num_rows, pa.int64()))
         with atomic_path(self.path / "rollouts" / f"step_{step:06d}.parquet") as tmp:
             pq.write_table(table, tmp)
+        self._push(f"rollouts/step_{step:06d}.parquet")
 
-    def checkpoint_dir(self, step: int) -> Path:
-        """Where step's checkpoint goes; the learner writes it under a temp name and renames
-        it complete (PolicyLearner.save), then `mark_checkpoint` points `latest` at it."""
-        return self.path / "checkpoints" / f"step_{step:06d}"
+    def checkpoint_dir(self, step: int) -> Path | str:
+        """Where step's checkpoint goes (a URI for a run on shared storage: learner rank 0
+        uploads it from its own node); the learner writes it whole (PolicyLearner.save), then
+        `mark_checkpoint` points `latest` at it."""
+        return _at(self.location, "checkpoints", f"step_{step:06d}")
 
     def mark_checkpoint(self, step: int) -> None:
         ck = self.checkpoint_dir(step)
-        # never point `latest` at a checkpoint that is not whole (a learner on another node
-        # without a shared file system writes where the driver cannot look: not checked)
-        problem = read_checkpoint_state(ck)[1] if ck.exists() else None
+        # never point `latest` at a checkpoint that is not whole (a local run's learner on
+        # another node without a shared file system writes where the driver cannot look: not
+        # checked; `rlaif-ray check --cluster` refuses that layout)
+        problem = read_checkpoint_state(ck)[1] if self.store is not None or Path(ck).exists() else None
         if problem:
             raise RunStateError(f"checkpoint {ck} {problem}; checkpoints/latest still names the previous one")
         atomic_write_text(self.path / "checkpoints" / "latest", f"step_{step:06d}\n")
+        self._push("checkpoints/latest")
 
     def write_json(self, name: str, data: dict) -> None:
         atomic_write_json(self.path / name, data)
+        self._push(name)
 
 
 def read_rollouts(run_dir: str | Path) -> pa.Table:

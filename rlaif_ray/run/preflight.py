@@ -20,6 +20,7 @@ from rlaif_ray.data.files import DataError
 from rlaif_ray.data.tasks import BUNDLED, task_prompts
 from rlaif_ray.engines.models import is_checkpoint, load_tokenizer, model_context, model_path_problem
 from rlaif_ray.feedback.pairs import load_exemplars, looks_like_file, read_pair_file
+from rlaif_ray.remote_folder import StorageFolder, is_uri
 from rlaif_ray.run.folder import check_resume
 from rlaif_ray.run.reward_checks import check_reward
 from rlaif_ray.storage import move_aside
@@ -42,7 +43,8 @@ def preflight(cfg: Config, command: str, out: str | Path | None = None, *, overw
     if resume is not None:
         if overwrite:
             raise ConfigError("--resume continues a run and --overwrite replaces one: give one of them")
-        if out is not None and Path(out).resolve() != Path(resume).resolve():
+        if out is not None and (str(out).rstrip("/") != str(resume).rstrip("/") if is_uri(out) or is_uri(resume)
+                                else Path(out).resolve() != Path(resume).resolve()):
             raise ConfigError(f"--resume {resume} writes into that run folder: drop --out {out}")
         check_resume(resume, cfg)  # the folder, its config, a complete checkpoint, readable records
         out = None
@@ -87,7 +89,14 @@ def check_output(out: str | Path, command: str, overwrite: bool = False, folder:
     file) is refused, unless `overwrite`, in which case it is returned (preflight moves it
     aside once every other check has passed). An empty folder is used as it is. `folder`:
     whether this output is a folder (default: every command's but FILE_OUTPUTS'); `flag`:
-    the option that names it, in the message."""
+    the option that names it, in the message. An output on shared storage (a URI) is refused
+    when it holds anything, --overwrite or not (an object store cannot move it aside)."""
+    if is_uri(out):
+        if StorageFolder(out).files():
+            raise ConfigError(f"{command}: output {out} exists and is not empty (outputs are never overwritten, and "
+                              f"one on shared storage cannot be moved aside): choose another {flag}"
+                              + (f", or --resume {out} to continue it" if command == "train" else ""))
+        return None
     out = Path(out)
     is_file_output = command in FILE_OUTPUTS if folder is None else not folder
     if not (out.exists() or out.is_symlink()):
@@ -194,6 +203,10 @@ def _policy(name: str | None, cfg: Config) -> str:
     """A checkpoint folder (what `train` writes) or a model name; a path that is not a
     checkpoint stops here, before any actor starts."""
     name = name or cfg.model.name
+    if is_uri(name):
+        if not is_checkpoint(name):
+            raise ConfigError(f"eval policy {name}: not a checkpoint folder (no model.safetensors)")
+        return name
     p = Path(name)
     if p.is_dir() and not is_checkpoint(p):
         raise ConfigError(f"eval policy {name}: not a checkpoint folder (no model.safetensors)")
