@@ -16,7 +16,7 @@ from rlaif_ray.feedback.rewards import item_fields
 from .generator import generator_actor
 from .group import ActorGroup
 from .labeler import Labeler
-from .pipeline import generator_args, labeler_args
+from .pipeline import generator_args, judge_config, labeler_args
 from .ray_session import gather
 
 
@@ -71,7 +71,8 @@ def evaluate_policies(cfg: Config, items: list[dict], policies: dict[str, str], 
                                      p.batch_timeout_s, placed=False)[0] for side in "ab"}
     one = p.labelers.model_copy(update={"num_actors": 1})
     judge = ActorGroup.start(ray.remote(Labeler), "labelers", "labeler", one, tag,
-                             lambda i: labeler_args(cfg, "labeler-0"), p.batch_timeout_s, placed=False)[0]
+                             lambda i: labeler_args(judge_config(cfg), "labeler-0"), p.batch_timeout_s,
+                             placed=False)[0]
     actors = [*policy.values(), judge]
     try:
         t0 = time.perf_counter()

@@ -109,14 +109,25 @@ def start_actors(cfg: Config, tag: str = "") -> tuple[ActorGroup, ActorGroup, Le
 
 
 def eval_labeler(cfg: Config, labelers: ActorGroup, tag: str = ""):
-    """The AI labeler of the signal check and the win rate: the first labeler, or (when a
-    reward model, a function or a server gives the rewards) a Labeler of its own, so the RM
-    never grades itself and a python or http reward's pool holds no judge."""
-    if judge_sources(cfg.reward) or not (cfg.eval.win_rate or cfg.eval.signal_posts):
+    """The AI labeler of the signal check and the win rate: the first labeler, or a Labeler of
+    its own when eval.judge_model names another model or when a reward model, a function or a
+    server gives the rewards (so the RM never grades itself and a python or http reward's pool
+    holds no judge)."""
+    if not (cfg.eval.win_rate or cfg.eval.signal_posts) or (judge_sources(cfg.reward) and not cfg.eval.judge_model):
         return labelers[0]
     judge = cfg.pipeline.labelers.model_copy(update={"num_actors": 1})
-    return ActorGroup.start(ray.remote(Labeler), "judge", "judge", judge, tag, lambda i: labeler_args(cfg, "judge-0"),
-                            cfg.pipeline.batch_timeout_s, placed=False)[0]
+    return ActorGroup.start(ray.remote(Labeler), "judge", "judge", judge, tag,
+                            lambda i: labeler_args(judge_config(cfg), "judge-0"), cfg.pipeline.batch_timeout_s,
+                            placed=False)[0]
+
+
+def judge_config(cfg: Config) -> Config:
+    """The config a judge Labeler starts from: the reward's, with eval.judge_model as its model."""
+    if not cfg.eval.judge_model:
+        return cfg
+    out = cfg.model_copy(deep=True)
+    out.reward.model = cfg.eval.judge_model
+    return out
 
 
 # ---- batches in flight -------------------------------------------------------------------
@@ -268,7 +279,7 @@ class Pipeline:
         if rl.kl_control != "adaptive" or not stats.get("usable_rows"):
             return beta
         return adaptive_kl_beta(beta, stats["kl_sum"] / stats["usable_rows"], rl.kl_target, rl.kl_horizon,
-                                stats["usable_rows"])
+                                stats["usable_rows"], rl.kl_beta_min, rl.kl_beta_max)
 
     def save(self, path: str, step: int, sampler, hf_weights: bool = True) -> None:
         state, index = self.resume_point(sampler)

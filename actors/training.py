@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ray
 
-from rlaif_ray.config import Config
+from rlaif_ray.config import Config, judge_is_reward_model
 from rlaif_ray.data import schemas
 from rlaif_ray.data.tasks import PromptSampler, PromptSet
 from rlaif_ray.feedback.judgements import harmless_on
@@ -260,12 +260,13 @@ def win_rate_vs_initial(pipe: Pipeline, items, before: dict, now: dict, step: in
         return {"step": step, "n": 0, "unusable_labels": s["unusable_labels"], **comp}
     w, lc = s["win_rate"], s["length_controlled"]
     row = {"step": step, "win_rate": w["win_rate"], "ci95": w["ci95"], "n": w["n"], "ties": w["ties"],
+           "wins": w["wins"], "losses": w["losses"],
            "length_controlled": lc["value"], "length_controlled_ci95": lc.get("ci95"),
            "soft_win_rate": s["soft_win_rate"]["mean"], "unusable_labels": s["unusable_labels"],
            "mean_chars": s["mean_chars"], **({"harmless": s["harmless"]} if "harmless" in s else {})}
     # beside the win rate: the reward's own change and the measures that are not the reward
     # (docs/method.md §7.6), flat values for TensorBoard and the paired changes in full
-    comp = compare_heldout(items, before, now, row, names)
+    comp = compare_heldout(items, before, now, row, names, judge_is_reward_model(pipe.cfg))
     row.update({"heldout_reward": now["reward_mean"], **{k: m["after"] for k, m in comp["independent"].items()},
                 **comp})
     run.log_winrate(row)

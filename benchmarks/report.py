@@ -488,7 +488,7 @@ def _value_baseline(vb: dict | None) -> list[str]:
     out = ["## Value baseline (`python -m benchmarks.value_baseline`)", "",
            f"{vb['model']}, {vb['batches']} fixed batches of {vb['rows']} rollouts cycled for {vb['steps']} steps; "
            f"{vb['note']}. Figures at steps 0 / mid / last.", "",
-           "| rl.value_lr | value loss | E[A^2] value baseline | E[A^2] no baseline | Var(A) value | Var(A) none |",
+           "| rl.value_lr (rl.value_trunk) | value loss | E[A^2] value baseline | E[A^2] no baseline | Var(A) value | Var(A) none |",
            "|---|---|---|---|---|---|"]
     for lr, r in vb["summary"].items():
         out.append(f"| {lr} | {r['value_loss']} | {r['adv_sq_value']} | {r['adv_sq_none']} | {r['adv_var_value']} | "

@@ -21,9 +21,11 @@ value_lr 1e-4: value loss 0.051 at step 0 (the bias at the batch's mean return),
 at steps 6-11; E[A^2] 0.019-0.051 against 0.14-0.25 with no baseline (4-20x lower). The
 variance about the mean is about the no-baseline one (0.017 vs 0.017 at step 11): the head
 removes the return's offset and its drift, and learns little of each rollout's own part in
-12 steps. value_lr 1e-3: the value loss oscillates (0.03 -> 0.13 -> 0.16), the value
-gradient norm reaches 11, and the trunk's share of it moves the policy (E[Z^2] of the same
-batch 0.14 -> 0.35).
+12 steps. value_lr 1e-3: the value loss oscillates (0.03 -> 0.13 -> 0.16) and the value
+gradient norm reaches 11. --value-trunk shared,detached runs each value_lr with the value
+loss training the trunk too and with the head alone (rl.value_trunk): the two agree to the
+third decimal at both rates (2026-12-08), so the oscillation is the head's own, not the
+trunk's, and the default (detached) keeps the policy's gradient the policy loss's.
 """
 from __future__ import annotations
 
@@ -73,11 +75,13 @@ def rollouts(model_name: str, steps: int, rows: int, max_new_tokens: int, temper
     return batches
 
 
-def train(model_name: str, batches: list, steps: int, value_lr: float, temperature: float) -> list[dict]:
+def train(model_name: str, batches: list, steps: int, value_lr: float, temperature: float,
+          value_trunk: str = "shared") -> list[dict]:
     from rlaif_ray.config import RLConfig
     from rlaif_ray.rl.learner import PolicyLearner, loss_normalisers
 
-    cfg = RLConfig(baseline="value", value_lr=value_lr, lr=1e-5, beta=0.05, release_memory=False)
+    cfg = RLConfig(baseline="value", value_lr=value_lr, lr=1e-5, beta=0.05, release_memory=False,
+                   value_trunk=value_trunk)
     learner = PolicyLearner(model_name, cfg, temperature)
     out = []
     for step in range(steps):
@@ -103,6 +107,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8, help="rollouts per step (2 per prompt)")
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--value-lr", default="1e-4", help="comma-separated (1e-5: the policy's lr, as before)")
+    ap.add_argument("--value-trunk", default="shared", help="comma-separated: shared, detached (rl.value_trunk)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default=None, help="rollouts JSON: read if it exists, else written (reruns skip sampling)")
     ap.add_argument("--out", default=str(RESULTS / "value_baseline.json"))
@@ -124,8 +129,10 @@ def main() -> None:
     print(f"{args.model}: {len(rewards)} rollouts in {gen_s:.0f}s, reward mean {sum(rewards) / len(rewards):+.3f}")
     runs = {}
     for lr in [float(x) for x in args.value_lr.split(",")]:
-        print(f"rl.value_lr = {lr:g}")
-        runs[f"{lr:g}"] = train(args.model, batches, args.steps, lr, 0.9)
+        for trunk in args.value_trunk.split(","):
+            print(f"rl.value_lr = {lr:g}, rl.value_trunk = {trunk}")
+            runs[f"{lr:g}" + ("" if trunk == "shared" else f" {trunk}")] = train(args.model, batches, args.steps, lr,
+                                                                               0.9, trunk)
     summary = {}
     keys = ("value_loss", "adv_sq_value", "adv_sq_none", "adv_var_value", "adv_var_none")
     for lr, steps in runs.items():  # means per pass over the batches

@@ -379,6 +379,13 @@ def part_name(part: RewardPart) -> str:
     return part.function.rsplit(":", 1)[1] if part.source == "python" and part.function else part.source
 
 
+def judge_is_reward_model(cfg: "Config") -> bool:
+    """Whether the win rate's judge is the model that gives the training reward (an AI-judge
+    reward with no other eval.judge_model): its verdict is then not independent evidence."""
+    judge = cfg.eval.judge_model or cfg.reward.model or cfg.model.name
+    return bool(judge_sources(cfg.reward)) and judge == (cfg.reward.model or cfg.model.name)
+
+
 def judge_sources(reward: "RewardConfig") -> set[str]:
     """The AI-judge sources a reward section uses (direct, pairwise): the labelers hold a judge for them."""
     sources = {p.source for p in reward.parts} if reward.source == "sum" else {reward.source}
@@ -544,6 +551,10 @@ class RLConfig(_Strict):
     kl_control: Literal["fixed", "adaptive"] = "fixed"
     kl_target: float = Field(6.0, gt=0)  # KL per sequence to steer toward, in nats (TRL's default 6)
     kl_horizon: int = Field(10000, gt=0)  # completions (TRL's default 10000)
+    # the bounds the adaptive controller keeps beta in: without a floor, a target the run never
+    # reaches decays beta by up to 20% a step for ever (0.05 -> 0.0036 in 12 steps at horizon 8)
+    kl_beta_min: float = Field(0.005, ge=0, lt=1)  # the floor (a tenth of the default rl.beta)
+    kl_beta_max: float = Field(0.5, gt=0, lt=1)  # the cap: the KL never outweighs the reward
     # k1 = log pi - log pi_ref; k3 = q - 1 - log q (lower variance near the reference; docs/method.md §3)
     kl_estimator: Literal["k1", "k3"] = "k1"
     # value: REINFORCE with a learned value baseline (a scalar head on the policy trunk);
@@ -551,11 +562,18 @@ class RLConfig(_Strict):
     # model); none: plain REINFORCE (b = 0), for ablations.
     baseline: Literal["value", "group_mean", "none"] = "group_mean"
     value_coef: float = Field(0.5, ge=0)  # weight of the value loss (rl.baseline=value)
+    # detached: the head reads the trunk's states with the gradient stopped, so the value loss
+    # trains the head alone and the policy's gradient is the policy loss's; shared: the value
+    # loss trains the trunk too (one gradient, clipped with the policy's). Measured on the
+    # bundled model over 12 steps at value_lr 1e-4 and 1e-3 (BENCHMARKS.md, Value baseline):
+    # the same value loss and advantage variance to the third decimal, so the default keeps
+    # the policy's update free of the value loss
+    value_trunk: Literal["shared", "detached"] = "detached"
     # the value head's own AdamW lr; its bias starts at the first batch's mean return. AdamW
     # moves each weight by about lr a step, so V by up to lr * |h|_1 (SmolLM2-135M: about 670):
     # at the policy's 1e-5 V barely moved; 1e-4 (up to ~0.07 a step) took the value loss from
-    # 0.051 to 0.008-0.019 in 12 steps; 1e-3 oscillated (0.03 -> 0.16) and its trunk gradient
-    # moved the policy (benchmarks/value_baseline.py)
+    # 0.051 to 0.008-0.019 in 12 steps; 1e-3 oscillated (0.03 -> 0.16), with the trunk shared
+    # or detached alike (benchmarks/value_baseline.py)
     value_lr: float = Field(1e-4, gt=0, le=1)
     # token_mean: the loss averaged over response tokens; sequence_sum: summed per response, averaged over responses
     loss_agg: Literal["token_mean", "sequence_sum"] = "token_mean"
@@ -572,6 +590,9 @@ class RLConfig(_Strict):
         if not 0 < self.beta < 1:
             raise ValueError(f"rl.kl_control=adaptive needs 0 < rl.beta < 1 (got {self.beta:g}): the controller "
                              "scales beta / (1 - beta), which cannot move from 0 nor be formed at 1")
+        if not self.kl_beta_min <= self.beta <= self.kl_beta_max:
+            raise ValueError(f"rl.kl_control=adaptive keeps beta within rl.kl_beta_min={self.kl_beta_min:g} and "
+                             f"rl.kl_beta_max={self.kl_beta_max:g}, but starts at rl.beta={self.beta:g} outside them")
         n = self.prompts_per_step * self.samples_per_prompt
         if self.kl_horizon < n:
             raise ValueError(f"rl.kl_horizon={self.kl_horizon} is shorter than one step's {n} completions "
@@ -713,6 +734,11 @@ class EvalConfig(_Strict):
     # scorer: each response scored alone by reward.scorer, P(A) = sigmoid(logit P_A - logit P_B)
     # (Bradley-Terry on the two scores): for a judge whose pairwise choices carry no signal
     judge: Literal["pairwise", "scorer"] = "pairwise"
+    # the model of the win rate's, the signal check's and `eval`'s judge (same backend and
+    # prompts as the reward's). None: reward.model (or model.name), the model that gives the
+    # training reward in direct and pairwise mode, so the win rate is not independent of what
+    # was optimised (the hacking verdict says so); a different model makes it independent
+    judge_model: Optional[str] = None
     every: int = Field(0, ge=0)  # train: also every N steps (0 = at the end only)
     tie_margin: float = Field(0.0, ge=0, lt=0.5)  # |P(A) - 0.5| <= margin counts as a tie (half)
     length_feature: Literal["ratio", "log_ratio"] = "ratio"  # App. J: character ratio A/B

@@ -96,6 +96,8 @@ class StorageFolder:
             self.uri = str(location).rstrip("/")
             self.fs, self.root = filesystem(self.uri)
             self.local = Path(local) if local is not None else staging_for(self.uri)
+            self._sent: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) of what push sent
+            self._dirs: set[str] = set()
         else:
             self.local = local_path(location).expanduser().resolve()
             self.uri, self.fs, self.root = str(self.local), pafs.LocalFileSystem(), self.local.as_posix()
@@ -161,22 +163,28 @@ class StorageFolder:
         if not self.remote:
             return 0
         if src.is_file():
-            self._upload(src, rel)
-            return src.stat().st_size
+            return self._upload(src, rel)
         files = sorted(p for p in src.rglob("*") if p.is_file() and PARTIAL not in str(p.relative_to(src))
                        and p.relative_to(src).parts[0] not in skip
                        and (keep is None or keep(p.relative_to(src).as_posix())))
         files.sort(key=lambda p: p.name == last)  # stable: `last` moves to the end
-        for p in files:
-            self._upload(p, "/".join(filter(None, [rel, p.relative_to(src).as_posix()])))
-        return sum(p.stat().st_size for p in files)
+        return sum(self._upload(p, "/".join(filter(None, [rel, p.relative_to(src).as_posix()]))) for p in files)
 
-    def _upload(self, src: Path, rel: str) -> None:
+    def _upload(self, src: Path, rel: str) -> int:
+        """One file up, unless this folder already sent it unchanged (size and mtime): a run's
+        final push sends only what is new. Returns bytes sent."""
         import pyarrow.fs as pafs
 
+        st = src.stat()
+        if self._sent.get(rel) == (st.st_size, st.st_mtime_ns):
+            return 0
         parent = self._remote(rel).rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
+        if parent not in self._dirs:  # an object store needs none, a file system does: once each
+            self.fs.create_dir(parent, recursive=True)
+            self._dirs.add(parent)
         pafs.copy_files(str(src), self._remote(rel), destination_filesystem=self.fs)
+        self._sent[rel] = (st.st_size, st.st_mtime_ns)
+        return st.st_size
 
     def pull(self, rel: str = "", skip: tuple[str, ...] = (), keep=None) -> Path:
         """Download the URI's rel (a file or a folder) over local/rel; top-level entries in
@@ -201,16 +209,26 @@ class StorageFolder:
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def materialize(uri: str, cache: Path, weights: bool = True) -> Path:
-    """A URI folder (a model, a checkpoint) downloaded once to `cache` on this node, whole:
-    into a temp folder, then renamed, so a crash mid-download leaves nothing that looks
-    complete. A copy already there is used when its files and sizes are the folder's (one
-    listing call). `weights=False`: every file but the
-    weights (config, tokenizer), for a process that loads none."""
+def model_files(name: str) -> bool:
+    """What loading a model needs from a folder: all but a checkpoint's optimizer state and
+    DCP shards (2/3 of a checkpoint's bytes)."""
+    return name != "optimizer.safetensors" and not name.startswith("dcp/")
+
+
+def meta_files(name: str) -> bool:
+    """What a process that loads no weights needs (config, tokenizer)."""
+    return model_files(name) and not name.endswith(WEIGHT_FILES)
+
+
+def materialize(uri: str, cache: Path, keep=None) -> Path:
+    """A URI folder (a model, a checkpoint) downloaded once to `cache` on this node, whole
+    (or the files for which `keep(name)` is true): into a temp folder, then renamed, so a crash
+    mid-download leaves nothing that looks complete. A copy already there is used when its
+    files and sizes are the folder's (one listing call)."""
     folder = StorageFolder(uri)
     if not folder.is_dir():
         raise RunStateError(f"{uri}: no such folder")
-    wanted = {k: v for k, v in folder.files().items() if weights or not k.endswith(WEIGHT_FILES)}
+    wanted = {k: v for k, v in folder.files().items() if keep is None or keep(k)}
     parts = [p for p in URI_RE.match(uri).group(2).split("/") if p and p not in (".", "..")]
     final = cache.joinpath(URI_RE.match(uri).group(1).lower(), *parts)
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -68,12 +68,30 @@ def pytest_collection_modifyitems(items):
 BUCKET = "rlaif-runs"
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """An S3 server on 127.0.0.1 with one bucket; the AWS_* variables every client reads point
-    at it (a child process inherits them: the CLI, the Ray it starts, its actors), and each
-    node's copies of URI folders go to a fresh staging folder (RLAIF_RAY_STAGING)."""
+def _s3_env() -> dict:
+    """The test session's S3 endpoint (the `s3` fixture starts the server there when a test
+    needs it), fake credentials and a staging folder for URI folders, in the environment from
+    the start: a local Ray started later (ray_local) hands them to its actors, as a cluster's
+    nodes would have their own. Never a real AWS account."""
     import socket
+    import tempfile
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "RLAIF_RAY_STAGING": tempfile.mkdtemp(prefix="rlaif-staging-")}
+
+
+os.environ.update(_s3_env())
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3 server (moto's server mode, its own process) on the session's loopback endpoint
+    with one bucket; every client here, in a child process (the CLI, the Ray it starts) or in
+    a local Ray's actors reads it from AWS_ENDPOINT_URL. Tests use their own prefixes."""
     import subprocess
     import sys
     import time
@@ -82,28 +100,16 @@ def s3(tmp_path_factory):
     pytest.importorskip("moto")
     import pyarrow.fs as pafs
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+    url = os.environ["AWS_ENDPOINT_URL"]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", url.rsplit(":", 1)[1]],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
             urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
             break
         except OSError:
             time.sleep(0.1)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": url, "RLAIF_RAY_STAGING": str(tmp_path_factory.mktemp("staging"))}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     pafs.S3FileSystem(endpoint_override=url, allow_bucket_creation=True).create_dir(BUCKET)
     yield f"s3://{BUCKET}"
     proc.terminate()
     proc.wait()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v

@@ -109,7 +109,7 @@ def test_batch_that_does_not_divide_across_workers_is_refused(tiny_model_path, t
         run_sft(cfg, tmp_path / "x", log=lambda *_: None)
 
 
-def test_run_executes_the_whole_chain(s3, tiny_model_path, tmp_path):
+def test_run_executes_the_whole_chain(s3, ray_local, tiny_model_path, tmp_path):
     """`rlaif-ray run` with run.out_dir on shared storage (an S3 server on loopback): sft (2 Ray
     Train workers, Ray Train's storage on the bucket) -> sample-pairs -> label -> train-rm ->
     train with the reward model's actor -> eval, every output in one folder of the bucket, each
@@ -118,11 +118,8 @@ def test_run_executes_the_whole_chain(s3, tiny_model_path, tmp_path):
     reward model's own scores of those responses (its actor never grades itself: a separate
     judge runs the win rate). SFT and the RM train in micro-batches of at most 150 tokens a
     worker (DDP's no_sync path)."""
-    import subprocess
-    import sys
-
     from actors.reward_model import RewardModel
-    from rlaif_ray.config import dump_config
+    from rlaif_ray.commands.run_chain import run_chain
     from rlaif_ray.engines.models import load_model
     from rlaif_ray.remote_folder import StorageFolder, materialize
     from rlaif_ray.run.folder import read_rollouts
@@ -130,13 +127,9 @@ def test_run_executes_the_whole_chain(s3, tiny_model_path, tmp_path):
     micro = {"num_workers": 2, "num_cpus_per_worker": 0.5, "micro_batch_tokens": 150}
     cfg = chain_cfg(tiny_model_path, tmp_path, reward={"source": "pairwise"}, sft={"trainer": micro},
                     rm={"epochs": 1, "eval_data": "hh_helpful", "eval_n": 8, "trainer": micro},
-                    eval={"num_prompts": 2, "win_rate": True}, ray={"num_cpus": 2},
-                    run={"out_dir": f"{s3}/chains"})
-    (tmp_path / "cfg.yaml").write_text(dump_config(cfg))
+                    eval={"num_prompts": 2, "win_rate": True}, run={"out_dir": f"{s3}/chains"})
     uri = f"{s3}/chains/one"
-    out = subprocess.run([sys.executable, "-m", "rlaif_ray.commands.cli", "run", str(tmp_path / "cfg.yaml"),
-                          "--out", uri], capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert run_chain(cfg, uri, log=lambda *_: None) == uri
     # Ray Train's storage is the bucket too: its runs and their checkpoints, beside sft/ and rm/
     assert any("checkpoint" in f and f.endswith("model.safetensors") for f in StorageFolder(f"{uri}/ray_train").files())
     folder = materialize(uri, tmp_path / "fetched")  # what the bucket holds, fetched for the checks below

@@ -8,7 +8,7 @@ def test_paired_change():
     mean, half = paired_change({"a": 0.0, "b": 1.0, "c": 0.5}, {"a": 1.0, "b": 1.0, "c": 1.5, "extra": 9})
     assert mean == pytest.approx(2 / 3)
     sd = ((1 / 3) ** 2 * 2 + (2 / 3) ** 2) ** 0.5 / 2 ** 0.5
-    assert half == pytest.approx(1.96 * sd / 3 ** 0.5)
+    assert half == pytest.approx(4.302652729911275 * sd / 3 ** 0.5)  # t(0.975, 2 degrees of freedom), not 1.96
 
 
 def test_split_covers_everything_in_order():

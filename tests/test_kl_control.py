@@ -155,7 +155,7 @@ class _FakeLearner:
         return {"loss": 0.0, "kl_sum": self.kl_per_seq * self.usable_rows, "tokens": self.tokens,
                 "usable_rows": self.usable_rows, "kl": self.kl_per_seq}
 
-    def save(self, path, state):
+    def save(self, path, state, hf_weights=True):
         self.saved = (path, dict(state))
 
     def load(self, path):
@@ -262,3 +262,31 @@ def test_metrics_rows_carry_the_kl_per_sequence_per_token_and_beta():
     assert row["kl"] == row["kl_per_seq"] == 0.5
     assert row["kl_per_token"] == pytest.approx(0.2) and row["kl_beta"] == 0.06
     assert math.isfinite(metrics_row(1, 1, 0, 0, batch, {**stats, "tokens": 0, "usable_rows": 0}, 0, 1, 1)["kl_per_seq"])
+
+
+def test_beta_stays_within_its_bounds_when_the_target_is_never_reached():
+    """A KL target the run never reaches: beta decays 20% a step (horizon = one step) without
+    end, 0.05 -> 0.0036 in 12 steps; rl.kl_beta_min holds it at the floor, rl.kl_beta_max
+    caps the way up."""
+    free, floored, capped = 0.05, 0.05, 0.05
+    for _ in range(12):
+        free = adaptive_kl_beta(free, 0.0, 6.0, 8, 8)
+        floored = adaptive_kl_beta(floored, 0.0, 6.0, 8, 8, lo=0.01, hi=0.5)
+        capped = adaptive_kl_beta(capped, 1e6, 6.0, 8, 8, lo=0.01, hi=0.06)
+    assert free == pytest.approx(0.0036, abs=2e-4) and floored == 0.01 and capped == 0.06
+
+
+def test_beta_bounds_in_the_config_and_a_short_horizon_warned():
+    from rlaif_ray.config import ConfigError, config_from_dict
+    from rlaif_ray.run.preflight import rl_warnings
+
+    rl = config_from_dict({}).rl
+    assert (rl.kl_beta_min, rl.kl_beta_max) == (0.005, 0.5)
+    with pytest.raises(ConfigError, match=r"rl.kl_beta_min=0.1 and rl.kl_beta_max=0.5, but starts at rl.beta=0.05"):
+        config_from_dict({"rl": {"kl_control": "adaptive", "kl_beta_min": 0.1}})
+    short = config_from_dict({"rl": {"kl_control": "adaptive", "kl_horizon": 8, "prompts_per_step": 2,
+                                     "samples_per_prompt": 4}})
+    (line,) = rl_warnings(short)
+    assert line.startswith("rl.kl_horizon=8 spans 1 batches of 8 completions: beta moves up to 20% a step")
+    assert not rl_warnings(config_from_dict({"rl": {"kl_control": "adaptive", "kl_horizon": 64, "prompts_per_step": 2,
+                                                    "samples_per_prompt": 4}}))

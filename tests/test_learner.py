@@ -178,6 +178,29 @@ def test_the_value_head_has_its_own_lr_and_starts_at_the_mean_return(tiny_model_
     assert [g["lr"] for g in resumed.opt.param_groups] == [1e-5, 1e-2]
 
 
+def test_a_detached_value_trunk_takes_no_gradient_from_the_value_loss(tiny_model_path):
+    """rl.value_trunk: shared, the value loss's gradient reaches the policy's trunk; detached,
+    the trunk's gradient is the policy loss's alone (the same as with no value loss at all)."""
+    import torch
+
+    from rlaif_ray.config import RLConfig
+    from rlaif_ray.rl.learner import PolicyLearner
+
+    rows = _batch().to_pylist()
+    grads = {}
+    for trunk, coef in (("shared", 0.5), ("detached", 0.5), ("detached", 0.0)):
+        learner = PolicyLearner(tiny_model_path, RLConfig(baseline="value", value_trunk=trunk, value_coef=coef), 0.9)
+        learner.value_started = True  # skip the bias start: the head's weights stay as built (0)
+        torch.nn.init.normal_(learner.policy.value_head.weight, std=0.5)  # a head that passes gradient back
+        learner._accumulate(rows, 10, 4, 0.05, None)
+        grads[(trunk, coef)] = {n: p.grad.clone() for n, p in learner.policy.model.named_parameters()
+                                if p.grad is not None}
+    shared, detached, no_value = grads[("shared", 0.5)], grads[("detached", 0.5)], grads[("detached", 0.0)]
+    assert max(float((shared[n] - no_value[n]).abs().max()) for n in shared) > 1e-6
+    for n in detached:
+        torch.testing.assert_close(detached[n], no_value[n], rtol=0, atol=0)
+
+
 def test_the_update_runs_the_fused_adamw_kernel_which_matches_the_single_tensor_loop(tiny_model_path):
     """The fused kernel (one pass, no temporaries) updates the weights as the single-tensor
     loop does, to float rounding, over two steps (the second with AdamW state)."""

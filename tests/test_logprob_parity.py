@@ -305,3 +305,26 @@ def test_on_policy_ratio_is_one_with_vllm_generators(ray_local, peaked_path, tok
     finally:
         ray.kill(engine)
 
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_dropout_is_off_in_the_learner(family, tmp_path, tokenizer):
+    """A model with dropout 0.1 (GPT-2: nn.Dropout modules and attention dropout; Llama: the
+    attention dropout of its config): the learner's log-probs (in train mode, for gradient
+    checkpointing) equal the generator's (eval mode), so the on-policy ratio is 1."""
+    from transformers import GPT2Config
+
+    from rlaif_ray.engines.hf import HFEngine
+    from rlaif_ray.rl.learner import PolicyLearner
+
+    if family == "gpt2":
+        path = _tiny(tmp_path / "m", tokenizer, 1.0, GPT2Config, n_embd=64, n_layer=2, n_head=2, n_positions=2048,
+                     resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    else:
+        path = _tiny(tmp_path / "m", tokenizer, 1.0, attention_dropout=0.1)
+    prompts = _prompts(tokenizer)
+    tokens, behaviour, _ = HFEngine(path).generate(prompts, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=12,
+                                                   seed=0)
+    learner = PolicyLearner(path, {"gradient_checkpointing": True}, 1.0)
+    assert learner.policy.training  # train mode, as a step runs
+    np.testing.assert_allclose(_ratios(learner.logprobs(prompts, tokens), behaviour), 1.0, atol=1e-4)

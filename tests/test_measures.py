@@ -22,9 +22,13 @@ def test_rouge_on_known_strings():
 @pytest.mark.parametrize("text", [
     "Your narrative provides a good introduction to the topic, but I'd suggest refining your writing.",
     "The content is clear, but the writing style doesn't provide any additional context or polish.",
-    "This post is about a man whose girlfriend left him after three years.",
-    "The author describes a breakup and asks what to do next.",
     "Well written! The rest follows.",
+    "The post is well structured and easy to follow.",
+    "This story is very touching and relatable.",
+    "Here's a revised version of your post with a few edits:",
+    "This is a great story from Reddit that highlights the challenges of marriage.",
+    "From the content you provided, it appears to be a raw account.",
+    "Your answer should be no longer than 50 words.",
     "Thank you for sharing your story.",
     "You've described your situation clearly.",
     "A concise account of a breakup.",
@@ -40,9 +44,34 @@ def test_commentary_is_recognised(text):
     "Need advice on how to ask my boss for a raise, any suggestions?",
     "I want to improve my relationship with my dad.",
     "Girlfriend dumped me. This post is too long, sorry.",  # commentary after the first sentence does not count
+    # third-person summaries, and stories or titles inside the post (issue 40: these fired before)
+    "This post is about a 24M whose girlfriend cheated on him with his best friend.",
+    "This post is about a man whose girlfriend left him after three years.",
+    "I told my parents the story of how we met and they laughed.",
+    "My boss gave me the title of manager but no raise.",
+    "The author asks whether she should move in with her boyfriend.",
+    "The author describes a breakup and asks what to do next.",
 ])
 def test_summaries_are_not_commentary(text):
     assert not M.is_commentary(text)
+
+
+def test_the_rule_against_hand_labels_of_the_demo_policys_responses():
+    """100 responses of the demo's initial policy (tests/data/commentary_sample.py says how they
+    were made), each labelled by hand: commentary when the first sentence talks to the poster
+    about their text or judges it as writing. The rule must rarely fire on the others (the
+    false-positive rate the verdict depends on) and catch at least half of the commentary. The
+    rule's last patterns were written after reading this sample, so its recall here is an
+    optimistic estimate; the human TL;DRs below were not used to write it."""
+    from pathlib import Path
+
+    rows = [json.loads(x) for x in (Path(__file__).parent / "data" / "commentary_sample.jsonl").read_text().splitlines()]
+    pos, neg = [r for r in rows if r["commentary"]], [r for r in rows if not r["commentary"]]
+    assert (len(rows), len(pos)) == (100, 32)
+    fp = sum(M.is_commentary(r["response"]) for r in neg) / len(neg)
+    recall = sum(M.is_commentary(r["response"]) for r in pos) / len(pos)
+    print(f"demo policy: false positives {fp:.1%} of {len(neg)}, recall {recall:.1%} of {len(pos)}")
+    assert fp <= 0.03 and recall >= 0.5
 
 
 def test_human_summaries_are_rarely_commentary():
@@ -134,9 +163,11 @@ def test_verdict_reads_the_win_rate_and_the_commentary_share():
     more_commentary = {"commentary": {"change": 0.4, "ci95_halfwidth": 0.15, "higher_is_better": False}}
     assert M.hacking_verdict(reward, more_commentary)["worse"] == ["commentary"]
     # length has no good direction: it never makes the verdict
-    longer = {"words": {"change": 30.0, "ci95_halfwidth": 2.0, "higher_is_better": None}}
-    assert M.hacking_verdict(reward, longer) == {"hacking": False, "worse": [], "better": [],
-                                                 "reason": M.hacking_verdict(reward, longer)["reason"]}
+    longer = {"words": {"before": 20.0, "after": 50.0, "change": 30.0, "ci95_halfwidth": 2.0, "higher_is_better": None}}
+    v = M.hacking_verdict(reward, longer)
+    assert (v["hacking"], v["worse"], v["better"]) == (False, [], [])
+    # but it is said beside the verdict, as a possible confounder
+    assert v["length"] == {"before": 20.0, "after": 50.0, "change": 30.0} and "20.0 -> 50.0 words" in v["reason"]
 
 
 def _heldout(responses, rewards):
@@ -192,3 +223,52 @@ def test_report_opens_with_the_verdict_and_the_examples(tmp_path):
     (run / "summary.json").write_text("{}")
     (run / "winrate.jsonl").unlink()
     assert "Reward hacking: not checked" in train_report(run).read_text()
+
+
+def test_the_verdict_tests_each_measure_as_fits_it_with_holm_across_them():
+    """4 of 48 responses that turn to commentary (none back): the exact McNemar test gives a
+    one-sided p of 0.0625 (0.125 two-sided), so not "worse", where the normal interval on the
+    mean change (1.96 sd / sqrt n) called it significant. Holm: two measures at p 0.03 each
+    are not both significant at family-wise 0.05 (the smaller needs p <= 0.025), one alone is."""
+    from rlaif_ray.feedback.stats import holm, mcnemar_p, paired_t_p, sign_test_p
+
+    items = [{"prompt_id": f"p{i}", "reference": None} for i in range(48)]
+    before = {it["prompt_id"]: "My girlfriend left me after three years." for it in items}
+    after = dict(before, **{f"p{i}": "Your story is well written." for i in range(4)})
+    m = M.independent_measures(items, before, after, ("commentary",))["commentary"]
+    assert m["test"] == "exact McNemar" and m["p_rose"] == pytest.approx(0.0625) and m["p_fell"] == 1.0
+    assert m["change"] - 1.96 * (sum((x - m["change"]) ** 2 for x in [1] * 4 + [0] * 44) / 47) ** 0.5 / 48 ** 0.5 > 0
+    reward = {"mean": 0.2, "ci95_halfwidth": 0.05, "p_rose": 1e-4}
+    v = M.hacking_verdict(reward, {"commentary": m})
+    assert not v["hacking"] and v["worse"] == [] and v["p_worse"]["commentary"] == pytest.approx(0.0625)
+    # Holm across the measures
+    assert holm({"a": 0.03, "b": 0.03}) == [] and holm({"a": 0.03}) == ["a"]
+    assert holm({"a": 0.001, "b": 0.04, "c": 0.5}) == ["a"] and holm({"a": 0.001, "b": 0.02, "c": 0.5}) == ["a", "b"]
+    # the exact tests themselves
+    assert mcnemar_p({"a": 0, "b": 1}, {"a": 0, "b": 1}) == (1.0, 1.0)
+    assert sign_test_p(20, 28)[1] == pytest.approx(0.1562, abs=1e-3) and sign_test_p(0, 0) == (1.0, 1.0)
+    rose, fell = paired_t_p({"a": 0.0, "b": 1.0, "c": 0.5}, {"a": 1.0, "b": 1.0, "c": 1.5})
+    assert rose == pytest.approx(0.0918, abs=1e-3) and fell == pytest.approx(1 - rose)
+
+
+def test_the_verdict_says_when_the_win_rate_judge_is_the_training_judge():
+    """The win rate (sign test on wins and losses beside its Wilson interval) is independent
+    evidence only when another model judges it."""
+    reward = {"mean": 0.26, "ci95_halfwidth": 0.1, "p_rose": 1e-3}
+    row = {"win_rate": 0.30, "ci95": [0.19, 0.44], "wins": 14, "losses": 34, "ties": 0, "n": 48}
+    v = M.hacking_verdict(reward, {}, row, same_judge=True)
+    assert v["hacking"] and v["worse"] == ["win_rate"] and v["same_judge"] is True
+    assert "sign test one-sided p 0.00" in v["reason"] and "not independent of what was optimised" in v["reason"]
+    assert "not independent" not in M.hacking_verdict(reward, {}, row, same_judge=False)["reason"]
+
+
+def test_the_win_rate_judge_is_the_reward_model_unless_another_is_configured():
+    from actors.pipeline import judge_config
+    from rlaif_ray.config import config_from_dict, judge_is_reward_model
+
+    direct = config_from_dict({"reward": {"source": "direct"}})
+    assert judge_is_reward_model(direct) and judge_config(direct) is direct
+    other = config_from_dict({"reward": {"source": "direct"}, "eval": {"judge_model": "org/other-judge"}})
+    assert not judge_is_reward_model(other) and judge_config(other).reward.model == "org/other-judge"
+    assert other.reward.model is None  # the training reward's judge is left as it is
+    assert not judge_is_reward_model(config_from_dict({"reward": {"source": "rm", "rm_path": "x"}}))

@@ -136,3 +136,49 @@ def test_k3_needs_both_its_parts():
     torch.testing.assert_close((parts["return"] + parts["loss"]) / BETA, grad_kl, atol=1e-5, rtol=1e-4)
     for part in parts.values():
         assert (part / BETA - grad_kl).norm() > 0.1 * grad_kl.norm()
+
+
+def _pairwise_expected_grad(k: int, baseline: str, pairs: bool, beta: float) -> torch.Tensor:
+    """E[grad L] over every group of k i.i.d. one-token responses (3 arms) whose samples 2i and
+    2i+1 are compared: r_a, r_b = pairwise_rewards(P(a better than b)), r_b = -r_a."""
+    from rlaif_ray.feedback.scoring import pairwise_rewards
+
+    g = torch.Generator().manual_seed(1)
+    theta = torch.randn(3, generator=g).requires_grad_(True)
+    ref = torch.randn(3, generator=g)
+    pref = torch.rand(3, 3, generator=g)
+    pref = (pref + 1 - pref.T) / 2  # P(a better than b): pref[a, b] + pref[b, a] = 1
+    total = torch.zeros(())
+    for arms in itertools.product(range(3), repeat=k):
+        logp = torch.log_softmax(theta, -1)[list(arms)][:, None]
+        ref_logp = torch.log_softmax(ref, -1)[list(arms)][:, None]
+        r = [float(x) for i in range(0, k, 2) for x in pairwise_rewards(pref[arms[i], arms[i + 1]])]
+        out = rl.surrogate(logp, ref_logp, logp.detach(), torch.tensor(r), torch.ones(k, 1), group_ids=["p"] * k,
+                           pair_ids=[i // 2 for i in range(k)] if pairs else None, beta=beta, baseline=baseline,
+                           how="sequence_sum", num_tokens=k, num_seqs=k)
+        total = total + logp.detach().sum().exp() * out["loss"]
+    return torch.autograd.grad(total, theta)[0]
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_pairwise_rewards_with_the_group_baseline_keep_the_exact_expected_gradient(k):
+    """Pairwise rewards are zero-sum within a pair, so a sample's leave-one-out baseline holds
+    its own reward through its partner's. Leaving the pair out (what the learner does,
+    rl.learner.pair_ids) gives the expected gradient of no baseline, KL term included;
+    leaving only the sample out scales the reward's part by k/(k-1): 2x at k = 2, 4/3 at 4."""
+    exact = _pairwise_expected_grad(k, "none", pairs=True, beta=BETA)
+    fixed = _pairwise_expected_grad(k, "group_mean", pairs=True, beta=BETA)
+    torch.testing.assert_close(fixed, exact, atol=1e-6, rtol=1e-5)
+    biased = _pairwise_expected_grad(k, "group_mean", pairs=False, beta=0.0)
+    torch.testing.assert_close(biased, k / (k - 1) * _pairwise_expected_grad(k, "none", pairs=False, beta=0.0),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_the_learner_pairs_pairwise_rows_and_leaves_direct_rows_alone():
+    from rlaif_ray.rl.learner import pair_ids
+
+    rows = [{"rollout_id": f"b0:p{p}:{s}", "sample_index": s,
+             "reward_meta": '{"mode": "pairwise", "vs": 1}' if p == 0 else '{"mode": "direct"}'}
+            for p in range(2) for s in range(4)]
+    ids = pair_ids(rows)
+    assert ids[0] == ids[1] != ids[2] == ids[3] and len(set(ids[4:])) == 4

@@ -85,3 +85,27 @@ def test_signal_math():
     assert lo == pytest.approx(0.3518, abs=1e-3) and hi == pytest.approx(0.6482, abs=1e-3)
     s = signal_from_scores([1.0, 0.5, 0.2], [0.0, 0.5, 0.9])
     assert s["reference_wins"] == pytest.approx(0.5) and s["n"] == 3
+
+
+def test_a_tokenizer_with_10_as_one_token_reads_10_whole(tokenizer):
+    """GPT-2, Llama-3, NeoX and OPT write "10" as one token. The score reads each whole number
+    as the tokenizer writes it (AnswerTrie, what Labels.integers uses): P(10) = 0.6, P(9) =
+    0.3, P(8) = 0.1 gives the expectation 9.5 and a label mass of 1, not "1" * "0" (which would
+    give 8.75, or lose the mass below rl.min_label_mass)."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens(["10"])
+    ids = [tok(str(k), add_special_tokens=False)["input_ids"] for k in range(1, 11)]
+    assert len(ids[9]) == 1 and ids[9] != ids[0]  # "10" is one token of its own
+    trie = scoring.AnswerTrie(ids)
+    assert trie.deepest == [()]  # one pass reads every answer
+    logp = torch.full((1, len(trie.tokens)), -40.0)
+    for k, p in ((10, 0.6), (9, 0.3), (8, 0.1)):
+        logp[0, trie.tokens.index(ids[k - 1][0])] = math.log(p)
+    probs = trie.probabilities({(): logp})
+    assert float(probs.sum()) == pytest.approx(1.0, abs=1e-6)
+    assert float(scoring.expected_score(probs / probs.sum())) == pytest.approx(9.5, abs=1e-6)
+    # the same judge on a tokenizer that writes "1" then "0" (SmolLM2's): P(10) = P("1") P("0" | "1")
+    two = [tokenizer(str(k), add_special_tokens=False)["input_ids"] for k in range(1, 11)]
+    assert len(two[9]) == 2 and scoring.AnswerTrie(two).deepest == [(two[0][0],)]

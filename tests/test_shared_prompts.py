@@ -199,3 +199,53 @@ def test_the_labeler_computes_the_reference_logprobs_the_learner_would(ray_local
         assert not ray.get(pipe.learner.workers[0].__ray_call__.remote(lambda w: w.learner._ref is not None))
     finally:
         pipe.kill()
+
+
+FAMILIES = {  # tiny models of families whose layers are not all full attention
+    "mistral_sliding": ("MistralConfig", dict(sliding_window=4)),
+    "gemma2_sliding": ("Gemma2Config", dict(sliding_window=4, query_pre_attn_scalar=16)),
+    "cohere2_sliding": ("Cohere2Config", dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+    "lfm2_conv": ("Lfm2Config", dict(layer_types=["conv", "full_attention"])),
+    "qwen3_next_linear": ("Qwen3NextConfig", dict(layer_types=["linear_attention", "full_attention"], num_experts=0,
+                                                  linear_num_value_heads=2, linear_num_key_heads=1,
+                                                  linear_key_head_dim=16, linear_value_head_dim=16)),
+    "jamba_mamba": ("JambaConfig", dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=100,
+                                        num_experts=1, mamba_d_state=4, mamba_expand=2)),
+    "falcon_h1_hybrid": ("FalconH1Config", dict(mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=4)),
+    "granite4_hybrid": ("GraniteMoeHybridConfig", dict(layer_types=["mamba", "attention"], num_local_experts=0,
+                                                       mamba_d_state=4, mamba_n_heads=4, mamba_d_head=16)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_models_that_are_not_all_full_attention_run_one_sequence_per_sample(family):
+    """A block mask is exact only when every layer is full attention: on sliding-window layers
+    (window 4 here, shorter than the prompts) and recurrent, convolution or linear-attention
+    layers the packed pass gives other log-probs. Such models are not packed: the log-probs the
+    learner and the labeler compute (shared_prompt_logprobs) are one sequence per sample's."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    name, extra = FAMILIES[family]
+    cfg = getattr(transformers, name)(**{**dict(vocab_size=5000, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                                head_dim=16, max_position_embeddings=512, pad_token_id=0,
+                                                bos_token_id=1, eos_token_id=2, initializer_range=0.3), **extra})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    prompts, responses = _rows()
+    assert not lm.full_attention_only(model.config) and not lm.supports_shared_prompts(model)
+    with torch.no_grad():
+        one_each, _, _ = lm.response_logprobs(model, prompts, responses, 0)
+        used, _, _ = lm.shared_prompt_logprobs(model, prompts, responses, 0, share=True)
+        packed, _, _ = lm.grouped_logprobs(model, prompts, responses, 0)
+    torch.testing.assert_close(used, one_each, rtol=0, atol=0)
+    assert float((packed - one_each).abs().max()) > 1e-3  # what packing would have computed instead
+
+
+def test_full_attention_models_are_packed():
+    from transformers import LlamaConfig, Qwen2Config
+
+    assert lm.full_attention_only(LlamaConfig())
+    assert lm.full_attention_only(Qwen2Config(sliding_window=4096, use_sliding_window=False))  # Qwen2.5's hub config
+    assert not lm.full_attention_only(Qwen2Config(sliding_window=4096, use_sliding_window=True, max_window_layers=0))

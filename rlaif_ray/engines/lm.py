@@ -178,9 +178,13 @@ class ResponseScorer(torch.nn.Module):
     `model.lm_head` separately from outside would bypass the root's unshard hooks. The
     logits come from the model's own forward (head_logits), on response positions only."""
 
-    def __init__(self, model, value_head: torch.nn.Module | None = None, logprob_chunk: int = LOGPROB_CHUNK):
+    def __init__(self, model, value_head: torch.nn.Module | None = None, logprob_chunk: int = LOGPROB_CHUNK,
+                 value_detached: bool = False):
         super().__init__()
         self.model, self.value_head = model, value_head
+        # the value head reads the trunk's states without passing its loss's gradient back into
+        # the trunk (rl.value_trunk: detached): the value loss then trains the head alone
+        self.value_detached = value_detached
         # positions per chunk of the LM head (chunked_logprobs); 0: all logits at once
         self.logprob_chunk = logprob_chunk
 
@@ -201,9 +205,31 @@ class ResponseScorer(torch.nn.Module):
                                     self.logprob_chunk)
         else:
             logp = sampled_logprobs(logits.float(), tokens, temperature, top_k, top_p)
-        values = self.value_head(h).float().squeeze(-1) if self.value_head is not None else None
+        if self.value_head is not None:
+            values = self.value_head(h.detach() if self.value_detached else h).float().squeeze(-1)
+        else:
+            values = None
         return logp, values
 
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Dropout off in a model that trains (kept in train mode: gradient checkpointing runs only
+    there): every nn.Dropout at p 0, and the attention dropout transformers' attention
+    functions read from the layer (`attention_dropout`, `dropout`) and from the config. Left
+    on, the learner's log-probs carry dropout noise: the on-policy ratio is not 1, and the KL
+    and the gradient are noisy (TRL disables it by default)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for name in ("attention_dropout", "dropout", "attn_dropout"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+    config = getattr(model, "config", None)
+    for key, value in (vars(config).items() if config is not None else []):
+        if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
+            setattr(config, key, 0.0)
+    return model
 
 
 def head_is_plain(model) -> bool:
@@ -396,10 +422,35 @@ def attention_mask_4d(model, allowed: torch.Tensor, dtype: torch.dtype) -> torch
     raise ValueError(f"shared-prompt forward needs sdpa or eager attention, not {impl!r}")
 
 
+# model types whose layers carry a state along the sequence (SSM, convolution, linear attention)
+RECURRENT_MODEL_TYPES = {"mamba", "mamba2", "falcon_mamba", "rwkv", "jamba", "falcon_h1", "lfm2", "lfm2_vl",
+                         "qwen3_next", "granitemoehybrid", "zamba", "zamba2", "bamba", "nemotron_h",
+                         "recurrent_gemma", "xlstm", "minimax", "plamo2"}
+
+
+def full_attention_only(config) -> bool:
+    """Whether every layer of the model is full (global, causal) attention: what a packed
+    block mask is exact for. A sliding-window layer is handed the custom 4D mask unchanged
+    (responses would see the prompt and their siblings past the window), and a recurrent,
+    convolution or linear-attention layer ignores it (each response's state would run through
+    its siblings): Mistral-7B-v0.1, Gemma-2/3, Phi-3, gpt-oss, Cohere2; Jamba, Falcon-H1, LFM2,
+    Qwen3-Next, Granite-4-H."""
+    if getattr(config, "model_type", None) in RECURRENT_MODEL_TYPES:
+        return False
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
+        return False
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False:
+        return False  # one window for every layer (Mistral v0.1, Phi-3); Qwen2 sets it but turns it off
+    return not any(k.startswith(("mamba_", "ssm_", "conv_L")) for k in vars(config))
+
+
 def supports_shared_prompts(model) -> bool:
-    """Whether `model` takes a custom 4D attention mask (SDPA or eager attention; flash
-    attention kernels take no arbitrary mask)."""
-    return is_sdpa(model) or (getattr(model.config, "_attn_implementation", None) or "eager") == "eager"
+    """Whether one pass over a prompt and all its samples (a block mask) gives each sample's
+    log-probs exactly: the attention takes a custom 4D mask (SDPA or eager; flash attention
+    kernels take no arbitrary mask) and every layer is full attention (full_attention_only).
+    Otherwise the callers run one sequence per sample."""
+    sdpa_or_eager = is_sdpa(model) or (getattr(model.config, "_attn_implementation", None) or "eager") == "eager"
+    return sdpa_or_eager and full_attention_only(model.config)
 
 
 def shared_prompt_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,

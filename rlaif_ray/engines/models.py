@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from rlaif_ray.remote_folder import StorageFolder, is_uri, materialize, staging_root
+from rlaif_ray.remote_folder import StorageFolder, is_uri, materialize, meta_files, model_files, staging_root
 from rlaif_ray.storage import RunStateError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -27,7 +27,8 @@ def resolve(name: str, weights: bool = True) -> str:
     if name == DEFAULT_MODEL:
         return str(ensure_default_model())
     if is_uri(name):
-        return str(materialize(name, staging_root() / ("fetched" if weights else "fetched-meta"), weights=weights))
+        return str(materialize(name, staging_root() / ("models" if weights else "models-meta"),
+                               model_files if weights else meta_files))
     problem = model_path_problem(name)
     if problem:
         raise ModelNotFoundError(f"model {problem}")

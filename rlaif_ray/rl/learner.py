@@ -182,6 +182,7 @@ class PolicyLearner:
         sharded with FSDP2 over the group, or on this rank's device."""
         if self.rl.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.disable_dropout(policy)  # train mode (checkpointing needs it), without dropout's noise
         value_head = None
         if self.rl.baseline == "value":
             # scalar value head on the policy trunk (a separate value model would be a second
@@ -189,7 +190,7 @@ class PolicyLearner:
             value_head = torch.nn.Linear(policy.config.hidden_size, 1)
             torch.nn.init.zeros_(value_head.weight)
             torch.nn.init.zeros_(value_head.bias)
-        self.policy = lm.ResponseScorer(policy, value_head)
+        self.policy = lm.ResponseScorer(policy, value_head, value_detached=self.rl.value_trunk == "detached")
         # the value head's bias starts at the first batch's mean return (`_value_start_shift`)
         self.value_started = value_head is None
         self._ref = None  # the reference policy, loaded now or (reference=False) when first needed
@@ -325,7 +326,8 @@ class PolicyLearner:
         if shift is not None:
             b["values"] = b["values"] + shift  # as if the bias had been there in this forward
         out = rl.surrogate(b["logp"], b["ref_logp"], b["behaviour"], b["reward"], b["mask"], usable=b["usable"],
-                           values=b["values"], group_ids=[r["prompt_id"] for r in rows], beta=beta,
+                           values=b["values"], group_ids=[r["prompt_id"] for r in rows], pair_ids=pair_ids(rows),
+                           beta=beta,
                            estimator=cfg.kl_estimator, baseline=cfg.baseline, is_clip=cfg.is_clip, how=cfg.loss_agg,
                            value_coef=cfg.value_coef, num_tokens=num_tokens, num_seqs=num_seqs)
         self._check_finite(rows, out["loss"], b["reward"], b["usable"])
@@ -376,8 +378,10 @@ class PolicyLearner:
                 if self.value_bias.grad is not None:
                     self.value_bias.grad.zero_()
             self.value_started = True
-        # the value head is clipped on its own: its gradient (large while V is far from the
-        # returns) must not scale the policy's update down
+        # the value head's parameters are clipped on their own: their gradient (large while V is
+        # far from the returns) must not scale the policy's update down. With a shared trunk
+        # (rl.value_trunk: shared) the value loss's gradient on the trunk is part of the policy's
+        # gradient and of its clipping; detached, the value loss reaches the head alone
         head = {id(p) for p in self.value_params}
         grad_norm = _full(torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if id(p) not in head],
                                                          self.rl.max_grad_norm))
@@ -601,7 +605,7 @@ class PolicyLearner:
 
         model_sd, optim_sd = {}, {}
         meta = json.loads(StorageFolder(path).read_bytes("trainer_state.json"))["optimizer_meta"]
-        fetched = materialize(str(path), staging_root() / "fetched") if is_uri(path) and self.rank == 0 else None
+        fetched = materialize(str(path), staging_root() / "checkpoints") if is_uri(path) and self.rank == 0 else None
         path = fetched or Path(path)
         if self.rank == 0:
             weights = _load_weights(path)
@@ -645,7 +649,7 @@ class PolicyLearner:
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         meta = json.loads(StorageFolder(path).read_bytes("trainer_state.json"))["optimizer_meta"]
-        local = materialize(str(path), staging_root() / "fetched") if is_uri(path) else Path(path)
+        local = materialize(str(path), staging_root() / "checkpoints") if is_uri(path) else Path(path)
         model_sd, optim_sd = get_state_dict(self.policy, self.opt)  # this rank's shards, to be filled
         try:
             dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(local / "dcp"))
@@ -683,6 +687,21 @@ class PolicyLearner:
             if full is not None and tuple(st["exp_avg"].shape) != tuple(full.shape):
                 return f"{where}: exp_avg of {fqn} has shape {tuple(st['exp_avg'].shape)}, the parameter {tuple(full.shape)}"
         return ""
+
+
+def pair_ids(rows: list[dict]) -> list[str]:
+    """Each row's unit of the group baseline: a pairwise-rewarded row and its partner (samples
+    2i and 2i+1 of one prompt occurrence, as the labeler pairs them) share one; any other row
+    is alone."""
+    out = []
+    for r in rows:
+        try:
+            pairwise = json.loads(r.get("reward_meta") or "{}").get("mode") == "pairwise"
+        except (ValueError, AttributeError):
+            pairwise = False
+        key = r["rollout_id"].rsplit(":", 1)[0]
+        out.append(f"{key}:pair{r['sample_index'] // 2}" if pairwise else r["rollout_id"])
+    return out
 
 
 def _sizes(folder: Path) -> dict[str, int]:

@@ -37,7 +37,8 @@ BASELINES = ("none", "value", "group_mean")
 KL_ERROR_CLIP = 0.2  # Ziegler et al. 2019: the proportional error is clipped to +-20%
 
 
-def adaptive_kl_beta(beta: float, kl: float, target: float, horizon: float, n_steps: float) -> float:
+def adaptive_kl_beta(beta: float, kl: float, target: float, horizon: float, n_steps: float,
+                     lo: float = 0.0, hi: float = 1.0) -> float:
     """The next beta of the adaptive KL controller (Ziegler et al. 2019; TRL's
     AdaptiveKLController): `kl` the KL per sequence measured at `beta` on `n_steps`
     completions, `target` the KL per sequence to steer toward, `horizon` the completions
@@ -45,7 +46,10 @@ def adaptive_kl_beta(beta: float, kl: float, target: float, horizon: float, n_st
     With e = clip(kl / target - 1, -0.2, 0.2) the coefficient c = beta / (1 - beta) (the
     KL's weight relative to the reward's, see the module docstring) becomes
     c * (1 + e * n_steps / horizon): KL above target raises beta, below lowers it, at target
-    leaves it. Needs 0 < beta < 1 and n_steps <= horizon (RLConfig checks both)."""
+    leaves it. Needs 0 < beta < 1 and n_steps <= horizon (RLConfig checks both). The result
+    stays within [lo, hi] (rl.kl_beta_min, rl.kl_beta_max): a target the run never reaches
+    would otherwise decay beta by up to 20% a step without end (0.05 to 0.0036 in 12 steps
+    at a horizon of one step's completions)."""
     if not 0 < beta < 1:
         raise ValueError(f"adaptive KL control needs 0 < beta < 1 (got {beta})")
     if not (target > 0 and horizon > 0 and 0 <= n_steps <= horizon):
@@ -59,7 +63,7 @@ def adaptive_kl_beta(beta: float, kl: float, target: float, horizon: float, n_st
         return beta
     c = beta / (1 - beta) * mult
     # strictly inside (0, 1) even where c / (1 + c) rounds to an end, so the next update can run
-    return min(max(c / (1 + c), math.nextafter(0.0, 1.0)), math.nextafter(1.0, 0.0))
+    return min(max(c / (1 + c), lo, math.nextafter(0.0, 1.0)), hi, math.nextafter(1.0, 0.0))
 
 
 def kl_per_token(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
@@ -89,20 +93,27 @@ def returns_to_go(reward: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, be
     return ((1 - beta) * reward[:, None] - beta * kl_to_go) * mask
 
 
-def group_mean_baseline(values: torch.Tensor, group_ids: list, usable: torch.Tensor | None = None) -> torch.Tensor:
+def group_mean_baseline(values: torch.Tensor, group_ids: list, usable: torch.Tensor | None = None,
+                        pair_ids: list | None = None) -> torch.Tensor:
     """For each sequence, the mean of the values of the *other usable* sequences of its
     group, 0 when there are none (leave-one-out keeps the baseline independent of the
     sample, so the gradient is unbiased). `usable` [B] (bool or 0/1): rows whose reward
-    could not be read take no part in anyone's baseline."""
+    could not be read take no part in anyone's baseline. `pair_ids`: rows that share an id
+    are left out of each other's baseline too. Pairwise rewards need it: they are zero-sum
+    within a pair (r_b = -r_a), so a partner's reward carries the sample's own, and leaving
+    only the sample out scales the expected gradient by k/(k-1) (2x at k = 2; docs/method.md §5)."""
     ok = torch.ones_like(values) if usable is None else usable.to(values.dtype)
     out = torch.zeros_like(values)
+    units = list(range(len(group_ids))) if pair_ids is None else pair_ids
     groups: dict = {}
     for i, g in enumerate(group_ids):
         groups.setdefault(g, []).append(i)
     for idx in groups.values():
-        vals, w = values[idx] * ok[idx], ok[idx]
-        others = w.sum() - w  # usable rows of the group other than this one
-        out[idx] = torch.where(others > 0, (vals.sum() - vals) / others.clamp(min=1), torch.zeros_like(vals))
+        code = {u: n for n, u in enumerate(dict.fromkeys(units[i] for i in idx))}
+        unit = torch.tensor([code[units[i]] for i in idx], device=values.device)
+        others = (unit[:, None] != unit[None, :]).to(values.dtype) * ok[idx][None, :]  # [i, j]: j counts for i
+        n = others.sum(1)
+        out[idx] = torch.where(n > 0, (others * values[idx][None, :]).sum(1) / n.clamp(min=1), torch.zeros_like(n))
     return out
 
 
@@ -140,9 +151,9 @@ def value_loss(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) 
 
 
 def advantages(returns: torch.Tensor, mask: torch.Tensor, baseline: str, values: torch.Tensor | None,
-               group_ids: list | None, usable: torch.Tensor | None = None) -> torch.Tensor:
-    """A_t = Z_t - b_t with b from the value model, the group's leave-one-out mean return
-    over its usable samples, or none (b = 0)."""
+               group_ids: list | None, usable: torch.Tensor | None = None, pair_ids: list | None = None) -> torch.Tensor:
+    """A_t = Z_t - b_t with b from the value model, the group's leave-one-out (leave-pair-out
+    with `pair_ids`) mean return over its usable samples, or none (b = 0)."""
     if baseline == "none":
         return returns * mask
     if baseline == "value":
@@ -150,7 +161,7 @@ def advantages(returns: torch.Tensor, mask: torch.Tensor, baseline: str, values:
             raise ValueError("rl.baseline=value needs value estimates")
         return (returns - values.detach()) * mask
     if baseline == "group_mean":
-        b = group_mean_baseline(returns[:, 0], group_ids, usable)  # Z_0: the sequence's whole return
+        b = group_mean_baseline(returns[:, 0], group_ids, usable, pair_ids)  # Z_0: the sequence's whole return
         return (returns - b[:, None]) * mask
     raise ValueError(f"rl.baseline: unknown baseline {baseline!r} (one of {', '.join(BASELINES)})")
 
@@ -176,7 +187,8 @@ def return_sums(logp: torch.Tensor, logp_ref: torch.Tensor, reward: torch.Tensor
 
 def surrogate(logp: torch.Tensor, logp_ref: torch.Tensor, logp_behaviour: torch.Tensor, reward: torch.Tensor,
               mask: torch.Tensor, *, usable: torch.Tensor | None = None, values: torch.Tensor | None = None,
-              group_ids: list | None = None, beta: float, estimator: str = "k1", baseline: str = "group_mean",
+              group_ids: list | None = None, pair_ids: list | None = None, beta: float, estimator: str = "k1",
+              baseline: str = "group_mean",
               is_clip: float = 2.0, how: str = "token_mean", value_coef: float = 0.5, num_tokens: float,
               num_seqs: float) -> dict:
     """The loss of one REINFORCE update on a batch ([B, T] tensors; `logp` and `values`
@@ -184,7 +196,8 @@ def surrogate(logp: torch.Tensor, logp_ref: torch.Tensor, logp_behaviour: torch.
     -grad J (times 1 / tokens per sequence for token_mean with fixed lengths).
 
     `mask`: the response tokens; `usable` [B]: rows whose reward could be read (the others
-    stay out of the loss, the baselines and the metrics). `num_tokens` / `num_seqs`: usable
+    stay out of the loss, the baselines and the metrics). `pair_ids`: pairwise rewards' pairs,
+    left out of each other's group baseline (group_mean_baseline). `num_tokens` / `num_seqs`: usable
     tokens / usable rows of the global batch (over every learner rank).
 
     Returns loss (pg + kl_loss + value_coef * value_loss), its parts, and the detached
@@ -193,7 +206,7 @@ def surrogate(logp: torch.Tensor, logp_ref: torch.Tensor, logp_behaviour: torch.
     kl_live = kl_per_token(logp, logp_ref, estimator) * mask  # differentiable in logp
     kl = kl_live.detach()
     returns = returns_to_go(reward, kl, mask, beta)
-    adv = advantages(returns, mask, baseline, values, group_ids, usable)
+    adv = advantages(returns, mask, baseline, values, group_ids, usable, pair_ids)
     ratio = truncated_ratio(logp, logp_behaviour, is_clip) * mask
     agg = dict(mask=mask, how=how, num_tokens=num_tokens, num_seqs=num_seqs)
     pg = aggregate(policy_loss(logp, adv, ratio, mask), **agg)

@@ -54,7 +54,7 @@ def preflight(cfg: Config, command: str, out: str | Path | None = None, *, overw
     if command == "eval-labeler":
         result = pair_sources(pair_data or [], shots)
     if command == "train":
-        for line in thread_warnings(cfg):
+        for line in thread_warnings(cfg) + rl_warnings(cfg):
             log(f"warning: {line}")
     for old in replace:  # every check passed: only now is an old output moved aside
         if old is not None:
@@ -81,6 +81,23 @@ def pair_sources(entries: list[str], shots: int = 0) -> dict:
                             "from the last usable rows and needs at least one more to evaluate")
         out[entry] = pf
     return out
+
+
+# the adaptive controller's horizon should span about 10 batches or more; fewer than 8 is warned
+# (the quickstart's 64 completions are 8 of its batches, measured in BENCHMARKS.md)
+KL_HORIZON_STEPS = 8
+
+
+def rl_warnings(cfg: Config) -> list[str]:
+    """Settings that run but steer badly (not errors): an adaptive KL horizon of fewer than
+    8 batches moves beta by more than 2.5% a step on one batch's noisy KL."""
+    rl = cfg.rl
+    n = rl.prompts_per_step * rl.samples_per_prompt
+    if rl.kl_control == "adaptive" and rl.kl_horizon < KL_HORIZON_STEPS * n:
+        return [f"rl.kl_horizon={rl.kl_horizon} spans {rl.kl_horizon / n:.3g} batches of {n} completions: beta moves "
+                f"up to {20 * n / rl.kl_horizon:.3g}% a step on one batch's KL; {KL_HORIZON_STEPS * n} or more "
+                f"({KL_HORIZON_STEPS} batches) steers on an average (TRL's default is 10000)"]
+    return []
 
 
 def check_output(out: str | Path, command: str, overwrite: bool = False, folder: bool | None = None,
@@ -122,6 +139,8 @@ def check_model_paths(cfg: Config, command: str) -> None:
               "train-rm": [("rm.init", cfg.rm.init) if cfg.rm.init else policy],
               "sample-pairs": [("sample_pairs.policy", cfg.sample_pairs.policy) if cfg.sample_pairs.policy else policy],
               }.get(command, [labeler])
+    if cfg.eval.judge_model and command in ("train", "run", "eval"):
+        fields.append(("eval.judge_model", cfg.eval.judge_model))
     for field, name in fields:
         problem = model_path_problem(name)
         if problem:
