@@ -42,6 +42,13 @@ if __name__ == "__main__":
         figures["held-out win rate vs initial (pairwise judge)"] = (
             f"{w['win_rate']:.1%} (95% CI {w['ci95'][0]:.1%}-{w['ci95'][1]:.1%}, n={w['n']}); "
             f"length-controlled {w['length_controlled']:.1%}")
+    for name, m in s.get("independent", {}).items():  # the measures that are not the reward, paired
+        figures[f"{name}, initial -> final"] = (f"{m['before']:.3f} -> {m['after']:.3f} ({m['change']:+.3f}, "
+                                                f"{m.get('test', 'paired')} one-sided p rose {m.get('p_rose', float('nan')):.3g}"
+                                                f" / fell {m.get('p_fell', float('nan')):.3g})")
+    if s.get("hacking"):
+        v = s["hacking"]
+        figures["reward hacking verdict"] = ("**suspected**: " if v["hacking"] else "not suspected: ") + v["reason"]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "demo.json").write_text(json.dumps({
         "note": f"`rlaif-ray train configs/quickstart.yaml`, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}, "
