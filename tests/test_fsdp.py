@@ -209,3 +209,44 @@ def test_ranks_wait_for_rank0s_checkpoint_read_outside_any_collective(tiny_model
     resumed, saved = dict(np.load(tmp_path / "resumed.npz")), _weights(one)
     for k in saved:
         np.testing.assert_allclose(resumed[k], saved[k], atol=1e-6, err_msg=k)
+
+
+def _failing_rank0_rank(rank: int, world: int, port: int, model: str, out: str) -> None:
+    """A rank of a 2-rank group saving a sharded checkpoint whose rank 0 hits a full disk while
+    it finishes the checkpoint: each rank records what it raised."""
+    import errno
+
+    import torch.distributed as dist
+
+    from rlaif_ray.rl.learner import PolicyLearner
+
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, world, False, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    learner = PolicyLearner(model, CFG, 0.9, store=store)
+
+    def full_disk(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    learner._finish_sharded = full_disk
+    try:
+        learner.save(Path(out) / "ckpt", {"step": 1}, hf_weights=False)
+        raised = "nothing"
+    except Exception as err:  # noqa: BLE001 - what each rank saw is the test's record
+        raised = f"{type(err).__name__}: {err}"
+    Path(out, f"raised{rank}.txt").write_text(raised)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two gloo processes
+def test_a_sharded_checkpoint_that_rank0_cannot_finish_fails_on_every_rank(tiny_model_path, tmp_path):
+    """Rank 0's OSError (a full disk) reaches every rank at once (no rank waits in a collective
+    for a rank 0 that gave up), and no checkpoint folder, whole or partial, is left."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+    mp.start_processes(_failing_rank0_rank, args=(2, store.port, tiny_model_path, str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    assert (tmp_path / "raised0.txt").read_text() == "OSError: [Errno 28] No space left on device"
+    assert (tmp_path / "raised1.txt").read_text().startswith("RuntimeError: checkpoint ")
+    assert not (tmp_path / "ckpt").exists() and not list(tmp_path.glob(".ckpt*"))

@@ -574,25 +574,34 @@ class PolicyLearner:
             StorageFolder(uri, tmp).push("dcp", keep=lambda name: name.startswith(f"__{self.rank}_")
                                          or (self.rank == 0 and not name.startswith("__")))
         self._agree_failed(False)  # every shard is written (and uploaded)
+        failed = None
         if self.rank == 0:
             try:
-                if full is not None:
-                    self._write_hf(tmp, full)
-                if uri:
-                    StorageFolder(uri, tmp).push(skip=("dcp",))
-                files = StorageFolder(uri).files() if uri else _sizes(tmp)
-                meta = {"format": "dcp", "learner_steps": self.steps, "ranks": self.world}
-                atomic_write_json(tmp / "trainer_state.json", {**state, "optimizer_meta": meta, "files": files})
-                if uri:
-                    StorageFolder(uri, tmp).push("trainer_state.json")
-                else:
-                    publish_dir(tmp, final)
-            except BaseException:
+                self._finish_sharded(uri, tmp, final, full, state)
+            except Exception as err:  # noqa: BLE001 - every rank must learn it, then rank 0 raises it
+                failed = err
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        self._agree_failed(False)  # published: the staging copies can go
-        if uri:
+        if self._agree_failed(failed is not None):  # no rank waits for a rank 0 that gave up
+            if uri:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise failed or RuntimeError(f"checkpoint {path}: learner rank 0 could not write it (see its log)")
+        if uri:  # published: the staging copies can go
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _finish_sharded(self, uri: str | None, tmp: Path, final: Path, full: dict | None, state: dict) -> None:
+        """Rank 0's part of a sharded checkpoint once every shard is in: the HF weights (the
+        run's last checkpoint), then trainer_state.json with every file's size, last."""
+        if full is not None:
+            self._write_hf(tmp, full)
+        if uri:
+            StorageFolder(uri, tmp).push(skip=("dcp",))
+        files = StorageFolder(uri).files() if uri else _sizes(tmp)
+        meta = {"format": "dcp", "learner_steps": self.steps, "ranks": self.world}
+        atomic_write_json(tmp / "trainer_state.json", {**state, "optimizer_meta": meta, "files": files})
+        if uri:
+            StorageFolder(uri, tmp).push("trainer_state.json")
+        else:
+            publish_dir(tmp, final)
 
     def load(self, path: str | Path) -> None:
         """Resume from `save`'s folder: weights, value head and AdamW state, strictly (a
