@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from rlaif_ray.config import URI_RE
-from rlaif_ray.storage import PARTIAL, RunStateError, publish_dir, temp_path
+from rlaif_ray.storage import PARTIAL, RunStateError, atomic_write_json, publish_dir, temp_path
 
 
 def is_uri(location) -> bool:
@@ -144,6 +144,11 @@ class StorageFolder:
     def write_bytes(self, rel: str, data: bytes) -> None:
         with self.fs.open_output_stream(self._remote(rel)) as f:
             f.write(data)
+
+    def write_json(self, rel: str, data) -> None:
+        """A JSON file written crash-safe here and uploaded (a local folder: written only)."""
+        atomic_write_json(self.local / rel, data)
+        self.push(rel)
 
     def delete(self, rel: str = "") -> None:
         import pyarrow.fs as pafs

@@ -20,7 +20,6 @@ from rlaif_ray.config import Config
 from rlaif_ray.remote_folder import StorageFolder, as_location, join
 from rlaif_ray.run.folder import default_run_dir
 from rlaif_ray.run.preflight import preflight
-from rlaif_ray.storage import atomic_write_json
 
 
 def run_chain(cfg: Config, out: str | Path | None = None, log=print, overwrite: bool = False) -> Path | str:
@@ -46,8 +45,7 @@ def run_chain(cfg: Config, out: str | Path | None = None, log=print, overwrite: 
         if upload:
             store.push(upload)
         steps.append({"step": name, "output": str(result), "wall_s": round(time.perf_counter() - t0, 1)})
-        atomic_write_json(local / "chain.json", steps)
-        store.push("chain.json")
+        store.write_json("chain.json", steps)
         return result
 
     sft = step("sft", lambda: run_sft(cfg, join(folder, "sft"), log)) if cfg.sft.enabled else cfg.model.name

@@ -10,7 +10,6 @@ from rlaif_ray.engines.models import load_tokenizer
 from rlaif_ray.remote_folder import StorageFolder, as_location
 from rlaif_ray.rl.supervised import check_batch, sft_data
 from rlaif_ray.run.preflight import preflight
-from rlaif_ray.storage import atomic_write_json
 
 
 def run_sft(cfg: Config, out: str | Path | None = None, log=print, overwrite: bool = False) -> Path | str:
@@ -24,7 +23,5 @@ def run_sft(cfg: Config, out: str | Path | None = None, log=print, overwrite: bo
         f"{s.trainer.num_workers} Ray Train worker(s)")
     with ray_session(cfg):
         history = fit(loop_config("sft", s, cfg.model.name, train, held, tok.pad_token_id), s.trainer, out, "sft", log)
-    store = StorageFolder(out)
-    atomic_write_json(store.local / "sft_summary.json", {**counts, "history": history})
-    store.push("sft_summary.json")
+    StorageFolder(out).write_json("sft_summary.json", {**counts, "history": history})
     return out

@@ -7,7 +7,7 @@ from pathlib import Path
 from actors.ray_session import ray_session
 from actors.training import run_training
 from rlaif_ray.config import Config
-from rlaif_ray.remote_folder import is_uri
+from rlaif_ray.remote_folder import as_location
 from rlaif_ray.run.folder import RunFolder, default_run_dir
 from rlaif_ray.run.preflight import preflight
 from rlaif_ray.run.report import train_report
@@ -20,7 +20,7 @@ def train(cfg: Config, out: str | Path | None = None, log=print, resume: str | P
     old one is moved aside), or `resume` a run folder from its last complete checkpoint."""
     cfg = resolve_auto(cfg)  # what `auto` means on this machine, recorded in the run's config.yaml
     if resume is None:
-        out = (str(out) if is_uri(out) else Path(out)) if out else default_run_dir(cfg)
+        out = as_location(out) if out else default_run_dir(cfg)
     # every check that needs files or models (and the output or the run to resume), before Ray starts
     prompts = preflight(cfg, "train", out=out, overwrite=overwrite, resume=resume, log=log)
     log(f"prompts: {len(prompts.train)} train, {len(prompts.heldout)} held out; "

@@ -10,7 +10,6 @@ from rlaif_ray.engines.models import load_tokenizer
 from rlaif_ray.remote_folder import StorageFolder, as_location
 from rlaif_ray.rl.supervised import check_batch, rm_data
 from rlaif_ray.run.preflight import preflight
-from rlaif_ray.storage import atomic_write_json
 
 
 def run_train_rm(cfg: Config, out: str | Path | None = None, log=print, overwrite: bool = False) -> Path | str:
@@ -27,8 +26,6 @@ def run_train_rm(cfg: Config, out: str | Path | None = None, log=print, overwrit
         f"init {init}; {r.trainer.num_workers} Ray Train worker(s)")
     with ray_session(cfg):
         history = fit(loop_config("rm", r, init, train, held, tok.pad_token_id), r.trainer, out, "train-rm", log)
-    store = StorageFolder(out)
-    atomic_write_json(store.local / "rm_summary.json", {**counts, "label_kind": r.label_kind, "init": init,
-                                                "history": history})
-    store.push("rm_summary.json")
+    StorageFolder(out).write_json("rm_summary.json", {**counts, "label_kind": r.label_kind, "init": init,
+                                                      "history": history})
     return out

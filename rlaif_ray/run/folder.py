@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from rlaif_ray.config import Config, dump_config
 from rlaif_ray.data.schemas import JUDGEMENTS
-from rlaif_ray.remote_folder import StorageFolder, is_uri, join
+from rlaif_ray.remote_folder import StorageFolder, as_location, is_uri, join
 from rlaif_ray.storage import (
     RunStateError,
     append_line,
@@ -95,7 +95,7 @@ def read_checkpoint_state(ck: str | Path) -> tuple[dict | None, str | None]:
 
 def _at(run, *parts: str):
     """run/parts: a Path for a local run, a URI string for one on shared storage."""
-    return join(run, *parts) if is_uri(run) else Path(run).joinpath(*parts)
+    return as_location(join(run, *parts))
 
 
 def resume_checkpoint(run: str | Path) -> tuple[Path, dict, list[str]]:
