@@ -513,6 +513,13 @@ class ServeConfig(_Strict):
 
 
 class RLConfig(_Strict):
+    # the policy-gradient algorithm (docs/method.md §3): reinforce, the paper's (REINFORCE with
+    # rl.baseline); rloo, REINFORCE with the leave-one-out group baseline (Ahmadian et al.
+    # 2024); grpo, group-normalised advantages with the clipped ratio (Shao et al. 2024); ppo, a
+    # value head with GAE and value clipping (Schulman et al. 2017); online_dpo, the DPO loss on
+    # pairs of the policy's samples labelled by the AI labeler's soft preferences (Guo et al.
+    # 2024; needs reward.source pairwise)
+    algorithm: Literal["reinforce", "rloo", "grpo", "ppo", "online_dpo"] = "reinforce"
     steps: int = Field(12, gt=0)  # learner steps (each on one batch of prompts_per_step x samples_per_prompt rollouts)
     prompts_per_step: int = Field(4, gt=0)  # distinct prompts per batch
     samples_per_prompt: int = Field(2, gt=0)  # responses sampled per prompt (the group of the group_mean baseline)
@@ -556,7 +563,9 @@ class RLConfig(_Strict):
     kl_beta_min: float = Field(0.005, ge=0, lt=1)  # the floor (a tenth of the default rl.beta)
     kl_beta_max: float = Field(0.5, gt=0, lt=1)  # the cap: the KL never outweighs the reward
     # k1 = log pi - log pi_ref; k3 = q - 1 - log q (lower variance near the reference; docs/method.md §3)
-    kl_estimator: Literal["k1", "k3"] = "k1"
+    # None: k1, except for rl.algorithm grpo, which puts the KL in the loss, where only k3 has
+    # a gradient (the GRPO paper's); the value resolved from the YAML is written to config.yaml
+    kl_estimator: Optional[Literal["k1", "k3"]] = None
     # value: REINFORCE with a learned value baseline (a scalar head on the policy trunk);
     # group_mean: mean return of the other usable samples of the same prompt (no value
     # model); none: plain REINFORCE (b = 0), for ablations.
@@ -576,12 +585,59 @@ class RLConfig(_Strict):
     # or detached alike (benchmarks/value_baseline.py)
     value_lr: float = Field(1e-4, gt=0, le=1)
     # token_mean: the loss averaged over response tokens; sequence_sum: summed per response, averaged over responses
-    loss_agg: Literal["token_mean", "sequence_sum"] = "token_mean"
+    # sequence_mean: each response's token mean, averaged over responses (the GRPO paper's)
+    loss_agg: Literal["token_mean", "sequence_mean", "sequence_sum"] = "token_mean"
     # Versions of policy lag allowed between generation and training. 0 = synchronous.
     max_staleness: int = Field(1, ge=0)
     # Truncated importance ratio pi/mu (from recorded behaviour log-probs) for lagged batches.
     is_clip: float = Field(2.0, gt=0)
     seed: int = 0  # seeds the prompt order, sampling and the learner
+    # grpo, ppo: passes over each batch (the clipped ratio keeps later passes near the sampling policy)
+    epochs: int = Field(1, gt=0)
+    # grpo, ppo: optimizer steps per pass, the batch's prompt groups shuffled into that many mini-batches
+    mini_batches: int = Field(1, gt=0)
+    # grpo, ppo: the ratio pi / pi_sampling is clipped below at 1 - clip_low (PPO's 0.2)
+    clip_low: float = Field(0.2, gt=0, lt=1)
+    # grpo, ppo: ... and above at 1 + clip_high (PPO's 0.2; DAPO's clip-higher 0.28)
+    clip_high: float = Field(0.2, gt=0)
+    # grpo: (r - group mean) / group std; false: r - group mean (Dr. GRPO, Liu et al. 2025)
+    grpo_scale_std: bool = True
+    gamma: float = Field(1.0, ge=0, le=1)  # ppo: GAE's discount
+    gae_lambda: float = Field(0.95, ge=0, le=1)  # ppo: GAE's lambda
+    # ppo: the value head moves at most this far from its values when the batch was sampled
+    value_clip: float = Field(0.2, gt=0)
+    whiten_advantages: bool = True  # ppo: advantages to mean 0, std 1 over the batch (every rank's)
+    # online_dpo: DPO's beta, the scale of the log-ratio margins (its implicit KL weight)
+    dpo_beta: float = Field(0.1, gt=0)
+
+    @model_validator(mode="after")
+    def _algorithm_fits(self):
+        algo = self.algorithm
+        if self.kl_estimator is None:  # set without validate_assignment's second pass over the model
+            self.__dict__["kl_estimator"] = "k3" if algo == "grpo" else "k1"
+        if (self.epochs > 1 or self.mini_batches > 1) and algo not in ("grpo", "ppo"):
+            raise ValueError(f"rl.epochs and rl.mini_batches above 1 need rl.algorithm grpo or ppo, whose clipped "
+                             f"ratio keeps later updates near the sampling policy (rl.algorithm is {algo})")
+        if algo != "reinforce" and self.baseline != "group_mean":
+            raise ValueError(f"rl.baseline={self.baseline} is REINFORCE's; rl.algorithm {algo} brings its own "
+                             "(rloo: leave-one-out, grpo: the group's mean and std, ppo: GAE on a value head)")
+        if algo == "grpo" and self.kl_estimator != "k3":
+            raise ValueError("rl.algorithm grpo puts the KL in the loss as k3 (the GRPO paper's estimator): as a loss "
+                             "term k1's gradient is zero in expectation; leave rl.kl_estimator out or set k3")
+        if algo in ("rloo", "grpo", "online_dpo") and self.samples_per_prompt < 2:
+            raise ValueError(f"rl.algorithm {algo} compares samples of one prompt: rl.samples_per_prompt must be at "
+                             f"least 2 (got {self.samples_per_prompt})")
+        if algo == "online_dpo" and self.samples_per_prompt % 2:
+            raise ValueError(f"rl.algorithm online_dpo trains on pairs of samples of one prompt: "
+                             f"rl.samples_per_prompt must be even (got {self.samples_per_prompt})")
+        if algo == "online_dpo" and self.kl_control == "adaptive":
+            raise ValueError("rl.kl_control adaptive steers rl.beta, which online_dpo does not use (its KL weight is "
+                             "rl.dpo_beta)")
+        return self
+
+    @property
+    def uses_value_head(self) -> bool:
+        return self.algorithm == "ppo" or (self.algorithm == "reinforce" and self.baseline == "value")
 
     @model_validator(mode="after")
     def _kl_control_fits(self):
@@ -814,7 +870,14 @@ class Config(_Strict):
                 f"reward.source=pairwise needs an even rl.samples_per_prompt "
                 f"(got {self.rl.samples_per_prompt})")
         check_scorer_name(self.reward, self.eval.harmless_scorer, "eval.harmless_scorer")
-        if self.rl.baseline == "group_mean" and self.rl.samples_per_prompt < 2:
+        if self.rl.algorithm == "online_dpo" and self.reward.source != "pairwise":
+            raise ValueError(f"rl.algorithm online_dpo learns from the labeler's preferences between two samples: it "
+                             f"needs reward.source pairwise (got {self.reward.source})")
+        rows = self.rl.prompts_per_step * self.rl.samples_per_prompt
+        if self.rl.mini_batches * self.pipeline.learner.num_actors > rows:
+            raise ValueError(f"rl.mini_batches={self.rl.mini_batches} on {self.pipeline.learner.num_actors} learner "
+                             f"rank(s) needs at least {self.rl.mini_batches} rows per rank; a step has {rows}")
+        if self.rl.algorithm == "reinforce" and self.rl.baseline == "group_mean" and self.rl.samples_per_prompt < 2:
             raise ValueError(
                 "rl.baseline=group_mean needs rl.samples_per_prompt >= 2 "
                 f"(got {self.rl.samples_per_prompt}); use rl.baseline=value for one sample")

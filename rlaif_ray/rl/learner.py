@@ -1,6 +1,7 @@
 """PolicyLearner: the RL update without Ray. Holds the policy (with an optional value head),
-the frozen reference policy for the KL term and the optimizer; `step(rows)` is one
-REINFORCE update (docs/method.md, section 3) on a batch of scored rollouts.
+the frozen reference policy for the KL term and the optimizer; `step(rows)` is one update
+of rl.algorithm (docs/method.md §3: REINFORCE by default; grpo and ppo run several optimizer
+steps on the batch) on a batch of scored rollouts.
 
 Runs on a bare CPU or CUDA machine. Under torch.distributed with more than one rank (the
 actor `actors/learner.py` sets the group up) policy, reference, gradients and optimizer
@@ -28,6 +29,7 @@ from rlaif_ray.engines import lm
 from rlaif_ray.engines.devices import compute_dtype, dtype_name, enable_tf32
 from rlaif_ray.engines.models import decoder_layers, load_model, load_tokenizer
 from rlaif_ray.remote_folder import StorageFolder, is_uri, materialize, staging_for, staging_root
+from rlaif_ray.rl import algorithms as algo
 from rlaif_ray.rl import losses as rl
 from rlaif_ray.storage import PARTIAL, atomic_write_json, publish_dir, temp_path
 
@@ -114,6 +116,22 @@ def plan_micro_batches(rows: list[dict], budget: int, count: int | None = None) 
     return [sorted(i for g in part for i in members[g]) for part in split_by_tokens(sizes, budget, count)]
 
 
+def split_mini_batches(group_ids: list, count: int, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Row indices of `count` mini-batches for grpo/ppo's optimizer steps: prompt groups
+    shuffled (with `generator`) and dealt to the lightest, a prompt's rows together; with
+    fewer groups than `count`, rows one by one. Each lists its rows in order; none is empty
+    while there are at least `count` rows (the config checks it)."""
+    groups: dict = {}
+    for i, g in enumerate(group_ids):
+        groups.setdefault(g, []).append(i)
+    units = list(groups.values()) if len(groups) >= count else [[i] for i in range(len(group_ids))]
+    order = torch.randperm(len(units), generator=generator).tolist()
+    bins: list[list[int]] = [[] for _ in range(min(count, len(units)) or 1)]
+    for u in order:
+        min(bins, key=len).extend(units[u])
+    return [sorted(b) for b in bins]
+
+
 def _decoder_layers(model) -> list:
     """The transformer blocks of a HF causal LM (its `_no_split_modules` classes): FSDP's units."""
     layers = decoder_layers(model)
@@ -178,13 +196,13 @@ class PolicyLearner:
         self.store, self._loads = store, 0
 
     def _build_policy(self, policy) -> None:
-        """The policy (fp32 master weights) with its value head when rl.baseline is value,
+        """The policy (fp32 master weights) with its value head (rl.baseline value, or ppo),
         sharded with FSDP2 over the group, or on this rank's device."""
         if self.rl.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.disable_dropout(policy)  # train mode (checkpointing needs it), without dropout's noise
         value_head = None
-        if self.rl.baseline == "value":
+        if self.rl.uses_value_head:
             # scalar value head on the policy trunk (a separate value model would be a second
             # policy-sized copy; sharing the trunk keeps small runs affordable)
             value_head = torch.nn.Linear(policy.config.hidden_size, 1)
@@ -286,6 +304,8 @@ class PolicyLearner:
         Raises NonFiniteError (on every rank) before any change to the weights."""
         t0 = time.perf_counter()
         beta = self.rl.beta if beta is None else beta
+        if self.rl.algorithm in ("grpo", "ppo"):
+            return self._clipped_step(rows, beta, t0)
         parts = [[rows[i] for i in idx] for idx in self._micro_batches(rows)]
         # the value head starts at the whole batch's mean return (before any of its losses)
         shift = self._value_start_shift(sum(self._return_sums(p, beta) for p in parts)) \
@@ -296,6 +316,7 @@ class PolicyLearner:
             stats = self._accumulate(part, num_tokens, num_seqs, beta, shift)
             totals = {k: totals.get(k, 0) + v for k, v in stats.items()}
         grad_norm, value_grad_norm = self._apply(shift)
+        self.steps += 1
         return {**totals, "grad_norm": float(grad_norm), "value_grad_norm": float(value_grad_norm),
                 "rows": max(len(rows), 1), "micro_batches": len(parts), "step_s": time.perf_counter() - t0}
 
@@ -325,16 +346,120 @@ class PolicyLearner:
         b = self._batch(rows)
         if shift is not None:
             b["values"] = b["values"] + shift  # as if the bias had been there in this forward
-        out = rl.surrogate(b["logp"], b["ref_logp"], b["behaviour"], b["reward"], b["mask"], usable=b["usable"],
-                           values=b["values"], group_ids=[r["prompt_id"] for r in rows], pair_ids=pair_ids(rows),
-                           beta=beta,
-                           estimator=cfg.kl_estimator, baseline=cfg.baseline, is_clip=cfg.is_clip, how=cfg.loss_agg,
-                           value_coef=cfg.value_coef, num_tokens=num_tokens, num_seqs=num_seqs)
+        out = self._loss(b, rows, beta, num_tokens, num_seqs)
         self._check_finite(rows, out["loss"], b["reward"], b["usable"])
         # FSDP averages gradients over ranks; the loss is already a share of the global batch,
         # so scale it back to get their sum
         (out["loss"] * self.world if self.sharded else out["loss"]).backward()
         return self._step_stats(out, b, cfg.is_clip)
+
+    def _loss(self, b: dict, rows: list[dict], beta: float, num_tokens: int, num_seqs: int) -> dict:
+        """The micro-batch's loss under rl.algorithm (rl/losses.py, rl/algorithms.py)."""
+        cfg, agg = self.rl, dict(how=self.rl.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+        if cfg.algorithm == "online_dpo":
+            pref = torch.tensor([r["raw_score"] for r in rows], dtype=torch.float32, device=self.device)
+            return algo.online_dpo_surrogate(b["logp"], b["ref_logp"], b["mask"], pair_ids(rows), pref,
+                                             usable=b["usable"], dpo_beta=cfg.dpo_beta, estimator=cfg.kl_estimator,
+                                             num_seqs=num_seqs)
+        if cfg.algorithm in ("grpo", "ppo"):
+            mask, width = rl.usable_mask(b["mask"], b["usable"]), b["mask"].shape[1]
+            ppo = cfg.algorithm == "ppo"
+            pad = (lambda key: lm.pad_rows([r[key] for r in rows], width, self.device)) if ppo else None
+            adv = pad("_adv") if ppo else torch.tensor([r["_adv"] for r in rows], device=self.device)
+            return algo.clipped_surrogate(
+                b["logp"], b["behaviour"], b["ref_logp"], adv, mask, algorithm=cfg.algorithm, beta=beta,
+                estimator=cfg.kl_estimator, values=b["values"], values_old=pad("_v_old") if ppo else None,
+                returns=pad("_ret") if ppo else None, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                value_clip=cfg.value_clip, value_coef=cfg.value_coef, **agg)
+        baseline = "group_mean" if cfg.algorithm == "rloo" else cfg.baseline
+        return rl.surrogate(b["logp"], b["ref_logp"], b["behaviour"], b["reward"], b["mask"], usable=b["usable"],
+                            values=b["values"], group_ids=[r["prompt_id"] for r in rows], pair_ids=pair_ids(rows),
+                            beta=beta, estimator=cfg.kl_estimator, baseline=baseline, is_clip=cfg.is_clip,
+                            value_coef=cfg.value_coef, **agg)
+
+    # ---- grpo and ppo: epochs of mini-batches over one batch ---------------------------
+
+    def _clipped_step(self, rows: list[dict], beta: float, t0: float) -> dict:
+        """rl.epochs passes over the batch, each rl.mini_batches optimizer steps; advantages
+        (and ppo's value targets) are fixed before the first. The metrics are the first pass's
+        (every row once), losses averaged over its mini-batches, grad norms over all steps."""
+        rows = self._ppo_targets(rows, beta) if self.rl.algorithm == "ppo" else self._grpo_advantages(rows)
+        shuffle = torch.Generator().manual_seed(self.rl.seed * 1_000_003 + self.steps)
+        totals: dict = {}
+        norms, micro = [], 0
+        for epoch in range(self.rl.epochs):
+            for part in split_mini_batches([r["prompt_id"] for r in rows], self.rl.mini_batches, shuffle):
+                part_rows = [rows[i] for i in part]
+                n_tok, n_seq = self._normalisers(part_rows)
+                self.opt.zero_grad(set_to_none=True)
+                for idx in self._micro_batches(part_rows):
+                    stats = self._accumulate([part_rows[i] for i in idx], n_tok, n_seq, beta, None)
+                    micro += 1
+                    if epoch == 0:
+                        totals = {k: totals.get(k, 0) + v for k, v in stats.items()}
+                norms.append(self._apply(None))
+        self.steps += 1
+        m = self.rl.mini_batches
+        totals.update({k: totals[k] / m for k in ("loss_sum", "pg_loss_sum", "kl_loss_sum", "value_loss_sum")})
+        return {**totals, "grad_norm": sum(float(g) for g, _ in norms) / len(norms),
+                "value_grad_norm": sum(float(v) for _, v in norms) / len(norms), "rows": max(len(rows), 1),
+                "micro_batches": micro, "optimizer_steps": len(norms), "step_s": time.perf_counter() - t0}
+
+    def _normalisers(self, rows: list[dict]) -> tuple[int, int]:
+        """loss_normalisers of a mini-batch over every rank's share of it (a collective)."""
+        local = loss_normalisers([r["response_token_ids"] for r in rows], [r["reward_ok"] for r in rows])
+        if self.world == 1:
+            return local
+        import torch.distributed as dist
+
+        ok = sum(bool(r["reward_ok"]) for r in rows)
+        counts = torch.tensor([sum(len(r["response_token_ids"]) for r in rows if r["reward_ok"]), ok],
+                              device=self.device)
+        dist.all_reduce(counts)
+        return max(int(counts[0]), 1), max(int(counts[1]), 1)
+
+    def _grpo_advantages(self, rows: list[dict]) -> list[dict]:
+        """Each row with `_adv`, its group-normalised reward (a prompt's rows are on one rank)."""
+        usable = torch.tensor([bool(r["reward_ok"]) for r in rows])
+        reward = rl.usable_reward(torch.tensor([r["reward"] for r in rows], dtype=torch.float32), usable)
+        adv = algo.group_normalised_advantages(reward, [r["prompt_id"] for r in rows], usable,
+                                               self.rl.grpo_scale_std)
+        return [{**r, "_adv": float(a)} for r, a in zip(rows, adv.tolist())]
+
+    def _ppo_targets(self, rows: list[dict], beta: float) -> list[dict]:
+        """Each row with ppo's `_adv` (GAE, whitened over every rank's rows), `_ret` (the value
+        targets) and `_v_old` (the values before this batch's updates), from one pass without
+        gradients; the value head starts at the batch's mean return first (as rl.baseline value)."""
+        plan = self._micro_batches(rows)
+        parts = [[rows[i] for i in idx] for idx in plan]
+        if not self.value_started:
+            shift = self._value_start_shift(sum(self._return_sums(p, beta) for p in parts))
+            if shift is not None:
+                with torch.no_grad():
+                    _local(self.value_bias).add_(shift.to(self.value_bias.dtype))
+            self.value_started = True
+        out, moments = [], torch.zeros(3, dtype=torch.float64, device=self.device)
+        for part in parts:
+            with torch.no_grad(), self._amp():
+                b = self._batch(part)
+            mask = rl.usable_mask(b["mask"], b["usable"])
+            kl = rl.kl_per_token(b["logp"].float(), b["ref_logp"].float(), self.rl.kl_estimator) * mask
+            rewards = algo.token_rewards(rl.usable_reward(b["reward"], b["usable"]), kl, mask, beta)
+            adv, ret = algo.gae(rewards, b["values"].float() * mask, mask, self.rl.gamma, self.rl.gae_lambda)
+            moments += algo.whiten_moments(adv, mask)
+            out.append((part, adv, ret, b["values"].float(), mask))
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(moments)
+        done = list(rows)
+        for idx, (part, adv, ret, values, mask) in zip(plan, out):
+            adv = algo.whiten(adv, mask, moments) if self.rl.whiten_advantages else adv
+            for i, (k, r) in enumerate(zip(idx, part)):
+                n = len(r["response_token_ids"])
+                done[k] = {**r, "_adv": adv[i, :n].tolist(), "_ret": ret[i, :n].tolist(),
+                           "_v_old": values[i, :n].tolist()}
+        return done
 
     def _batch(self, rows: list[dict]) -> dict:
         """The tensors of a step: the policy's log-probs (with the gradient) and values, the
@@ -389,7 +514,6 @@ class PolicyLearner:
             if self.value_params else torch.zeros((), device=self.device)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)  # no model-sized gradients held between steps
-        self.steps += 1
         return grad_norm, value_grad_norm
 
     @staticmethod
@@ -401,7 +525,9 @@ class PolicyLearner:
             "loss_sum": float(out["loss"].detach()), "pg_loss_sum": float(out["pg_loss"].detach()),
             "kl_loss_sum": float(out["kl_loss"].detach()), "value_loss_sum": float(out["value_loss"].detach()),
             "kl_sum": float(kl.sum()), "ratio_sum": float(ratio.sum()), "tokens": float(mask.sum()),
-            "ratio_clipped": float(((torch.exp(b["logp"].detach() - b["behaviour"]) > is_clip) & (mask > 0)).sum()),
+            # grpo, ppo: tokens where the PPO clip is active; else where the truncated IS ratio is cut
+            "ratio_clipped": float(out["clipped"]) if "clipped" in out else
+            float(((torch.exp(b["logp"].detach() - b["behaviour"]) > is_clip) & (mask > 0)).sum()),
             "adv_sum": float(adv.sum()), "adv_sq_sum": float(adv.pow(2).sum()),
             "return_sum": float(z.sum()), "return_sq_sum": float(z.pow(2).sum()),
             # usable_rows: the denominator of per-row means (the KL)

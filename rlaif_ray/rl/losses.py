@@ -127,7 +127,11 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, num_tokens:
               num_seqs: float) -> torch.Tensor:
     """Sum over the local rows, normalised by the *global* batch size (usable tokens or
     usable rows, over every learner rank), so that gradients summed across learner workers
-    equal the single-worker gradient."""
+    equal the single-worker gradient. token_mean: over every token of the batch (long
+    responses weigh more; DAPO); sequence_mean: each response's token mean, averaged over
+    responses (the GRPO paper's); sequence_sum: each response's sum, averaged over responses."""
+    if how == "sequence_mean":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / num_seqs
     total = (per_token * mask).sum()
     return total / num_tokens if how == "token_mean" else total / num_seqs
 
