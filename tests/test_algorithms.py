@@ -226,7 +226,8 @@ def test_ppo_targets_are_fixed_before_the_first_update(tiny_model_path):
 
     cfg = RLConfig(algorithm="ppo", gamma=1.0, gae_lambda=1.0, whiten_advantages=False, beta=0.0)
     learner = PolicyLearner(tiny_model_path, cfg, 0.9)
-    rows = learner._ppo_targets(_on_policy(learner, _rows()), beta=0.0)
+    rows, shift = learner._ppo_targets(_on_policy(learner, _rows()), beta=0.0)
+    assert shift is not None and not learner.value_started  # the bias moves at the first optimizer step
     mean_return = sum(r["reward"] * len(r["response_token_ids"]) for r in rows) / sum(len(r["response_token_ids"]) for r in rows)
     for r in rows:
         assert r["_v_old"] == pytest.approx([mean_return] * len(r["response_token_ids"]), abs=1e-5)

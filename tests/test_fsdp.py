@@ -73,8 +73,10 @@ def _two_ranks(model: str, out: Path, rl: dict) -> list[list[dict]]:
                                 # rank 0's shard fits 30 tokens, rank 1's needs 2 passes: both run 2
                                 dict(CFG, baseline="value", micro_batch_tokens=30),
                                 # the LM head 2 positions at a time, each chunk recomputed in FSDP's backward
-                                dict(CFG, gradient_checkpointing=True, logprob_chunk=2)],
-                         ids=["group_mean+checkpointing", "value_baseline", "micro_batches", "chunked_head"])
+                                dict(CFG, gradient_checkpointing=True, logprob_chunk=2),
+                                # two optimizer steps a batch; advantages whitened over both ranks' tokens
+                                dict(CFG, algorithm="ppo", epochs=2)],
+                         ids=["group_mean+checkpointing", "value_baseline", "micro_batches", "chunked_head", "ppo"])
 def test_two_gloo_ranks_match_one_rank_and_resume_on_one(tiny_model_path, tmp_path, rl):
     from transformers import AutoModelForCausalLM
 

@@ -383,7 +383,8 @@ class PolicyLearner:
         """rl.epochs passes over the batch, each rl.mini_batches optimizer steps; advantages
         (and ppo's value targets) are fixed before the first. The metrics are the first pass's
         (every row once), losses averaged over its mini-batches, grad norms over all steps."""
-        rows = self._ppo_targets(rows, beta) if self.rl.algorithm == "ppo" else self._grpo_advantages(rows)
+        rows, shift = self._ppo_targets(rows, beta) if self.rl.algorithm == "ppo" else \
+            (self._grpo_advantages(rows), None)
         shuffle = torch.Generator().manual_seed(self.rl.seed * 1_000_003 + self.steps)
         totals: dict = {}
         norms, micro = [], 0
@@ -393,11 +394,12 @@ class PolicyLearner:
                 n_tok, n_seq = self._normalisers(part_rows)
                 self.opt.zero_grad(set_to_none=True)
                 for idx in self._micro_batches(part_rows):
-                    stats = self._accumulate([part_rows[i] for i in idx], n_tok, n_seq, beta, None)
+                    stats = self._accumulate([part_rows[i] for i in idx], n_tok, n_seq, beta, shift)
                     micro += 1
                     if epoch == 0:
                         totals = {k: totals.get(k, 0) + v for k, v in stats.items()}
-                norms.append(self._apply(None))
+                norms.append(self._apply(shift, keep_bias_grad=True))
+                shift = None  # the first optimizer step moved the bias
         self.steps += 1
         m = self.rl.mini_batches
         totals.update({k: totals[k] / m for k in ("loss_sum", "pg_loss_sum", "kl_loss_sum", "value_loss_sum")})
@@ -426,22 +428,21 @@ class PolicyLearner:
                                                self.rl.grpo_scale_std)
         return [{**r, "_adv": float(a)} for r, a in zip(rows, adv.tolist())]
 
-    def _ppo_targets(self, rows: list[dict], beta: float) -> list[dict]:
+    def _ppo_targets(self, rows: list[dict], beta: float) -> tuple[list[dict], torch.Tensor | None]:
         """Each row with ppo's `_adv` (GAE, whitened over every rank's rows), `_ret` (the value
         targets) and `_v_old` (the values before this batch's updates), from one pass without
-        gradients; the value head starts at the batch's mean return first (as rl.baseline value)."""
+        gradients; and the value head's start (as rl.baseline value: its bias moves to the
+        batch's mean return, added to the values until the first optimizer step moves it)."""
         plan = self._micro_batches(rows)
         parts = [[rows[i] for i in idx] for idx in plan]
-        if not self.value_started:
-            shift = self._value_start_shift(sum(self._return_sums(p, beta) for p in parts))
-            if shift is not None:
-                with torch.no_grad():
-                    _local(self.value_bias).add_(shift.to(self.value_bias.dtype))
-            self.value_started = True
+        shift = self._value_start_shift(sum(self._return_sums(p, beta) for p in parts)) \
+            if not self.value_started else None
         out, moments = [], torch.zeros(3, dtype=torch.float64, device=self.device)
         for part in parts:
             with torch.no_grad(), self._amp():
                 b = self._batch(part)
+            if shift is not None:
+                b["values"] = b["values"] + shift
             mask = rl.usable_mask(b["mask"], b["usable"])
             kl = rl.kl_per_token(b["logp"].float(), b["ref_logp"].float(), self.rl.kl_estimator) * mask
             rewards = algo.token_rewards(rl.usable_reward(b["reward"], b["usable"]), kl, mask, beta)
@@ -459,7 +460,7 @@ class PolicyLearner:
                 n = len(r["response_token_ids"])
                 done[k] = {**r, "_adv": adv[i, :n].tolist(), "_ret": ret[i, :n].tolist(),
                            "_v_old": values[i, :n].tolist()}
-        return done
+        return done, shift
 
     def _batch(self, rows: list[dict]) -> dict:
         """The tensors of a step: the policy's log-probs (with the gradient) and values, the
@@ -492,15 +493,18 @@ class PolicyLearner:
             raise NonFiniteError(f"non-finite loss or reward at learner rank {self.rank}; "
                                  f"non-finite rewards in rollouts {bad[:5]}; batch {rows[0].get('batch_index')}")
 
-    def _apply(self, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _apply(self, shift: torch.Tensor | None, keep_bias_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """After the backward passes: the value head's start, clip, AdamW step; returns the
-        policy's and the value head's gradient norms."""
+        policy's and the value head's gradient norms. The start moves the bias here, after
+        the backward, when FSDP holds no unsharded copy that would miss the move.
+        `keep_bias_grad`: the loss's gradient on the bias is kept (ppo's targets are not the
+        mean return, so it is not rounding)."""
         if shift is not None:  # the bias where this step's values put it (its gradient is the same)
             with torch.no_grad():
                 _local(self.value_bias).add_(shift.to(self.value_bias.dtype))
                 # at the mean return with zero weights its gradient is exactly 0: what rounding
                 # leaves, AdamW's first step (g / (|g| + eps)) would blow up to a value_lr move
-                if self.value_bias.grad is not None:
+                if self.value_bias.grad is not None and not keep_bias_grad:
                     self.value_bias.grad.zero_()
             self.value_started = True
         # the value head's parameters are clipped on their own: their gradient (large while V is
