@@ -32,7 +32,8 @@ def test_soft_mean_interval():
     m = winrate.mean_ci([0.2, 0.4, 0.6, 0.8])
     sd = np.std([0.2, 0.4, 0.6, 0.8], ddof=1)
     assert m["mean"] == pytest.approx(0.5)
-    assert m["ci95"][1] - 0.5 == pytest.approx(1.96 * sd / 2)
+    assert m["ci95"][1] - 0.5 == pytest.approx(3.182446 * sd / 2)  # t(0.975, 3 degrees of freedom)
+    assert winrate.mean_ci([0.5, 0.5])["ci95"] == [0.5, 0.5]
 
 
 def test_logistic_fit_recovers_known_coefficients():

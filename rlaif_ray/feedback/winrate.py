@@ -36,11 +36,19 @@ def win_rate(results: list[float]) -> dict:
 
 
 def mean_ci(values: list[float]) -> dict:
-    """Mean with a normal-approximation 95% interval (used for the soft win rate, mean P(A))."""
+    """Mean with a 95% interval from the t distribution (scipy.stats; the soft win rate,
+    mean P(A)): at the few dozen prompts of an evaluation the normal's 1.96 is too narrow."""
+    from scipy import stats
+
     x = np.asarray(values, dtype=float)
     m = float(x.mean())
-    half = 1.96 * float(x.std(ddof=1)) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
-    return {"mean": m, "ci95": [m - half, m + half], "n": len(x)}
+    if len(x) < 2:
+        return {"mean": m, "ci95": [float("nan"), float("nan")], "n": len(x)}
+    sem = float(stats.sem(x))
+    if sem == 0:  # every value equal: no spread, the interval is the mean
+        return {"mean": m, "ci95": [m, m], "n": len(x)}
+    lo, hi = stats.t.interval(0.95, len(x) - 1, loc=m, scale=sem)
+    return {"mean": m, "ci95": [float(lo), float(hi)], "n": len(x)}
 
 
 def fit_logistic(x: list[float], y: list[float], l2: float = 1e-4, iters: int = 100) -> tuple[float, float]:
@@ -84,13 +92,14 @@ def length_controlled(y: list[float], x: list[float], at: float, bootstrap: int 
     a, b = fit_logistic(x, y)
     out = {"value": value, "intercept": a, "slope": b, "at": at, "n": len(y)}
     if bootstrap:
-        rng = np.random.default_rng(seed)
-        xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-        draws = []
-        for _ in range(bootstrap):
-            idx = rng.integers(0, len(xs), len(xs))
-            draws.append(predict_at(xs[idx], ys[idx], at))
-        out["ci95"] = [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
+        from scipy import stats
+
+        # percentile bootstrap over prompts, each resample refitted (scipy.stats.bootstrap, paired)
+        res = stats.bootstrap((np.asarray(x, dtype=float), np.asarray(y, dtype=float)),
+                              lambda xs, ys: predict_at(xs, ys, at), paired=True, vectorized=False,
+                              n_resamples=bootstrap, confidence_level=0.95, method="percentile",
+                              rng=np.random.default_rng(seed))
+        out["ci95"] = [float(res.confidence_interval.low), float(res.confidence_interval.high)]
     return out
 
 
