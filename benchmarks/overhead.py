@@ -43,7 +43,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 FIXED = ["rl.max_staleness=0", "eval.num_prompts=0", "eval.signal_posts=0", "run.log_rollouts=false",
-         "run.report=false", "run.tensorboard=false", "run.progress=false"]
+         "run.report=false", "run.trackers=[]", "run.progress=false"]
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 LEARNER = (65536, 1048576)  # rlaif_ray.cpu.allocator.GLIBC_LEARNER's values (tests/test_benchmarks.py checks): the
 # learner actor's glibc fallback; where Ray ships jemalloc the actor runs on that instead

@@ -26,7 +26,7 @@ from benchmarks.overhead import versions
 
 RESULTS = Path(__file__).parent / "results"
 FIXED = ["eval.num_prompts=0", "eval.signal_posts=0", "run.log_rollouts=false", "run.report=false",
-         "run.tensorboard=false", "run.progress=false"]
+         "run.trackers=[]", "run.progress=false"]
 STAGES = (("generator", ("generator",)), ("labeler", ("labeler", "reward-model")), ("learner", ("learner",)))
 
 

@@ -33,7 +33,7 @@ from benchmarks.trl_compare import ROOT, run_rlaif
 
 RESULTS = Path(__file__).parent / "results"
 QUIET = ["eval.num_prompts=0", "eval.signal_posts=0", "eval.win_rate=false", "run.log_rollouts=false",
-         "run.report=false", "run.tensorboard=false", "run.progress=false", "run.checkpoint_every=0"]
+         "run.report=false", "run.trackers=[]", "run.progress=false", "run.checkpoint_every=0"]
 BEFORE = "c9e402b"  # main before issue 37 (architecture part 2): the cleanup must cost no speed
 
 

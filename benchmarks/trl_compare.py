@@ -52,7 +52,7 @@ SHARED = ["task.max_prompt_tokens=400", "task.on_long_prompt=truncate", "generat
           "rl.gradient_checkpointing=true", "rl.seed=0", "rl.kl_control=fixed",
           # nothing but the training loop: no evaluation, no logs of rollouts, no intermediate checkpoints
           "eval.num_prompts=0", "eval.signal_posts=0", "eval.win_rate=false", "run.log_rollouts=false",
-          "run.report=false", "run.tensorboard=false", "run.progress=false", "run.checkpoint_every=0"]
+          "run.report=false", "run.trackers=[]", "run.progress=false", "run.checkpoint_every=0"]
 SYSTEMS = {
     "rlaif-hf": ("rlaif-ray, HF generator, max_staleness 1", ["generation.backend=hf", "rl.max_staleness=1"]),
     "rlaif-vllm": ("rlaif-ray, vLLM generator, max_staleness 1", ["generation.backend=vllm", "rl.max_staleness=1"]),

@@ -825,9 +825,37 @@ class RunConfig(_Strict):
     # loses at most 3 steps (--resume), for 3 more checkpoints of ~4-14 s each (135M + AdamW: 1.6 GB)
     checkpoint_every: int = Field(4, ge=0)
     log_rollouts: bool = True  # every scored rollout into RUN/rollouts/*.parquet
-    tensorboard: bool = True  # event files in RUN/tensorboard when the package is installed
+    # where per-step metrics, the config, the summary (with the hacking verdict) and the report go
+    # besides the run folder: tensorboard (RUN/tensorboard; skipped with a note when the package is
+    # missing), wandb, mlflow (packages: pip install 'rlaif-ray[wandb]' / '[mlflow]'); [] for none.
+    # wandb reads WANDB_PROJECT/WANDB_MODE/WANDB_API_KEY itself; mlflow MLFLOW_TRACKING_URI (default:
+    # a file store `mlruns` beside the run folder, i.e. in run.out_dir). docs/training.md, "Experiment trackers"
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]
+    # the W&B project and MLflow experiment (None: WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME, else rlaif-ray)
+    tracker_project: Optional[str] = None
     report: bool = True  # RUN/report.html with PNG plots at the end of train/eval/eval-labeler
     progress: bool = True  # progress bars (stderr) for loading, generation, labeling, eval
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_tensorboard(cls, data: Any) -> Any:
+        """run.tensorboard (a bool) became run.trackers: say how to write it, not just `unknown key`."""
+        if isinstance(data, dict) and "tensorboard" in data:
+            raise ValueError(f"`tensorboard` was replaced by `trackers`: write `trackers: "
+                             f"{'[tensorboard]' if data['tensorboard'] else '[]'}` (a list of tensorboard, wandb, "
+                             "mlflow)")
+        return data
+
+    @field_validator("trackers", mode="before")
+    @classmethod
+    def _tracker_list(cls, v: Any) -> Any:
+        """`--set run.trackers=wandb` names one tracker; each one once."""
+        v = [v] if isinstance(v, str) else v
+        if isinstance(v, list):
+            twice = sorted({x for x in v if isinstance(x, str) and v.count(x) > 1})
+            if twice:
+                raise ValueError(f"names {', '.join(twice)} more than once")
+        return v
 
     @field_validator("name")
     @classmethod

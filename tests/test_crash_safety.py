@@ -24,7 +24,7 @@ STATE = {"policy_version": 0, "next_batch_index": 0, "sampler": {"epoch": 0, "of
 
 
 def _cfg(tiny_model_path, tmp_path, **sections):
-    run = {"tensorboard": False, "report": False, "progress": False, "checkpoint_every": 2, **sections.pop("run", {})}
+    run = {"trackers": [], "report": False, "progress": False, "checkpoint_every": 2, **sections.pop("run", {})}
     return chain_cfg(tiny_model_path, tmp_path, run=run, **sections)
 
 

@@ -55,7 +55,7 @@ def test_train_on_s3_is_killed_and_resumes_from_the_bucket(s3, tiny_model_path, 
     line per step and `latest` naming step 4, read from the bucket."""
     cfg = tiny_cfg(tiny_model_path, s3 + "/runs", rl={"steps": 4, "max_staleness": 0},
                    generation={"max_new_tokens": 8}, eval={"num_prompts": 0, "signal_posts": 0},
-                   run={"checkpoint_every": 2, "report": False, "tensorboard": False}, ray={"num_cpus": 2})
+                   run={"checkpoint_every": 2, "report": False, "trackers": []}, ray={"num_cpus": 2})
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(dump_config(cfg))
     uri = f"{s3}/runs/cut"

@@ -29,12 +29,16 @@ def train(cfg: Config, out: str | Path | None = None, log=print, resume: str | P
     run = RunFolder(cfg, resume if resume is not None else out, resume=resume is not None)
     for note in run.notes:  # what --resume found: a torn last line, a fallback checkpoint
         log(f"note: {note}")
+    finished = False
     try:
         with ray_session(cfg, check_fit=True):
             run_training(cfg, run, prompts, resume is not None, log)
         if cfg.run.report:
             log(f"report: {train_report(run.path)}")
+        finished = True
     finally:
-        run.close()  # a run on shared storage: what is not yet uploaded goes now
+        # the trackers get the summary and the report, and a failed run is marked so; a run
+        # on shared storage: what is not yet uploaded goes now
+        run.close(ok=finished)
     log(f"run folder: {run.location}")
     return run.location if run.store is not None else run.path  # a run on shared storage: its URI

@@ -1,6 +1,8 @@
 """The run folder: resolved config, metrics.jsonl, Parquet of every scored rollout,
 checkpoints (safetensors) and a summary, every file written crash-safe (rlaif_ray.storage);
-`checkpoints/latest` names a checkpoint only after its folder is complete.
+`checkpoints/latest` names a checkpoint only after its folder is complete. The run's trackers
+(run.trackers, trackers.py) get its config, every metrics row and, at `close`, its summary and
+files.
 
 `check_resume` is everything `--resume` needs to hold before Ray starts (the folder, its
 config, a complete checkpoint, readable records); a problem is a `RunStateError` (a
@@ -18,9 +20,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rlaif_ray.config import Config, dump_config
+from rlaif_ray.config import Config, ConfigError, dump_config
 from rlaif_ray.data.schemas import JUDGEMENTS
 from rlaif_ray.remote_folder import StorageFolder, as_location, is_uri, join
+from rlaif_ray.run.trackers import Trackers, default_mlflow_uri
 from rlaif_ray.storage import (
     RunStateError,
     append_line,
@@ -32,6 +35,8 @@ from rlaif_ray.storage import (
 )
 
 CHECKPOINT_RE = re.compile(r"step_(\d{6,})")
+# what the trackers get as artifacts at the end, those that exist: the record and the report
+TRACKED_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "winrate.jsonl", "report.html", "plots")
 
 
 
@@ -221,11 +226,11 @@ class RunFolder:
         # a URI run is written to this node's staging copy, each file then uploaded (`_push`)
         self.store = StorageFolder(self.location) if is_uri(self.location) else None
         self.path = self.store.local if self.store else Path(self.location)
-        self._tb, self._tb_wanted, self._purge = None, cfg.run.tensorboard, None
         self.notes: list[str] = []
         if resume:
             self._resume = check_resume(self.location, cfg)
             self.notes = list(self._resume[2])
+            self._start_trackers(cfg, resume=True)
             return
         if self.store is not None and self.store.files():
             raise RunStateError(f"{self.location} exists and is not empty (a run is never overwritten): "
@@ -239,6 +244,27 @@ class RunFolder:
         (self.path / "checkpoints").mkdir(exist_ok=True)
         atomic_write_text(self.path / "config.yaml", dump_config(cfg))
         self._push("config.yaml")
+        self._start_trackers(cfg, resume=False)
+
+    def _start_trackers(self, cfg: Config, resume: bool) -> None:
+        """Open run.trackers (a resumed run: the same tracked runs, by RUN/trackers.json) and
+        send a new run's resolved config. A tracker that cannot start stops here, before Ray;
+        a new run folder it leaves is removed, so that the same command can simply run again."""
+        self.trackers = Trackers(cfg.run.trackers, self.path, cfg.run.tracker_project,
+                                 self.read_json("trackers.json") if resume else {},
+                                 lambda state: self.write_json("trackers.json", state),
+                                 default_mlflow_uri(self.path, self.store is not None))
+        try:
+            self.trackers.open()
+            if not resume:
+                self.trackers.log_config(cfg.model_dump(mode="json"))
+        except ConfigError:
+            if not resume:
+                shutil.rmtree(self.path, ignore_errors=True)
+                if self.store is not None:
+                    for name in self.store.files():
+                        self.store.delete(name)
+            raise
 
     def _push(self, rel: str = "", skip: tuple[str, ...] = ()) -> None:
         """Upload what was just written here to the run's URI (nothing for a local run)."""
@@ -255,14 +281,18 @@ class RunFolder:
     def truncate_after(self, step: int) -> None:
         """Forget what a dead driver recorded after the checkpointed step, so the resumed
         record continues without a gap or a repeat (TensorBoard too: purge_step); a torn last
-        line goes too (reported in `notes`), and the temp files a crash left."""
-        self._purge = step + 1
-        for name in ("metrics.jsonl", "winrate.jsonl"):
+        line goes too (reported in `notes`), and the temp files a crash left. The trackers
+        learn the last step the dead driver recorded (see Trackers.resume_after)."""
+        seen = {}
+        for name, group in (("metrics.jsonl", "train"), ("winrate.jsonl", "eval")):
             path = self.path / name
             if path.is_file():
-                keep = [r for r in read_jsonl(path, ("step",), self._note) if r["step"] <= step]
+                rows = read_jsonl(path, ("step",), self._note)
+                seen[group] = max((r["step"] for r in rows), default=0)
+                keep = [r for r in rows if r["step"] <= step]
                 atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
                 self._push(name)
+        self.trackers.resume_after(step, seen)
         if self.store is not None:  # the same on the storage: records and checkpoints after `step` go
             for folder in ("rollouts", "eval", "checkpoints"):
                 for name in self.store.entries(folder):
@@ -309,28 +339,24 @@ class RunFolder:
         self._push(f"eval/step_{step:06d}.parquet")
 
     def _scalars(self, prefix: str, row: dict, step: int) -> None:
-        """TensorBoard event files in RUN/tensorboard (optional dependency: without the
-        `tensorboard` package, metrics.jsonl alone; said once)."""
-        if self._tb is None and self._tb_wanted:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        """A row's flat numbers to the trackers, as PREFIX/NAME at `step`."""
+        values = {f"{prefix}/{k}": v for k, v in row.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        self.trackers.log_metrics(step, values, prefix)
 
-                self._tb = SummaryWriter(str(self.path / "tensorboard"), purge_step=self._purge)
-            except ImportError:
-                self._tb_wanted = False
-                print("note: tensorboard is not installed (pip install tensorboard); metrics.jsonl only")
-        if self._tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
-            self._tb.flush()
-
-    def close(self) -> None:
-        """Close TensorBoard, and upload every file written here that is not yet on the run's
-        URI (the report, plots, TensorBoard events; checkpoints are the learner's)."""
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+    def close(self, ok: bool = True) -> None:
+        """Send the trackers summary.json and the run's files (TRACKED_FILES) and close them
+        (`ok`: the run finished, else it is marked failed); then upload every file written here
+        that is not yet on the run's URI (the report, plots, TensorBoard events; checkpoints are
+        the learner's)."""
+        try:
+            summary = self.read_json("summary.json")
+        except RunStateError:
+            summary = {}
+        if summary:
+            self.trackers.log_summary(summary)
+        self.trackers.log_artifacts([self.path / n for n in TRACKED_FILES if (self.path / n).exists()])
+        self.trackers.close(ok)
         self._push(skip=("checkpoints",))
 
     def log_rollouts(self, batch: pa.RecordBatch, step: int) -> None:

@@ -23,6 +23,7 @@ from rlaif_ray.feedback.pairs import load_exemplars, looks_like_file, read_pair_
 from rlaif_ray.remote_folder import StorageFolder, is_uri
 from rlaif_ray.run.folder import check_resume
 from rlaif_ray.run.reward_checks import check_reward
+from rlaif_ray.run.trackers import missing_package
 from rlaif_ray.storage import move_aside
 
 COMMANDS = ("train", "eval", "sft", "train-rm", "sample-pairs", "label", "eval-labeler", "serve-labeler", "signal",
@@ -147,8 +148,19 @@ def check_model_paths(cfg: Config, command: str) -> None:
             raise ConfigError(f"{field}: {problem}")
 
 
+def check_trackers(cfg: Config) -> None:
+    """Every tracker in run.trackers is installed, but tensorboard (the default: without it a
+    run notes it once and writes metrics.jsonl alone, as it always has)."""
+    for name in cfg.run.trackers:
+        install = missing_package(name) if name != "tensorboard" else None
+        if install:
+            raise ConfigError(f"run.trackers: {name} is not installed: {install}, or remove it from run.trackers")
+
+
 def _checks(cfg: Config, command: str):
     check_model_paths(cfg, command)
+    if command in ("train", "run"):
+        check_trackers(cfg)
     if cfg.reward.pairwise.shots and command in ("train", "eval", "label", "serve-labeler"):
         load_exemplars(cfg.reward.pairwise.exemplars_path, cfg.reward.pairwise.shots)  # a bad file stops here
     if command == "train":
