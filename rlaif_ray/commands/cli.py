@@ -1,5 +1,5 @@
 """Command line: rlaif-ray train | eval | sft | sample-pairs | label | train-rm | run | eval-labeler |
-serve-labeler | signal | check | prepare-model."""
+serve-labeler | signal | check | export | prepare-model."""
 from __future__ import annotations
 
 import argparse
@@ -108,6 +108,23 @@ def _labeler_commands(sub) -> None:
     p.add_argument("--cluster", help="a Ray cluster YAML (clusters/*.yaml) or KubeRay manifest to plan the layout on")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU for the per-GPU plan (default 80)")
     sub.add_parser("prepare-model", help="convert the embedded default model to safetensors (cached)")
+    _export_command(sub)
+
+
+def _export_command(sub) -> None:
+    p = sub.add_parser("export", help="a train run's policy as a Hugging Face model folder with a model card "
+                       "(optionally pushed to the Hub)")
+    p.add_argument("run", metavar="RUN", help="a train run folder (a path or a URI such as s3://bucket/runs/NAME)")
+    p.add_argument("--to", required=True, metavar="DIR", help="the model folder to write (new or empty)")
+    p.add_argument("--checkpoint", default="latest", metavar="latest|step-N",
+                   help="which checkpoint (default: latest, what --resume would take)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="the weights' dtype in the export (default float32: the checkpoint's own, exact)")
+    p.add_argument("--push", metavar="REPO_ID", help="then upload the folder to this Hub model repo (OWNER/NAME; "
+                   "created if missing; the token from HF_TOKEN or `hf auth login`)")
+    p.add_argument("--private", action="store_true", help="with --push: create the repo private")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP.replace("OUT", "DIR"))
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,6 +274,12 @@ def run(args) -> int:
         from rlaif_ray.engines.models import ensure_default_model
 
         print(ensure_default_model())
+        return 0
+    if args.command == "export":  # a run folder, not a config
+        from rlaif_ray.commands.export import run_export
+
+        run_export(args.run, args.to, args.checkpoint, push=args.push, private=args.private,
+                   overwrite=args.overwrite, dtype=args.dtype)
         return 0
     cfg = load_config(args.config, args.overrides)
     if args.command != "check":

@@ -88,7 +88,9 @@ def read_checkpoint_state(ck: str | Path) -> tuple[dict | None, str | None]:
     for name, size in (state.get("files") or {}).items():
         if sizes.get(name) != size:
             return None, f"has {name} {'missing' if name not in sizes else 'of the wrong size'} (incomplete)"
-    weights = "model.safetensors" in sizes or "model.safetensors.index.json" in sizes
+    # full weights (one file or shards), or a LoRA run's PEFT adapter of the base model
+    weights = bool({"model.safetensors", "model.safetensors.index.json", "adapter/adapter_model.safetensors"}
+                   & set(sizes))
     if "dcp/.metadata" not in sizes and (not weights or "optimizer.safetensors" not in sizes):
         return None, "has no model.safetensors or optimizer.safetensors (incomplete)"
     for name in sorted(n for n in sizes if n.endswith(".safetensors") and "/" not in n):
