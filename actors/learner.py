@@ -26,7 +26,7 @@ class LearnerWorker:
 
     def __init__(self, rank: int, world_size: int, model_name: str, dtype: str, rl_cfg: dict,
                  temperature: float, torch_threads: int, device: str = "cpu", top_k: int = 0, top_p: float = 1.0,
-                 reference: bool = True):
+                 reference: bool = True, lora: dict | None = None):
         # the heap a step freed goes back after it (rl.release_memory; the allocator is the
         # actor's start-up environment: rlaif_ray.cpu.allocator.learner_env)
         release = bool(rl_cfg.get("release_memory", True)) if isinstance(rl_cfg, dict) else rl_cfg.release_memory
@@ -34,7 +34,7 @@ class LearnerWorker:
         self.rank, self.world_size, self.device = rank, world_size, device
         # the sampler's settings: the learner scores the distribution the generators sampled from
         self.args = dict(model_name=model_name, rl_cfg=rl_cfg, temperature=temperature, device=device, dtype=dtype,
-                         top_k=top_k, top_p=top_p, reference=reference)
+                         top_k=top_k, top_p=top_p, reference=reference, lora=lora)
         self.learner: PolicyLearner | None = None
         self._stores = {}  # TCP stores this rank hosts, by group (host_store)
 
@@ -74,7 +74,7 @@ class LearnerWorker:
         """The policy in `dtype` for the object store (weight_sync.pack); rank 0 returns it,
         the other ranks take part in the gathers and return None."""
         named = self._rank0_only(self.learner.state_for_sync(dtype))
-        return None if named is None else weight_sync.pack(named, dtype)
+        return None if named is None else weight_sync.pack(named, dtype, adapter=self.learner.lora is not None)
 
     def _rank0_only(self, named):
         """Rank 0 keeps the gathering iterator; the other ranks run it to the end (each step

@@ -147,8 +147,29 @@ def check_model_paths(cfg: Config, command: str) -> None:
             raise ConfigError(f"{field}: {problem}")
 
 
+def check_lora_targets(cfg: Config) -> None:
+    """model.lora.target_modules against the policy's module names, from its config built on
+    the meta device (no weights read): a name no module has stops here, naming it."""
+    if cfg.model.lora is None or cfg.model.lora.target_modules == "all-linear":
+        return
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlaif_ray.engines.adapters import target_problem
+    from rlaif_ray.engines.models import model_config, quiet_transformers
+
+    quiet_transformers()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(cfg.model.name))
+    problem = target_problem((n for n, _ in model.named_modules()), cfg.model.lora.target_modules)
+    if problem:
+        raise ConfigError(f"model.lora.target_modules: {problem}")
+
+
 def _checks(cfg: Config, command: str):
     check_model_paths(cfg, command)
+    if command in ("train", "run"):
+        check_lora_targets(cfg)
     if cfg.reward.pairwise.shots and command in ("train", "eval", "label", "serve-labeler"):
         load_exemplars(cfg.reward.pairwise.exemplars_path, cfg.reward.pairwise.shots)  # a bad file stops here
     if command == "train":
