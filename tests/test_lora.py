@@ -195,3 +195,154 @@ def test_checkpoint_holds_the_adapter_in_peft_format_and_resumes(tiny_model_path
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0, msg=k)
     with pytest.raises(RuntimeError, match="does not match the model"):  # another rank: refused whole
         _learner(tiny_model_path, lora=dict(LORA, r=8), baseline="value").load(ckpt)
+
+
+# ---- FSDP: 2 gloo ranks ---------------------------------------------------------------------
+
+
+def _fsdp_rank(rank: int, world: int, port: int, model: str, out: str) -> None:
+    import datetime
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, world, False, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    learner = _learner(model, baseline="value")  # reference=True: the base through the sharded policy
+    assert learner.sharded and type(next(learner.policy.parameters())).__name__ == "DTensor"
+    rows = _rows()
+    shards = [[r for r in rows if r["prompt_id"] == p] for p in ("p0", "p1")]
+    stats = [learner.step(shards[rank], 10, 4) for _ in range(2)]
+    weights = {k: v.numpy().copy() for k, v in learner.state_for_sync("float32")}  # a gather on every rank
+    ref = learner.logprobs(PROMPT, RESPONSE, reference=True)
+    learner.save(Path(out) / "ckpt", {"step": 2})
+    if rank == 0:
+        np.savez(Path(out) / "weights.npz", **weights)
+        Path(out, "ref.json").write_text(json.dumps(ref))
+    Path(out, f"stats{rank}.json").write_text(json.dumps(stats))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two gloo processes
+def test_two_fsdp_ranks_match_one_rank_and_resume_on_one(tiny_model_path, tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    from rlaif_ray.engines import lm
+    from rlaif_ray.engines.models import load_model
+
+    server = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+    mp.start_processes(_fsdp_rank, args=(2, server.port, tiny_model_path, str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    sharded = [json.loads((tmp_path / f"stats{r}.json").read_text()) for r in range(2)]
+    one = _learner(tiny_model_path, baseline="value")
+    single = [one.step(_rows(), 10, 4) for _ in range(2)]
+    for step in range(2):
+        assert sum(s[step]["loss_sum"] for s in sharded) == pytest.approx(single[step]["loss_sum"], abs=1e-5)
+        assert sharded[0][step]["grad_norm"] == pytest.approx(single[step]["grad_norm"], rel=1e-4)
+    got = dict(np.load(tmp_path / "weights.npz"))
+    want = {k: v.numpy() for k, v in one.state_for_sync("float32")}
+    assert got.keys() == want.keys() and all(".lora_" in k for k in got)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=1e-6, err_msg=k)
+    with torch.no_grad():  # the sharded reference: the base model
+        base, _, _ = lm.response_logprobs(load_model(tiny_model_path), PROMPT, RESPONSE, one.pad, 0.9)
+    for r, b, n in zip(json.loads((tmp_path / "ref.json").read_text()), base.tolist(), (3, 2)):
+        np.testing.assert_allclose(r, b[:n], atol=1e-5)
+    ckpt = tmp_path / "ckpt"  # the adapter gathered to rank 0, in PEFT's format; no DCP shards, no base weights
+    assert {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()} == {
+        "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "optimizer.safetensors",
+        "trainer_state.json"}
+    resumed = _learner(tiny_model_path, baseline="value")
+    resumed.load(ckpt)
+    a, b = resumed.step(_rows(), 10, 4), one.step(_rows(), 10, 4)
+    assert a["loss_sum"] == pytest.approx(b["loss_sum"], abs=1e-5)
+
+
+# ---- vLLM: the adapter as a LoRARequest -----------------------------------------------------
+
+
+@pytest.mark.slow  # a vLLM engine on the bundled model
+def test_vllm_engine_loads_each_version_as_an_adapter_and_matches_the_learner(tokenizer):
+    from rlaif_ray.engines import weight_sync
+    from rlaif_ray.engines.vllm_engine import VLLMEngine
+
+    name, lora = "smollm2-135m-instruct", dict(LORA, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    learner = _learner(name, lora=lora)
+    learner.temperature = 1.0  # continuation_logprobs is at T = 1
+    engine = VLLMEngine(name, dtype="float32", device="cpu", max_model_len=128, kv_sequences=4,
+                        weight_dtype="float32", lora=lora)
+    prompt = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    cont = tokenizer(" Paris, and the capital of Italy is Rome.", add_special_tokens=False)["input_ids"]
+    base = np.array(engine.continuation_logprobs(prompt, cont))
+    np.testing.assert_allclose(base, learner.logprobs([prompt], [cont])[0], atol=2e-3)  # B = 0: the base model
+    folders = []
+    for version in (1, 2):
+        with torch.no_grad():  # as if trained: every adapter tensor moves
+            for _, p in learner.named_weights():
+                p.add_(torch.randn_like(p) * 0.05)
+        engine.load_adapter(weight_sync.unpack(weight_sync.pack(learner.state_for_sync("float32"), "float32",
+                                                                adapter=True)), version)
+        folders.append(engine._adapter[1])
+        got = np.array(engine.continuation_logprobs(prompt, cont))
+        np.testing.assert_allclose(got, learner.logprobs([prompt], [cont])[0], atol=2e-3)
+        assert np.abs(got - base).max() > 1e-2
+        assert engine.llm.llm_engine.list_loras() == {engine._adapter[0].lora_int_id}  # the old one dropped
+    import os
+
+    assert not os.path.exists(folders[0]) and os.path.isfile(os.path.join(folders[1], "adapter_model.safetensors"))
+    tokens, logps, _ = engine.generate([prompt, prompt], temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6, seed=1)
+    want = learner.logprobs([prompt, prompt], tokens)
+    for lp, w in zip(logps, want):
+        np.testing.assert_allclose(lp, w, atol=2e-3)  # behaviour log-probs under the adapter: ratio 1
+    engine.close_adapter()
+    assert not os.path.exists(folders[1])
+
+
+# ---- the real pipeline, 2 steps ---------------------------------------------------------------
+
+
+def _assert_lora_run(run, steps: int = 2) -> dict:
+    from rlaif_ray.run.folder import read_metrics
+
+    metrics = read_metrics(run)
+    assert [m["policy_version"] for m in metrics] == list(range(1, steps + 1))
+    ckpt = run / "checkpoints" / f"step_{steps:06d}"
+    assert (ckpt / "adapter" / "adapter_config.json").is_file() and (ckpt / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (ckpt / "model.safetensors").exists()  # no full-weights copy under LoRA
+    return {"metrics": metrics, "summary": json.loads((run / "summary.json").read_text())}
+
+
+@pytest.mark.slow
+def test_two_step_run_with_lora_and_the_hf_generator(ray_local, tiny_model_path, tmp_path):
+    """On-policy (staleness 0): the generator samples from exactly the learner's policy (base
+    plus adapter), so the importance ratio is 1; the learner's reference is its own base."""
+    from test_pipeline import tiny_cfg
+
+    from rlaif_ray.commands.train import train
+
+    cfg = tiny_cfg(tiny_model_path, tmp_path, model={"lora": LORA},
+                   rl={"max_staleness": 0, "steps": 2, "lr": 1e-2, "reference": "learner"},
+                   eval={"num_prompts": 2, "signal_posts": 0, "win_rate": False})
+    out = _assert_lora_run(train(cfg, tmp_path / "run", log=lambda *_: None))
+    assert all(abs(m["ratio_mean"] - 1) < 1e-3 for m in out["metrics"])
+    assert out["metrics"][1]["kl"] != 0  # step 2's policy is off the base (the reference)
+    assert "heldout_after" in out["summary"]
+
+
+@pytest.mark.slow  # a vLLM engine in its own process
+def test_two_step_run_with_lora_and_the_vllm_generator(ray_local, tmp_path):
+    from pathlib import Path
+
+    from rlaif_ray.commands.train import train
+    from rlaif_ray.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "quickstart-vllm.yaml", [
+        "rl.steps=2", "rl.prompts_per_step=2", "rl.samples_per_prompt=2", "generation.max_new_tokens=12",
+        "eval.num_prompts=0", "eval.signal_posts=0", "pipeline.learner.num_cpus=0.5", "rl.max_staleness=0",
+        f"run.out_dir={tmp_path}", "pipeline.generators.vllm.engine_process=true", "pipeline.generators.vllm.dtype=float32",
+        "model.lora.r=4", "rl.lr=1e-2"])
+    out = _assert_lora_run(train(cfg, tmp_path / "run", log=lambda *_: None))
+    assert all(abs(m["ratio_mean"] - 1) < 1e-2 for m in out["metrics"])  # vLLM + adapter sampled the learner's policy
