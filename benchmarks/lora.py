@@ -28,6 +28,13 @@ RESULTS = Path(__file__).parent / "results"
 SHORT = ["rl.steps=8", "eval.num_prompts=24", "eval.signal_posts=0"]
 
 
+def _is_learner(p: psutil.Process) -> bool:
+    try:
+        return "LearnerWorker" in label(p)
+    except psutil.Error:  # gone, or a zombie, between listing and reading
+        return False
+
+
 def run_mode(config: str, sets: list[str], out: Path) -> dict:
     """One training run in a subprocess; returns its wall time and the learner's peak memory."""
     argv = [sys.executable, "-m", "rlaif_ray.commands.cli", "train", config, "--out", str(out)]
@@ -39,7 +46,7 @@ def run_mode(config: str, sets: list[str], out: Path) -> dict:
     root = psutil.Process(child.pid)
     peak = {"rss": 0, "uss": 0}
     while child.poll() is None:
-        learner = [r for r in sample([p for p in tree(root) if "LearnerWorker" in label(p)])]
+        learner = sample([p for p in tree(root) if _is_learner(p)])
         for k in peak:
             peak[k] = max(peak[k], sum(r[k] for r in learner))
         time.sleep(0.5)
@@ -77,7 +84,7 @@ def main() -> None:
     sets = SHORT if args.set is None else args.set
     modes = {"full": [], "lora": [f"model.lora.r={args.r}", f"model.lora.alpha={2 * args.r}", f"rl.lr={args.lr}"]}
     result = {"config": args.config, "sets": sets, "modes": {}}
-    with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-lora-", ignore_cleanup_errors=True) as tmp:
         for mode, extra in modes.items():
             run = Path(tmp) / mode
             r = run_mode(args.config, sets + extra, run)

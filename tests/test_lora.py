@@ -346,3 +346,17 @@ def test_two_step_run_with_lora_and_the_vllm_generator(ray_local, tmp_path):
         "model.lora.r=4", "rl.lr=1e-2"])
     out = _assert_lora_run(train(cfg, tmp_path / "run", log=lambda *_: None))
     assert all(abs(m["ratio_mean"] - 1) < 1e-2 for m in out["metrics"])  # vLLM + adapter sampled the learner's policy
+
+
+def test_eval_and_the_chain_say_a_lora_checkpoint_needs_an_export(tiny_model_path, tmp_path):
+    from rlaif_ray.config import ConfigError, load_config
+    from rlaif_ray.run.preflight import _policy, preflight
+
+    ckpt = tmp_path / "step_000002"
+    (ckpt / "adapter").mkdir(parents=True)
+    (ckpt / "adapter" / "adapter_config.json").write_text("{}")
+    cfg = load_config(None, [f"model.name={tiny_model_path}", "model.lora.r=4"])
+    with pytest.raises(ConfigError, match="rlaif-ray export"):
+        _policy(str(ckpt), cfg)
+    with pytest.raises(ConfigError, match="rlaif-ray export"):
+        preflight(cfg, "run", tmp_path / "chain")
