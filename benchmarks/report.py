@@ -431,14 +431,19 @@ def _lora(lo: dict | None) -> list[str]:
            f"of full fine-tuning's bytes (target <= 5%); the learner's peak RSS is {lo['learner_peak_ratio']:.2f}x "
            "(target <= 0.6x).", "",
            "| mode | settings | bytes per update | learner peak RSS / USS (MiB) | held-out reward before -> after "
-           "(change +- CI) | independent measures (change) | wall s |", "|---|---|---|---|---|---|---|"]
+           "(change +- CI) | win rate vs initial (95% CI); hacking verdict | independent measures (change) | wall s |",
+           "|---|---|---|---|---|---|---|---|"]
     for mode, m in lo["modes"].items():
         hr = m.get("heldout_reward") or {}
         held = (f"{hr['before']:+.4f} -> {hr['after']:+.4f} ({hr['change']:+.4f} +- {hr['ci95_halfwidth']:.4f})"
                 if hr else "-")
         ind = ", ".join(f"{k} {v['change']:+.3f}" for k, v in (m.get("independent") or {}).items()) or "-"
+        wr = m.get("win_rate")
+        win = (f"{wr['win_rate']:.1%} ({wr['ci95'][0]:.1%}-{wr['ci95'][1]:.1%})" if wr else "-") + \
+            ("; suspected" if m.get("hacking") else "; not suspected" if m.get("hacking") is False else "")
         out.append(f"| {mode} | {' '.join(m['sets']) or '-'} | {m['weight_update_bytes']:,} | "
-                   f"{m['learner_peak_rss_mib']} / {m['learner_peak_uss_mib']} | {held} | {ind} | {m['wall_s']:.0f} |")
+                   f"{m['learner_peak_rss_mib']} / {m['learner_peak_uss_mib']} | {held} | {win} | {ind} | "
+                   f"{m['wall_s']:.0f} |")
     return out + [""]
 
 
