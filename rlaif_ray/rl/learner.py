@@ -512,9 +512,12 @@ class PolicyLearner:
         """Yields (name, full tensor in `dtype`, on this rank's device) one parameter at a time.
         Sharded: each is all-gathered (a collective: every rank iterates to the end)."""
         want = getattr(torch, dtype)
-        with torch.no_grad():
-            for k, v in self.named_weights():
-                yield k, _full(v.detach().to(want))  # cast the shard, then gather: half the bytes for bf16
+        for k, v in self.named_weights():
+            # no_grad around the gather only, not the yield: a suspended generator inside the
+            # context would leave grad mode off for its caller (two interleaved ones restore it wrongly)
+            with torch.no_grad():
+                t = _full(v.detach().to(want))  # cast the shard, then gather: half the bytes for bf16
+            yield k, t
 
     # ---- checkpoints -------------------------------------------------------------------
 
