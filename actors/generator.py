@@ -30,10 +30,11 @@ from .process import ActorProcess, exit_if_engine_dead, watch_engine
 
 class RolloutGenerator:
     def __init__(self, name: str, model_name: str, dtype: str, generation: dict, torch_threads: int,
-                 device: str = "cpu", vllm: dict | None = None):
+                 device: str = "cpu", vllm: dict | None = None, lora: dict | None = None):
         self.proc = ActorProcess("generator", name, torch_threads, device)
         self.name, self.gen, self.device = name, generation, device
-        self.backend = load_engine(generation["backend"], model_name, device, dtype, vllm=vllm)
+        # lora (model.lora): the policy is the base model plus an adapter, which each sync replaces
+        self.backend = load_engine(generation["backend"], model_name, device, dtype, vllm=vllm, lora=lora)
         if isinstance(self.backend, HFEngine):
             self.proc.tune(self.backend.model)
         watch_engine(name, self.backend)  # vLLM in processes of its own: a dead one ends this actor
@@ -55,7 +56,8 @@ class RolloutGenerator:
 
     @ray.method(concurrency_group="control")
     def set_weights(self, weights: dict, version: int) -> int:
-        """Stage a new policy version (a weight_sync.pack payload, or {name: tensor}); returns
+        """Stage a new policy version (a weight_sync.pack payload, of the full weights or with
+        model.lora of the adapter, or {name: tensor}); returns
         at once (the actor may be mid-generation).
         Returns the newest version this actor holds: the driver checks it is `version`."""
         with self._stage_lock:
@@ -95,7 +97,11 @@ class RolloutGenerator:
             if version > self.version:
                 t0 = time.perf_counter()
                 with PeakRSS() as mem:  # (the staged payload itself is already resident: a model copy)
-                    self.backend.load_weights(weight_sync.unpack(weights) if "arrays" in weights else weights)
+                    tensors = weight_sync.unpack(weights) if "arrays" in weights else weights
+                    if weights.get("adapter"):  # model.lora: the adapter alone (weight_sync.pack)
+                        self.backend.load_adapter(tensors, version)
+                    else:
+                        self.backend.load_weights(tensors)
                 self.last_install_s = time.perf_counter() - t0
                 self.last_install_extra_mb = max(mem.extra_mb, mem.cuda_extra_mb)
                 self.version = version

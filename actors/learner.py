@@ -26,7 +26,7 @@ class LearnerWorker:
 
     def __init__(self, rank: int, world_size: int, model_name: str, dtype: str, rl_cfg: dict,
                  temperature: float, torch_threads: int, device: str = "cpu", top_k: int = 0, top_p: float = 1.0,
-                 reference: bool = True):
+                 reference: bool = True, lora: dict | None = None):
         # the heap a step freed goes back after it (rl.release_memory; the allocator is the
         # actor's start-up environment: rlaif_ray.cpu.allocator.learner_env)
         release = bool(rl_cfg.get("release_memory", True)) if isinstance(rl_cfg, dict) else rl_cfg.release_memory
@@ -34,12 +34,13 @@ class LearnerWorker:
         self.rank, self.world_size, self.device = rank, world_size, device
         # the sampler's settings: the learner scores the distribution the generators sampled from
         self.args = dict(model_name=model_name, rl_cfg=rl_cfg, temperature=temperature, device=device, dtype=dtype,
-                         top_k=top_k, top_p=top_p, reference=reference)
+                         top_k=top_k, top_p=top_p, reference=reference, lora=lora)
         self.learner: PolicyLearner | None = None
         self._stores = {}  # TCP stores this rank hosts, by group (host_store)
+        self.update_bytes = 0  # what the last weight update sent (model.lora: the adapter alone)
 
     def info(self) -> dict:
-        return self.proc.info()
+        return self.proc.info(weight_update_bytes=self.update_bytes)
 
     def env(self, names: list[str]) -> dict:
         return {k: os.environ.get(k) for k in names}
@@ -74,7 +75,11 @@ class LearnerWorker:
         """The policy in `dtype` for the object store (weight_sync.pack); rank 0 returns it,
         the other ranks take part in the gathers and return None."""
         named = self._rank0_only(self.learner.state_for_sync(dtype))
-        return None if named is None else weight_sync.pack(named, dtype)
+        if named is None:
+            return None
+        payload = weight_sync.pack(named, dtype, adapter=self.learner.lora is not None)
+        self.update_bytes = sum(a.nbytes for a in payload["arrays"].values())
+        return payload
 
     def _rank0_only(self, named):
         """Rank 0 keeps the gathering iterator; the other ranks run it to the end (each step
@@ -105,6 +110,7 @@ class LearnerWorker:
         out = weight_sync.send_buckets(self.weight_group, named, self.learner.weight_spec(dtype), version,
                                        bucket_bytes, self.weight_device)
         self.proc.metrics.observe("weight_broadcast_s", time.perf_counter() - t0)
+        self.update_bytes = out["bytes"]
         return {**out, "s": time.perf_counter() - t0}
 
     def save(self, path: str, state: dict, hf_weights: bool = True) -> None:

@@ -54,8 +54,10 @@ def generator_args(cfg: Config, name: str, model: str | None = None, generation:
     """A RolloutGenerator's arguments: the policy `model` (default model.name) sampling with
     `generation` (default the config's generation section)."""
     g = cfg.pipeline.generators
+    # the run's policy under model.lora: its base model with the learner's adapter (another model: none)
+    lora = cfg.model.lora.model_dump() if cfg.model.lora is not None and model is None else None
     return (name, model or cfg.model.name, cfg.model.dtype, generation or cfg.generation.model_dump(),
-            g.torch_threads, role_device(g.num_gpus), generator_engine(cfg))
+            g.torch_threads, role_device(g.num_gpus), generator_engine(cfg), lora)
 
 
 def labeler_args(cfg: Config, name: str, judge: bool = True) -> tuple:
@@ -85,7 +87,8 @@ def start_learner(cfg: Config, tag: str = "") -> LearnerGroup:
                         place("learner", role, tag, cfg.pipeline.batch_timeout_s), model_name=cfg.model.name,
                         dtype=cfg.model.dtype, rl_cfg=cfg.rl.model_dump(), temperature=cfg.generation.temperature,
                         top_k=cfg.generation.top_k, top_p=cfg.generation.top_p, torch_threads=role.torch_threads,
-                        device=device, reference=not reference_on_labelers(cfg))
+                        device=device, reference=not reference_on_labelers(cfg),
+                        lora=cfg.model.lora.model_dump() if cfg.model.lora is not None else None)
 
 
 def start_actors(cfg: Config, tag: str = "") -> tuple[ActorGroup, ActorGroup, LearnerGroup]:
@@ -206,7 +209,7 @@ class Pipeline:
         self.reference_temperature = cfg.generation.temperature if reference_on_labelers(cfg) else None
         p = cfg.pipeline
         gpus = p.learner.num_gpus > 0 and p.generators.num_gpus > 0
-        self.broadcast = broadcasts_weights(p)
+        self.broadcast = broadcasts_weights(p, cfg.model.lora is not None)
         self.group_device, self.regroup = ("cuda" if gpus else "cpu"), self.broadcast
         self.max_retries = max(p.generators.max_restarts, p.labelers.max_restarts)
         self.recoveries: list[dict] = []

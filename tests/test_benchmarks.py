@@ -233,3 +233,18 @@ def test_quickstart_speed(tiny_model_path, tmp_path):
     # the temporary worktree is gone again
     trees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "quickstart-speed-" not in trees
+
+
+def test_lora(tiny_model_path, tmp_path):
+    """LoRA against full fine-tuning: two 2-step runs on the tiny model, each under the sampler."""
+    out = tmp_path / "lora.json"
+    bench("lora", *tiny_sets(tiny_model_path), "--set", "rl.steps=2", "--set", "eval.num_prompts=2", "--set",
+          "eval.signal_posts=0", "--r", "4", "--out", str(out), timeout=900)
+    r = json.loads(out.read_text())
+    full, lora = r["modes"]["full"], r["modes"]["lora"]
+    assert 0 < lora["weight_update_bytes"] < full["weight_update_bytes"] and r["bytes_ratio"] < 0.2
+    assert all(positive(m["learner_peak_rss_mib"]) and "heldout_reward" in m for m in (full, lora))
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "lora.json").write_text(out.read_text())
+    bench("report", "--results", str(tmp_path / "results"), "--out", str(tmp_path / "BENCHMARKS.md"))
+    assert "## LoRA against full fine-tuning" in (tmp_path / "BENCHMARKS.md").read_text()

@@ -93,6 +93,24 @@ class HFEngine:
         if missing:
             raise ValueError(f"weight update lacks {len(missing)} parameters, e.g. {missing[:3]}")
 
+    def enable_lora(self, lora) -> None:
+        """LoRA adapters (model.lora) injected into the model in place, at the identity (B = 0)
+        until the first `load_adapter`: the same config as the learner's, so each sync is the
+        adapter's tensors alone."""
+        from rlaif_ray.engines import adapters
+
+        self.peft = adapters.wrap(self.model, lora)
+        self.model = self.peft.get_base_model().eval()  # the same model object, holding the adapters
+
+    def load_adapter(self, tensors: dict, version: int) -> None:
+        """A policy version as adapter tensors ({PEFT name: tensor}), copied in place (cast to
+        the model's dtype); `version` is the vLLM engine's concern."""
+        from rlaif_ray.engines import adapters
+
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # arrays from the object store are read-only; they are only read
+            adapters.load_into(self.peft, tensors)
+
     def join_weight_group(self, master: str, port: int, first_rank: int, world: int, backend: str,
                           timeout_s: float) -> None:
         from rlaif_ray.engines import weight_sync

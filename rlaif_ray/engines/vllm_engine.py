@@ -14,6 +14,7 @@ so no KV computed with old weights is reused.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -85,6 +86,12 @@ def write_shared_weights(weights: dict, dtype: torch.dtype) -> str:
     return path
 
 
+def lora_rank_slot(r: int) -> int:
+    """vLLM's max_lora_rank for an adapter of rank r: the smallest size it offers that holds r
+    (vllm.config.lora.MaxLoRARanks)."""
+    return next(k for k in (1, 8, 16, 32, 64, 128, 256, 320, 512) if k >= r)
+
+
 def _child_pids() -> set[int]:
     import psutil
 
@@ -97,7 +104,7 @@ class VLLMEngine:
                  seed: int = 0,
                  logprobs_mode: str = "processed_logprobs", gpu_memory_utilization: float = 0.85,
                  tensor_parallel_size: int = 1, enforce_eager: bool | None = None, max_num_seqs: int | None = None,
-                 weight_dtype: str = "auto", engine_process: bool | str = "auto"):
+                 weight_dtype: str = "auto", engine_process: bool | str = "auto", lora: dict | None = None):
         # weight_dtype: the pool's vllm.dtype; auto: bf16 on GPU and on CPUs with fast bf16, else fp32
         dtype = vllm_dtype(dtype, device, choice=weight_dtype)
         self.in_process = engine_in_process(device, engine_process)
@@ -128,6 +135,9 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if max_num_seqs:
             kwargs["max_num_seqs"] = max_num_seqs
+        self.lora = lora
+        if lora:  # the policy as a LoRA adapter on the base model (load_adapter), one at a time
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_slot(int(lora["r"])))
         if tensor_parallel_size > 1:
             # the actor holds the engine's GPUs (num_gpus = tensor_parallel_size); its workers are
             # processes on them, each a rank of the learner's weight group
@@ -140,6 +150,8 @@ class VLLMEngine:
         self.prefix_caching = bool(self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
         self.dtype = getattr(torch, dtype)
         self._vllm = vllm
+        self._adapter = None  # (LoRARequest, its folder) of the installed policy version (load_adapter)
+        atexit.register(self.close_adapter)
 
     def watch_engine(self, on_death, every_s: float = 1.0) -> None:
         """Call `on_death(pid)` from a daemon thread once a process of the engine (its core or a
@@ -176,7 +188,7 @@ class VLLMEngine:
         params = self._vllm.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k or 0,
                                            max_tokens=max_new_tokens, logprobs=0)
         self.llm.collective_rpc("rlaif_seed", args=(seed,))
-        outs = self.llm.generate(self._prompts(prompts), params, use_tqdm=False)
+        outs = self.llm.generate(self._prompts(prompts), params, use_tqdm=False, lora_request=self._lora())
         tokens, logps, truncated = [], [], []
         for o in outs:
             c = o.outputs[0]
@@ -234,7 +246,8 @@ class VLLMEngine:
     def continuation_logprobs(self, prompt: list[int], continuation: list[int]) -> list[float]:
         """log p(continuation_t | prompt, continuation_<t) at temperature 1 (parity checks)."""
         params = self._vllm.SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=0)
-        pl = self.llm.generate(self._prompts([prompt + continuation]), params, use_tqdm=False)[0].prompt_logprobs
+        pl = self.llm.generate(self._prompts([prompt + continuation]), params, use_tqdm=False,
+                               lora_request=self._lora())[0].prompt_logprobs
         return [float(pl[len(prompt) + i][t].logprob) for i, t in enumerate(continuation)]
 
     def load_weights(self, weights: dict) -> None:
@@ -255,6 +268,41 @@ class VLLMEngine:
             finally:
                 os.unlink(path)
         self.llm.reset_prefix_cache()
+
+    def _lora(self):
+        """The LoRARequest of the installed policy version (None: the base model)."""
+        return self._adapter[0] if self._adapter else None
+
+    def load_adapter(self, tensors: dict, version: int) -> None:
+        """A policy version as LoRA adapter tensors ({PEFT name: tensor}): written in PEFT's
+        format to a folder in shared memory (the engine process reads it by path), loaded as
+        a new adapter (a new LoRARequest id per version: vLLM caches adapters by id), then the
+        previous version's adapter is dropped and its folder removed. The current folder
+        stays until the next version, in case vLLM reloads it."""
+        from vllm.lora.request import LoRARequest
+
+        from rlaif_ray.engines import adapters
+
+        folder = adapters.shared_adapter_folder({k: v.to(self.dtype) for k, v in tensors.items()}, self.lora,
+                                                f"v{version}")
+        old = self._adapter
+        lora_id = max(int(version), old[0].lora_int_id + 1 if old else 1)
+        request = LoRARequest(f"policy-v{version}", lora_id, folder)
+        try:
+            self.llm.llm_engine.add_lora(request)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        self._adapter = (request, folder)
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old[0].lora_int_id)  # False when vLLM already evicted it
+            shutil.rmtree(old[1], ignore_errors=True)
+        self.llm.reset_prefix_cache()
+
+    def close_adapter(self) -> None:
+        """Remove the installed adapter's folder (the actor is going away)."""
+        if self._adapter is not None:
+            shutil.rmtree(self._adapter[1], ignore_errors=True)
 
     def join_weight_group(self, master: str, port: int, first_rank: int, world: int, backend: str,
                           timeout_s: float) -> None:

@@ -60,9 +60,10 @@ def open_group(master: str, port: int, rank: int, world: int, backend: str, time
     return dist.ProcessGroupGloo(store, rank, world, timeout)
 
 
-def pack(named, dtype: str) -> dict:
+def pack(named, dtype: str, adapter: bool = False) -> dict:
     """(name, tensor) pairs -> an object-store payload in `dtype`: numpy arrays (zero-copy
-    through Ray's store); bfloat16 as its int16 bit pattern."""
+    through Ray's store); bfloat16 as its int16 bit pattern. `adapter`: the pairs are a LoRA
+    adapter's tensors under PEFT's names (model.lora), not the model's weights."""
     import torch
 
     want = getattr(torch, dtype)
@@ -70,7 +71,7 @@ def pack(named, dtype: str) -> dict:
     for k, t in named:
         t = t.detach().to(device="cpu", dtype=want).contiguous()
         arrays[k] = (t.view(torch.int16) if want == torch.bfloat16 else t).numpy()
-    return {"dtype": dtype, "arrays": arrays}
+    return {"dtype": dtype, "arrays": arrays, **({"adapter": True} if adapter else {})}
 
 
 def unpack(payload: dict) -> dict:

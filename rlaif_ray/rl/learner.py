@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from rlaif_ray.engines import lm
+from rlaif_ray.engines import adapters, lm
 from rlaif_ray.engines.devices import compute_dtype, dtype_name, enable_tf32
 from rlaif_ray.engines.models import decoder_layers, load_model, load_tokenizer
 from rlaif_ray.remote_folder import StorageFolder, is_uri, materialize, staging_for, staging_root
@@ -152,6 +152,29 @@ def shard(module: torch.nn.Module, hf_model, mesh, param_dtype: torch.dtype | No
     fully_shard(module, mesh=mesh, mp_policy=mp)
 
 
+class BaseModelScorer(lm.ResponseScorer):
+    """The reference policy under model.lora: the policy's scorer run with its LoRA adapters
+    disabled (PeftModel.disable_adapter), i.e. the frozen base model; no second copy of the
+    weights. It runs through the policy's own module (the FSDP root when sharded, so its
+    unshard hooks run) and returns no values."""
+
+    def __init__(self, policy: lm.ResponseScorer, peft_model):
+        torch.nn.Module.__init__(self)  # not ResponseScorer's: the policy's modules are not registered again
+        self.__dict__["_policy"], self.__dict__["_peft"] = policy, peft_model
+
+    @property
+    def model(self):
+        return self._policy.model
+
+    def parameters(self, recurse: bool = True):
+        return self._policy.parameters(recurse)
+
+    def forward(self, *args, **kwargs):
+        with self._peft.disable_adapter():
+            logp, _ = self._policy(*args, **kwargs)
+        return logp, None
+
+
 class PolicyLearner:
     """`rl_cfg`: an RLConfig (or its dict). `dtype`: the compute precision (auto, float32,
     bfloat16). `shard`: None = FSDP when torch.distributed runs with more than one rank.
@@ -161,7 +184,7 @@ class PolicyLearner:
 
     def __init__(self, model_name: str, rl_cfg, temperature: float, device: str = "cpu", dtype: str = "auto",
                  shard_model: bool | None = None, top_k: int = 0, top_p: float = 1.0, reference: bool = True,
-                 store=None):
+                 store=None, lora=None):
         import torch.distributed as dist
 
         from rlaif_ray.config import RLConfig
@@ -184,6 +207,10 @@ class PolicyLearner:
         if self.world > 1 and not self.sharded:
             raise ValueError("a learner group of more than one rank shards its model (FSDP); shard_model=False needs one")
         torch.manual_seed(self.rl.seed)
+        # model.lora (a dict or LoraConfig; None: full fine-tuning): frozen base weights, LoRA
+        # adapters trained; the reference is the base model (the adapters off), no second copy
+        self.lora = adapters.as_dict(lora)
+        self.peft = None  # the PeftModel around the policy's transformers model (model.lora)
 
         self._build_policy(self._load_lm("float32"))  # fp32 master weights
         if reference:
@@ -201,6 +228,8 @@ class PolicyLearner:
         if self.rl.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.disable_dropout(policy)  # train mode (checkpointing needs it), without dropout's noise
+        if self.lora is not None:  # after disable_dropout: the adapters' own dropout is model.lora.dropout
+            self.peft = adapters.wrap(policy, self.lora)  # injected in place: `policy` now holds the adapters
         value_head = None
         if self.rl.uses_value_head:
             # scalar value head on the policy trunk (a separate value model would be a second
@@ -230,8 +259,11 @@ class PolicyLearner:
         self.value_bias = self.policy.value_head.bias if value_head is not None else None
 
     def _optimizer(self) -> torch.optim.AdamW:
+        """AdamW over the trainable parameters: every policy weight, or with model.lora the
+        adapters alone (the base is frozen); the value head in a group of its own."""
         head = {id(p) for p in self.value_params}
-        groups = [{"params": [p for p in self.policy.parameters() if id(p) not in head], "lr": self.rl.lr}]
+        groups = [{"params": [p for p in self.policy.parameters() if id(p) not in head and p.requires_grad],
+                   "lr": self.rl.lr}]
         if self.value_params:
             groups.append({"params": self.value_params, "lr": self.rl.value_lr})
         return torch.optim.AdamW(groups, lr=self.rl.lr, weight_decay=self.rl.weight_decay, **ADAMW_KERNEL)
@@ -240,7 +272,10 @@ class PolicyLearner:
         """The frozen reference policy; it only runs forward: held in the compute dtype (bf16
         on GPU). With `reference=False` (rl.reference: labeler, the batches carry its log-probs)
         it is loaded only if a batch comes without them: a policy-sized copy saved otherwise.
-        Sharded, every rank loads it in the same step (a collective)."""
+        Sharded, every rank loads it in the same step (a collective). With model.lora the
+        reference is the policy itself with its adapters off (BaseModelScorer): nothing is loaded."""
+        if self._ref is None and self.peft is not None:
+            self._ref = BaseModelScorer(self.policy, self.peft)
         if self._ref is None:
             ref = lm.ResponseScorer(self._load_lm(dtype_name(self.compute)).requires_grad_(False))
             if self.sharded:
@@ -593,7 +628,10 @@ class PolicyLearner:
     # ---- weights out -------------------------------------------------------------------
 
     def named_weights(self):
-        """(HF name, parameter) of the policy LM in a fixed order; a tied LM head is sent once."""
+        """(HF name, parameter) of the policy LM in a fixed order; a tied LM head is sent once.
+        With model.lora the adapter alone: (PEFT name, parameter) of each LoRA tensor."""
+        if self.peft is not None:
+            return adapters.adapter_params(self.policy.model)
         return [(k, v) for k, v in self.policy.model.named_parameters() if not (self.tied and k == "lm_head.weight")]
 
     def weight_spec(self, dtype: str) -> list:
@@ -604,9 +642,12 @@ class PolicyLearner:
         """Yields (name, full tensor in `dtype`, on this rank's device) one parameter at a time.
         Sharded: each is all-gathered (a collective: every rank iterates to the end)."""
         want = getattr(torch, dtype)
-        with torch.no_grad():
-            for k, v in self.named_weights():
-                yield k, _full(v.detach().to(want))  # cast the shard, then gather: half the bytes for bf16
+        for k, v in self.named_weights():
+            # no_grad around the gather only, not the yield: a suspended generator inside the
+            # context would leave grad mode off for its caller (two interleaved ones restore it wrongly)
+            with torch.no_grad():
+                t = _full(v.detach().to(want))  # cast the shard, then gather: half the bytes for bf16
+            yield k, t
 
     # ---- checkpoints -------------------------------------------------------------------
 
@@ -633,13 +674,18 @@ class PolicyLearner:
         `path` at all (the temp folder is removed), so `checkpoints/latest` never names a
         partial checkpoint. A URI `path` (a run on shared storage) is written to this node's
         staging folder the same way, uploaded with trainer_state.json last, and removed here:
-        rank 0 may run on any node, the driver checks the upload before `latest` names it."""
-        if self.sharded:
+        rank 0 may run on any node, the driver checks the upload before `latest` names it.
+
+        model.lora, any number of ranks: `adapter/` in PEFT's format (adapter_config.json,
+        adapter_model.safetensors) in place of the full weights, and the AdamW state of the
+        adapters (and value head) alone; the trainable tensors are gathered to rank 0 (a few
+        MB), the frozen base is never written (`hf_weights` does not apply)."""
+        if self.sharded and self.peft is None:
             return self._save_sharded(path, state, hf_weights)
         from safetensors.torch import save_file
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        model_sd = get_model_state_dict(self.policy, options=self._options())
+        model_sd = get_model_state_dict(self.policy, options=self._options(ignore_frozen_params=self.peft is not None))
         optim_sd = get_optimizer_state_dict(self.policy, self.opt, options=self._options())
         if self.rank != 0:
             return
@@ -649,7 +695,7 @@ class PolicyLearner:
         path = temp_path(final)
         try:
             path.mkdir()
-            self._write_hf(path, model_sd)
+            self._write_adapter(path / "adapter", model_sd) if self.peft is not None else self._write_hf(path, model_sd)
             tensors = {f"state.{fqn}.{k}": (v if torch.is_tensor(v) else torch.tensor(v, device="cpu")).contiguous()
                        for fqn, st in optim_sd["state"].items() for k, v in st.items()}
             tensors.update({k: v.contiguous() for k, v in model_sd.items() if k.startswith("value_head.")})
@@ -680,6 +726,12 @@ class PolicyLearner:
             inner.generation_config.save_pretrained(path)
         save_torch_state_dict(weights, path, metadata={"format": "pt"})
         load_tokenizer(self.model_name).save_pretrained(path)
+
+    def _write_adapter(self, folder: Path, model_sd: dict) -> None:
+        """model.lora: the adapter in PEFT's format (what `rlaif-ray export` merges and vLLM loads)."""
+        tensors = {adapters.peft_name(k[len("model."):]): v for k, v in model_sd.items()
+                   if k.startswith("model.") and adapters.is_adapter(k)}
+        adapters.write_adapter(folder, tensors, self.lora, self.model_name)
 
     def _save_sharded(self, path, state: dict, hf_weights: bool) -> None:
         """`save` of an FSDP learner: each rank writes (and for a URI uploads) its own DCP shard
@@ -739,7 +791,6 @@ class PolicyLearner:
         broadcasts. A sharded one (dcp/): every rank reads its part (DCP reshards N ranks to M)."""
         if StorageFolder(path).exists("dcp/.metadata"):
             return self._load_sharded(path)
-        from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         model_sd, optim_sd = {}, {}
@@ -747,32 +798,17 @@ class PolicyLearner:
         fetched = materialize(str(path), staging_root() / "checkpoints") if is_uri(path) and self.rank == 0 else None
         path = fetched or Path(path)
         if self.rank == 0:
-            weights = _load_weights(path)
-            if self.tied and "lm_head.weight" not in weights:
-                weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-            model_sd = {f"model.{k}": v for k, v in weights.items()}
-            tensors = load_file(str(path / "optimizer.safetensors"))
-            model_sd.update({k: v for k, v in tensors.items() if k.startswith("value_head.")})
-            state: dict = {}
-            for key, v in tensors.items():
-                if key.startswith("state."):
-                    fqn, name = key[len("state."):].rsplit(".", 1)
-                    state.setdefault(fqn, {})[name] = v
-            optim_sd = {"state": state, "param_groups": meta["param_groups"]}
+            model_sd, optim_sd = self._read_checkpoint(path, meta)
         problem = ""
         if self.rank == 0:  # strict: a missing or unexpected tensor is an error, never a partial load
-            want = set(self.policy.state_dict())
-            missing, unexpected = sorted(want - set(model_sd)), sorted(set(model_sd) - want)
-            if missing or unexpected:
-                problem = (f"checkpoint {path} does not match the model: missing {missing[:5]}"
-                           f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
-            else:
-                problem = self._optimizer_problem(path, optim_sd, model_sd)
+            problem = self._model_problem(path, model_sd) or self._optimizer_problem(path, optim_sd, model_sd)
         self._wait_for_rank0(bool(problem))
         if self._agree_failed(bool(problem)):
             raise RuntimeError(problem or f"checkpoint {path} does not match the model (see learner rank 0)")
         bcast = self.world > 1
-        set_model_state_dict(self.policy, model_sd, options=self._options(broadcast_from_rank0=bcast, strict=True))
+        # model.lora: the trainable tensors alone (checked above), the frozen base as it was loaded
+        set_model_state_dict(self.policy, model_sd, options=self._options(broadcast_from_rank0=bcast,
+                                                                          strict=self.peft is None))
         set_optimizer_state_dict(self.policy, self.opt, optim_sd, options=self._options(broadcast_from_rank0=bcast))
         for group in self.opt.param_groups:  # the kernel is this process's choice, not the checkpoint's
             group.update(ADAMW_KERNEL)
@@ -780,6 +816,50 @@ class PolicyLearner:
             shutil.rmtree(fetched, ignore_errors=True)
         self.steps = int(meta.get("learner_steps", 0))
         self.value_started = True  # the value head resumes where it was
+
+    def _read_checkpoint(self, path: Path, meta: dict) -> tuple[dict, dict]:
+        """Rank 0: (model state dict, optimizer state dict) of a checkpoint folder: its full
+        weights, or with model.lora its adapter/ (PEFT names mapped back to the policy's), plus
+        the value head and the AdamW state from optimizer.safetensors."""
+        from safetensors.torch import load_file
+
+        if self.peft is not None:
+            if not (path / "adapter" / adapters.WEIGHTS_FILE).is_file():
+                return {}, {"state": {}, "param_groups": meta.get("param_groups", [])}  # the strict check names it
+            tensors, _ = adapters.read_adapter(path / "adapter")
+            by_peft = {adapters.peft_name(n): n for n, p in self.policy.model.named_parameters() if adapters.is_adapter(n)}
+            model_sd = {f"model.{by_peft.get(k, k)}": v for k, v in tensors.items()}
+        else:
+            weights = _load_weights(path)
+            if self.tied and "lm_head.weight" not in weights:
+                weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+            model_sd = {f"model.{k}": v for k, v in weights.items()}
+        tensors = load_file(str(path / "optimizer.safetensors"))
+        model_sd.update({k: v for k, v in tensors.items() if k.startswith("value_head.")})
+        state: dict = {}
+        for key, v in tensors.items():
+            if key.startswith("state."):
+                fqn, name = key[len("state."):].rsplit(".", 1)
+                state.setdefault(fqn, {})[name] = v
+        return model_sd, {"state": state, "param_groups": meta["param_groups"]}
+
+    def _model_problem(self, path: Path, model_sd: dict) -> str:
+        """Why a checkpoint's tensors do not fit the policy exactly ("" when they do): a missing
+        or unexpected name, or another shape (model.lora: another rank). The frozen base
+        weights (model.lora) are not in a checkpoint."""
+        mine = {k: tuple(v.shape) for k, v in self.policy.state_dict().items()}
+        want = set(mine) - self._frozen_names()
+        missing, unexpected = sorted(want - set(model_sd)), sorted(set(model_sd) - want)
+        if missing or unexpected:
+            return (f"checkpoint {path} does not match the model: missing {missing[:5]}"
+                    f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+        wrong = [f"{k} {tuple(v.shape)} (the model's: {mine[k]})" for k, v in model_sd.items() if tuple(v.shape) != mine[k]]
+        return f"checkpoint {path} does not match the model: shapes {wrong[:3]}" if wrong else ""
+
+    def _frozen_names(self) -> set[str]:
+        """The policy's parameters that do not train (model.lora: the base weights): never in a
+        checkpoint, never loaded from one."""
+        return {n for n, p in self.policy.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
     def _load_sharded(self, path) -> None:
         """Every rank loads its shards of weights and AdamW state from `path`/dcp (fetched to

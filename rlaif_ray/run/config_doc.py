@@ -71,7 +71,17 @@ def rows(defaults: BaseModel, prefix: str, comments: dict) -> list[tuple[str, st
             continue
         shown = json.dumps(default) if not isinstance(default, str) else default
         out.append((f"{prefix}{name}", type_name(f.annotation), shown, comments.get((model.__name__, name), "")))
+        section = optional_section(f.annotation)
+        if default is None and section is not None:  # an optional section (model.lora): its keys when given
+            out += rows(section(), f"{prefix}{name}.", comments)
     return out
+
+
+def optional_section(annotation):
+    """The section class of an `Optional[Section]` field (None for any other field)."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    found = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    return found[0] if len(found) == 1 and type(None) in args else None
 
 
 def render() -> str:

@@ -88,12 +88,12 @@ def read_checkpoint_state(ck: str | Path) -> tuple[dict | None, str | None]:
     for name, size in (state.get("files") or {}).items():
         if sizes.get(name) != size:
             return None, f"has {name} {'missing' if name not in sizes else 'of the wrong size'} (incomplete)"
-    # full weights (one file or shards), or a LoRA run's PEFT adapter of the base model
-    weights = bool({"model.safetensors", "model.safetensors.index.json", "adapter/adapter_model.safetensors"}
-                   & set(sizes))
+    # the weights: full (model.safetensors, or an index of shards), or a LoRA adapter (model.lora: adapter/)
+    weights = "model.safetensors" in sizes or "model.safetensors.index.json" in sizes or \
+        "adapter/adapter_model.safetensors" in sizes
     if "dcp/.metadata" not in sizes and (not weights or "optimizer.safetensors" not in sizes):
         return None, "has no model.safetensors or optimizer.safetensors (incomplete)"
-    for name in sorted(n for n in sizes if n.endswith(".safetensors") and "/" not in n):
+    for name in sorted(n for n in sizes if n.endswith(".safetensors") and ("/" not in n or n.startswith("adapter/"))):
         problem = _safetensors_problem(folder, name, sizes[name])
         if problem:
             return None, f"has {problem}"

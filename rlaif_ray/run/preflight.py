@@ -157,10 +157,34 @@ def check_trackers(cfg: Config) -> None:
             raise ConfigError(f"run.trackers: {name} is not installed: {install}, or remove it from run.trackers")
 
 
+def check_lora_targets(cfg: Config) -> None:
+    """model.lora.target_modules against the policy's module names, from its config built on
+    the meta device (no weights read): a name no module has stops here, naming it."""
+    if cfg.model.lora is None or cfg.model.lora.target_modules == "all-linear":
+        return
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlaif_ray.engines.adapters import target_problem
+    from rlaif_ray.engines.models import model_config, quiet_transformers
+
+    quiet_transformers()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(cfg.model.name))
+    problem = target_problem((n for n, _ in model.named_modules()), cfg.model.lora.target_modules)
+    if problem:
+        raise ConfigError(f"model.lora.target_modules: {problem}")
+
+
 def _checks(cfg: Config, command: str):
     check_model_paths(cfg, command)
     if command in ("train", "run"):
         check_trackers(cfg)
+        check_lora_targets(cfg)
+    if command == "run" and cfg.model.lora is not None:
+        raise ConfigError("model.lora: `rlaif-ray run` evaluates the trained checkpoint as full weights, and a LoRA "
+                          "checkpoint holds the adapter alone: run `rlaif-ray train`, then `rlaif-ray export RUN --to "
+                          "DIR` and `rlaif-ray eval` on DIR")
     if cfg.reward.pairwise.shots and command in ("train", "eval", "label", "serve-labeler"):
         load_exemplars(cfg.reward.pairwise.exemplars_path, cfg.reward.pairwise.shots)  # a bad file stops here
     if command == "train":
@@ -239,6 +263,9 @@ def _policy(name: str | None, cfg: Config) -> str:
             raise ConfigError(f"eval policy {name}: not a checkpoint folder (no model.safetensors)")
         return name
     p = Path(name)
+    if p.is_dir() and not is_checkpoint(p) and (p / "adapter" / "adapter_config.json").is_file():
+        raise ConfigError(f"eval policy {name}: a LoRA checkpoint (adapter/ alone, model.lora): merge it into full "
+                          f"weights first (`rlaif-ray export RUN --to DIR`) and evaluate DIR")
     if p.is_dir() and not is_checkpoint(p):
         raise ConfigError(f"eval policy {name}: not a checkpoint folder (no model.safetensors)")
     if not p.exists() and (p.is_absolute() or name.startswith((".", "~"))):
