@@ -194,14 +194,17 @@ def _on_policy(learner, rows):
     return [{**r, "behaviour_logprobs": x} for r, x in zip(rows, lp)]
 
 
-@pytest.mark.parametrize("algorithm, extra", [
-    ("grpo", {"epochs": 2, "mini_batches": 2}), ("ppo", {"epochs": 2, "mini_batches": 2}),
-    ("online_dpo", {}), ("rloo", {})])
-def test_each_algorithm_trains_the_tiny_model(tiny_model_path, algorithm, extra):
-    from rlaif_ray.config import RLConfig
+@pytest.mark.parametrize("algorithm, extra, lora", [
+    ("grpo", {"epochs": 2, "mini_batches": 2}, None), ("ppo", {"epochs": 2, "mini_batches": 2}, None),
+    ("online_dpo", {}, None), ("rloo", {}, None),
+    # with LoRA adapters: the reference is the base with them off, the value head trains beside them
+    ("ppo", {"epochs": 2, "mini_batches": 2}, {"r": 4}), ("online_dpo", {}, {"r": 4})])
+def test_each_algorithm_trains_the_tiny_model(tiny_model_path, algorithm, extra, lora):
+    from rlaif_ray.config import LoraConfig, RLConfig
     from rlaif_ray.rl.learner import PolicyLearner
 
-    learner = PolicyLearner(tiny_model_path, RLConfig(algorithm=algorithm, lr=1e-3, **extra), 0.9)
+    learner = PolicyLearner(tiny_model_path, RLConfig(algorithm=algorithm, lr=1e-3, **extra), 0.9,
+                            lora=LoraConfig(**lora) if lora else None)
     before = {k: v.detach().clone() for k, v in learner.state_for_sync("float32")}
     rows = _on_policy(learner, _rows(pairwise=algorithm == "online_dpo"))
     stats = learner.step(rows, 10, 4)

@@ -325,10 +325,28 @@ def test_two_step_run_with_lora_and_the_hf_generator(ray_local, tiny_model_path,
     cfg = tiny_cfg(tiny_model_path, tmp_path, model={"lora": LORA},
                    rl={"max_staleness": 0, "steps": 2, "lr": 1e-2, "reference": "learner"},
                    eval={"num_prompts": 2, "signal_posts": 0, "win_rate": False})
-    out = _assert_lora_run(train(cfg, tmp_path / "run", log=lambda *_: None))
+    run = train(cfg, tmp_path / "run", log=lambda *_: None)
+    out = _assert_lora_run(run)
     assert all(abs(m["ratio_mean"] - 1) < 1e-3 for m in out["metrics"])
     assert out["metrics"][1]["kl"] != 0  # step 2's policy is off the base (the reference)
     assert "heldout_after" in out["summary"]
+
+    # the run's adapter leaves as merged HF weights: the same logits as base + adapter in PEFT
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlaif_ray.commands.cli import main
+
+    assert main(["export", str(run), "--to", str(tmp_path / "exported")]) == 0
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        peft = PeftModel.from_pretrained(base, run / "checkpoints" / "step_000002" / "adapter")
+        torch.testing.assert_close(merged(ids).logits, peft(ids).logits, atol=1e-5, rtol=0)
+        assert not torch.allclose(merged(ids).logits, base_logits, atol=1e-4)
 
 
 @pytest.mark.slow  # a vLLM engine in its own process
