@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -83,7 +85,10 @@ def main() -> None:
     args = ap.parse_args()
     sets = SHORT if args.set is None else args.set
     modes = {"full": [], "lora": [f"model.lora.r={args.r}", f"model.lora.alpha={2 * args.r}", f"rl.lr={args.lr}"]}
-    result = {"config": args.config, "sets": sets, "modes": {}}
+    result = {"config": args.config, "sets": sets, "modes": {},
+              "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": {"cpus": os.cpu_count(), "platform": platform.machine(),
+                          "load_avg_before": round(os.getloadavg()[0], 2)}}
     with tempfile.TemporaryDirectory(prefix="bench-lora-", ignore_cleanup_errors=True) as tmp:
         for mode, extra in modes.items():
             run = Path(tmp) / mode

@@ -424,7 +424,10 @@ def _lora(lo: dict | None) -> list[str]:
     """results/lora.json (benchmarks/lora.py): LoRA against full fine-tuning on the quickstart."""
     if not lo:
         return []
+    m = lo.get("machine") or {}
+    load = m.get("note") or f"load average {m.get('load_avg_before')} at the start"
     out = ["## LoRA against full fine-tuning (`python -m benchmarks.lora`)", "",
+           f"Measured {lo.get('time', '(time not recorded)')} on {m.get('cpus', '?')} cores ({load}). "
            f"`{lo['config']}` with {', '.join(f'`{s}`' for s in lo['sets'])}, one run per mode in turn (same seed); "
            "the learner's peak is the `ray::LearnerWorker` process sampled every 0.5 s; the held-out reward is the "
            f"frozen judge's, before -> after with its paired 95% CI. One update: LoRA sends {lo['bytes_ratio']:.2%} "
