@@ -57,9 +57,18 @@ def wandb_records(path: Path) -> list:
     return out
 
 
-def wandb_runs(run_dir: Path) -> list[list]:
-    """Every offline W&B run written in RUN/wandb, oldest first, as its records."""
-    return [wandb_records(f) for f in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))]
+def wandb_runs(run_dir: Path, wait_s: float = 30.0) -> list[list]:
+    """Every offline W&B run written in RUN/wandb, oldest first, as its records. W&B's service
+    process writes the log; under load its last records can reach the disk a moment after
+    `finish` returns, so the read is repeated (up to `wait_s`) until every log holds its run
+    record (seen missing once, in a full suite run at load ~4)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        runs = [wandb_records(f) for f in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))]
+        complete = all(wandb_of(r, "run") for r in runs)
+        if complete or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
 
 
 def _key(item) -> str:

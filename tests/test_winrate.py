@@ -74,6 +74,7 @@ def test_length_control_keeps_a_real_preference_and_handles_degenerate_data():
     x = list(rng.uniform(0.7, 1.3, n))
     y = list((rng.random(n) < 0.7).astype(float))
     assert winrate.length_controlled(y, x, 1.0, bootstrap=0)["value"] == pytest.approx(0.7, abs=0.03)
+    assert winrate.length_controlled([1.0], [1.2], 1.0, bootstrap=100)["ci95"] == [0.0, 1.0]  # one prompt
     # every response the same length: the slope is not identified; the answer is the mean
     assert winrate.predict_at([1.0] * 10, [1.0] * 7 + [0.0] * 3, 1.0) == pytest.approx(0.7, abs=1e-3)
     # all wins (separable): still a finite probability near 1

@@ -91,7 +91,9 @@ def length_controlled(y: list[float], x: list[float], at: float, bootstrap: int 
     value = predict_at(x, y, at)
     a, b = fit_logistic(x, y)
     out = {"value": value, "intercept": a, "slope": b, "at": at, "n": len(y)}
-    if bootstrap:
+    if bootstrap and len(y) < 2:  # one prompt: nothing to resample, no interval narrower than all of [0, 1]
+        out["ci95"] = [0.0, 1.0]
+    elif bootstrap:
         from scipy import stats
 
         # percentile bootstrap over prompts, each resample refitted (scipy.stats.bootstrap, paired)
