@@ -378,3 +378,32 @@ def test_eval_and_the_chain_say_a_lora_checkpoint_needs_an_export(tiny_model_pat
         _policy(str(ckpt), cfg)
     with pytest.raises(ConfigError, match="rlaif-ray export"):
         preflight(cfg, "run", tmp_path / "chain")
+
+
+@pytest.mark.slow
+def test_a_lora_run_resumes_from_its_adapter_checkpoint_like_an_uninterrupted_one(ray_local, tiny_model_path, tmp_path):
+    """A 4-step LoRA run, and a copy of it set back to its step-2 checkpoint (as a driver dead
+    after step 3 leaves it) resumed: steps 3 and 4 train again from the adapter and its AdamW
+    state and give the uninterrupted run's numbers (on-policy, same seeds)."""
+    import shutil
+
+    from test_pipeline import tiny_cfg
+
+    from rlaif_ray.commands.train import train
+    from rlaif_ray.run.folder import read_metrics
+
+    cfg = tiny_cfg(tiny_model_path, tmp_path, model={"lora": LORA},
+                   rl={"max_staleness": 0, "steps": 4, "lr": 1e-2, "reference": "learner"},
+                   eval={"num_prompts": 0, "signal_posts": 0}, run={"checkpoint_every": 2})
+    full = train(cfg, tmp_path / "full", log=lambda *_: None)
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_000004")
+    (cut / "checkpoints" / "latest").write_text("step_000002\n")
+    resumed = train(cfg, log=lambda *_: None, resume=cut)
+    a, b = read_metrics(full), read_metrics(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for ma, mb in zip(a[2:], b[2:]):
+        for key in ("reward_mean", "loss", "kl", "response_len"):
+            assert mb[key] == pytest.approx(ma[key], abs=1e-4), (ma["step"], key)
+    _assert_lora_run(resumed, steps=4)
