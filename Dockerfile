@@ -9,6 +9,6 @@ COPY --chown=ray:users rlaif_ray rlaif_ray
 COPY --chown=ray:users actors actors
 COPY --chown=ray:users benchmarks benchmarks
 COPY --chown=ray:users configs configs
-# vLLM brings its CUDA build of torch; Ray stays at the version the image and the cluster run
-RUN pip install --no-cache-dir -e ".[vllm,tensorboard]" "ray[default,train,data,serve]==${RAY_VERSION}"
+# vLLM brings its CUDA build of torch (the wandb and mlflow extras: run.trackers); Ray stays at the version the image and the cluster run
+RUN pip install --no-cache-dir -e ".[vllm,tensorboard,wandb,mlflow]" "ray[default,train,data,serve]==${RAY_VERSION}"
 ENV TOKENIZERS_PARALLELISM=false
