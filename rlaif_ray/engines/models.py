@@ -206,3 +206,20 @@ def make_tiny_model(path: str | Path, hidden: int = 32, layers: int = 2, seed: i
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return str(path)
+
+
+def read_model_weights(folder: str | Path) -> dict:
+    """A safetensors model folder's tensors on the CPU: model.safetensors, or the shards its
+    model.safetensors.index.json lists (checkpoints, exports)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return load_file(str(folder / "model.safetensors"))
+    out: dict = {}
+    for name in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        out.update(load_file(str(folder / name)))
+    return out

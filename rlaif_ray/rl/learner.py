@@ -27,7 +27,7 @@ import torch
 
 from rlaif_ray.engines import adapters, lm
 from rlaif_ray.engines.devices import compute_dtype, dtype_name, enable_tf32
-from rlaif_ray.engines.models import decoder_layers, load_model, load_tokenizer
+from rlaif_ray.engines.models import decoder_layers, load_model, load_tokenizer, read_model_weights
 from rlaif_ray.remote_folder import StorageFolder, is_uri, materialize, staging_for, staging_root
 from rlaif_ray.rl import algorithms as algo
 from rlaif_ray.rl import losses as rl
@@ -397,15 +397,17 @@ class PolicyLearner:
                                              usable=b["usable"], dpo_beta=cfg.dpo_beta, estimator=cfg.kl_estimator,
                                              num_seqs=num_seqs)
         if cfg.algorithm in ("grpo", "ppo"):
-            mask, width = rl.usable_mask(b["mask"], b["usable"]), b["mask"].shape[1]
-            ppo = cfg.algorithm == "ppo"
-            pad = (lambda key: lm.pad_rows([r[key] for r in rows], width, self.device)) if ppo else None
-            adv = pad("_adv") if ppo else torch.tensor([r["_adv"] for r in rows], device=self.device)
+            # the targets fixed before the batch's first update (_grpo_advantages, _ppo_targets)
+            if cfg.algorithm == "grpo":
+                adv, targets = torch.tensor([r["_adv"] for r in rows], device=self.device), {}
+            else:
+                adv, ret, v_old = (lm.pad_rows([r[k] for r in rows], b["mask"].shape[1], self.device)
+                                   for k in ("_adv", "_ret", "_v_old"))
+                targets = dict(values=b["values"], values_old=v_old, returns=ret)
             return algo.clipped_surrogate(
-                b["logp"], b["behaviour"], b["ref_logp"], adv, mask, algorithm=cfg.algorithm, beta=beta,
-                estimator=cfg.kl_estimator, values=b["values"], values_old=pad("_v_old") if ppo else None,
-                returns=pad("_ret") if ppo else None, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                value_clip=cfg.value_clip, value_coef=cfg.value_coef, **agg)
+                b["logp"], b["behaviour"], b["ref_logp"], adv, rl.usable_mask(b["mask"], b["usable"]),
+                algorithm=cfg.algorithm, beta=beta, estimator=cfg.kl_estimator, clip_low=cfg.clip_low,
+                clip_high=cfg.clip_high, value_clip=cfg.value_clip, value_coef=cfg.value_coef, **targets, **agg)
         baseline = "group_mean" if cfg.algorithm == "rloo" else cfg.baseline
         return rl.surrogate(b["logp"], b["ref_logp"], b["behaviour"], b["reward"], b["mask"], usable=b["usable"],
                             values=b["values"], group_ids=[r["prompt_id"] for r in rows], pair_ids=pair_ids(rows),
@@ -444,14 +446,12 @@ class PolicyLearner:
 
     def _normalisers(self, rows: list[dict]) -> tuple[int, int]:
         """loss_normalisers of a mini-batch over every rank's share of it (a collective)."""
-        local = loss_normalisers([r["response_token_ids"] for r in rows], [r["reward_ok"] for r in rows])
         if self.world == 1:
-            return local
+            return loss_normalisers([r["response_token_ids"] for r in rows], [r["reward_ok"] for r in rows])
         import torch.distributed as dist
 
-        ok = sum(bool(r["reward_ok"]) for r in rows)
-        counts = torch.tensor([sum(len(r["response_token_ids"]) for r in rows if r["reward_ok"]), ok],
-                              device=self.device)
+        counts = torch.tensor([sum(len(r["response_token_ids"]) for r in rows if r["reward_ok"]),
+                               sum(bool(r["reward_ok"]) for r in rows)], device=self.device)
         dist.all_reduce(counts)
         return max(int(counts[0]), 1), max(int(counts[1]), 1)
 
@@ -470,12 +470,13 @@ class PolicyLearner:
         batch's mean return, added to the values until the first optimizer step moves it)."""
         plan = self._micro_batches(rows)
         parts = [[rows[i] for i in idx] for idx in plan]
-        shift = self._value_start_shift(sum(self._return_sums(p, beta) for p in parts)) \
-            if not self.value_started else None
+        with torch.no_grad(), self._amp():
+            batches = [self._batch(part) for part in parts]  # one forward: the start and the targets
+        shift = None if self.value_started else self._value_start_shift(sum(
+            rl.return_sums(b["logp"], b["ref_logp"], b["reward"], b["mask"], b["usable"], beta, self.rl.kl_estimator)
+            for b in batches))
         out, moments = [], torch.zeros(3, dtype=torch.float64, device=self.device)
-        for part in parts:
-            with torch.no_grad(), self._amp():
-                b = self._batch(part)
+        for part, b in zip(parts, batches):
             if shift is not None:
                 b["values"] = b["values"] + shift
             mask = rl.usable_mask(b["mask"], b["usable"])
@@ -830,7 +831,7 @@ class PolicyLearner:
             by_peft = {adapters.peft_name(n): n for n, p in self.policy.model.named_parameters() if adapters.is_adapter(n)}
             model_sd = {f"model.{by_peft.get(k, k)}": v for k, v in tensors.items()}
         else:
-            weights = _load_weights(path)
+            weights = read_model_weights(path)
             if self.tied and "lm_head.weight" not in weights:
                 weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
             model_sd = {f"model.{k}": v for k, v in weights.items()}
@@ -928,14 +929,3 @@ def _sizes(folder: Path) -> dict[str, int]:
     return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _load_weights(path: Path) -> dict:
-    """A safetensors model folder's tensors: one file, or shards listed in an index."""
-    from safetensors.torch import load_file
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        out = {}
-        for f in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            out.update(load_file(str(path / f)))
-        return out
-    return load_file(str(path / "model.safetensors"))

@@ -22,6 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from rlaif_ray.config import ConfigError
+from rlaif_ray.engines.models import read_model_weights
 from rlaif_ray.remote_folder import StorageFolder, is_uri, materialize, model_files, staging_root
 from rlaif_ray.run.folder import CHECKPOINT_RE, _at, read_checkpoint_state, resume_checkpoint
 from rlaif_ray.run.measures import DECIMALS, MEASURES
@@ -121,7 +122,7 @@ def policy_state(checkpoint: Path, base_model: str) -> dict:
     if source == "adapter":  # here a LoRA checkpoint becomes the full model
         return merged_adapter_state(checkpoint / "adapter", base_model)
     if source == "safetensors":
-        return _safetensors_state(checkpoint)
+        return read_model_weights(checkpoint)
     return dcp_policy_state(checkpoint / "dcp")
 
 
@@ -134,18 +135,6 @@ def merged_adapter_state(adapter: Path, base_model: str) -> dict:
 
     merged = PeftModel.from_pretrained(load_model(base_model, "float32"), str(adapter)).merge_and_unload()
     return dict(merged.state_dict())
-
-
-def _safetensors_state(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    index = folder / "model.safetensors.index.json"
-    if not index.is_file():
-        return load_file(str(folder / "model.safetensors"))
-    out: dict = {}
-    for name in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        out.update(load_file(str(folder / name)))
-    return out
 
 
 def dcp_policy_state(dcp_dir: Path) -> dict:
